@@ -1,0 +1,219 @@
+"""The three phases of adversarial training and the onset of robust overfitting.
+
+PAPER.md section 2.2: phase 1, the energies change fast; phase 2, the training-probe delta
+energy dE is roughly flat; phase 3, |dE| diverges (SAT) while test robustness turns down.
+The paper gives no rule; this module's rule works on magnitudes relative to a phase-2
+baseline, because the sign and the scale of dE differ between setups.
+
+- :class:`OnlineDetector` is causal: it is fed one epoch row at a time, reads only
+  training-side columns (``epoch``, ``lr``, ``probe_train_dE``), and its state is a plain
+  dict that round-trips through a checkpoint. The stopper uses it.
+- :func:`detect` sees the whole curve: it replays the online rule for phase 2, then places
+  the onset at the best change point (flat, then growing) before the online alarm.
+
+Rule (every threshold is a keyword of :class:`OnlineDetector`):
+
+1. m_t = |dE_t| smoothed by a running median of ``smooth`` probed epochs.
+2. Phase 2 starts once ``warmup`` probed epochs have passed and m moved by less than
+   ``settle`` (relative) over the last ``window`` probed epochs, or after ``max_phase1``
+   probed epochs at the latest; the baseline b is m at that point.
+3. In phase 2, b follows slow drift (b += ``adapt`` * (m - b)) while m stays below the alarm
+   level; the alarm fires when (m - b) / max(b, ``floor``) >= ``ratio`` - 1 for ``patience``
+   consecutive probed epochs. Phase 3 starts there and the alarm stays raised.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+
+def _finite(value: Any) -> bool:
+    return value is not None and isinstance(value, (int, float, np.floating, np.integer)) and math.isfinite(value)
+
+
+@dataclass
+class _State:
+    mags: list[float] = field(default_factory=list)  # raw |dE| of the probed epochs so far
+    phase: int = 1
+    phase1_epochs: int = 0
+    baseline: float | None = None
+    above: int = 0
+    phase2_start: int | None = None
+    alarm_epoch: int | None = None
+    last_epoch: int = -1
+
+
+class OnlineDetector:
+    """Causal phase labeller and divergence alarm, one epoch row at a time.
+
+    Example::
+
+        det = OnlineDetector()
+        for row in rows:                      # dicts or pandas rows with epoch, lr, probe_train_dE
+            phase, alarm = det.update(row)
+        saved = det.state_dict()              # plain types: goes into a checkpoint
+        det2 = OnlineDetector.from_state_dict(saved)
+    """
+
+    def __init__(
+        self,
+        *,
+        smooth: int = 3,
+        warmup: int = 3,
+        window: int = 3,
+        settle: float = 0.15,
+        max_phase1: int = 25,
+        ratio: float = 1.6,
+        patience: int = 2,
+        adapt: float = 0.05,
+        floor: float = 0.05,
+    ) -> None:
+        if smooth < 1 or window < 1 or warmup < 0 or patience < 1 or max_phase1 < 1:
+            raise ValueError("`smooth`, `window`, `patience` and `max_phase1` must be >= 1, `warmup` >= 0")
+        if ratio <= 1:
+            raise ValueError(f"`ratio` must be above 1 (a growth factor), got {ratio}")
+        if not 0 <= adapt < 1 or floor <= 0 or settle <= 0:
+            raise ValueError("`adapt` must be in [0, 1), `floor` and `settle` positive")
+        self.params = dict(
+            smooth=smooth, warmup=warmup, window=window, settle=settle, max_phase1=max_phase1,
+            ratio=ratio, patience=patience, adapt=adapt, floor=floor,
+        )
+        self._s = _State()
+
+    # -- the rule -------------------------------------------------------------------------
+    def _smoothed(self) -> float:
+        return float(np.median(self._s.mags[-self.params["smooth"]:]))
+
+    def update(self, row: Mapping[str, Any]) -> tuple[int, bool]:
+        """Feed one epoch; returns (phase, alarm) as of this epoch.
+
+        Epochs without a probe (``probe_train_dE`` NaN or missing) keep the current label.
+        """
+        s, p = self._s, self.params
+        epoch = int(row["epoch"])
+        if epoch <= s.last_epoch:
+            raise ValueError(f"epochs must arrive in increasing order: got {epoch} after {s.last_epoch}")
+        s.last_epoch = epoch
+        value = row.get("probe_train_dE") if hasattr(row, "get") else row["probe_train_dE"]
+        if not _finite(value):
+            return s.phase, s.alarm_epoch is not None
+        s.mags.append(abs(float(value)))
+        m = self._smoothed()
+        if s.phase == 1:
+            s.phase1_epochs += 1
+            settled = False
+            smoothed_then = self._smoothed_at(len(s.mags) - 1 - p["window"])
+            if s.phase1_epochs > p["warmup"] and smoothed_then is not None:
+                settled = abs(m - smoothed_then) / max(smoothed_then, p["floor"]) < p["settle"]
+            if settled or s.phase1_epochs >= p["max_phase1"]:
+                s.phase, s.baseline, s.phase2_start = 2, m, epoch
+        elif s.phase == 2:
+            assert s.baseline is not None
+            growth = (m - s.baseline) / max(s.baseline, p["floor"])
+            if growth >= p["ratio"] - 1:
+                s.above += 1
+            else:
+                s.above = 0
+                s.baseline += p["adapt"] * (m - s.baseline)
+            if s.above >= p["patience"]:
+                s.phase, s.alarm_epoch = 3, epoch
+        return s.phase, s.alarm_epoch is not None
+
+    def _smoothed_at(self, i: int) -> float | None:
+        if i < 0:
+            return None
+        lo = max(0, i + 1 - self.params["smooth"])
+        return float(np.median(self._s.mags[lo : i + 1]))
+
+    @property
+    def phase2_start(self) -> int | None:
+        return self._s.phase2_start
+
+    @property
+    def alarm_epoch(self) -> int | None:
+        return self._s.alarm_epoch
+
+    # -- checkpointing --------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Plain ints, floats, lists and None: safe for ``torch.load(weights_only=True)``."""
+        return {"params": dict(self.params), "state": asdict(self._s)}
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> "OnlineDetector":
+        det = cls(**state["params"])
+        det._s = _State(**state["state"])
+        det._s.mags = [float(v) for v in det._s.mags]
+        return det
+
+
+@dataclass(frozen=True)
+class PhaseResult:
+    """Offline labels: ``labels[i]`` is the phase of the i-th row (rows sorted by epoch)."""
+
+    epochs: np.ndarray
+    labels: np.ndarray
+    phase2_start: int | None
+    phase3_start: int | None  # the detected robust-overfitting onset
+    alarm_epoch: int | None  # where the online rule, replayed, raised its alarm
+
+
+def _column(epochs: Any, name: str) -> np.ndarray:
+    return np.asarray(epochs[name], dtype=float)
+
+
+def detect(epochs: Any, **detector_params: Any) -> PhaseResult:
+    """Label the phases of one trial's whole curve.
+
+    Args:
+        epochs: one trial's `epochs` rows (a pandas DataFrame, a pyarrow Table or a dict of
+            arrays) with at least ``epoch`` and ``probe_train_dE``; rows in any order.
+        **detector_params: thresholds passed to :class:`OnlineDetector`.
+
+    Returns:
+        A :class:`PhaseResult`. The onset is placed at the best two-segment fit of the
+        smoothed |dE| (flat before, linear after) between phase 2's start and the online alarm,
+        so it is never later than the alarm and exists only when the alarm fired.
+    """
+    epoch = _column(epochs, "epoch").astype(int)
+    order = np.argsort(epoch, kind="stable")
+    epoch = epoch[order]
+    d_e = _column(epochs, "probe_train_dE")[order]
+    det = OnlineDetector(**detector_params)
+    for e, v in zip(epoch, d_e):
+        det.update({"epoch": int(e), "probe_train_dE": float(v)})
+    labels = np.ones(len(epoch), dtype=int)
+    p2 = det.phase2_start
+    if p2 is None:
+        return PhaseResult(epoch, labels, None, None, None)
+    labels[epoch >= p2] = 2
+    alarm = det.alarm_epoch
+    onset = None
+    if alarm is not None:
+        onset = _change_point(epoch, d_e, p2, alarm, det.params["smooth"])
+        labels[epoch >= onset] = 3
+    return PhaseResult(epoch, labels, p2, onset, alarm)
+
+
+def _change_point(epoch: np.ndarray, d_e: np.ndarray, start: int, alarm: int, smooth: int) -> int:
+    """Epoch in [start, alarm] where a flat-then-linear fit of smoothed |dE| is best."""
+    ok = np.isfinite(d_e)
+    e, m = epoch[ok], np.abs(d_e[ok])
+    m = np.array([np.median(m[max(0, i + 1 - smooth) : i + 1]) for i in range(len(m))])
+    keep = e >= start
+    e, m = e[keep], m[keep]
+    best, best_cost = alarm, math.inf
+    for k in range(1, len(e)):
+        if e[k] > alarm:
+            break
+        head, tail, tail_e = m[:k], m[k:], e[k:]
+        cost = float(((head - head.mean()) ** 2).sum())
+        if len(tail) >= 2:
+            slope, intercept = np.polyfit(tail_e, tail, 1)
+            cost += float(((tail - (slope * tail_e + intercept)) ** 2).sum())
+        if cost < best_cost:
+            best, best_cost = int(e[k]), cost
+    return best

@@ -1,0 +1,109 @@
+"""The three results tables, each declared once (DESIGN.md section 4).
+
+Writer (``trainables/engine.py`` through ``analysis/store.py``), reader (``analysis/query.py``)
+and docs (the README's column list, checked by a test) all use these schemas. Each field's
+``doc`` metadata says what the value means and what NaN means there.
+
+Energies follow PAPER.md section 1: E(x) = -logsumexp f(x), E(x,y) = -f(x)[y], and the delta
+energy dE(x) = E(x) - E(x*), x* the adversarial example.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+_PROBED = "NaN on epochs without a probe (see probe.every)"
+
+
+def _f(name: str, type_: pa.DataType, doc: str) -> pa.Field:
+    return pa.field(name, type_, metadata={"doc": doc})
+
+
+EPOCHS = pa.schema(
+    [
+        _f("study", pa.string(), "study name (spec `name`)"),
+        _f("trial_id", pa.string(), "trial id, unique in the study"),
+        _f("epoch", pa.int32(), "0-based epoch"),
+        _f("method", pa.string(), "AT method"),
+        _f("lr", pa.float64(), "mean learning rate over the epoch's batches"),
+        _f("train_loss", pa.float64(), "mean training loss over the epoch's batches; NaN or inf marks divergence"),
+        _f("train_clean_acc", pa.float64(), "accuracy on the clean training batches (eval-mode BN for methods whose loss never sees x)"),
+        _f("train_adv_acc", pa.float64(), "accuracy on the inputs the method trained on: x* for AT methods, x for standard"),
+        _f("probe_train_E", pa.float64(), f"mean E(x) over the training probe; {_PROBED}"),
+        _f("probe_train_E_adv", pa.float64(), f"mean E(x*) over the training probe, x* from the method's own attack; {_PROBED}"),
+        _f("probe_train_dE", pa.float64(), f"mean dE(x) = E(x) - E(x*) over the training probe; {_PROBED}"),
+        _f("probe_train_dE_abs_p50", pa.float64(), f"median of |dE(x)| over the training probe; {_PROBED}"),
+        _f("probe_train_dE_abs_p90", pa.float64(), f"90th percentile of |dE(x)| over the training probe; {_PROBED}"),
+        _f("probe_train_dEy", pa.float64(), f"mean dE(x,y) = E(x,y) - E(x*,y) over the training probe; {_PROBED}"),
+        _f("probe_train_E_tgt", pa.float64(), f"mean E(x*) under targeted PGD to a random wrong class; {_PROBED}"),
+        _f("probe_train_aae_frac", pa.float64(), f"fraction of abnormal adversarial examples, CE(x*,y) < CE(x,y); {_PROBED}"),
+        _f("test_clean_acc", pa.float64(), f"clean accuracy on the fixed test subset; {_PROBED}"),
+        _f("test_robust_acc", pa.float64(), f"accuracy under the eval PGD attack on the fixed test subset; {_PROBED}"),
+        _f("test_robust_loss", pa.float64(), f"mean CE under the eval PGD attack on the fixed test subset; {_PROBED}"),
+        _f("probe_test_E", pa.float64(), f"mean E(x) over the test subset; {_PROBED}"),
+        _f("probe_test_E_adv", pa.float64(), f"mean E(x*) over the test subset, x* from the eval PGD attack; {_PROBED}"),
+        _f("probe_test_dE", pa.float64(), f"mean dE(x) over the test subset; {_PROBED}"),
+        _f("weight_mean", pa.float64(), "mean per-sample loss weight (WEAT weights, DER's AAE gate; 1.0 when none)"),
+        _f("weight_min", pa.float64(), "smallest per-sample loss weight of the epoch"),
+        _f("weight_max", pa.float64(), "largest per-sample loss weight of the epoch"),
+        _f("phase", pa.int8(), "online phase label (1, 2, 3) as the detector saw it this epoch"),
+        _f("alarm", pa.bool_(), "the online detector's energy-divergence alarm (robust-overfitting onset)"),
+        _f("best_test_robust_acc", pa.float64(), "running best of test_robust_acc up to this epoch (what the searcher optimises)"),
+        _f("probed", pa.bool_(), "whether the energy probe and test evaluation ran this epoch"),
+        _f("epoch_seconds", pa.float64(), "wall seconds of the epoch's training pass"),
+        _f("probe_seconds", pa.float64(), "wall seconds of the probe and test evaluation (0 when not probed)"),
+        _f("images_per_second", pa.float64(), "training images per second of the training pass"),
+    ]
+)
+
+SAMPLES = pa.schema(
+    [
+        _f("study", pa.string(), "study name"),
+        _f("trial_id", pa.string(), "trial id"),
+        _f("epoch", pa.int32(), "0-based epoch"),
+        _f("split", pa.string(), "`train` (training probe, x* from the method's attack) or `test` (test subset, x* from eval PGD)"),
+        _f("index", pa.int32(), "index of the image in its split of the dataset"),
+        _f("label", pa.int32(), "true class y"),
+        _f("E", pa.float32(), "E(x)"),
+        _f("E_adv", pa.float32(), "E(x*)"),
+        _f("Ey", pa.float32(), "E(x,y)"),
+        _f("Ey_adv", pa.float32(), "E(x*,y)"),
+        _f("E_tgt", pa.float32(), "E(x*) under targeted PGD to a random wrong class"),
+        _f("correct", pa.bool_(), "prediction on x is y"),
+        _f("correct_adv", pa.bool_(), "prediction on x* is y"),
+    ]
+)
+
+# `trials`: these outcome columns, then every resolved config value as its own column
+# (dotted keys joined with "_", e.g. weat.tau -> weat_tau, in declaration order; a config key
+# that clashes with an outcome column gets the prefix `spec_`, e.g. spec_device).
+TRIAL_OUTCOME = pa.schema(
+    [
+        _f("study", pa.string(), "study name"),
+        _f("trial_id", pa.string(), "trial id"),
+        _f("status", pa.string(), "RUNNING while training, TERMINATED when done, ERROR after a failure"),
+        _f("stop_reason", pa.string(), "completed | energy_divergence | scheduler | error: ... ; null while running"),
+        _f("epochs_run", pa.int32(), "epochs completed"),
+        _f("best_epoch", pa.int32(), "epoch of the best test robust accuracy; null before the first probe"),
+        _f("best_test_robust_acc", pa.float64(), "best per-epoch test robust accuracy (fixed test subset)"),
+        _f("final_clean_acc", pa.float64(), "clean accuracy of the best checkpoint on final_eval.n test images; NaN until the final evaluation"),
+        _f("final_pgd_acc", pa.float64(), "PGD-(final_eval.pgd_steps) accuracy of the best checkpoint; NaN until the final evaluation"),
+        _f("final_autoattack_acc", pa.float64(), "AutoAttack (standard) accuracy of the best checkpoint on final_eval.autoattack_n images; NaN when skipped"),
+        _f("phase2_start", pa.int32(), "first epoch of phase 2 (offline detector); null if not reached"),
+        _f("phase3_start", pa.int32(), "detected robust-overfitting onset (offline detector); null if none"),
+        _f("alarm_epoch", pa.int32(), "first epoch the online detector raised its alarm; null if never"),
+        _f("seconds", pa.float64(), "wall seconds of the whole trial so far, final evaluation included"),
+        _f("device", pa.string(), "device the trial ran on, e.g. cpu or cuda:0 (NVIDIA H100 ...)"),
+        _f("git_sha", pa.string(), "energyat source revision, `unknown` outside a git checkout"),
+    ]
+)
+
+TABLES: dict[str, pa.Schema] = {"epochs": EPOCHS, "samples": SAMPLES, "trials": TRIAL_OUTCOME}
+
+
+def config_column(key: str) -> str:
+    """Column name of a dotted config key in `trials`."""
+    name = key.replace(".", "_")
+    return f"spec_{name}" if name in TRIAL_OUTCOME.names else name

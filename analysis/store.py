@@ -1,0 +1,154 @@
+"""The Parquet store: one file per (table, trial, epoch), written atomically.
+
+Layout (DESIGN.md section 3), under a study or train-output directory ``root``::
+
+    tables/epochs/trial=<id>/epoch-<NNNN>.parquet
+    tables/samples/trial=<id>/epoch-<NNNN>.parquet
+    tables/trials/trial=<id>.parquet
+
+``root`` is a local path or a pyarrow filesystem URI (s3://, gs://). A file is written under a
+hidden temporary name and renamed into place, so a reader never sees half a file and rewriting
+the same (trial, epoch) replaces the row instead of adding one. On object stores a PUT is
+already atomic, so the file is written in one go under its final name.
+
+Every file carries ``schema_version`` and the trial's provenance (config, git SHA, package
+versions) in its Parquet metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import uuid
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from analysis.errors import StoreError
+from analysis.schema import SCHEMA_VERSION, TABLES, TRIAL_OUTCOME, config_column
+
+
+def filesystem(root: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or a URI such as s3://bucket/studies."""
+    text = str(root)
+    if "://" in text:
+        try:
+            return pafs.FileSystem.from_uri(text)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise StoreError(f"cannot open storage {text}: {exc}") from exc
+    return pafs.LocalFileSystem(), str(Path(text).expanduser().resolve())
+
+
+def epoch_file(root: str, table: str, trial_id: str, epoch: int) -> str:
+    return f"{root}/tables/{table}/trial={trial_id}/epoch-{epoch:04d}.parquet"
+
+
+def trial_file(root: str, trial_id: str) -> str:
+    return f"{root}/tables/trials/trial={trial_id}.parquet"
+
+
+def _write_atomic(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
+    parent = path.rsplit("/", 1)[0]
+    fs.create_dir(parent, recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = f"{parent}/.{path.rsplit('/', 1)[1]}.{uuid.uuid4().hex}.tmp"
+        pq.write_table(table, tmp, filesystem=fs)
+        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
+    else:
+        pq.write_table(table, path, filesystem=fs)
+
+
+def _with_metadata(table: pa.Table, provenance: Mapping[str, Any]) -> pa.Table:
+    meta = dict(table.schema.metadata or {})
+    meta[b"schema_version"] = str(SCHEMA_VERSION).encode()
+    meta[b"energyat.provenance"] = json.dumps(provenance, sort_keys=True, default=str).encode()
+    return table.replace_schema_metadata(meta)
+
+
+def write_epoch_rows(
+    root: str,
+    *,
+    table: str,
+    trial_id: str,
+    epoch: int,
+    columns: Mapping[str, Sequence[Any] | Any],
+    provenance: Mapping[str, Any],
+) -> None:
+    """Write one (trial, epoch) file of `epochs` or `samples`, replacing any earlier one.
+
+    ``columns`` maps every column of the table's schema to a sequence (or array) of values;
+    a missing or extra column is a bug in the caller and raises ``KeyError``/``ValueError``.
+    """
+    schema = TABLES[table]
+    extra = set(columns) - set(schema.names)
+    if extra:
+        raise ValueError(f"columns not in the {table} schema: {sorted(extra)}")
+    arrays = [pa.array(columns[name], type=schema.field(name).type) for name in schema.names]
+    fs, path = filesystem(root)
+    data = pa.Table.from_arrays(arrays, schema=schema)
+    _write_atomic(fs, epoch_file(path, table, trial_id, epoch), _with_metadata(data, provenance))
+
+
+def write_trial_row(
+    root: str,
+    *,
+    trial_id: str,
+    outcome: Mapping[str, Any],
+    config: Mapping[str, Any],
+    provenance: Mapping[str, Any],
+) -> None:
+    """Write the trial's one `trials` row: outcome columns, then flattened config columns."""
+    arrays = [pa.array([outcome.get(name)], type=TRIAL_OUTCOME.field(name).type) for name in TRIAL_OUTCOME.names]
+    fields = list(TRIAL_OUTCOME)
+    for key, value in config.items():
+        column = config_column(key)
+        if isinstance(value, (list, tuple)):
+            value = json.dumps(list(value))  # e.g. milestones; one scalar column per key
+        arr = pa.array([value])
+        if pa.types.is_null(arr.type):  # an unset optional value; keep a usable type
+            arr = pa.array([None], type=pa.string())
+        fields.append(pa.field(column, arr.type))
+        arrays.append(arr)
+    fs, path = filesystem(root)
+    data = pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+    _write_atomic(fs, trial_file(path, trial_id), _with_metadata(data, provenance))
+
+
+@lru_cache(maxsize=1)
+def git_sha() -> str:
+    """The energyat checkout's revision, with `-dirty` for uncommitted changes; `unknown` if none."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here, capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{sha}-dirty" if dirty else sha
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages that shape a result (read from metadata: imports nothing)."""
+    out = {"python": platform.python_version()}
+    for name in ("energyat", "torch", "torchvision", "numpy", "pyarrow", "ray", "optuna", "torchattacks"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def provenance(config: Mapping[str, Any]) -> dict[str, Any]:
+    """What goes with every result: the resolved config, the git SHA, package versions, host."""
+    return {"config": dict(config), "git_sha": git_sha(), "versions": versions(), "host": platform.node()}

@@ -1,0 +1,117 @@
+"""The `energyat` command line.
+
+Every command: ``--help``; exit 0 on success; on bad input (an :class:`EnergyatError`) one
+line on stderr and exit 2, before anything is written. Other exceptions are bugs and keep
+their traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from analysis.errors import EnergyatError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line and exit 2 like every other bad input."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"energyat: {message} (see `{self.prog} --help`)\n")
+        raise SystemExit(2)
+
+
+def _print_epoch(row: dict[str, Any], _ckpt: Path) -> None:
+    def f(key: str) -> str:
+        v = row.get(key)
+        return "   -  " if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:6.3f}"
+
+    print(
+        f"epoch {row['epoch']:4d}  loss {f('train_loss')}  train adv {f('train_adv_acc')}  "
+        f"test clean {f('test_clean_acc')}  robust {f('test_robust_acc')}  dE {f('probe_train_dE')}  "
+        f"phase {row['phase']}{' ALARM' if row['alarm'] else ''}  {row['epoch_seconds']:.1f}s+{row['probe_seconds']:.1f}s",
+        file=sys.stderr, flush=True,
+    )
+    return None
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from study.spec import load_spec
+    from trainables.engine import run_trial
+
+    _raw, cfg, _study = load_spec(args.spec, args.set)
+    out = Path(args.out)
+    result = run_trial(cfg, out=out, trial_id=args.trial_id, on_epoch=_print_epoch, stop_on_alarm=args.stop_on_alarm)
+    print(
+        f"{result['status']} ({result['stop_reason']}): {result['epochs_run']} epochs, best test robust acc "
+        f"{result['best_test_robust_acc']:.4f} at epoch {result['best_epoch']}, final PGD {result['final_pgd_acc']:.4f}, "
+        f"AutoAttack {result['final_autoattack_acc']:.4f}"
+    )
+    print(f"tables: {out / 'tables'}  (try: energyat query {out} \"select * from epochs\")")
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from analysis.query import run_query
+
+    table = run_query(args.directory, args.sql)
+    if args.format == "csv":
+        import pyarrow.csv as pacsv
+
+        pacsv.write_csv(table, sys.stdout.buffer)
+    elif args.format == "json":
+        import json
+
+        print(json.dumps(table.to_pylist(), default=str))
+    else:
+        _print_table(table)
+    return 0
+
+
+def _print_table(table: Any) -> None:
+    names = table.column_names
+    rows = [["" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v)) for v in r.values()] for r in table.to_pylist()]
+    widths = [max([len(n)] + [len(r[i]) for r in rows]) for i, n in enumerate(names)]
+    print("  ".join(n.ljust(w) for n, w in zip(names, widths)))
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="energyat", description="Hyperparameter studies of adversarial training, read through energies.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = sub.add_parser("train", help="train one trial without Ray; writes the same tables as a study")
+    train.add_argument("spec", type=str, help="spec YAML file")
+    train.add_argument("--set", type=str, action="append", default=[], metavar="KEY=VALUE", help="override a spec key (dotted, YAML-typed), repeatable")
+    train.add_argument("--out", type=str, required=True, help="output directory (tables/, checkpoints/, spec.yaml); run again to continue")
+    train.add_argument("--trial-id", type=str, default="train", help="trial id in the tables (default: train)")
+    train.add_argument("--stop-on-alarm", action="store_true", help="stop when the online detector flags energy divergence")
+    train.set_defaults(func=cmd_train)
+
+    query = sub.add_parser("query", help="read-only SQL over the views epochs, samples, trials")
+    query.add_argument("directory", type=str, help="study directory or train --out directory")
+    query.add_argument("sql", type=str, help='one SELECT, e.g. "select count(*) from epochs"')
+    query.add_argument("--format", type=str, choices=("table", "csv", "json"), default="table")
+    query.set_defaults(func=cmd_query)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except EnergyatError as exc:
+        sys.stderr.write(f"energyat: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("energyat: interrupted; run the same command again to continue\n")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

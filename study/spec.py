@@ -1,0 +1,100 @@
+"""Spec files: YAML in, validated mappings out, before anything starts.
+
+``load_spec(path, overrides)`` reads the YAML, applies ``--set key=value`` overrides (dotted
+keys, YAML-typed values), validates the trial keys through
+:func:`trainables.config.parse_trial` and the study keys here, and returns both.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from analysis.errors import EnergyatError, SpecError
+from trainables.config import TrialConfig, parse_trial
+
+
+@dataclass(frozen=True)
+class StudyKeys:
+    """The study-only keys of a spec (DESIGN.md section 2); `energyat train` ignores them."""
+
+    samples: int = 16  # Optuna trials
+    search: dict[str, Any] = field(default_factory=dict)
+    objective: str | list[str] = "best_test_robust_acc"
+    early_stop: dict[str, Any] = field(default_factory=dict)
+    resources: dict[str, Any] = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
+    max_concurrent: int = 2
+    storage: str = "./studies"
+
+
+def _check_study_keys(raw: Mapping[str, Any]) -> StudyKeys:
+    kinds: dict[str, tuple[type, ...]] = {
+        "samples": (int,), "search": (dict,), "objective": (str, list), "early_stop": (dict,),
+        "resources": (dict,), "max_concurrent": (int,), "storage": (str,),
+    }
+    values: dict[str, Any] = {}
+    for key, types in kinds.items():
+        if key in raw:
+            value = raw[key]
+            if isinstance(value, bool) or not isinstance(value, types):
+                names = " or ".join(t.__name__ for t in types)
+                raise SpecError(key, f"expected {names}, got {value!r}")
+            values[key] = value
+    for key in ("samples", "max_concurrent"):
+        if key in values and values[key] < 1:
+            raise SpecError(key, f"must be at least 1; got {values[key]!r}")
+    return StudyKeys(**values)
+
+
+def set_dotted(spec: dict[str, Any], assignment: str) -> None:
+    """Apply one ``key=value`` override in place; the value is parsed as YAML."""
+    if "=" not in assignment:
+        raise EnergyatError(f"--set expects key=value (e.g. --set attack.eps=8/255), got {assignment!r}")
+    key, text = assignment.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise EnergyatError(f"--set has an empty key in {assignment!r}")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as exc:
+        raise EnergyatError(f"--set {key}: value {text!r} is not valid YAML ({exc.__class__.__name__})") from exc
+    node = spec
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if isinstance(child, str) and part in ("schedule", "dataset"):
+            child = {"name": child}  # `schedule: cosine` then `--set schedule.milestones=...`
+        if child is None:
+            child = {}
+        if not isinstance(child, dict):
+            raise SpecError(".".join(parts[: i + 1]), f"is {child!r}, not a mapping; cannot set {key}")
+        node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise EnergyatError(f"spec file {path} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise EnergyatError(f"spec file {path} is not valid YAML{line}") from exc
+    if not isinstance(data, dict):
+        raise EnergyatError(f"spec file {path} must hold a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> tuple[dict[str, Any], TrialConfig, StudyKeys]:
+    """(raw spec with overrides, validated trial config, validated study keys)."""
+    raw = copy.deepcopy(read_yaml(path))
+    for assignment in overrides:
+        set_dotted(raw, assignment)
+    return raw, parse_trial(raw), _check_study_keys(raw)

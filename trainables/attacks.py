@@ -1,0 +1,177 @@
+"""Adversarial attacks, one signature, one registry.
+
+Every attack is ``attack(model, x, y, *, eps, step_size, steps, norm) -> x_adv`` (torchattacks'
+``forward(images, labels)`` with Madry's keyword-only threat model). Shared guarantees, tested
+over the whole registry in ``tests/test_attacks.py``:
+
+- ``x_adv`` lies in the eps-ball around ``x`` (L-inf or L2) and in [0, 1];
+- gradients are taken with respect to the input only (``torch.autograd.grad``), so no weight
+  gradient is computed or accumulated: equivalent results to ``loss.backward()``, but faster,
+  and the optimizer's ``.grad`` buffers are never touched;
+- batch norm runs in eval mode while crafting, and the model's mode is restored afterwards.
+
+Shapes: ``x`` is (B, C, H, W) float in [0, 1], ``y`` is (B,) int64. For ``pgd_targeted`` the
+``y`` argument holds the *target* classes (see :func:`random_targets`).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainables.energy import kl_per_sample
+
+Norm = Literal["linf", "l2"]
+Attack = Callable[..., torch.Tensor]
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Batch norm in eval mode while crafting; the caller's mode comes back in one place."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _l2(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (t.dim() - 1)))
+
+
+def _project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: Norm) -> torch.Tensor:
+    delta = x_adv - x
+    if norm == "linf":
+        delta = delta.clamp(-eps, eps)
+    else:
+        delta = delta * (eps / _l2(delta)).clamp(max=1.0)
+    return (x + delta).clamp(0.0, 1.0)
+
+
+def _random_start(x: torch.Tensor, eps: float, norm: Norm) -> torch.Tensor:
+    if norm == "linf":
+        delta = torch.empty_like(x).uniform_(-eps, eps)
+    else:  # a uniform direction with a uniform radius in [0, eps]
+        direction = torch.randn_like(x)
+        radius = torch.rand(x.shape[0], *([1] * (x.dim() - 1)), device=x.device, dtype=x.dtype)
+        delta = direction / _l2(direction) * radius * eps
+    return (x + delta).clamp(0.0, 1.0)
+
+
+def _ascend(
+    model: nn.Module,
+    x: torch.Tensor,
+    x_adv: torch.Tensor,
+    objective: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    eps: float,
+    step_size: float,
+    steps: int,
+    norm: Norm,
+) -> torch.Tensor:
+    """`steps` of projected steepest ascent on objective(model(x_adv)), input gradients only."""
+    with eval_mode(model):
+        for _ in range(steps):
+            x_adv = x_adv.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(objective(model(x_adv)), x_adv)
+            if norm == "linf":
+                x_adv = x_adv.detach() + step_size * grad.sign()
+            else:
+                x_adv = x_adv.detach() + step_size * grad / _l2(grad)
+            x_adv = _project(x_adv, x, eps, norm)
+    return x_adv.detach()
+
+
+def pgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    step_size: float,
+    steps: int,
+    norm: Norm = "linf",
+) -> torch.Tensor:
+    """Untargeted PGD on cross-entropy with a random start (Madry et al. 2018, arXiv 1706.06083).
+
+    With ``steps=1`` and ``step_size=1.25 * eps`` this is FGSM with random start ("Fast is better
+    than free", Wong et al. 2020, arXiv 2001.03994), registered as ``fgsm_rs``.
+
+    Example::
+
+        x_adv = pgd(model, x, y, eps=8 / 255, step_size=2 / 255, steps=10)
+    """
+    x = x.detach()
+    return _ascend(
+        model, x, _random_start(x, eps, norm),
+        lambda logits: F.cross_entropy(logits, y, reduction="sum"),
+        eps=eps, step_size=step_size, steps=steps, norm=norm,
+    )
+
+
+def pgd_targeted(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    step_size: float,
+    steps: int,
+    norm: Norm = "linf",
+) -> torch.Tensor:
+    """Targeted PGD with a random start: descends cross-entropy towards the targets ``y``.
+
+    Pass targets from :func:`random_targets` for the paper's "random wrong class" attack.
+    """
+    x = x.detach()
+    return _ascend(
+        model, x, _random_start(x, eps, norm),
+        lambda logits: -F.cross_entropy(logits, y, reduction="sum"),
+        eps=eps, step_size=step_size, steps=steps, norm=norm,
+    )
+
+
+def trades_kl(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    step_size: float,
+    steps: int,
+    norm: Norm = "linf",
+) -> torch.Tensor:
+    """TRADES' attack: maximise KL(p(.|x) || p(.|x*)) (Zhang et al. 2019, arXiv 1901.08573).
+
+    Starts at x + 0.001 * N(0, I) as the TRADES code does; ``y`` is unused (the attack needs no
+    labels). The clean distribution p(.|x) is computed once, not inside every step: equivalent
+    results to the released code, but one forward pass instead of ``steps``.
+    """
+    x = x.detach()
+    with torch.no_grad(), eval_mode(model):
+        clean_logits = model(x)
+    start = _project(x + 0.001 * torch.randn_like(x), x, eps, norm)
+    return _ascend(
+        model, x, start,
+        lambda logits: kl_per_sample(clean_logits, logits).sum(),
+        eps=eps, step_size=step_size, steps=steps, norm=norm,
+    )
+
+
+def random_targets(y: torch.Tensor, num_classes: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A uniformly random wrong class for each label: (y + U{1..K-1}) mod K."""
+    shift = torch.randint(1, num_classes, y.shape, generator=generator, device="cpu").to(y.device)
+    return (y + shift) % num_classes
+
+
+ATTACKS: dict[str, Attack] = {
+    "pgd": pgd,
+    "pgd_targeted": pgd_targeted,
+    "trades_kl": trades_kl,
+    "fgsm_rs": pgd,  # a one-step PGD; callers pass steps=1 and step_size=1.25*eps
+}

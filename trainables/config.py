@@ -1,0 +1,304 @@
+"""One trial's configuration: typed dataclasses, parsed and validated before any work.
+
+A spec (YAML, or the dict Ray Tune hands a trial) is a nested mapping. :func:`parse_trial`
+turns it into a :class:`TrialConfig` or raises :class:`SpecError` naming the offending key;
+nothing is loaded or written before that. Study-only keys (``samples``, ``search`` ...) are
+validated in ``study/spec.py`` and ignored here.
+
+Units: ``eps`` and ``step`` are in the [0, 1] input scale (8/255 means 8 grey levels); a spec
+may write them as fractions such as ``"8/255"``, parsed with :class:`fractions.Fraction`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from fractions import Fraction
+from typing import Any, Literal, Mapping, get_args, get_type_hints
+
+from analysis.errors import SpecError, unknown_choice
+
+Norm = Literal["linf", "l2"]
+MethodName = Literal["standard", "sat", "trades", "weat", "der", "fgsm_rs", "mart"]
+ModelName = Literal["small_cnn", "preact_resnet18", "resnet18", "wrn34_10"]
+DatasetName = Literal["digits", "fashion_mnist", "cifar10", "cifar100", "svhn", "npz"]
+ScheduleName = Literal["piecewise", "onecycle", "cosine"]
+DeviceName = Literal["auto", "cpu", "cuda"]
+
+# Keys a study spec may carry that one trial does not use (validated by study/spec.py).
+STUDY_KEYS = frozenset(
+    {"samples", "search", "objective", "early_stop", "resources", "max_concurrent", "storage"}
+)
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    name: DatasetName = "digits"
+    root: str = "~/data"  # where torchvision-format files live (or the .npz file for `npz`)
+    download: bool = False  # fetch missing files from the dataset's home (needs a network)
+    train_size: int | None = None  # keep this many training images (seeded), None = all
+    label_noise: float = 0.0  # fraction of training labels replaced by a random other class
+    seed: int = 0  # seeds the digits/npz split, the subsample and the label noise, not training
+    # Augmentation on the device: random crop with this much zero padding, horizontal flip.
+    # None = the dataset's own default (32x32 sets: pad 4 + flip; SVHN no flip; digits none).
+    crop_pad: int | None = None
+    flip: bool | None = None
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """The training attack's threat model; also the probes' and, with `eval_attack`, the test's."""
+
+    eps: float = 8 / 255  # radius of the threat ball, input scale [0, 1]
+    step: float = 2 / 255  # PGD step size, input scale
+    steps: int = 10  # PGD iterations (training and probe attacks)
+    norm: Norm = "linf"
+    fgsm_step: float | None = None  # FGSM-RS step; None = 1.25 * eps (Wong et al. 2020)
+
+
+@dataclass(frozen=True)
+class EvalAttackConfig:
+    """The per-epoch test attack: PGD with random start, same eps/step/norm as `attack`."""
+
+    steps: int = 20
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    train_size: int = 1000  # fixed training images probed every `every` epochs (no augmentation)
+    test_size: int = 1000  # fixed test images: test accuracy, robust accuracy and energies
+    every: int = 1  # probe every this many epochs (the last epoch is always probed)
+    samples_every: int = 1  # write per-sample rows every this many probed epochs (0 = never)
+
+
+@dataclass(frozen=True)
+class WeatConfig:
+    """WEAT's weighting family: w = softplus(|E| / tau) ** (-power) (PAPER.md section 3)."""
+
+    tau: float = 1.0
+    power: float = 1.0  # 0 gives plain TRADES
+    normalize: bool = False  # divide w by its batch mean (the released code does not)
+    energy: Literal["natural", "adversarial"] = "natural"  # which sample's E(x) sets w
+    variant: Literal["adv", "nat"] = "adv"  # CE on x* (WEAT_adv) or on x (WEAT_nat)
+
+
+@dataclass(frozen=True)
+class DerConfig:
+    """Delta Energy Regularizer: beta * max(||[dE(x), dE(x,y)]||_2 - gamma, 0)."""
+
+    gamma: float = 0.0
+    single_step: bool = False  # craft x* with FGSM-RS and gate the penalty on AAE samples
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Learning-rate schedule; `lr` is the peak (onecycle) or starting (piecewise, cosine) rate."""
+
+    name: ScheduleName = "piecewise"
+    milestones: tuple[float, ...] = (0.5, 0.75)  # piecewise: epochs, or fractions of `epochs` if < 1
+    gamma: float = 0.1  # piecewise: multiply lr by this at each milestone
+    pct_start: float = 0.25  # onecycle: fraction of steps spent warming up
+    div_factor: float = 25.0  # onecycle: initial lr = lr / div_factor (torch's OneCycleLR)
+    final_div_factor: float = 1e4  # onecycle: final lr = initial lr / final_div_factor
+
+
+@dataclass(frozen=True)
+class FinalEvalConfig:
+    """Evaluation of the best checkpoint once training ends."""
+
+    n: int | None = None  # test images for clean and PGD accuracy; None = the whole test set
+    pgd_steps: int = 50
+    autoattack_n: int = 1000  # test images for AutoAttack (standard); 0 = skip (column is NaN)
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    name: str = "trial"
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelName = "small_cnn"
+    width: int = 1  # width multiplier of small_cnn's channels (1 = 32-64-128)
+    method: MethodName = "sat"
+    epochs: int = 100
+    batch_size: int = 128
+    lr: float = 0.1
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    eval_attack: EvalAttackConfig = field(default_factory=EvalAttackConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    beta: float = 6.0  # TRADES / WEAT / MART KL weight, DER penalty weight
+    weat: WeatConfig = field(default_factory=WeatConfig)
+    der: DerConfig = field(default_factory=DerConfig)
+    final_eval: FinalEvalConfig = field(default_factory=FinalEvalConfig)
+    seed: int = 0
+    device: DeviceName = "auto"
+    threads: int | None = None  # torch CPU threads; None = torch's default
+    compile: bool = False  # torch.compile the model (pays off on CUDA for long runs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved spec as plain YAML/JSON types (tuples become lists)."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted keys, in declaration order: {"weat": {"tau": 1}} -> {"weat.tau": 1}."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def parse_number(key: str, value: Any) -> float:
+    """A float from a number or a fraction string like "8/255" (no eval)."""
+    if isinstance(value, bool):
+        raise SpecError(key, f"expected a number, got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(Fraction(value.strip()))
+        except (ValueError, ZeroDivisionError):
+            pass
+    raise SpecError(key, f"expected a number or a fraction like 8/255, got {value!r}")
+
+
+def _convert(key: str, hint: Any, value: Any) -> Any:
+    """Check `value` against a type hint; returns the converted value or raises SpecError."""
+    origin = getattr(hint, "__origin__", None)
+    args = get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, Mapping):
+            raise SpecError(key, f"expected a mapping of {hint.__name__} keys, got {value!r}")
+        return _build(hint, value, key + ".")
+    if origin is Literal:
+        if value not in args:
+            raise unknown_choice(key, value, args)
+        return value
+    if args and type(None) in args:  # Optional[X]
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(key, inner[0], value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise SpecError(key, f"expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise SpecError(key, f"expected a whole number, got {value!r}")
+        return value
+    if hint is float:
+        number = parse_number(key, value)
+        if not math.isfinite(number):
+            raise SpecError(key, f"expected a finite number, got {value!r}")
+        return number
+    if hint is str:
+        if not isinstance(value, str):
+            raise SpecError(key, f"expected text, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise SpecError(key, f"expected a list, got {value!r}")
+        return tuple(_convert(f"{key}[{i}]", args[0], v) for i, v in enumerate(value))
+    raise TypeError(f"config hint {hint!r} for {key} has no converter")  # a bug, not input
+
+
+def _build(cls: Any, data: Mapping[str, Any], prefix: str = "") -> Any:
+    hints = get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in names:
+            nearby = ", ".join(sorted(names))
+            raise SpecError(f"{prefix}{key}", f"unknown key; known keys here: {nearby}")
+        kwargs[key] = _convert(f"{prefix}{key}", hints[key], value)
+    return cls(**kwargs)
+
+
+def parse_trial(spec: Mapping[str, Any]) -> TrialConfig:
+    """Validate a spec mapping into a :class:`TrialConfig`.
+
+    Study-only keys are skipped. A bare string for `schedule` names the schedule.
+    Raises :class:`SpecError` naming the first bad key.
+
+    Example::
+
+        cfg = parse_trial({"method": "trades", "attack": {"eps": "8/255"}, "beta": 6})
+        assert abs(cfg.attack.eps - 8 / 255) < 1e-12
+    """
+    if not isinstance(spec, Mapping):
+        raise SpecError("<spec>", f"expected a mapping of keys, got {type(spec).__name__}")
+    data = {k: v for k, v in spec.items() if k not in STUDY_KEYS}
+    if isinstance(data.get("schedule"), str):
+        data["schedule"] = {"name": data["schedule"]}
+    if isinstance(data.get("dataset"), str):
+        data["dataset"] = {"name": data["dataset"]}
+    cfg: TrialConfig = _build(TrialConfig, data)
+    _check_ranges(cfg)
+    return cfg
+
+
+def _check_ranges(cfg: TrialConfig) -> None:
+    """Value checks that types cannot express. Each names its key."""
+    checks: list[tuple[str, bool, str]] = [
+        ("epochs", cfg.epochs >= 1, "must be at least 1"),
+        ("batch_size", cfg.batch_size >= 2, "must be at least 2 (batch norm needs 2 samples)"),
+        ("lr", cfg.lr > 0, "must be positive"),
+        ("momentum", 0 <= cfg.momentum < 1, "must be in [0, 1)"),
+        ("weight_decay", cfg.weight_decay >= 0, "must be non-negative"),
+        ("width", cfg.width >= 1, "must be at least 1"),
+        ("attack.eps", 0 <= cfg.attack.eps <= 1, "must be in [0, 1] (input scale; 8/255 is allowed)"),
+        ("attack.step", 0 < cfg.attack.step <= 1, "must be in (0, 1]"),
+        ("attack.steps", cfg.attack.steps >= 1, "must be at least 1"),
+        ("eval_attack.steps", cfg.eval_attack.steps >= 1, "must be at least 1"),
+        ("probe.train_size", cfg.probe.train_size >= 1, "must be at least 1"),
+        ("probe.test_size", cfg.probe.test_size >= 1, "must be at least 1"),
+        ("probe.every", cfg.probe.every >= 1, "must be at least 1"),
+        ("probe.samples_every", cfg.probe.samples_every >= 0, "must be non-negative"),
+        ("beta", cfg.beta >= 0, "must be non-negative"),
+        ("weat.tau", cfg.weat.tau > 0, "must be positive"),
+        ("der.gamma", cfg.der.gamma >= 0, "must be non-negative"),
+        ("dataset.label_noise", 0 <= cfg.dataset.label_noise < 1, "must be in [0, 1)"),
+        ("final_eval.pgd_steps", cfg.final_eval.pgd_steps >= 1, "must be at least 1"),
+        ("final_eval.autoattack_n", cfg.final_eval.autoattack_n >= 0, "must be non-negative"),
+        ("schedule.gamma", 0 < cfg.schedule.gamma <= 1, "must be in (0, 1]"),
+        ("schedule.pct_start", 0 < cfg.schedule.pct_start < 1, "must be in (0, 1)"),
+    ]
+    if cfg.attack.fgsm_step is not None:
+        checks.append(("attack.fgsm_step", 0 < cfg.attack.fgsm_step <= 1, "must be in (0, 1]"))
+    if cfg.dataset.train_size is not None:
+        checks.append(("dataset.train_size", cfg.dataset.train_size >= 2, "must be at least 2"))
+    if cfg.final_eval.n is not None:
+        checks.append(("final_eval.n", cfg.final_eval.n >= 1, "must be at least 1"))
+    if cfg.threads is not None:
+        checks.append(("threads", cfg.threads >= 1, "must be at least 1"))
+    if cfg.dataset.crop_pad is not None:
+        checks.append(("dataset.crop_pad", cfg.dataset.crop_pad >= 0, "must be non-negative"))
+    for key, ok, problem in checks:
+        if not ok:
+            raise SpecError(key, f"{problem}; got {_get(cfg, key)!r}")
+    for i, m in enumerate(cfg.schedule.milestones):
+        if m <= 0:
+            raise SpecError(f"schedule.milestones[{i}]", f"must be positive; got {m!r}")
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
