@@ -201,7 +201,8 @@ def _probe(
                 ("correct_adv", logits_adv.argmax(1) == y),
             ):
                 cols[name].append(value.detach())
-    return {k: torch.cat(v).cpu().numpy() for k, v in cols.items()}
+    # float64 on the host, so that mean(E - E*) equals mean(E) - mean(E*) to 1e-12
+    return {k: torch.cat(v).cpu().double().numpy() if v[0].is_floating_point() else torch.cat(v).cpu().numpy() for k, v in cols.items()}
 
 
 def _probe_columns(train: dict[str, np.ndarray], test: dict[str, np.ndarray]) -> dict[str, float]:

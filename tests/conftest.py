@@ -1,0 +1,43 @@
+"""Shared fixtures: small seeded models and batches on the CPU."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+
+@pytest.fixture(scope="session")
+def digits_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    from trainables.config import DatasetConfig
+    from trainables.data import load_dataset
+
+    data = load_dataset(DatasetConfig(name="digits"))
+    return data.train_x[:64].float() / 255, data.train_y[:64]
+
+
+@pytest.fixture(scope="session")
+def trained_cnn(digits_batch: tuple[torch.Tensor, torch.Tensor]) -> torch.nn.Module:
+    """A small CNN trained for a few dozen steps, so that attacks have gradients to follow."""
+    from trainables.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("small_cnn", in_channels=1, num_classes=10, image_size=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = digits_batch
+    for _ in range(30):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+    return model
+
+
+def energyat_cmd() -> list[str]:
+    """The CLI as a subprocess, from this checkout's interpreter."""
+    return [sys.executable, "-m", "study.cli"]
