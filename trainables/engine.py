@@ -329,7 +329,7 @@ def run_trial(
     out = Path(out).expanduser()
     ckpt_dir = checkpoint_dir or out / "checkpoints" / trial_id
     resolved = cfg.to_dict()
-    _claim_output(out, resolved)
+    _check_output(out, resolved)
     prov = provenance(resolved)
     flat_config = flatten(resolved)
     study = cfg.name
@@ -340,6 +340,7 @@ def run_trial(
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     data = load_dataset(cfg.dataset).to(device)
+    _write_spec(out, resolved)  # only now: bad input (a missing dataset too) leaves no trace
     in_channels, image_size = data.train_x.shape[1], data.train_x.shape[-1]
     model = build_model(cfg.model, in_channels=in_channels, num_classes=data.num_classes, image_size=image_size, width=cfg.width).to(device)
     if device.type == "cuda":
@@ -479,10 +480,14 @@ def _checkpoint_state(model: nn.Module, opt: torch.optim.Optimizer, detector: On
     }
 
 
-def _claim_output(out: Path, resolved: dict[str, Any]) -> None:
-    """Write `out/spec.yaml`, or check that an existing one is the same spec (resume)."""
+def _spec_document(resolved: dict[str, Any]) -> dict[str, Any]:
+    return {"schema_version": SCHEMA_VERSION, **resolved}
+
+
+def _check_output(out: Path, resolved: dict[str, Any]) -> None:
+    """An existing `out/spec.yaml` must be this very spec (then the trial continues)."""
     spec_path = out / "spec.yaml"
-    document = {"schema_version": SCHEMA_VERSION, **resolved}
+    document = _spec_document(resolved)
     if spec_path.exists():
         existing = yaml.safe_load(spec_path.read_text())
         if existing != document:
@@ -494,7 +499,13 @@ def _claim_output(out: Path, resolved: dict[str, Any]) -> None:
                 f"{out} already holds a trial with a different spec (keys {', '.join(changed)}); "
                 "give a new --out, or the same spec to continue it"
             )
+
+
+def _write_spec(out: Path, resolved: dict[str, Any]) -> None:
+    spec_path = out / "spec.yaml"
+    if spec_path.exists():
         return
+    document = _spec_document(resolved)
     out.mkdir(parents=True, exist_ok=True)
     tmp = spec_path.with_name(".spec.yaml.tmp")
     tmp.write_text(yaml.safe_dump(document, sort_keys=False))

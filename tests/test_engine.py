@@ -1,0 +1,71 @@
+"""The engine's contracts: exact resume from a checkpoint, divergence recorded, safe checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from analysis.query import open_tables
+from trainables.config import parse_trial
+from trainables.engine import run_trial
+from test_methods import TINY
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def _epochs(out: Path) -> list[tuple[Any, ...]]:
+    con = open_tables(out)
+    return con.execute("select epoch, train_loss, probe_train_dE, test_robust_acc from epochs order by epoch").fetchall()
+
+
+def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    # killed after epoch 1 and run again, the trial continues from its checkpoint and ends with
+    # the same rows (same RNG streams) as a run that was never interrupted
+    cfg = parse_trial({**TINY, "epochs": 4, "method": "sat"})
+    straight = tmp_path / "straight"
+    run_trial(cfg, out=straight)
+
+    def crash_after_epoch_1(row: dict[str, Any], _ckpt: Path) -> None:
+        if row["epoch"] == 1:
+            raise Crash("simulated kill")
+        return None
+
+    broken = tmp_path / "broken"
+    with pytest.raises(Crash):
+        run_trial(cfg, out=broken, on_epoch=crash_after_epoch_1)
+    assert len(_epochs(broken)) == 2
+    run_trial(cfg, out=broken)
+    a, b = _epochs(straight), _epochs(broken)
+    assert [r[0] for r in b] == [0, 1, 2, 3]
+    for ra, rb in zip(a, b):
+        assert ra == pytest.approx(rb, rel=1e-5, abs=1e-6)
+
+
+def test_non_finite_loss_stops_the_trial_with_an_error_reason(tmp_path: Path) -> None:
+    cfg = parse_trial({**TINY, "epochs": 5, "method": "sat", "lr": 1.0e20, "weight_decay": 0.0})
+    result = run_trial(cfg, out=tmp_path)
+    assert result["status"] == "ERROR"
+    assert result["stop_reason"].startswith("error: non-finite loss at epoch ")
+    last = int(result["stop_reason"].rsplit(" ", 1)[1])
+    assert result["epochs_run"] == last + 1 < 5  # the diverged epoch is recorded, nothing after it
+    assert [r[0] for r in _epochs(tmp_path)] == list(range(last + 1))
+
+
+def test_on_epoch_can_stop_a_trial_with_its_reason(tmp_path: Path) -> None:
+    cfg = parse_trial({**TINY, "epochs": 4, "method": "trades"})
+    result = run_trial(cfg, out=tmp_path, on_epoch=lambda row, _: "scheduler" if row["epoch"] == 1 else None)
+    assert result["stop_reason"] == "scheduler" and result["epochs_run"] == 2
+    assert result["final_pgd_acc"] == result["final_pgd_acc"]  # the best checkpoint is still evaluated (not NaN)
+
+
+def test_checkpoints_load_with_weights_only(tmp_path: Path) -> None:
+    cfg = parse_trial({**TINY, "epochs": 1, "method": "standard"})
+    run_trial(cfg, out=tmp_path)
+    for name in ("last.pt", "best.pt"):
+        state = torch.load(tmp_path / "checkpoints" / "train" / name, weights_only=True)
+        assert "model" in state
