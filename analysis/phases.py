@@ -67,7 +67,7 @@ class OnlineDetector:
         window: int = 3,
         settle: float = 0.15,
         max_phase1: int = 25,
-        ratio: float = 1.6,
+        ratio: float = 1.3,
         patience: int = 2,
         adapt: float = 0.05,
         floor: float = 0.05,

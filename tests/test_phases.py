@@ -1,0 +1,78 @@
+"""Phase labels and the divergence alarm on synthetic curves with known boundaries."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from analysis.phases import OnlineDetector, detect
+
+
+def curve(*, sign: float, scale: float, onset: int | None, epochs: int = 100, noise: float = 0.03, seed: int = 0) -> dict[str, np.ndarray]:
+    """dE: fast change for ~10 epochs, a flat phase 2, then (from `onset`) a 2.7x divergence over 20 epochs."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(epochs, dtype=float)
+    magnitude = 1.0 - 0.9 * np.exp(-t / 3.0)
+    if onset is not None:
+        magnitude = magnitude + np.clip(t - onset, 0, None) * (1.7 / 20)
+    d_e = sign * scale * magnitude * (1 + noise * rng.standard_normal(epochs))
+    lr = np.where(t < 75, 0.1, 0.01)
+    return {"epoch": t.astype(int), "lr": lr, "probe_train_dE": d_e}
+
+
+@pytest.mark.parametrize("sign", [-1.0, 1.0])
+@pytest.mark.parametrize("scale", [0.3, 5.0])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_onset_found_within_a_few_epochs_for_any_sign_and_scale(sign: float, scale: float, seed: int) -> None:
+    result = detect(curve(sign=sign, scale=scale, onset=77, seed=seed))
+    assert result.phase2_start is not None and 3 <= result.phase2_start <= 20
+    assert result.phase3_start is not None and abs(result.phase3_start - 77) <= 4
+    assert result.alarm_epoch is not None and 77 <= result.alarm_epoch <= 77 + 15
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_no_alarm_on_a_flat_noisy_curve(seed: int) -> None:
+    result = detect(curve(sign=-1.0, scale=0.45, onset=None, noise=0.08, seed=seed))
+    assert result.phase3_start is None and result.alarm_epoch is None
+    assert set(np.unique(result.labels)) <= {1, 2}
+
+
+def test_online_alarm_and_offline_onset_agree_on_a_clean_curve() -> None:
+    data = curve(sign=-1.0, scale=1.0, onset=60, noise=0.0)
+    det = OnlineDetector()
+    alarms = [det.update({k: data[k][i] for k in data})[1] for i in range(100)]
+    offline = detect(data)
+    first_alarm = alarms.index(True)
+    assert offline.alarm_epoch == first_alarm
+    assert offline.phase3_start is not None and offline.phase3_start <= first_alarm <= offline.phase3_start + 10
+
+
+def test_detector_state_survives_a_checkpoint_mid_curve() -> None:
+    # feeding epochs 0..49, saving, restoring, then 50..99 gives the same labels as one pass
+    data = curve(sign=-1.0, scale=2.0, onset=70, seed=3)
+    rows = [{k: data[k][i] for k in data} for i in range(100)]
+    one = OnlineDetector()
+    expected = [one.update(r) for r in rows]
+    first = OnlineDetector()
+    got = [first.update(r) for r in rows[:50]]
+    restored = OnlineDetector.from_state_dict(first.state_dict())
+    got += [restored.update(r) for r in rows[50:]]
+    assert got == expected
+
+
+def test_epochs_without_probe_keep_their_label() -> None:
+    det = OnlineDetector()
+    assert det.update({"epoch": 0, "probe_train_dE": float("nan")}) == (1, False)
+    assert det.update({"epoch": 1}) == (1, False)
+
+
+def test_epochs_out_of_order_are_refused() -> None:
+    det = OnlineDetector()
+    det.update({"epoch": 3, "probe_train_dE": -0.5})
+    with pytest.raises(ValueError, match="increasing"):
+        det.update({"epoch": 2, "probe_train_dE": -0.5})
+
+
+def test_bad_thresholds_are_refused_at_construction() -> None:
+    with pytest.raises(ValueError, match="ratio"):
+        OnlineDetector(ratio=0.9)
