@@ -217,3 +217,69 @@ def _change_point(epoch: np.ndarray, d_e: np.ndarray, start: int, alarm: int, sm
         if cost < best_cost:
             best, best_cost = int(e[k]), cost
     return best
+
+
+@dataclass(frozen=True)
+class OnsetTruth:
+    """Ground truth for judging a detector on a real run (DESIGN.md section 6)."""
+
+    epoch: int | None  # onset: the last epoch before test robustness only gets worse; None if it never degrades
+    signal: str | None  # "test_robust_acc" or "test_robust_loss": which one showed the degradation
+    best: float | None  # smoothed value at the onset
+    final: float | None  # mean over the run's last epochs (max(5, 10% of the run))
+
+
+def _smooth(values: np.ndarray, window: int) -> np.ndarray:
+    """Centered running mean over finite values (shorter at the ends)."""
+    half = window // 2
+    out = np.full(len(values), np.nan)
+    for i in range(len(values)):
+        chunk = values[max(0, i - half) : i + half + 1]
+        chunk = chunk[np.isfinite(chunk)]
+        if len(chunk):
+            out[i] = chunk.mean()
+    return out
+
+
+def ground_truth_onset(
+    epochs: Any, *, window: int = 3, acc_margin: float = 0.015, loss_margin: float = 0.10
+) -> OnsetTruth:
+    """The robust-overfitting onset as test metrics show it, for judging detectors.
+
+    Onset = the epoch of the best smoothed (centered mean of ``window`` epochs) test robust
+    accuracy, provided the run ends (mean of its last max(5, 10%) epochs) at least
+    ``acc_margin`` (absolute, 1.5 points by default) below it; failing that, the epoch of the
+    minimum smoothed test robust loss, provided the run ends at least ``loss_margin``
+    (relative, 10%) above it. None when neither degrades: the run did not robust-overfit.
+    Judging by the end of the run, not by its worst dip, keeps epoch-to-epoch noise at a high
+    learning rate from counting as overfitting. Rice et al.'s PreActResNet-18 run
+    (../shared/reference) gives epoch 106 on both signals with the defaults.
+    """
+    epoch = _column(epochs, "epoch").astype(int)
+    order = np.argsort(epoch, kind="stable")
+    epoch = epoch[order]
+    tail = max(5, len(epoch) // 10)
+    raw_acc = _column(epochs, "test_robust_acc")[order]
+    acc = _smooth(raw_acc, window)
+    if np.isfinite(acc).any():
+        i = int(np.nanargmax(acc))
+        final = float(np.nanmean(raw_acc[-tail:]))
+        if i < len(epoch) - tail and acc[i] - final >= acc_margin:
+            return OnsetTruth(int(epoch[i]), "test_robust_acc", float(acc[i]), final)
+    if _has_column(epochs, "test_robust_loss"):
+        raw_loss = _column(epochs, "test_robust_loss")[order]
+        loss = _smooth(raw_loss, window)
+        if np.isfinite(loss).any():
+            i = int(np.nanargmin(loss))
+            final = float(np.nanmean(raw_loss[-tail:]))
+            if i < len(epoch) - tail and final - loss[i] >= loss_margin * abs(loss[i]):
+                return OnsetTruth(int(epoch[i]), "test_robust_loss", float(loss[i]), final)
+    return OnsetTruth(None, None, None, None)
+
+
+def _has_column(epochs: Any, name: str) -> bool:
+    try:
+        epochs[name]
+    except (KeyError, IndexError):
+        return False
+    return True
