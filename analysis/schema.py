@@ -70,7 +70,7 @@ SAMPLES = pa.schema(
         _f("E_adv", pa.float32(), "E(x*)"),
         _f("Ey", pa.float32(), "E(x,y)"),
         _f("Ey_adv", pa.float32(), "E(x*,y)"),
-        _f("E_tgt", pa.float32(), "E(x*) under targeted PGD to a random wrong class"),
+        _f("E_tgt", pa.float32(), "E(x*) under targeted PGD to a random wrong class; NaN on the test split (not attacked)"),
         _f("correct", pa.bool_(), "prediction on x is y"),
         _f("correct_adv", pa.bool_(), "prediction on x* is y"),
     ]

@@ -58,7 +58,13 @@ def cmd_query(args: argparse.Namespace) -> int:
     from analysis.query import run_query
 
     table = run_query(args.directory, args.sql)
-    if args.format == "csv":
+    _write_table(table, args.format)
+    return 0
+
+
+def _write_table(table: Any, fmt: str) -> None:
+    """A pyarrow table on stdout as `table`, `csv` or `json` (the --format of query and phases)."""
+    if fmt == "csv":
         import pyarrow.csv as pacsv
 
         pacsv.write_csv(table, sys.stdout.buffer)
@@ -68,6 +74,27 @@ def cmd_query(args: argparse.Namespace) -> int:
         print(json.dumps(table.to_pylist(), default=str))
     else:
         _print_table(table)
+
+
+def cmd_phases(args: argparse.Namespace) -> int:
+    import pyarrow as pa
+
+    from analysis.report import phases_table
+
+    rows = phases_table(args.directory, args.trial)
+    _write_table(pa.Table.from_pylist(rows), args.format)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from analysis.report import write_report
+    from study.importances import study_importances
+
+    importances, note = study_importances(args.directory)
+    if note is not None:
+        print(f"importances: {note}", file=sys.stderr)
+    index = write_report(args.directory, importances=importances, importances_note=note)
+    print(index)
     return 0
 
 
@@ -97,6 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("sql", type=str, help='one SELECT, e.g. "select count(*) from epochs"')
     query.add_argument("--format", type=str, choices=("table", "csv", "json"), default="table")
     query.set_defaults(func=cmd_query)
+
+    phases = sub.add_parser("phases", help="offline phase labels and robust-overfitting onset per trial")
+    phases.add_argument("directory", type=str, help="study directory or train --out directory")
+    phases.add_argument("--trial", type=str, default=None, metavar="ID", help="only this trial id")
+    phases.add_argument("--format", type=str, choices=("table", "csv", "json"), default="table")
+    phases.set_defaults(func=cmd_phases)
+
+    report = sub.add_parser("report", help="DIR/report/index.html with the study's and each trial's figures")
+    report.add_argument("directory", type=str, help="study directory or train --out directory")
+    report.set_defaults(func=cmd_report)
     return parser
 
 

@@ -461,3 +461,17 @@ def test_augment_is_reproducible_with_a_seeded_generator() -> None:
     a = augment(x, crop_pad=2, flip=True, generator=torch.Generator().manual_seed(7))
     b = augment(x, crop_pad=2, flip=True, generator=torch.Generator().manual_seed(7))
     assert torch.equal(a, b)
+
+
+def test_pool_averages_blocks_of_pixels() -> None:
+    # pool 2 turns each 2x2 block into its rounded mean, on train and test alike
+    full = load_dataset(DatasetConfig(name="digits"))
+    pooled = load_dataset(DatasetConfig(name="digits", pool=2))
+    assert pooled.train_x.shape[-2:] == (4, 4) and pooled.test_x.shape[-2:] == (4, 4)
+    block = full.train_x[0, 0, :2, :2].float().mean().round()
+    assert pooled.train_x[0, 0, 0, 0] == block
+
+
+def test_pool_that_does_not_divide_the_size_is_refused() -> None:
+    with pytest.raises(SpecError, match="dataset.pool"):
+        load_dataset(DatasetConfig(name="digits", pool=3))

@@ -75,7 +75,7 @@ def test_every_literal_choice_parses() -> None:
     # each Literal value a spec may name is accepted (a flag that parses must reach code: see test_methods)
     for key, values in {
         "method": ["standard", "sat", "trades", "weat", "der", "fgsm_rs", "mart"],
-        "model": ["small_cnn", "preact_resnet18", "resnet18", "wrn34_10"],
+        "model": ["small_cnn", "cnn_fc", "preact_resnet18", "resnet18", "wrn34_10"],
         "device": ["auto", "cpu", "cuda"],
     }.items():
         for v in values:

@@ -21,7 +21,7 @@ from analysis.errors import SpecError, unknown_choice
 
 Norm = Literal["linf", "l2"]
 MethodName = Literal["standard", "sat", "trades", "weat", "der", "fgsm_rs", "mart"]
-ModelName = Literal["small_cnn", "preact_resnet18", "resnet18", "wrn34_10"]
+ModelName = Literal["small_cnn", "cnn_fc", "preact_resnet18", "resnet18", "wrn34_10"]
 DatasetName = Literal["digits", "fashion_mnist", "cifar10", "cifar100", "svhn", "npz"]
 ScheduleName = Literal["piecewise", "onecycle", "cosine"]
 DeviceName = Literal["auto", "cpu", "cuda"]
@@ -40,6 +40,7 @@ class DatasetConfig:
     train_size: int | None = None  # keep this many training images (seeded), None = all
     label_noise: float = 0.0  # fraction of training labels replaced by a random other class
     seed: int = 0  # seeds the digits/npz split, the subsample and the label noise, not training
+    pool: int = 1  # average-pool images by this factor at load time (2: Fashion-MNIST 28 -> 14)
     # Augmentation on the device: random crop with this much zero padding, horizontal flip.
     # None = the dataset's own default (32x32 sets: pad 4 + flip; SVHN no flip; digits none).
     crop_pad: int | None = None
@@ -117,7 +118,7 @@ class TrialConfig:
     name: str = "trial"
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelName = "small_cnn"
-    width: int = 1  # width multiplier of small_cnn's channels (1 = 32-64-128)
+    width: int = 1  # channel multiplier of small_cnn (32-64-128) and cnn_fc (64-64-128, 512 units)
     method: MethodName = "sat"
     epochs: int = 100
     batch_size: int = 128
@@ -288,6 +289,7 @@ def _check_ranges(cfg: TrialConfig) -> None:
         checks.append(("final_eval.n", cfg.final_eval.n >= 1, "must be at least 1"))
     if cfg.threads is not None:
         checks.append(("threads", cfg.threads >= 1, "must be at least 1"))
+    checks.append(("dataset.pool", cfg.dataset.pool >= 1, "must be at least 1"))
     if cfg.dataset.crop_pad is not None:
         checks.append(("dataset.crop_pad", cfg.dataset.crop_pad >= 0, "must be non-negative"))
     for key, ok, problem in checks:

@@ -132,13 +132,26 @@ def load_dataset(cfg: DatasetConfig) -> ImageData:
         train_x, train_y = train_x[keep], train_y[keep]
     if cfg.label_noise > 0:
         train_y = noisy_labels(train_y, fraction=cfg.label_noise, num_classes=data.num_classes, seed=cfg.seed)
+    test_x = data.test_x
+    if cfg.pool > 1:
+        size = train_x.shape[-1]
+        if size % cfg.pool:
+            raise SpecError("dataset.pool", f"must divide the image size {size} of `{cfg.name}`; got {cfg.pool}")
+        train_x, test_x = _avg_pool(train_x, cfg.pool), _avg_pool(test_x, cfg.pool)
     return dataclasses.replace(
         data,
         train_x=train_x,
         train_y=train_y,
+        test_x=test_x,
         crop_pad=data.crop_pad if cfg.crop_pad is None else cfg.crop_pad,
         flip=data.flip if cfg.flip is None else cfg.flip,
     )
+
+
+def _avg_pool(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Average-pool uint8 images by `factor`, rounding back to uint8 (e.g. 28x28 -> 14x14)."""
+    pooled = torch.nn.functional.avg_pool2d(x.float(), factor)
+    return pooled.round().clamp(0, 255).to(torch.uint8)
 
 
 def noisy_labels(y: torch.Tensor, *, fraction: float, num_classes: int, seed: int) -> torch.Tensor:

@@ -174,27 +174,38 @@ def _probe(
     params: MethodParams,
     batch_size: int,
     device: torch.device,
+    *,
+    targeted: bool,
 ) -> dict[str, np.ndarray]:
-    """Per-sample energies of clean, adversarial (``craft``) and targeted examples."""
-    cols: dict[str, list[torch.Tensor]] = {k: [] for k in ("E", "E_adv", "Ey", "Ey_adv", "E_tgt", "ce", "ce_adv", "correct", "correct_adv")}
+    """Per-sample energies of clean, adversarial (``craft``) and, if asked, targeted examples.
+
+    The targeted attack runs on the training probe only (``probe_train_E_tgt``): on the test
+    subset it would add as many passes again for no column of `epochs` (test E_tgt is NaN).
+    """
+    names = ("E", "E_adv", "Ey", "Ey_adv", "E_tgt", "ce", "ce_adv", "correct", "correct_adv")
+    cols: dict[str, list[torch.Tensor]] = {k: [] for k in names}
     with eval_mode(model):
         for lo in range(0, len(probe.y), batch_size):
             x = _to_float(probe.x[lo : lo + batch_size], device)
             y = probe.y[lo : lo + batch_size]
             with _autocast(device):
                 x_adv = craft(model, x, y)
-                x_tgt = pgd_targeted(
-                    model, x, probe.targets[lo : lo + batch_size],
-                    eps=params.eps, step_size=params.step_size, steps=params.steps, norm=params.norm,  # type: ignore[arg-type]
-                )
                 with torch.no_grad():
-                    logits, logits_adv, logits_tgt = (model(t).float() for t in (x, x_adv, x_tgt))
+                    logits, logits_adv = model(x).float(), model(x_adv).float()
+                e_tgt = torch.full((len(y),), math.nan, device=device)
+                if targeted:
+                    x_tgt = pgd_targeted(
+                        model, x, probe.targets[lo : lo + batch_size],
+                        eps=params.eps, step_size=params.step_size, steps=params.steps, norm=params.norm,  # type: ignore[arg-type]
+                    )
+                    with torch.no_grad():
+                        e_tgt = marginal_energy(model(x_tgt).float())
             for name, value in (
                 ("E", marginal_energy(logits)),
                 ("E_adv", marginal_energy(logits_adv)),
                 ("Ey", joint_energy(logits, y)),
                 ("Ey_adv", joint_energy(logits_adv, y)),
-                ("E_tgt", marginal_energy(logits_tgt)),
+                ("E_tgt", e_tgt),
                 ("ce", F.cross_entropy(logits, y, reduction="none")),
                 ("ce_adv", F.cross_entropy(logits_adv, y, reduction="none")),
                 ("correct", logits.argmax(1) == y),
@@ -395,11 +406,11 @@ def run_trial(
         sample_sets: list[tuple[ProbeSet, dict[str, np.ndarray]]] = []
         if probed:
             eval_steps = cfg.eval_attack.steps
-            train_vals = _probe(model, train_probe, lambda m, x, y: method_craft(m, x, y, params), params, cfg.batch_size, device)
+            train_vals = _probe(model, train_probe, lambda m, x, y: method_craft(m, x, y, params), params, cfg.batch_size, device, targeted=True)
             test_vals = _probe(
                 model, test_probe,
                 lambda m, x, y: pgd(m, x, y, eps=params.eps, step_size=params.step_size, steps=eval_steps, norm=params.norm),  # type: ignore[arg-type]
-                params, cfg.batch_size, device,
+                params, cfg.batch_size, device, targeted=False,
             )
             probe_cols = _probe_columns(train_vals, test_vals)
             sample_sets = [(train_probe, train_vals), (test_probe, test_vals)]

@@ -38,6 +38,29 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x).mean((2, 3)))
 
 
+class CNNFC(nn.Module):
+    """Conv 64-64-128 (times width) with max-pooling, then a 512-unit hidden layer.
+
+    The one CPU-scale model in which SAT was seen to robust-overfit (Fashion-MNIST at 14x14,
+    1,000 images; issue 3): the wide fully connected layer lets training robust accuracy
+    approach 1 while test robustness falls.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int, width: int = 1) -> None:
+        super().__init__()
+        c1, c2, c3 = 64 * width, 64 * width, 128 * width
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, c1, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(c2, c3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        side = image_size // 4
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(c3 * side * side, 512 * width), nn.ReLU(), nn.Linear(512 * width, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
 class PreActBlock(nn.Module):
     expansion = 1
 
@@ -149,6 +172,9 @@ MODELS: dict[str, ModelBuilder] = {
     "small_cnn": lambda *, in_channels, num_classes, image_size, width: SmallCNN(
         in_channels, num_classes, image_size, width
     ),
+    "cnn_fc": lambda *, in_channels, num_classes, image_size, width: CNNFC(
+        in_channels, num_classes, image_size, width
+    ),
     "preact_resnet18": lambda *, in_channels, num_classes, image_size, width: ResNet18(
         in_channels, num_classes, preact=True
     ),
@@ -164,7 +190,7 @@ MODELS: dict[str, ModelBuilder] = {
 def build_model(
     name: str, *, in_channels: int, num_classes: int, image_size: int, width: int = 1
 ) -> nn.Module:
-    """A fresh model from the registry (`width` only scales small_cnn)."""
+    """A fresh model from the registry (`width` scales small_cnn and cnn_fc)."""
     return MODELS[name](
         in_channels=in_channels, num_classes=num_classes, image_size=image_size, width=width
     )

@@ -1,0 +1,295 @@
+"""A study's report: ``DIR/report/index.html`` with its PNG figures beside it.
+
+Works on a study directory and on one ``energyat train`` output alike (both have ``tables/``),
+also while trials are still running. The page holds, in order: the trials table (best test
+robust accuracy first), the study figures (Pareto front, delta energy against robustness,
+hyperparameter importances when the caller gives them) and, per trial (best first), the phase
+figure, energy histograms at the first, middle and last epochs with samples, and the arrow plot
+of the last such epoch. A figure with nothing to draw is replaced by a note saying why.
+
+The HTML is self-contained apart from its images, which it names by relative paths: the
+``report/`` folder can be copied or served as it is.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import duckdb
+
+from analysis import plots
+from analysis.errors import StoreError
+from analysis.phases import PhaseResult, detect
+from analysis.query import open_tables
+
+# the trials table's columns, in this order (config columns weat_* are added after `beta`)
+_TABLE_HEAD = ("trial_id", "status", "stop_reason", "method", "beta")
+_TABLE_TAIL = (
+    "epochs_run", "best_epoch", "best_test_robust_acc", "final_clean_acc", "final_pgd_acc",
+    "final_autoattack_acc", "phase2_start", "phase3_start", "alarm_epoch",
+)
+
+
+def _fetch(con: duckdb.DuckDBPyConnection, sql: str, **params: Any) -> dict[str, Any]:
+    return plots.columns(con.sql(sql, params=params or None).to_arrow_table())
+
+
+def _rows(cols: Mapping[str, Any]) -> list[dict[str, Any]]:
+    n = len(next(iter(cols.values()))) if cols else 0
+    return [{k: _plain(v[i]) for k, v in cols.items()} for i in range(n)]
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars as Python values; NaN stays NaN."""
+    return value.item() if hasattr(value, "item") else value
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _int_or_none(value: Any) -> int | None:
+    return None if _missing(value) else int(value)
+
+
+def _trial_rows(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
+    """The `trials` rows, plus a bare row for a trial with `epochs` rows but no `trials` row yet."""
+    rows = _rows(_fetch(con, "select * from trials"))
+    known = {r["trial_id"] for r in rows}
+    for r in _rows(_fetch(con, "select trial_id, any_value(method) as method, count(*) as epochs_run from epochs group by 1")):
+        if r["trial_id"] not in known:
+            rows.append({**r, "status": "RUNNING"})
+    return rows
+
+
+def _best_first(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def key(r: dict[str, Any]) -> tuple[bool, float, str]:
+        acc = r.get("best_test_robust_acc")
+        return (_missing(acc), -(acc if not _missing(acc) else 0.0), str(r["trial_id"]))
+
+    return sorted(rows, key=key)
+
+
+def _epochs_of(con: duckdb.DuckDBPyConnection, trial_id: str) -> dict[str, Any]:
+    return _fetch(con, "select * from epochs where trial_id = $id order by epoch", id=trial_id)
+
+
+def _phases(epochs: Mapping[str, Any]) -> PhaseResult:
+    return detect({"epoch": epochs["epoch"], "probe_train_dE": epochs["probe_train_dE"]})
+
+
+def _alarm_epoch(epochs: Mapping[str, Any], phases: PhaseResult) -> int | None:
+    """First epoch the online detector raised its alarm during training (as the stopper saw it)."""
+    if "alarm" in epochs:
+        raised = [int(e) for e, a in zip(epochs["epoch"], epochs["alarm"]) if a is True or a == 1]
+        return raised[0] if raised else None
+    return phases.alarm_epoch
+
+
+def phases_table(directory: str | os.PathLike[str], trial: str | None = None) -> list[dict[str, Any]]:
+    """Offline phases and the robust-overfitting onset of every trial (or of one), by trial id.
+
+    Each row: ``trial_id, method, epochs, phase2_start, phase3_start`` (offline
+    :func:`analysis.phases.detect` on the trial's `epochs` rows), ``alarm_epoch`` (the online
+    alarm as recorded during training), ``best_epoch, best_test_robust_acc``.
+
+    Raises:
+        StoreError: `directory` holds no tables, or `trial` is not one of its trial ids.
+    """
+    con = open_tables(directory)
+    try:
+        trials = {r["trial_id"]: r for r in _trial_rows(con)}
+        ids = sorted(trials)
+        if trial is not None:
+            if trial not in trials:
+                known = ", ".join(ids) if ids else "none yet"
+                raise StoreError(f"no trial `{trial}` in {directory}; known trial ids: {known}")
+            ids = [trial]
+        out = []
+        for tid in ids:
+            epochs = _epochs_of(con, tid)
+            phases = _phases(epochs)
+            best = trials[tid].get("best_test_robust_acc")
+            out.append({
+                "trial_id": tid,
+                "method": trials[tid].get("method"),
+                "epochs": len(epochs["epoch"]),
+                "phase2_start": phases.phase2_start,
+                "phase3_start": phases.phase3_start,
+                "alarm_epoch": _alarm_epoch(epochs, phases),
+                "best_epoch": _int_or_none(trials[tid].get("best_epoch")),
+                "best_test_robust_acc": None if _missing(best) else float(best),
+            })
+        return out
+    finally:
+        con.close()
+
+
+# -- HTML ----------------------------------------------------------------------------------------
+def _cell(value: Any) -> str:
+    if _missing(value):
+        return "&ndash;"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return html.escape(str(value))
+
+
+def _safe_name(index: int, trial_id: str) -> str:
+    """A file-name stem for a trial: its rank plus its id with odd characters replaced."""
+    return f"{index:03d}-{re.sub(r'[^A-Za-z0-9_.-]', '_', trial_id)[:60]}"
+
+
+class _Page:
+    """The page's body, written as figures are drawn; notes stand in for figures without data."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.parts: list[str] = []
+
+    def add(self, text: str) -> None:
+        self.parts.append(text)
+
+    def figure(self, name: str, caption: str, draw: Callable[[Path], Path]) -> None:
+        try:
+            path = draw(self.folder / name)
+        except plots.NoData as exc:
+            self.parts.append(f'<p class="note">{html.escape(caption)}: skipped, {html.escape(str(exc))}</p>')
+            return
+        src = html.escape(path.name, quote=True)
+        self.parts.append(
+            f'<figure><img src="{src}" alt="{html.escape(caption, quote=True)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        )
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1200px; }
+table { border-collapse: collapse; font-size: 0.85em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: right; }
+th { background: #f0f0f0; } td:first-child, td:nth-child(2), td:nth-child(3), td:nth-child(4) { text-align: left; }
+figure { margin: 1em 0; } img { max-width: 100%; border: 1px solid #eee; }
+figcaption { font-size: 0.85em; color: #555; } .note { color: #8a6d3b; font-style: italic; }
+"""
+
+
+def _trials_table(rows: Sequence[dict[str, Any]]) -> str:
+    weat = sorted({k for r in rows for k in r if k.startswith("weat_")})
+    head = [*_TABLE_HEAD, *weat, *_TABLE_TAIL]
+    lines = ["<table>", "<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>"]
+    for r in rows:
+        tid = str(r["trial_id"])
+        cells = [f'<td><a href="#trial-{html.escape(tid, quote=True)}">{html.escape(tid)}</a></td>']
+        cells += [f"<td>{_cell(r.get(c))}</td>" for c in head[1:]]
+        lines.append("<tr>" + "".join(cells) + "</tr>")
+    lines.append("</table>")
+    return "\n".join(lines)
+
+
+def _sample_epochs(con: duckdb.DuckDBPyConnection, trial_id: str) -> list[int]:
+    cols = _fetch(con, "select distinct epoch from samples where trial_id = $id and split = 'train' order by epoch", id=trial_id)
+    return [int(e) for e in cols.get("epoch", [])]
+
+
+def _first_middle_last(values: Sequence[int]) -> list[int]:
+    if not values:
+        return []
+    return list(dict.fromkeys([values[0], values[len(values) // 2], values[-1]]))
+
+
+def write_report(
+    directory: str | os.PathLike[str],
+    *,
+    importances: Mapping[str, float] | None = None,
+    importances_note: str | None = None,
+) -> Path:
+    """Write ``directory/report/index.html`` and its PNG figures; returns the HTML's path.
+
+    Args:
+        directory: a study directory or an ``energyat train --out`` directory.
+        importances: hyperparameter importances (name -> importance) to draw, computed by the
+            caller (``study/`` uses Optuna; analysis does not import it).
+        importances_note: shown instead of the importances figure when they could not be
+            computed (for example, too few finished trials).
+
+    Raises:
+        StoreError: `directory` holds no energyat tables.
+
+    Example::
+
+        index = write_report("studies/quickstart")   # studies/quickstart/report/index.html
+    """
+    root = Path(directory).expanduser()
+    con = open_tables(root)
+    folder = root / "report"
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        trials = _trial_rows(con)
+        epochs_by_trial = {str(r["trial_id"]): _epochs_of(con, str(r["trial_id"])) for r in trials}
+        phases_by_trial = {t: _phases(e) for t, e in epochs_by_trial.items()}
+        for r in trials:  # the table shows the phases the figures show: this detector's, now
+            e, p = epochs_by_trial[str(r["trial_id"])], phases_by_trial[str(r["trial_id"])]
+            r.update(phase2_start=p.phase2_start, phase3_start=p.phase3_start, alarm_epoch=_alarm_epoch(e, p))
+        trials = _best_first(trials)
+        study = next((str(r["study"]) for r in trials if not _missing(r.get("study"))), root.name)
+
+        page = _Page(folder)
+        page.add(f"<h1>energyat report: {html.escape(study)}</h1>")
+        page.add(f"<p>{len(trials)} trial(s) in <code>{html.escape(str(root.resolve()))}</code>, best test robust accuracy first.</p>")
+        if not trials:
+            page.add('<p class="note">no trials yet: nothing to show.</p>')
+        else:
+            page.add(_trials_table(trials))
+
+        page.add("<h2>Study</h2>")
+        trial_cols = _fetch(con, "select * from trials")
+        all_epochs = _fetch(con, "select trial_id, epoch, probe_train_dE from epochs")
+        page.figure("study-pareto.png", "clean vs robust accuracy (Pareto front)", lambda p: plots.pareto_front(trial_cols, path=p))
+        page.figure("study-delta-energy.png", "final delta energy vs best robust accuracy",
+                    lambda p: plots.delta_energy_vs_robust(all_epochs, trial_cols, path=p))
+        if importances:
+            page.figure("study-importances.png", "hyperparameter importances", lambda p: plots.param_importances(importances, path=p))
+        else:
+            why = importances_note or "no Optuna study to compute them from (not given)"
+            page.add(f'<p class="note">hyperparameter importances: skipped, {html.escape(why)}</p>')
+
+        for rank, r in enumerate(trials):
+            tid = str(r["trial_id"])
+            stem = _safe_name(rank, tid)
+            page.add(f'<h2 id="trial-{html.escape(tid, quote=True)}">trial {html.escape(tid)} ({html.escape(str(r.get("method")))})</h2>')
+            epochs, phases = epochs_by_trial[tid], phases_by_trial[tid]
+            page.figure(f"{stem}-phases.png", f"phases of trial {tid}", lambda p: plots.phase_figure(epochs, phases, path=p))
+            with_samples = _sample_epochs(con, tid)
+            if not with_samples:
+                page.add(f'<p class="note">energy histograms and arrow plot of trial {html.escape(tid)}: skipped, no `samples` rows</p>')
+                continue
+            chosen = _first_middle_last(with_samples)
+            samples = _fetch(
+                con,
+                "select * from samples where trial_id = $id and split = 'train' and list_contains($ep, epoch) order by epoch, index",
+                id=tid, ep=chosen,
+            )
+            page.figure(f"{stem}-histograms.png", f"per-sample energies of trial {tid} at epochs {', '.join(map(str, chosen))}",
+                        lambda p: plots.energy_histograms(samples, epochs=chosen, path=p))
+            last = chosen[-1]
+            at_last = {k: v[samples["epoch"] == last] for k, v in samples.items()}
+            page.figure(f"{stem}-arrows.png", f"natural to adversarial energies of trial {tid} at epoch {last}",
+                        lambda p: plots.arrow_plot(at_last, path=p))
+    finally:
+        con.close()
+
+    index = folder / "index.html"
+    text = (
+        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
+        f"<title>energyat report: {html.escape(study)}</title><style>{_CSS}</style></head><body>\n"
+        + "\n".join(page.parts)
+        + "\n</body></html>\n"
+    )
+    tmp = index.with_name(".index.html.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(index)  # atomic: a reader sees the old page or the new one
+    return index
