@@ -69,3 +69,16 @@ def test_checkpoints_load_with_weights_only(tmp_path: Path) -> None:
     for name in ("last.pt", "best.pt"):
         state = torch.load(tmp_path / "checkpoints" / "train" / name, weights_only=True)
         assert "model" in state
+
+
+def test_last_checkpoint_keeps_the_last_weights_after_the_final_evaluation(tmp_path: Path) -> None:
+    # the final evaluation loads best.pt into a copy: last.pt still holds the last epoch's
+    # model, so last.pt equals best.pt exactly when the best epoch is the last one
+    cfg = parse_trial({**TINY, "epochs": 3, "method": "standard", "lr": 0.2})
+    result = run_trial(cfg, out=tmp_path)
+    folder = tmp_path / "checkpoints" / "train"
+    last = torch.load(folder / "last.pt", weights_only=True)["model"]
+    best = torch.load(folder / "best.pt", weights_only=True)
+    same = all(torch.equal(last[k], best["model"][k]) for k in last)
+    assert best["epoch"] == result["best_epoch"]
+    assert same == (result["best_epoch"] == 2)

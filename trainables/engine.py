@@ -17,6 +17,7 @@ Tune; ``energyat train`` passes a progress printer.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from contextlib import nullcontext
@@ -43,8 +44,10 @@ from trainables.methods import METHODS, Craft, MethodParams
 from trainables.models import build_model
 from trainables.schedules import lr_at
 
-# Called after every epoch with the epoch row and the checkpoint directory; returns a stop
-# reason (e.g. "energy_divergence", "scheduler") to end the trial, or None to go on.
+# Called with each epoch's row and the checkpoint directory once both are written; returns a
+# stop reason (e.g. "scheduler") to end the trial, or None to go on. The trial's last epoch is
+# reported after the final evaluation, with the `trials` outcome merged into its row, so that
+# a caller (Ray Tune) that stops listening after it has seen everything.
 EpochCallback = Callable[[dict[str, Any], Path], "str | None"]
 
 _TARGET_SEED = 1234  # fixed wrong-class targets per probe image, the same every epoch
@@ -319,6 +322,7 @@ def run_trial(
     checkpoint_dir: Path | None = None,
     on_epoch: EpochCallback | None = None,
     stop_on_alarm: bool = False,
+    spec_file: Path | None = None,
 ) -> dict[str, Any]:
     """Train one trial, writing its tables under `out` and checkpoints every epoch.
 
@@ -331,8 +335,12 @@ def run_trial(
         trial_id: the trial's id in the tables.
         checkpoint_dir: where ``last.pt`` and ``best.pt`` live; default ``out/checkpoints/<id>``.
         on_epoch: called after each epoch's rows and checkpoint are written; a returned
-            string stops the trial with that stop reason.
+            string stops the trial with that stop reason. The last epoch is reported after the
+            final evaluation, its row merged with the outcome (``stop_reason``, ``final_*``).
         stop_on_alarm: stop with ``energy_divergence`` when the online detector alarms.
+        spec_file: where the resolved spec is written (``energyat train``: ``out/spec.yaml``); an
+            existing file must hold the same spec, so a different trial never continues this one.
+            Studies pass None: their trials differ by design and `trials` carries each config.
 
     Returns:
         The trial's `trials` row (outcome columns) as a dict.
@@ -340,7 +348,8 @@ def run_trial(
     out = Path(out).expanduser()
     ckpt_dir = checkpoint_dir or out / "checkpoints" / trial_id
     resolved = cfg.to_dict()
-    _check_output(out, resolved)
+    if spec_file is not None:
+        _check_output(spec_file, resolved)
     prov = provenance(resolved)
     flat_config = flatten(resolved)
     study = cfg.name
@@ -351,7 +360,8 @@ def run_trial(
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     data = load_dataset(cfg.dataset).to(device)
-    _write_spec(out, resolved)  # only now: bad input (a missing dataset too) leaves no trace
+    if spec_file is not None:
+        _write_spec(spec_file, resolved)  # only now: bad input (a missing dataset too) leaves no trace
     in_channels, image_size = data.train_x.shape[1], data.train_x.shape[-1]
     model = build_model(cfg.model, in_channels=in_channels, num_classes=data.num_classes, image_size=image_size, width=cfg.width).to(device)
     if device.type == "cuda":
@@ -443,7 +453,7 @@ def run_trial(
             progress.stop_reason = "energy_divergence"
         checkpoint.save(last, _checkpoint_state(model, opt, detector, progress, device))
         write_trial_row(str(out), trial_id=trial_id, outcome=outcome("RUNNING"), config=flat_config, provenance=prov)
-        if on_epoch is not None and progress.stop_reason is None:
+        if on_epoch is not None and progress.stop_reason is None and progress.next_epoch < cfg.epochs:
             reason = on_epoch(row, ckpt_dir)
             if reason is not None:
                 progress.stop_reason = reason
@@ -451,8 +461,11 @@ def run_trial(
 
     # -- final evaluation of the best checkpoint --------------------------------------------------
     if not progress.final and best.exists():
-        model.load_state_dict(checkpoint.load(best)["model"])
-        progress.final = final_evaluation(model, data, cfg, device)
+        # a copy: `model` keeps the last epoch's weights, which last.pt must hold
+        best_model = copy.deepcopy(model)
+        best_model.load_state_dict(checkpoint.load(best)["model"])
+        progress.final = final_evaluation(best_model, data, cfg, device)
+        del best_model
     if progress.stop_reason is None:
         progress.stop_reason = "completed"
     progress.seconds = seconds_before + time.perf_counter() - started
@@ -461,6 +474,8 @@ def run_trial(
     status = "ERROR" if progress.stop_reason.startswith("error") else "TERMINATED"
     result = outcome(status)
     write_trial_row(str(out), trial_id=trial_id, outcome=result, config=flat_config, provenance=prov)
+    if on_epoch is not None and rows:
+        on_epoch({**rows[-1], **{k: v for k, v in result.items() if k not in rows[-1]}, "done": True}, ckpt_dir)
     return result
 
 
@@ -495,9 +510,8 @@ def _spec_document(resolved: dict[str, Any]) -> dict[str, Any]:
     return {"schema_version": SCHEMA_VERSION, **resolved}
 
 
-def _check_output(out: Path, resolved: dict[str, Any]) -> None:
-    """An existing `out/spec.yaml` must be this very spec (then the trial continues)."""
-    spec_path = out / "spec.yaml"
+def _check_output(spec_path: Path, resolved: dict[str, Any]) -> None:
+    """An existing spec file must hold this very spec (then the trial continues)."""
     document = _spec_document(resolved)
     if spec_path.exists():
         existing = yaml.safe_load(spec_path.read_text())
@@ -507,17 +521,16 @@ def _check_output(out: Path, resolved: dict[str, Any]) -> None:
                 if flatten(existing or {}).get(k) != flatten(document).get(k)
             )
             raise OutputConflictError(
-                f"{out} already holds a trial with a different spec (keys {', '.join(changed)}); "
+                f"{spec_path.parent} already holds a trial with a different spec (keys {', '.join(changed)}); "
                 "give a new --out, or the same spec to continue it"
             )
 
 
-def _write_spec(out: Path, resolved: dict[str, Any]) -> None:
-    spec_path = out / "spec.yaml"
+def _write_spec(spec_path: Path, resolved: dict[str, Any]) -> None:
     if spec_path.exists():
         return
     document = _spec_document(resolved)
-    out.mkdir(parents=True, exist_ok=True)
+    spec_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = spec_path.with_name(".spec.yaml.tmp")
     tmp.write_text(yaml.safe_dump(document, sort_keys=False))
     tmp.replace(spec_path)

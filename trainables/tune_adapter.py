@@ -1,0 +1,79 @@
+"""The Ray Tune trainable: a thin adapter from a Tune trial to :func:`run_trial`.
+
+config (Optuna's suggestions) -> spec overrides -> :class:`TrialConfig` -> engine, reporting
+every epoch with ``ray.tune.report(metrics, checkpoint=...)`` and resuming through
+``ray.tune.get_checkpoint()``, like Ray's own ``train_cifar(config)`` example. This is the only
+module of trainables/ that imports ray.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import ray.tune as tune
+
+from trainables.config import parse_trial
+from trainables.engine import run_trial
+
+# Reported values the searcher may optimise: never NaN, or Optuna drops the trial's result.
+OBJECTIVE_FALLBACK = 0.0
+
+
+def overrides_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Optuna's flat suggestions ({"weat.power": 1.5}) as nested spec overrides."""
+    nested: dict[str, Any] = {}
+    for key, value in config.items():
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return nested
+
+
+def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        elif isinstance(value, Mapping) and isinstance(out.get(key), str):  # `schedule: cosine`
+            out[key] = merge({"name": out[key]}, value)
+        else:
+            out[key] = value
+    return out
+
+
+def _finite_metrics(row: Mapping[str, Any], objectives: list[str]) -> dict[str, Any]:
+    metrics = {k: v for k, v in row.items() if isinstance(v, (int, float, str, bool)) or v is None}
+    for name in objectives:
+        value = metrics.get(name)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            metrics[name] = OBJECTIVE_FALLBACK
+    return metrics
+
+
+def energyat_trial(config: dict[str, Any], *, base_spec: dict[str, Any], study_dir: str, objectives: list[str], cpus: int) -> None:
+    """Run one trial of a study under Ray Tune (see ``tune.with_parameters``)."""
+    spec = merge(base_spec, overrides_from_config(config))
+    if spec.get("threads") is None:
+        spec["threads"] = max(1, cpus)  # one torch thread per reserved CPU: no oversubscription
+    cfg = parse_trial(spec)
+    trial_id = tune.get_context().get_trial_id()
+    work = Path(tempfile.mkdtemp(prefix=f"energyat-{trial_id}-"))
+    restored = tune.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as folder:
+            shutil.copytree(folder, work, dirs_exist_ok=True)
+
+    def report(row: dict[str, Any], ckpt_dir: Path) -> None:
+        tune.report(_finite_metrics(row, objectives), checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
+        return None
+
+    try:
+        run_trial(cfg, out=study_dir, trial_id=trial_id, checkpoint_dir=work, on_epoch=report, stop_on_alarm=bool(spec.get("early_stop", {}).get("energy_divergence", False)))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
