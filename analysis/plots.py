@@ -24,6 +24,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
 
 from analysis.phases import PhaseResult
 
@@ -95,6 +96,18 @@ def _save(fig: Figure, path: Path) -> Path:
 
 
 # -- one trial ---------------------------------------------------------------------------------------
+def online_alarm_epoch(epochs: Mapping[str, np.ndarray], phases: PhaseResult) -> int | None:
+    """First epoch whose `alarm` was raised during training (as the stopper saw it).
+
+    Falls back on the alarm of the online rule replayed by :func:`analysis.phases.detect` when
+    the rows have no `alarm` column.
+    """
+    if "alarm" not in epochs:
+        return phases.alarm_epoch
+    raised = [int(e) for e, a in zip(epochs["epoch"], epochs["alarm"]) if a is not None and bool(a)]
+    return min(raised) if raised else None
+
+
 def _shade_phases(ax: Axes, epochs: np.ndarray, labels: np.ndarray) -> None:
     """Shade each run of equal phase labels, from half an epoch before to half an epoch after."""
     start = 0
@@ -140,15 +153,13 @@ def phase_figure(epochs: Any, phases: PhaseResult, *, path: Path) -> Path:
     order = np.argsort(_float(cols, "epoch", n), kind="stable")
     cols = {k: v[order] for k, v in cols.items()}
     epoch = _float(cols, "epoch", n)
-    f = lambda name: _float(cols, name, n)  # noqa: E731
+
+    def f(name: str) -> np.ndarray:
+        return _float(cols, name, n)
+
     labels = np.asarray(phases.labels)
     label_epochs = np.asarray(phases.epochs, dtype=float)
-    online_alarm = None
-    if "alarm" in cols:  # the alarm as the stopper saw it; the replayed one otherwise
-        raised = [int(e) for e, a in zip(epoch, cols["alarm"]) if a is True or a == 1]
-        online_alarm = raised[0] if raised else None
-    elif phases.alarm_epoch is not None:
-        online_alarm = int(phases.alarm_epoch)
+    online_alarm = online_alarm_epoch(cols, phases)
 
     fig = Figure(figsize=(9.5, 9.0), layout="constrained")
     top, mid, bottom = fig.subplots(3, 1, sharex=True)
@@ -187,6 +198,7 @@ def phase_figure(epochs: Any, phases: PhaseResult, *, path: Path) -> Path:
     has_loss = _plot_finite(loss_ax, epoch, f("test_robust_loss"), color="tab:orange", ls=":", label="test robust loss")
     loss_ax.set_ylabel("robust CE loss", color="tab:orange" if has_loss else "black")
     bottom.set_xlabel("epoch")
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
     bottom.set_title("test accuracy and robust loss")
 
     # vertical markers on every panel
@@ -214,8 +226,8 @@ def phase_figure(epochs: Any, phases: PhaseResult, *, path: Path) -> Path:
     keys.append(Line2D([], [], color="crimson", ls="--", lw=1.4, label=f"online alarm: {online_alarm if online_alarm is not None else 'none'}"))
     if drops:
         keys.append(Line2D([], [], color="dimgray", ls=(0, (2, 2)), lw=1.0, label="lr drop"))
-    fig.legend(handles=keys, loc="outside upper center", ncols=3, fontsize=8, frameon=False)
-    fig.suptitle(f"trial {_first(cols, 'trial_id')}  ({_first(cols, 'method')}): phases of adversarial training")
+    fig.legend(handles=keys, loc="outside lower center", ncols=3, fontsize=8, frameon=False)
+    fig.suptitle(f"trial {_first(cols, 'trial_id')} ({_first(cols, 'method')}): phases of adversarial training")
     return _save(fig, path)
 
 
@@ -252,12 +264,15 @@ def energy_histograms(samples: Any, *, epochs: Sequence[int], path: Path) -> Pat
         values = {name: _float(cols, name, n)[pick] for name, _, _ in series}
         finite = np.concatenate([v[np.isfinite(v)] for v in values.values()])
         bins = np.histogram_bin_edges(finite, bins=30) if finite.size else 30
+        natural = values["E"][np.isfinite(values["E"])]
         for name, label, colour in series:
             v = values[name][np.isfinite(values[name])]
             if v.size:
+                shift = f", shift {v.mean() - natural.mean():+.3f}" if name != "E" and natural.size else ""
                 ax.hist(v, bins=bins, histtype="stepfilled", alpha=0.35, color=colour, edgecolor=colour,
-                        label=f"{label}, mean {v.mean():.2f}")
+                        label=f"{label}: mean {v.mean():.3f}{shift}")
                 ax.axvline(v.mean(), color=colour, lw=1.2)
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.3)  # headroom: the legend sits above the bars
         ax.set_title(f"epoch {e}  (n={int(pick.sum())})")
         ax.set_xlabel("energy")
         ax.legend(fontsize=7, loc="upper left")
@@ -305,10 +320,13 @@ def arrow_plot(samples: Any, *, path: Path, max_arrows: int = 200, seed: int = 0
         ax.quiver(x0[sel], y0[sel], x1[sel] - x0[sel], y1[sel] - y0[sel], angles="xy", scale_units="xy", scale=1,
                   color=colour, alpha=0.55, width=0.0025, headwidth=4, headlength=5)
         ax.scatter(x0[sel], y0[sel], s=9, color=colour, edgecolor="none", label=f"{label} ({sel.size})")
-    every = np.concatenate([x0[idx], x1[idx], y0[idx], y1[idx]])
-    lo, hi = float(every.min()), float(every.max())
-    pad = 0.05 * (hi - lo or 1.0)
-    ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="black", lw=0.8, ls="--", label="E(x,y) = E(x): CE = 0")
+    # limits from the data on each axis; the CE = 0 diagonal is clipped to them
+    xs, ys = np.concatenate([x0[idx], x1[idx]]), np.concatenate([y0[idx], y1[idx]])
+    xlim, ylim = _padded(xs), _padded(ys)
+    lo, hi = min(xlim[0], ylim[0]), max(xlim[1], ylim[1])
+    ax.plot([lo, hi], [lo, hi], color="black", lw=0.8, ls="--", label="E(x,y) = E(x): CE = 0")
+    ax.set_xlim(*xlim)
+    ax.set_ylim(*ylim)
     ax.set_xlabel("marginal energy E(x)  (arrow head: E(x*))")
     ax.set_ylabel("joint energy E(x,y)  (arrow head: E(x*,y))")
     ax.legend(fontsize=8, loc="upper left")
@@ -317,6 +335,12 @@ def arrow_plot(samples: Any, *, path: Path, max_arrows: int = 200, seed: int = 0
     e = epochs_present[0] if epochs_present else "?"
     ax.set_title(f"trial {_first(cols, 'trial_id')}, epoch {e}: natural -> adversarial ({shown} training-probe samples)", fontsize=10)
     return _save(fig, path)
+
+
+def _padded(values: np.ndarray, fraction: float = 0.05) -> tuple[float, float]:
+    lo, hi = float(values.min()), float(values.max())
+    pad = fraction * (hi - lo) if hi > lo else 0.5
+    return lo - pad, hi + pad
 
 
 # -- one study -----------------------------------------------------------------------------------------
@@ -350,9 +374,12 @@ def pareto_front(trials: Any, *, path: Path, robust: str = "best_test_robust_acc
         sel = [i for i in ok if methods[i] == m]
         ax.scatter(x[sel], y[sel], s=36, color=colour, alpha=0.8, label=m, zorder=3)
     front = ok[_non_dominated(x[ok], y[ok])]
-    ax.plot(x[front], y[front], color="black", lw=1.2, zorder=2, label="non-dominated")
+    # the boundary of what the front dominates: a staircase, since points between two front
+    # trials are not attainable on a straight line
+    ax.step(x[front], y[front], where="pre", color="black", lw=1.2, zorder=2, label="Pareto front")
     for i in front:
         ax.annotate(f"{methods[i]} ({ids[i]})", (x[i], y[i]), xytext=(5, 4), textcoords="offset points", fontsize=8)
+    ax.margins(0.1)
     ax.set_xlabel(f"clean accuracy ({clean})")
     ax.set_ylabel(f"robust accuracy ({robust})")
     ax.grid(True, alpha=0.3, lw=0.5)

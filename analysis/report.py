@@ -83,14 +83,6 @@ def _phases(epochs: Mapping[str, Any]) -> PhaseResult:
     return detect({"epoch": epochs["epoch"], "probe_train_dE": epochs["probe_train_dE"]})
 
 
-def _alarm_epoch(epochs: Mapping[str, Any], phases: PhaseResult) -> int | None:
-    """First epoch the online detector raised its alarm during training (as the stopper saw it)."""
-    if "alarm" in epochs:
-        raised = [int(e) for e, a in zip(epochs["epoch"], epochs["alarm"]) if a is True or a == 1]
-        return raised[0] if raised else None
-    return phases.alarm_epoch
-
-
 def phases_table(directory: str | os.PathLike[str], trial: str | None = None) -> list[dict[str, Any]]:
     """Offline phases and the robust-overfitting onset of every trial (or of one), by trial id.
 
@@ -121,7 +113,7 @@ def phases_table(directory: str | os.PathLike[str], trial: str | None = None) ->
                 "epochs": len(epochs["epoch"]),
                 "phase2_start": phases.phase2_start,
                 "phase3_start": phases.phase3_start,
-                "alarm_epoch": _alarm_epoch(epochs, phases),
+                "alarm_epoch": plots.online_alarm_epoch(epochs, phases),
                 "best_epoch": _int_or_none(trials[tid].get("best_epoch")),
                 "best_test_robust_acc": None if _missing(best) else float(best),
             })
@@ -158,7 +150,7 @@ class _Page:
         try:
             path = draw(self.folder / name)
         except plots.NoData as exc:
-            self.parts.append(f'<p class="note">{html.escape(caption)}: skipped, {html.escape(str(exc))}</p>')
+            self.parts.append(f'<p class="note">skipped: {html.escape(str(exc))}</p>')  # the message names the figure
             return
         src = html.escape(path.name, quote=True)
         self.parts.append(
@@ -178,7 +170,8 @@ figcaption { font-size: 0.85em; color: #555; } .note { color: #8a6d3b; font-styl
 
 
 def _trials_table(rows: Sequence[dict[str, Any]]) -> str:
-    weat = sorted({k for r in rows for k in r if k.startswith("weat_")})
+    uses_weat = any(r.get("method") == "weat" for r in rows)  # weat_* are noise for the other methods
+    weat = sorted({k for r in rows for k in r if k.startswith("weat_")}) if uses_weat else []
     head = [*_TABLE_HEAD, *weat, *_TABLE_TAIL]
     lines = ["<table>", "<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>"]
     for r in rows:
@@ -233,7 +226,7 @@ def write_report(
         phases_by_trial = {t: _phases(e) for t, e in epochs_by_trial.items()}
         for r in trials:  # the table shows the phases the figures show: this detector's, now
             e, p = epochs_by_trial[str(r["trial_id"])], phases_by_trial[str(r["trial_id"])]
-            r.update(phase2_start=p.phase2_start, phase3_start=p.phase3_start, alarm_epoch=_alarm_epoch(e, p))
+            r.update(phase2_start=p.phase2_start, phase3_start=p.phase3_start, alarm_epoch=plots.online_alarm_epoch(e, p))
         trials = _best_first(trials)
         study = next((str(r["study"]) for r in trials if not _missing(r.get("study"))), root.name)
 

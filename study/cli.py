@@ -44,7 +44,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     _raw, cfg, _study = load_spec(args.spec, args.set)
     out = Path(args.out)
-    result = run_trial(cfg, out=out, trial_id=args.trial_id, on_epoch=_print_epoch, stop_on_alarm=args.stop_on_alarm)
+    result = run_trial(cfg, out=out, trial_id=args.trial_id, on_epoch=_print_epoch, stop_on_alarm=args.stop_on_alarm, spec_file=out / "spec.yaml")
     print(
         f"{result['status']} ({result['stop_reason']}): {result['epochs_run']} epochs, best test robust acc "
         f"{result['best_test_robust_acc']:.4f} at epoch {result['best_epoch']}, final PGD {result['final_pgd_acc']:.4f}, "
@@ -68,7 +68,7 @@ def _write_table(table: Any, fmt: str) -> None:
         import pyarrow.csv as pacsv
 
         pacsv.write_csv(table, sys.stdout.buffer)
-    elif args.format == "json":
+    elif fmt == "json":
         import json
 
         print(json.dumps(table.to_pylist(), default=str))

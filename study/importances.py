@@ -24,7 +24,7 @@ def study_importances(directory: str | os.PathLike[str]) -> tuple[dict[str, floa
     """
     path = Path(directory).expanduser() / JOURNAL
     if not path.exists():
-        return None, f"no {JOURNAL} (a single `energyat train` output has no study)"
+        return None, f"no {JOURNAL} in {directory} (an `energyat train` output has none)"
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend

@@ -1,0 +1,172 @@
+"""Figures, the HTML report and `energyat phases` / `energyat report` on a real two-trial study."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from analysis import plots
+from analysis.errors import StoreError
+from analysis.phases import detect
+from analysis.query import open_tables
+from analysis.report import phases_table, write_report
+from conftest import ROOT, energyat_cmd
+
+TINY = {
+    "name": "tiny",
+    "dataset": {"name": "digits", "train_size": 200},
+    "model": "small_cnn",
+    "epochs": 3,
+    "batch_size": 64,
+    "lr": 0.05,
+    "attack": {"eps": 0.15, "step": 0.05, "steps": 2},
+    "eval_attack": {"steps": 2},
+    "probe": {"train_size": 48, "test_size": 48},
+    "final_eval": {"n": 64, "pgd_steps": 2, "autoattack_n": 0},
+    "device": "cpu",
+}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A study directory holding two real trials, `t-sat` and `t-trades`.
+
+    Each trial trains in its own output (one spec per `--out`), then its tables join the
+    study's, which is the layout a study writes (DESIGN.md section 3).
+    """
+    from trainables.config import parse_trial
+    from trainables.engine import run_trial
+
+    base = tmp_path_factory.mktemp("report")
+    root = base / "study"
+    for method in ("sat", "trades"):
+        out = base / method
+        run_trial(parse_trial({**TINY, "method": method}), out=out, trial_id=f"t-{method}")
+        shutil.copytree(out / "tables", root / "tables", dirs_exist_ok=True)
+    return root
+
+
+def _rows(root: Path, sql: str) -> dict:
+    con = open_tables(root)
+    try:
+        return plots.columns(con.sql(sql).to_arrow_table())
+    finally:
+        con.close()
+
+
+def assert_png(path: Path) -> None:
+    # a real figure: the PNG signature, and more bytes than an empty canvas takes
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, path
+    assert len(data) > 5_000, (path, len(data))
+
+
+def test_phase_figure_writes_a_png(study: Path, tmp_path: Path) -> None:
+    epochs = _rows(study, "select * from epochs where trial_id = 't-sat' order by epoch")
+    assert_png(plots.phase_figure(epochs, detect(epochs), path=tmp_path / "phases.png"))
+
+
+def test_energy_histograms_write_a_png(study: Path, tmp_path: Path) -> None:
+    samples = _rows(study, "select * from samples where trial_id = 't-sat'")
+    assert_png(plots.energy_histograms(samples, epochs=[0, 2], path=tmp_path / "hist.png"))
+
+
+def test_arrow_plot_writes_a_png(study: Path, tmp_path: Path) -> None:
+    samples = _rows(study, "select * from samples where trial_id = 't-trades' and epoch = 2")
+    assert_png(plots.arrow_plot(samples, path=tmp_path / "arrows.png"))
+
+
+def test_study_figures_write_pngs(study: Path, tmp_path: Path) -> None:
+    trials, epochs = _rows(study, "select * from trials"), _rows(study, "select * from epochs")
+    assert_png(plots.pareto_front(trials, path=tmp_path / "pareto.png"))
+    assert_png(plots.delta_energy_vs_robust(epochs, trials, path=tmp_path / "de.png"))
+    assert_png(plots.param_importances({"beta": 0.6, "method": 0.3, "weat.power": 0.1}, path=tmp_path / "imp.png"))
+
+
+def test_figures_without_data_raise_no_data(tmp_path: Path) -> None:
+    # the report turns NoData into a note; anything else would be a bug and must surface
+    one = {"trial_id": ["a"], "method": ["sat"], "final_clean_acc": [0.9], "best_test_robust_acc": [0.5]}
+    with pytest.raises(plots.NoData, match="at least 2 trials"):
+        plots.pareto_front(one, path=tmp_path / "p.png")
+    with pytest.raises(plots.NoData, match="no training-probe samples"):
+        plots.energy_histograms({"epoch": [], "split": [], "E": []}, epochs=[0], path=tmp_path / "h.png")
+    with pytest.raises(plots.NoData):
+        plots.param_importances({}, path=tmp_path / "i.png")
+    assert not list(tmp_path.iterdir())
+
+
+def test_single_trial_report_notes_the_skipped_study_figures(study: Path, tmp_path: Path) -> None:
+    # one trial and no `samples` table: every figure but the phase figure becomes a note
+    single = tmp_path / "one"
+    shutil.copytree(study / "tables" / "epochs" / "trial=t-sat", single / "tables" / "epochs" / "trial=t-sat")
+    (single / "tables" / "trials").mkdir(parents=True)
+    shutil.copy(study / "tables" / "trials" / "trial=t-sat.parquet", single / "tables" / "trials")
+    page = write_report(single).read_text()
+    assert "skipped: Pareto front" in page and "skipped: delta energy" in page
+    assert "no `samples` rows" in page
+    assert page.count("<img") == 1  # the phase figure only
+
+
+def test_phases_table_names_known_ids_for_an_unknown_trial(study: Path) -> None:
+    assert [r["trial_id"] for r in phases_table(study)] == ["t-sat", "t-trades"]
+    with pytest.raises(StoreError, match="known trial ids: t-sat, t-trades"):
+        phases_table(study, "nope")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*energyat_cmd(), *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_report_cli_writes_index_with_existing_images(study: Path) -> None:
+    proc = run_cli("report", str(study))
+    assert proc.returncode == 0, proc.stderr
+    index = Path(proc.stdout.strip().splitlines()[-1])
+    assert index == study / "report" / "index.html"
+    sources = re.findall(r'<img src="([^"]+)"', index.read_text())
+    assert len(sources) >= 3
+    for src in sources:
+        assert_png(index.parent / src)  # relative paths, next to the page
+
+
+def test_phases_cli_prints_one_row_per_trial(study: Path) -> None:
+    proc = run_cli("phases", str(study), "--format", "csv")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith('"trial_id","method","epochs","phase2_start","phase3_start","alarm_epoch"')
+    assert sorted(line.split(",")[0] for line in lines[1:]) == ['"t-sat"', '"t-trades"']
+
+
+def test_phases_cli_unknown_trial_exits_2_with_one_line(study: Path) -> None:
+    proc = run_cli("phases", str(study), "--trial", "nope")
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "known trial ids: t-sat, t-trades" in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_importances_need_a_journal_and_two_finished_trials(tmp_path: Path) -> None:
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from study.importances import study_importances
+
+    importances, note = study_importances(tmp_path)
+    assert importances is None and note is not None and "no optuna.journal" in note
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal")))
+    study = optuna.create_study(storage=storage, study_name="s", direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+
+    def objective(trial: optuna.Trial) -> float:
+        return trial.suggest_float("beta", 1.0, 12.0) + (1.0 if trial.suggest_categorical("method", ["sat", "trades"]) == "trades" else 0.0)
+
+    study.optimize(objective, n_trials=1)
+    importances, note = study_importances(tmp_path)
+    assert importances is None and note is not None and "1 finished trial" in note
+    study.optimize(objective, n_trials=5)
+    importances, note = study_importances(tmp_path)
+    assert importances is not None and set(importances) == {"beta", "method"} and note is None
