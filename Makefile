@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+DEMO   := studies/quickstart
 
 .PHONY: demo test setup clean
 
@@ -19,9 +20,12 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# The quickstart study on digits (local Ray, CPU), then its report. A second `make demo`
+# starts afresh: the previous demo study is moved aside, not mixed in.
 demo: $(STAMP)
-	$(BIN)/energyat train examples/quickstart.yaml --out runs/quickstart
-	@echo "tables: runs/quickstart/tables   query: $(BIN)/energyat query runs/quickstart \"select epoch, test_robust_acc, probe_train_dE from epochs\""
+	@if [ -d $(DEMO) ]; then mv $(DEMO) $(DEMO).$$(date +%Y%m%d-%H%M%S); fi
+	$(BIN)/energyat run examples/quickstart.yaml --storage studies
+	$(BIN)/energyat report $(DEMO)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -18,8 +18,12 @@ Rule (every threshold is a keyword of :class:`OnlineDetector`):
    ``settle`` (relative) over the last ``window`` probed epochs, or after ``max_phase1``
    probed epochs at the latest; the baseline b is m at that point.
 3. In phase 2, b follows slow drift (b += ``adapt`` * (m - b)) while m stays below the alarm
-   level; the alarm fires when (m - b) / max(b, ``floor``) >= ``ratio`` - 1 for ``patience``
+   level; the alarm fires when (m - b) / max(b, f) >= ``ratio`` - 1 for ``patience``
    consecutive probed epochs. Phase 3 starts there and the alarm stays raised.
+4. The floor f = max(``floor``, ``energy_floor`` * |E(x)|), |E(x)| the training probe's mean
+   marginal energy at the start of phase 2 (``probe_train_E``, when the rows carry it): a delta
+   energy below 5% of the energy scale counts as aligned, so TRADES' tiny |dE| (0.05 -> 0.07
+   against |E| = 6) cannot raise a relative alarm. Seen on Fashion-MNIST and digits runs.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ class _State:
     phase2_start: int | None = None
     alarm_epoch: int | None = None
     last_epoch: int = -1
+    energy: float | None = None  # latest finite |probe_train_E|
+    floor: float | None = None  # the floor in force from phase 2 on
 
 
 class OnlineDetector:
@@ -71,16 +77,17 @@ class OnlineDetector:
         patience: int = 2,
         adapt: float = 0.05,
         floor: float = 0.05,
+        energy_floor: float = 0.05,
     ) -> None:
         if smooth < 1 or window < 1 or warmup < 0 or patience < 1 or max_phase1 < 1:
             raise ValueError("`smooth`, `window`, `patience` and `max_phase1` must be >= 1, `warmup` >= 0")
         if ratio <= 1:
             raise ValueError(f"`ratio` must be above 1 (a growth factor), got {ratio}")
-        if not 0 <= adapt < 1 or floor <= 0 or settle <= 0:
-            raise ValueError("`adapt` must be in [0, 1), `floor` and `settle` positive")
+        if not 0 <= adapt < 1 or floor <= 0 or settle <= 0 or energy_floor < 0:
+            raise ValueError("`adapt` must be in [0, 1), `floor` and `settle` positive, `energy_floor` non-negative")
         self.params = dict(
             smooth=smooth, warmup=warmup, window=window, settle=settle, max_phase1=max_phase1,
-            ratio=ratio, patience=patience, adapt=adapt, floor=floor,
+            ratio=ratio, patience=patience, adapt=adapt, floor=floor, energy_floor=energy_floor,
         )
         self._s = _State()
 
@@ -101,6 +108,9 @@ class OnlineDetector:
         value = row.get("probe_train_dE") if hasattr(row, "get") else row["probe_train_dE"]
         if not _finite(value):
             return s.phase, s.alarm_epoch is not None
+        energy = row.get("probe_train_E") if hasattr(row, "get") else None
+        if _finite(energy):
+            s.energy = abs(float(energy))
         s.mags.append(abs(float(value)))
         m = self._smoothed()
         if s.phase == 1:
@@ -111,9 +121,10 @@ class OnlineDetector:
                 settled = abs(m - smoothed_then) / max(smoothed_then, p["floor"]) < p["settle"]
             if settled or s.phase1_epochs >= p["max_phase1"]:
                 s.phase, s.baseline, s.phase2_start = 2, m, epoch
+                s.floor = max(p["floor"], p["energy_floor"] * (s.energy or 0.0))
         elif s.phase == 2:
-            assert s.baseline is not None
-            growth = (m - s.baseline) / max(s.baseline, p["floor"])
+            assert s.baseline is not None and s.floor is not None
+            growth = (m - s.baseline) / max(s.baseline, s.floor)
             if growth >= p["ratio"] - 1:
                 s.above += 1
             else:
@@ -182,9 +193,10 @@ def detect(epochs: Any, **detector_params: Any) -> PhaseResult:
     order = np.argsort(epoch, kind="stable")
     epoch = epoch[order]
     d_e = _column(epochs, "probe_train_dE")[order]
+    energy = _column(epochs, "probe_train_E")[order] if _has_column(epochs, "probe_train_E") else np.full(len(epoch), np.nan)
     det = OnlineDetector(**detector_params)
-    for e, v in zip(epoch, d_e):
-        det.update({"epoch": int(e), "probe_train_dE": float(v)})
+    for e, v, en in zip(epoch, d_e, energy):
+        det.update({"epoch": int(e), "probe_train_dE": float(v), "probe_train_E": float(en)})
     labels = np.ones(len(epoch), dtype=int)
     p2 = det.phase2_start
     if p2 is None:

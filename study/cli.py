@@ -98,13 +98,82 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_table(table: Any) -> None:
+def cmd_run(args: argparse.Namespace) -> int:
+    from study.spec import load_spec
+
+    raw, _cfg, study = load_spec(args.spec, args.set)
+    from study.runner import run_study  # imports ray: only once the spec is valid
+
+    study_dir = run_study(raw, study, address=args.address, storage=args.storage, name=args.name)
+    return _finish(study_dir)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from study.runner import load_study, resume_study
+
+    load_study(args.directory)  # a clear error before Ray starts
+    return _finish(resume_study(args.directory, address=args.address))
+
+
+def _finish(study_dir: Path) -> int:
+    print(_status_text(study_dir))
+    print(f"study: {study_dir}  (energyat status|query|phases|report {study_dir})")
+    return 0
+
+
+def _status_text(study_dir: Path) -> str:
+    import pyarrow as pa
+
+    from analysis.query import open_tables
+    from analysis.report import phases_table
+
+    con = open_tables(study_dir)
+    lines = []
+    states = con.execute("select status, count(*) from trials group by 1 order by 1").fetchall()
+    lines.append("trials: " + (", ".join(f"{n} {s}" for s, n in states) or "none yet"))
+    best = con.execute(
+        "select trial_id, method, best_test_robust_acc, best_epoch from trials "
+        "where best_test_robust_acc = best_test_robust_acc order by best_test_robust_acc desc limit 1"
+    ).fetchall()
+    if best:
+        t, m, acc, ep = best[0]
+        lines.append(f"best so far: {t} ({m}) test robust acc {acc:.4f} at epoch {ep}")
+    reasons = {t: (s, r, e) for t, s, r, e in con.execute("select trial_id, status, stop_reason, epochs_run from trials").fetchall()}
+    con.close()
+    rows = phases_table(study_dir, None)
+    for row in rows:
+        status, reason, epochs_run = reasons.get(row["trial_id"], ("?", None, None))
+        row.update(status=status, stop_reason=reason, epochs_run=epochs_run)
+    if rows:
+        keep = ["trial_id", "method", "status", "stop_reason", "epochs_run", "best_test_robust_acc", "phase2_start", "phase3_start", "alarm_epoch"]
+        lines.append(_table_text(pa.Table.from_pylist([{k: r.get(k) for k in keep} for r in rows])))
+    journal = study_dir / "optuna.journal"
+    if journal.exists():
+        from study.importances import optuna_trial_states
+
+        lines.append("optuna: " + ", ".join(f"{n} {s}" for s, n in sorted(optuna_trial_states(journal).items())))
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from study.runner import load_study
+
+    study_dir, *_ = load_study(args.directory)
+    print(_status_text(study_dir))
+    return 0
+
+
+def _table_text(table: Any) -> str:
     names = table.column_names
     rows = [["" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v)) for v in r.values()] for r in table.to_pylist()]
     widths = [max([len(n)] + [len(r[i]) for r in rows]) for i, n in enumerate(names)]
-    print("  ".join(n.ljust(w) for n, w in zip(names, widths)))
-    for r in rows:
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+    out = ["  ".join(n.ljust(w) for n, w in zip(names, widths))]
+    out += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
+    return "\n".join(out)
+
+
+def _print_table(table: Any) -> None:
+    print(_table_text(table))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,6 +203,23 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="DIR/report/index.html with the study's and each trial's figures")
     report.add_argument("directory", type=str, help="study directory or train --out directory")
     report.set_defaults(func=cmd_report)
+
+    run = sub.add_parser("run", help="launch a study: Ray Tune trials searched by Optuna, stopped on energy divergence")
+    run.add_argument("spec", type=str, help="study spec YAML (trial keys + samples, search, objective, ...)")
+    run.add_argument("--set", type=str, action="append", default=[], metavar="KEY=VALUE", help="override a spec key, repeatable")
+    run.add_argument("--address", type=str, default=None, help="join this Ray cluster (default: RAY_ADDRESS, else a local Ray)")
+    run.add_argument("--storage", type=str, default=None, help="where study directories live (default: the spec's `storage`)")
+    run.add_argument("--name", type=str, default=None, help="study name (default: the spec's `name`)")
+    run.set_defaults(func=cmd_run)
+
+    resume = sub.add_parser("resume", help="continue an interrupted study (Tuner.restore + the same Optuna study)")
+    resume.add_argument("directory", type=str, help="study directory")
+    resume.add_argument("--address", type=str, default=None, help="join this Ray cluster (default: RAY_ADDRESS, else a local Ray)")
+    resume.set_defaults(func=cmd_resume)
+
+    status = sub.add_parser("status", help="trials by state, best so far, each trial's phases and stop reason")
+    status.add_argument("directory", type=str, help="study directory")
+    status.set_defaults(func=cmd_status)
     return parser
 
 

@@ -48,3 +48,17 @@ def study_importances(directory: str | os.PathLike[str]) -> tuple[dict[str, floa
     if not found:
         return None, "no hyperparameter was searched in the finished trials"
     return dict(found), "for the first objective" if several else None
+
+
+def optuna_trial_states(path: Path) -> dict[str, int]:
+    """How many trials of the journal's study are in each Optuna state (COMPLETE, RUNNING, ...)."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = JournalStorage(JournalFileBackend(str(path)))
+    counts: dict[str, int] = {}
+    for name in optuna.study.get_all_study_names(storage):
+        for trial in optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False):
+            counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
+    return counts

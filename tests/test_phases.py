@@ -117,3 +117,13 @@ def test_detect_accepts_a_pandas_frame_and_a_pyarrow_table() -> None:
     a = detect(pd.DataFrame(data))
     b = detect(pa.table(data))
     assert (a.phase2_start, a.phase3_start) == (b.phase2_start, b.phase3_start)
+
+
+def test_tiny_delta_energy_against_a_large_energy_scale_is_not_divergence() -> None:
+    # TRADES keeps |dE| near 0.05-0.08 while |E(x)| is about 6: a 50% relative rise of such a
+    # small dE is still alignment, so no alarm; the same curve without energies does alarm
+    data = curve(sign=-1.0, scale=0.05, onset=40, noise=0.0)
+    data["probe_train_dE"] = np.clip(data["probe_train_dE"], -0.08, None)  # rises 0.05 -> 0.08, then flat
+    with_energy = detect({**data, "probe_train_E": np.full(100, -6.0)})
+    assert with_energy.alarm_epoch is None
+    assert detect(data).alarm_epoch is not None

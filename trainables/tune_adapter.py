@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
+import ray
 import ray.tune as tune
 
 from trainables.config import parse_trial
@@ -69,8 +70,11 @@ def energyat_trial(config: dict[str, Any], *, base_spec: dict[str, Any], study_d
         with restored.as_directory() as folder:
             shutil.copytree(folder, work, dirs_exist_ok=True)
 
+    node_id = ray.get_runtime_context().get_node_id()  # which cluster node ran the trial
+
     def report(row: dict[str, Any], ckpt_dir: Path) -> None:
-        tune.report(_finite_metrics(row, objectives), checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
+        metrics = _finite_metrics(row, objectives) | {"ray_node_id": node_id}
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
         return None
 
     try:

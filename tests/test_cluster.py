@@ -1,0 +1,102 @@
+"""Clusters: the shipped configs pass Ray's own validation; a real two-node Ray on 127.0.0.1 runs a study."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+from conftest import EXAMPLES, ROOT, energyat_cmd
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _local_config() -> dict:
+    text = (ROOT / "docs" / "cluster.md").read_text()
+    return yaml.safe_load(re.search(r"```yaml\n(.*?)```", text, re.S).group(1))
+
+
+@pytest.mark.parametrize("name", ["cluster.yaml", "docs/cluster.md (provider: local)"])
+def test_cluster_config_passes_rays_validation(name: str) -> None:
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text()) if name == "cluster.yaml" else _local_config()
+    validate_config(config)
+    validate_config(prepare_config(config))
+
+
+def test_aws_config_keeps_trials_off_the_head_and_workers_on_spot() -> None:
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    head = config["available_node_types"][config["head_node_type"]]
+    workers = [t for n, t in config["available_node_types"].items() if n != config["head_node_type"]]
+    assert head["resources"]["CPU"] == 0
+    assert any(w["resources"].get("GPU", 0) >= 1 and w["min_workers"] == 0 and w["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot" for w in workers)
+    text = (ROOT / "cluster.yaml").read_text().lower()
+    assert "aws_secret_access_key" not in text and "aws_access_key_id" not in text
+
+
+def _start_node(args: list[str], temp: Path) -> subprocess.Popen[bytes]:
+    """`ray start --block`: the node lives exactly as long as this process (its id for stopping)."""
+    env = dict(os.environ, RAY_TMPDIR=str(temp))
+    return subprocess.Popen([RAY, "start", "--block", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _stop_node(node: subprocess.Popen[bytes]) -> None:
+    if node.poll() is None:
+        os.killpg(node.pid, signal.SIGTERM)  # `ray start --block` stops its own node's processes
+        try:
+            node.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(node.pid, signal.SIGKILL)
+            node.wait()
+
+
+def test_two_node_cluster_on_loopback_runs_the_smoke_study(tmp_path: Path) -> None:
+    port = 46379
+    temp = Path("/tmp") / f"ray-two-node-{os.getpid()}"  # short: Ray's socket paths have a length limit
+    common = ["--num-cpus=1", "--object-store-memory=100000000", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+    head = _start_node(["--head", f"--port={port}", "--include-dashboard=false", "--node-manager-port=46380",
+                        "--object-manager-port=46381", "--min-worker-port=46400", "--max-worker-port=46499", *common], temp)
+    worker = None
+    try:
+        time.sleep(8)
+        assert head.poll() is None, "the head node did not start"
+        worker = _start_node([f"--address=127.0.0.1:{port}", "--node-manager-port=46382", "--object-manager-port=46383",
+                              "--min-worker-port=46500", "--max-worker-port=46599", *common], temp)
+        address = f"127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        import ray
+
+        nodes: list = []
+        while time.monotonic() < deadline:
+            probe = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address='{address}', log_to_driver=False); print(sum(n['Alive'] for n in ray.nodes()))"],
+                                   capture_output=True, text=True, timeout=120)
+            if probe.stdout.strip().endswith("2"):
+                nodes = [1, 2]
+                break
+            time.sleep(3)
+        assert nodes, "the second node never joined"
+        storage = tmp_path / "studies"
+        proc = subprocess.run([*energyat_cmd(), "run", str(EXAMPLES / "smoke.yaml"), "--address", address, "--storage", str(storage), "--name", "two"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        node_ids = set()
+        for result in (storage / "two" / "tune").glob("*/result.json"):
+            for line in result.read_text().splitlines():
+                node_ids.add(json.loads(line)["ray_node_id"])
+        # trials ran on both nodes (each node has one CPU and two trials ran at a time)
+        assert len(node_ids) == 2
+    finally:
+        for node in (worker, head):
+            if node is not None:
+                _stop_node(node)
+        shutil.rmtree(temp, ignore_errors=True)
+    assert head.poll() is not None and (worker is None or worker.poll() is not None)

@@ -1,0 +1,173 @@
+"""Studies end to end on a real local Ray: the smoke study, the search space, the stopper, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from analysis.query import open_tables
+from conftest import EXAMPLES, ROOT, energyat_cmd
+from study.space import SearchSpace, parse_search
+
+SMOKE = str(EXAMPLES / "smoke.yaml")
+
+
+def energyat(*args: str, timeout: float = 900, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([*energyat_cmd(), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def journal_trials(study_dir: Path) -> list[optuna.trial.FrozenTrial]:
+    # plain optuna, nothing of energyat: the journal is a standard JournalStorage file
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(study_dir / "optuna.journal")))
+    (name,) = optuna.study.get_all_study_names(storage)
+    return optuna.load_study(study_name=name, storage=storage).get_trials()
+
+
+def assert_tables_consistent(study_dir: Path) -> list[tuple]:
+    con = open_tables(study_dir)
+    # exactly one row per (trial, epoch), and epochs contiguous from 0 per trial
+    dup = con.execute("select trial_id, epoch, count(*) from epochs group by 1, 2 having count(*) > 1").fetchall()
+    assert dup == []
+    gaps = con.execute("select trial_id, count(*), max(epoch) from epochs group by 1 having count(*) != max(epoch) + 1").fetchall()
+    assert gaps == []
+    # one set of samples rows per (trial, epoch) with probes
+    sample_dups = con.execute(
+        "select trial_id, epoch, split, index, count(*) from samples group by all having count(*) > 1"
+    ).fetchall()
+    assert sample_dups == []
+    trials = con.execute("select trial_id, status, stop_reason, epochs_run, method, best_test_robust_acc from trials order by trial_id").fetchall()
+    per_trial = dict(con.execute("select trial_id, count(*) from epochs group by 1").fetchall())
+    for trial_id, status, _reason, epochs_run, _m, _a in trials:
+        assert status == "TERMINATED" and per_trial[trial_id] == epochs_run
+    return trials
+
+
+@pytest.fixture(scope="module")
+def smoke_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    storage = tmp_path_factory.mktemp("studies")
+    proc = energyat("run", SMOKE, "--storage", str(storage), "--name", "smoke")
+    return storage / "smoke", proc
+
+
+def test_smoke_study_has_one_trials_row_per_optuna_trial(smoke_study: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    study_dir, _ = smoke_study
+    trials = assert_tables_consistent(study_dir)
+    optuna_trials = journal_trials(study_dir)
+    assert len(trials) == len(optuna_trials) == 4
+    # the journal agrees with the tables: every trial complete, its value the trial's best robust accuracy
+    values = sorted(round(t.values[0], 6) for t in optuna_trials)
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in optuna_trials)
+    assert values == sorted(round(t[5], 6) for t in trials)
+    assert sorted(t.params["method"] for t in optuna_trials) == sorted(t[4] for t in trials)
+
+
+def test_smoke_study_prints_progress_and_where_results_are(smoke_study: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    study_dir, proc = smoke_study
+    assert "trials 3/4 done" in proc.stderr or "trials 4/4 done" in proc.stderr
+    assert f"study: {study_dir}" in proc.stdout and "best so far" in proc.stdout
+
+
+def test_status_lists_every_trial_with_its_stop_reason(smoke_study: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    study_dir, _ = smoke_study
+    out = energyat("status", str(study_dir)).stdout
+    assert "4 TERMINATED" in out and out.count("completed") == 4 and "optuna: 4 COMPLETE" in out
+
+
+def test_a_second_run_into_the_same_study_is_refused(smoke_study: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    study_dir, _ = smoke_study
+    proc = energyat("run", SMOKE, "--storage", str(study_dir.parent), "--name", "smoke", check=False, timeout=120)
+    assert proc.returncode == 2 and "energyat resume" in proc.stderr
+
+
+def test_space_gives_beta_only_to_methods_that_use_it() -> None:
+    base = {"method": "sat", "dataset": {"name": "digits"}}
+    dims = tuple(parse_search({"method": ["sat", "trades", "weat"], "beta": [1.0, 12.0, "log"], "weat.power": [0.0, 2.0]}, base))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(30):
+        trial = study.ask()
+        SearchSpace(dims, "sat")(trial)
+        study.tell(trial, 0.0)
+    for t in study.trials:
+        method = t.params["method"]
+        assert ("beta" in t.params) == (method in ("trades", "weat"))
+        assert ("weat.power" in t.params) == (method == "weat")
+        if "beta" in t.params:
+            assert 1.0 <= t.params["beta"] <= 12.0
+    assert {t.params["method"] for t in study.trials} == {"sat", "trades", "weat"}
+
+
+@pytest.mark.parametrize(
+    ("search", "named"),
+    [
+        ({"beta": [12.0, 1.0]}, "search.beta"),
+        ({"beta": [0.0, 1.0, "log"]}, "search.beta"),
+        ({"method": ["sat", "bogus"]}, "search.method"),
+        ({"attack.eps": [0.1, 2.0]}, "search.attack.eps"),
+    ],
+)
+def test_bad_search_space_exits_2_before_ray_starts(search: dict, named: str, tmp_path: Path) -> None:
+    args = ["run", SMOKE, "--storage", str(tmp_path), "--set", f"search={json.dumps(search)}"]
+    proc = energyat(*args, check=False, timeout=120)
+    assert proc.returncode == 2 and named in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())
+
+
+def test_stopper_stops_at_the_detectors_alarm_and_rebuilds_after_restart(tmp_path: Path) -> None:
+    from analysis.store import write_epoch_rows
+    from analysis.schema import EPOCHS
+    from study.runner import EnergyDivergenceStopper
+    from test_phases import curve
+
+    data = curve(sign=-1.0, scale=1.0, onset=30, epochs=60, noise=0.0)
+    rows = [{k: data[k][i].item() for k in data} for i in range(60)]
+    stopper = EnergyDivergenceStopper(str(tmp_path), enabled=True)
+    decisions = [stopper("t1", r) for r in rows]
+    first = decisions.index(True)
+    assert 30 < first < 45 and not stopper.stop_all()
+    # a restarted driver rebuilds the detector from the stored rows before the reported epoch
+    (tmp_path / "tables").mkdir(exist_ok=True)
+    for r in rows[:first]:
+        full = {name: [0.5] for name in EPOCHS.names} | {k: [v] for k, v in r.items()}
+        full.update(study=["s"], trial_id=["t1"], method=["sat"], phase=[1], alarm=[False], probed=[True])
+        write_epoch_rows(str(tmp_path), table="epochs", trial_id="t1", epoch=r["epoch"], columns=full, provenance={})
+    restarted = EnergyDivergenceStopper(str(tmp_path), enabled=True)
+    assert restarted("t1", rows[first]) is True
+    assert EnergyDivergenceStopper(str(tmp_path), enabled=False)("t1", rows[first]) is False
+
+
+def test_driver_killed_with_sigkill_then_resumed_completes_every_trial_once(tmp_path: Path) -> None:
+    # the driver dies mid-study (SIGKILL to its whole process group, Ray included); `energyat
+    # resume` finishes the study with one row per (trial, epoch) and one Optuna trial per trial
+    storage = tmp_path / "studies"
+    study_dir = storage / "killed"
+    args = [*energyat_cmd(), "run", SMOKE, "--storage", str(storage), "--name", "killed", "--set", "epochs=4"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 600
+    try:
+        while time.monotonic() < deadline:
+            if len(list((study_dir / "tables" / "epochs").glob("*/epoch-*.parquet"))) >= 2:
+                break
+            assert proc.poll() is None, "the study ended before it could be killed"
+            time.sleep(0.5)
+        else:
+            pytest.fail("no epoch was written within 600 s")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    energyat("resume", str(study_dir))
+    trials = assert_tables_consistent(study_dir)
+    optuna_trials = journal_trials(study_dir)
+    assert len(trials) == 4
+    complete = [t for t in optuna_trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 4 and all(epochs == 4 for _t, _s, _r, epochs, _m, _a in trials)
