@@ -43,10 +43,20 @@ def test_aws_config_keeps_trials_off_the_head_and_workers_on_spot() -> None:
     assert "aws_secret_access_key" not in text and "aws_access_key_id" not in text
 
 
+# Ray rewrites 127.0.0.1 to the host's outward address (so that other machines can reach a
+# node); other addresses of the loopback range are kept as given, so the two nodes live on
+# 127.0.0.2 and 127.0.0.3 and nothing leaves the machine. Token authentication on, as Ray's
+# default for a head: every node and the driver read the same token (~/.ray/auth_token).
+HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
+
+
+def _env(temp: Path) -> dict[str, str]:
+    return dict(os.environ, RAY_TMPDIR=str(temp), RAY_AUTH_MODE="token")
+
+
 def _start_node(args: list[str], temp: Path) -> subprocess.Popen[bytes]:
     """`ray start --block`: the node lives exactly as long as this process (its id for stopping)."""
-    env = dict(os.environ, RAY_TMPDIR=str(temp))
-    return subprocess.Popen([RAY, "start", "--block", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    return subprocess.Popen([RAY, "start", "--block", *args], env=_env(temp), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 def _stop_node(node: subprocess.Popen[bytes]) -> None:
@@ -62,31 +72,32 @@ def _stop_node(node: subprocess.Popen[bytes]) -> None:
 def test_two_node_cluster_on_loopback_runs_the_smoke_study(tmp_path: Path) -> None:
     port = 46379
     temp = Path("/tmp") / f"ray-two-node-{os.getpid()}"  # short: Ray's socket paths have a length limit
-    common = ["--num-cpus=1", "--object-store-memory=100000000", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
-    head = _start_node(["--head", f"--port={port}", "--include-dashboard=false", "--node-manager-port=46380",
+    common = ["--num-cpus=1", "--object-store-memory=100000000", "--disable-usage-stats"]
+    head = _start_node(["--head", f"--port={port}", f"--node-ip-address={HEAD_IP}", "--include-dashboard=false", "--node-manager-port=46380",
                         "--object-manager-port=46381", "--min-worker-port=46400", "--max-worker-port=46499", *common], temp)
     worker = None
     try:
         time.sleep(8)
         assert head.poll() is None, "the head node did not start"
-        worker = _start_node([f"--address=127.0.0.1:{port}", "--node-manager-port=46382", "--object-manager-port=46383",
+        worker = _start_node([f"--address={HEAD_IP}:{port}", f"--node-ip-address={WORKER_IP}", "--node-manager-port=46382", "--object-manager-port=46383",
                               "--min-worker-port=46500", "--max-worker-port=46599", *common], temp)
-        address = f"127.0.0.1:{port}"
+        address = f"{HEAD_IP}:{port}"
         deadline = time.monotonic() + 120
-        import ray
-
-        nodes: list = []
+        alive: list[str] = []
         while time.monotonic() < deadline:
-            probe = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address='{address}', log_to_driver=False); print(sum(n['Alive'] for n in ray.nodes()))"],
-                                   capture_output=True, text=True, timeout=120)
-            if probe.stdout.strip().endswith("2"):
-                nodes = [1, 2]
+            probe = subprocess.run(
+                [sys.executable, "-c", f"import ray; ray.init(address='{address}', log_to_driver=False); "
+                 "print(' '.join(sorted(n['NodeManagerAddress'] for n in ray.nodes() if n['Alive'])))"],
+                capture_output=True, text=True, timeout=120, env=_env(temp),
+            )
+            alive = probe.stdout.split()
+            if len(alive) == 2:
                 break
             time.sleep(3)
-        assert nodes, "the second node never joined"
+        assert alive == [HEAD_IP, WORKER_IP], f"nodes alive: {alive}"
         storage = tmp_path / "studies"
         proc = subprocess.run([*energyat_cmd(), "run", str(EXAMPLES / "smoke.yaml"), "--address", address, "--storage", str(storage), "--name", "two"],
-                              cwd=ROOT, capture_output=True, text=True, timeout=900)
+                              cwd=ROOT, capture_output=True, text=True, timeout=900, env=_env(temp))
         assert proc.returncode == 0, proc.stderr[-4000:]
         node_ids = set()
         for result in (storage / "two" / "tune").glob("*/result.json"):
