@@ -35,6 +35,11 @@ from typing import Any, Mapping
 import numpy as np
 
 
+# The columns the online rule reads: training-side only, never test metrics (DESIGN.md 6).
+# Whoever feeds an OnlineDetector (engine, stopper, replay) passes exactly these.
+DETECTOR_COLUMNS = ("epoch", "lr", "probe_train_dE", "probe_train_E")
+
+
 def _finite(value: Any) -> bool:
     return value is not None and isinstance(value, (int, float, np.floating, np.integer)) and math.isfinite(value)
 

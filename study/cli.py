@@ -65,8 +65,16 @@ def cmd_query(args: argparse.Namespace) -> int:
 def _write_table(table: Any, fmt: str) -> None:
     """A pyarrow table on stdout as `table`, `csv` or `json` (the --format of query and phases)."""
     if fmt == "csv":
+        import json
+
+        import pyarrow as pa
         import pyarrow.csv as pacsv
 
+        # CSV has no lists or structs: such a column is written as JSON text, one cell each
+        for i, field in enumerate(table.schema):
+            if pa.types.is_nested(field.type):
+                text = pa.array([None if v is None else json.dumps(v, default=str) for v in table.column(i).to_pylist()], pa.string())
+                table = table.set_column(i, field.name, text)
         pacsv.write_csv(table, sys.stdout.buffer)
     elif fmt == "json":
         import json

@@ -21,7 +21,7 @@ import yaml
 from ray import tune
 
 from analysis.errors import EnergyatError, SpecError
-from analysis.phases import OnlineDetector
+from analysis.phases import DETECTOR_COLUMNS, OnlineDetector
 from analysis.schema import SCHEMA_VERSION
 from study.space import SearchSpace, parse_search
 from study.spec import StudyKeys
@@ -71,7 +71,7 @@ class EnergyDivergenceStopper(tune.Stopper):
         det = self._detector(trial_id, int(result["epoch"]))
         if int(result["epoch"]) <= det._s.last_epoch:  # a re-run epoch after a restore: already seen
             return det.alarm_epoch is not None
-        _phase, alarm = det.update({"epoch": result["epoch"], "lr": result.get("lr"), "probe_train_dE": result.get("probe_train_dE")})
+        _phase, alarm = det.update({k: result.get(k) for k in DETECTOR_COLUMNS})
         return alarm
 
     def stop_all(self) -> bool:
@@ -85,11 +85,12 @@ def _stored_epochs(study_dir: str, trial_id: str, *, before: int) -> list[dict[s
         con = open_tables(study_dir)
     except EnergyatError:
         return []
-    rows = con.execute(
-        "select epoch, lr, probe_train_dE from epochs where trial_id = ? and epoch < ? order by epoch", [trial_id, before]
-    ).fetchall()
+    columns = ", ".join(DETECTOR_COLUMNS)
+    table = con.sql(
+        f"select {columns} from epochs where trial_id = $t and epoch < $e order by epoch", params={"t": trial_id, "e": before}
+    ).to_arrow_table()
     con.close()
-    return [{"epoch": e, "lr": lr, "probe_train_dE": d} for e, lr, d in rows]
+    return table.to_pylist()
 
 
 class Progress:

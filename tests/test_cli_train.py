@@ -106,3 +106,8 @@ def test_rerun_of_a_finished_trial_changes_nothing(sat_run: Path) -> None:
 def test_different_spec_on_same_out_is_refused(sat_run: Path) -> None:
     proc = run_cli("train", str(EXAMPLES / "quickstart.yaml"), "--set", "method=trades", *QUICK, "--out", str(sat_run), check=False)
     assert proc.returncode == 2 and "method" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_query_csv_writes_list_columns_as_json(sat_run: Path) -> None:
+    proc = run_cli("query", str(sat_run), "select list(epoch order by epoch) as epochs from epochs", "--format", "csv")
+    assert proc.stdout.strip().splitlines() == ['"epochs"', '"[0, 1, 2]"']

@@ -32,7 +32,7 @@ import yaml
 from torch import nn
 
 from analysis.errors import EnergyatError
-from analysis.phases import OnlineDetector, detect
+from analysis.phases import DETECTOR_COLUMNS, OnlineDetector, detect
 from analysis.schema import SCHEMA_VERSION
 from analysis.store import provenance, write_epoch_rows, write_trial_row
 from trainables import checkpoint
@@ -429,7 +429,7 @@ def run_trial(
         row: dict[str, Any] = {"study": study, "trial_id": trial_id, "epoch": epoch, "method": cfg.method}
         row.update({k: v for k, v in train.items() if k != "images"})
         row.update(probe_cols)
-        phase, alarm = detector.update(row)
+        phase, alarm = detector.update({k: row.get(k) for k in DETECTOR_COLUMNS})
         if probed and probe_cols["test_robust_acc"] > progress.best_acc:
             progress.best_acc, progress.best_epoch = probe_cols["test_robust_acc"], epoch
             checkpoint.save(best, {"model": model.state_dict(), "epoch": epoch})
@@ -486,7 +486,7 @@ def _offline_phases(out: Path, trial_id: str) -> Any:
     con = open_tables(out)
     try:
         table = con.sql(
-            "select epoch, lr, probe_train_dE from epochs where trial_id = $id order by epoch", params={"id": trial_id}
+            f"select {', '.join(DETECTOR_COLUMNS)} from epochs where trial_id = $id order by epoch", params={"id": trial_id}
         ).to_arrow_table()
     finally:
         con.close()
