@@ -24,7 +24,7 @@ import duckdb
 
 from analysis import plots
 from analysis.errors import StoreError
-from analysis.phases import PhaseResult, detect
+from analysis.phases import DETECTOR_COLUMNS, PhaseResult, detect
 from analysis.query import open_tables
 
 # the trials table's columns, in this order (config columns weat_* are added after `beta`)
@@ -80,7 +80,8 @@ def _epochs_of(con: duckdb.DuckDBPyConnection, trial_id: str) -> dict[str, Any]:
 
 
 def _phases(epochs: Mapping[str, Any]) -> PhaseResult:
-    return detect({"epoch": epochs["epoch"], "probe_train_dE": epochs["probe_train_dE"]})
+    # the detector's own columns, so that offline labels replay exactly what the stopper saw
+    return detect({name: epochs[name] for name in DETECTOR_COLUMNS})
 
 
 def phases_table(directory: str | os.PathLike[str], trial: str | None = None) -> list[dict[str, Any]]:

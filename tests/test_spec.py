@@ -85,3 +85,13 @@ def test_every_literal_choice_parses() -> None:
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_example_spec_is_valid(path: Path) -> None:
     load_spec(path)
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_study_search_and_objective_are_valid(path: Path) -> None:
+    from study.runner import objectives_of
+    from study.space import parse_search
+
+    raw, _cfg, study = load_spec(path)
+    parse_search(study.search, raw)
+    assert objectives_of(study)
