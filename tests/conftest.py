@@ -11,6 +11,21 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
+# A trial small enough for a unit test: 200 digits, 2 epochs, 2-step PGD, 48-image probes.
+TINY = {
+    "name": "tiny",
+    "dataset": {"name": "digits", "train_size": 200},
+    "model": "small_cnn",
+    "epochs": 2,
+    "batch_size": 64,
+    "lr": 0.05,
+    "attack": {"eps": 0.15, "step": 0.05, "steps": 2},
+    "eval_attack": {"steps": 3},
+    "probe": {"train_size": 48, "test_size": 48},
+    "final_eval": {"n": 64, "pgd_steps": 3, "autoattack_n": 0},
+    "device": "cpu",
+}
+
 
 @pytest.fixture(scope="session")
 def digits_batch() -> tuple[torch.Tensor, torch.Tensor]:

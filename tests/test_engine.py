@@ -11,7 +11,7 @@ import torch
 from analysis.query import open_tables
 from trainables.config import parse_trial
 from trainables.engine import run_trial
-from test_methods import TINY
+from conftest import TINY
 
 
 class Crash(RuntimeError):

@@ -15,20 +15,7 @@ from analysis.schema import EPOCHS
 from trainables.config import DerConfig, WeatConfig, parse_trial
 from trainables.engine import run_trial
 from trainables.methods import METHODS, MethodParams, delta_energy_penalty
-
-TINY = {
-    "name": "tiny",
-    "dataset": {"name": "digits", "train_size": 200},
-    "model": "small_cnn",
-    "epochs": 2,
-    "batch_size": 64,
-    "lr": 0.05,
-    "attack": {"eps": 0.15, "step": 0.05, "steps": 2},
-    "eval_attack": {"steps": 3},
-    "probe": {"train_size": 48, "test_size": 48},
-    "final_eval": {"n": 64, "pgd_steps": 3, "autoattack_n": 0},
-    "device": "cpu",
-}
+from conftest import TINY
 
 
 def _params(**changes: object) -> MethodParams:
