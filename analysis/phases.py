@@ -20,7 +20,13 @@ Rule (every threshold is a keyword of :class:`OnlineDetector`):
 3. In phase 2, b follows slow drift (b += ``adapt`` * (m - b)) while m stays below the alarm
    level; the alarm fires when (m - b) / max(b, f) >= ``ratio`` - 1 for ``patience``
    consecutive probed epochs. Phase 3 starts there and the alarm stays raised.
-4. The floor f = max(``floor``, ``energy_floor`` * |E(x)|), |E(x)| the training probe's mean
+4. Learning-rate gate: the alarm counts only epochs whose lr is at most ``lr_gate`` times the
+   largest lr seen so far (piecewise: after the first drop; onecycle and cosine: past the
+   middle of the decay). Robust overfitting follows a drop (Rice et al.; PAPER.md 2.2); before
+   it, |dE| drift on small probes is noise and trials still gain (digits quickstart: alarms at
+   epoch 13 of 30, two epochs before the first drop, cost 6-13 points of robust accuracy).
+   Rows without ``lr`` are not gated.
+5. The floor f = max(``floor``, ``energy_floor`` * |E(x)|), |E(x)| the training probe's mean
    marginal energy at the start of phase 2 (``probe_train_E``, when the rows carry it): a delta
    energy below 5% of the energy scale counts as aligned, so TRADES' tiny |dE| (0.05 -> 0.07
    against |E| = 6) cannot raise a relative alarm. Seen on Fashion-MNIST and digits runs.
@@ -55,6 +61,8 @@ class _State:
     alarm_epoch: int | None = None
     last_epoch: int = -1
     energy: float | None = None  # latest finite |probe_train_E|
+    max_lr: float = 0.0  # largest learning rate seen
+    gated: bool = False  # lr has fallen to lr_gate * max_lr (or the rows carry no lr)
     floor: float | None = None  # the floor in force from phase 2 on
 
 
@@ -83,16 +91,19 @@ class OnlineDetector:
         adapt: float = 0.05,
         floor: float = 0.05,
         energy_floor: float = 0.05,
+        lr_gate: float | None = 0.5,
     ) -> None:
         if smooth < 1 or window < 1 or warmup < 0 or patience < 1 or max_phase1 < 1:
             raise ValueError("`smooth`, `window`, `patience` and `max_phase1` must be >= 1, `warmup` >= 0")
         if ratio <= 1:
             raise ValueError(f"`ratio` must be above 1 (a growth factor), got {ratio}")
+        if lr_gate is not None and not 0 < lr_gate <= 1:
+            raise ValueError(f"`lr_gate` must be in (0, 1] or None, got {lr_gate}")
         if not 0 <= adapt < 1 or floor <= 0 or settle <= 0 or energy_floor < 0:
             raise ValueError("`adapt` must be in [0, 1), `floor` and `settle` positive, `energy_floor` non-negative")
         self.params = dict(
             smooth=smooth, warmup=warmup, window=window, settle=settle, max_phase1=max_phase1,
-            ratio=ratio, patience=patience, adapt=adapt, floor=floor, energy_floor=energy_floor,
+            ratio=ratio, patience=patience, adapt=adapt, floor=floor, energy_floor=energy_floor, lr_gate=lr_gate,
         )
         self._s = _State()
 
@@ -110,6 +121,12 @@ class OnlineDetector:
         if epoch <= s.last_epoch:
             raise ValueError(f"epochs must arrive in increasing order: got {epoch} after {s.last_epoch}")
         s.last_epoch = epoch
+        lr = row.get("lr") if hasattr(row, "get") else None
+        if not _finite(lr) or p["lr_gate"] is None:
+            s.gated = True
+        else:
+            s.max_lr = max(s.max_lr, float(lr))
+            s.gated = s.gated or float(lr) <= p["lr_gate"] * s.max_lr
         value = row.get("probe_train_dE") if hasattr(row, "get") else row["probe_train_dE"]
         if not _finite(value):
             return s.phase, s.alarm_epoch is not None
@@ -130,11 +147,12 @@ class OnlineDetector:
         elif s.phase == 2:
             assert s.baseline is not None and s.floor is not None
             growth = (m - s.baseline) / max(s.baseline, s.floor)
-            if growth >= p["ratio"] - 1:
+            if growth >= p["ratio"] - 1 and s.gated:
                 s.above += 1
             else:
                 s.above = 0
-                s.baseline += p["adapt"] * (m - s.baseline)
+                if growth < p["ratio"] - 1:  # drift below the alarm level joins the baseline
+                    s.baseline += p["adapt"] * (m - s.baseline)
             if s.above >= p["patience"]:
                 s.phase, s.alarm_epoch = 3, epoch
         return s.phase, s.alarm_epoch is not None
@@ -144,6 +162,11 @@ class OnlineDetector:
             return None
         lo = max(0, i + 1 - self.params["smooth"])
         return float(np.median(self._s.mags[lo : i + 1]))
+
+    @property
+    def last_epoch(self) -> int:
+        """The last epoch fed to :meth:`update` (-1 before any)."""
+        return self._s.last_epoch
 
     @property
     def phase2_start(self) -> int | None:
@@ -198,10 +221,12 @@ def detect(epochs: Any, **detector_params: Any) -> PhaseResult:
     order = np.argsort(epoch, kind="stable")
     epoch = epoch[order]
     d_e = _column(epochs, "probe_train_dE")[order]
-    energy = _column(epochs, "probe_train_E")[order] if _has_column(epochs, "probe_train_E") else np.full(len(epoch), np.nan)
+    nan = np.full(len(epoch), np.nan)
+    energy = _column(epochs, "probe_train_E")[order] if _has_column(epochs, "probe_train_E") else nan
+    lr = _column(epochs, "lr")[order] if _has_column(epochs, "lr") else nan
     det = OnlineDetector(**detector_params)
-    for e, v, en in zip(epoch, d_e, energy):
-        det.update({"epoch": int(e), "probe_train_dE": float(v), "probe_train_E": float(en)})
+    for e, v, en, r in zip(epoch, d_e, energy, lr):
+        det.update({"epoch": int(e), "probe_train_dE": float(v), "probe_train_E": float(en), "lr": float(r)})
     labels = np.ones(len(epoch), dtype=int)
     p2 = det.phase2_start
     if p2 is None:

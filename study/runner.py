@@ -69,7 +69,7 @@ class EnergyDivergenceStopper(tune.Stopper):
         if not self.enabled or "epoch" not in result:
             return False
         det = self._detector(trial_id, int(result["epoch"]))
-        if int(result["epoch"]) <= det._s.last_epoch:  # a re-run epoch after a restore: already seen
+        if int(result["epoch"]) <= det.last_epoch:  # a re-run epoch after a restore: already seen
             return det.alarm_epoch is not None
         _phase, alarm = det.update({k: result.get(k) for k in DETECTOR_COLUMNS})
         return alarm

@@ -13,14 +13,16 @@ from analysis.phases import OnlineDetector, detect, ground_truth_onset
 
 
 def curve(*, sign: float, scale: float, onset: int | None, epochs: int = 100, noise: float = 0.03, seed: int = 0) -> dict[str, np.ndarray]:
-    """dE: fast change for ~10 epochs, a flat phase 2, then (from `onset`) a 2.7x divergence over 20 epochs."""
+    """dE: fast change for ~10 epochs, a flat phase 2, then (from `onset`, 2 epochs after an lr
+    drop) a 2.7x divergence over 20 epochs."""
     rng = np.random.default_rng(seed)
     t = np.arange(epochs, dtype=float)
     magnitude = 1.0 - 0.9 * np.exp(-t / 3.0)
     if onset is not None:
         magnitude = magnitude + np.clip(t - onset, 0, None) * (1.7 / 20)
     d_e = sign * scale * magnitude * (1 + noise * rng.standard_normal(epochs))
-    lr = np.where(t < 75, 0.1, 0.01)
+    drop = 75 if onset is None else onset - 2  # robust overfitting follows a learning-rate drop
+    lr = np.where(t < drop, 0.1, 0.01)
     return {"epoch": t.astype(int), "lr": lr, "probe_train_dE": d_e}
 
 
@@ -127,3 +129,13 @@ def test_tiny_delta_energy_against_a_large_energy_scale_is_not_divergence() -> N
     with_energy = detect({**data, "probe_train_E": np.full(100, -6.0)})
     assert with_energy.alarm_epoch is None
     assert detect(data).alarm_epoch is not None
+
+
+def test_no_alarm_before_the_learning_rate_drops() -> None:
+    # the same divergence at full learning rate is not robust overfitting (yet); once the lr
+    # has dropped, it is
+    data = curve(sign=-1.0, scale=1.0, onset=40, noise=0.0)
+    assert detect(data).alarm_epoch is not None
+    data["lr"] = np.full(100, 0.1)
+    assert detect(data).alarm_epoch is None
+    assert detect(data, lr_gate=None).alarm_epoch is not None
