@@ -171,3 +171,14 @@ def test_driver_killed_with_sigkill_then_resumed_completes_every_trial_once(tmp_
     assert len(trials) == 4
     complete = [t for t in optuna_trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == 4 and all(epochs == 4 for _t, _s, _r, epochs, _m, _a in trials)
+
+
+def test_multi_objective_study_keeps_a_pareto_front_in_the_journal(tmp_path: Path) -> None:
+    # objective: [robust, clean] -> an Optuna study with two maximised values per trial
+    energyat("run", SMOKE, "--storage", str(tmp_path), "--name", "pareto", "--set", "samples=2", "--set", "epochs=1",
+             "--set", "objective=[best_test_robust_acc, final_clean_acc]")
+    trials = journal_trials(tmp_path / "pareto")
+    assert len(trials) == 2 and all(t.state == optuna.trial.TrialState.COMPLETE and len(t.values) == 2 for t in trials)
+    con = open_tables(tmp_path / "pareto")
+    rows = {round(a, 6): round(c, 6) for a, c in con.execute("select best_test_robust_acc, final_clean_acc from trials").fetchall()}
+    assert {round(t.values[0], 6): round(t.values[1], 6) for t in trials} == rows
