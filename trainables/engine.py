@@ -32,7 +32,7 @@ import yaml
 from torch import nn
 
 from analysis.errors import EnergyatError
-from analysis.phases import DETECTOR_COLUMNS, OnlineDetector, detect
+from analysis.phases import DETECTOR_COLUMNS, OnlineDetector, PhaseResult, detect
 from analysis.schema import SCHEMA_VERSION
 from analysis.store import provenance, write_epoch_rows, write_trial_row
 from trainables import checkpoint
@@ -393,13 +393,15 @@ def run_trial(
             "final_clean_acc": progress.final.get("final_clean_acc", math.nan),
             "final_pgd_acc": progress.final.get("final_pgd_acc", math.nan),
             "final_autoattack_acc": progress.final.get("final_autoattack_acc", math.nan),
-            "phase2_start": phases.phase2_start, "phase3_start": phases.phase3_start,
+            # while running: the online detector's view; at the end: the offline labels
+            "phase2_start": phases.phase2_start if phases else detector.phase2_start,
+            "phase3_start": phases.phase3_start if phases else None,
             "alarm_epoch": detector.alarm_epoch,
             "seconds": progress.seconds, "device": device_label(device), "git_sha": prov["git_sha"],
         }
 
     rows: list[dict[str, Any]] = []
-    phases = detect({"epoch": [], "probe_train_dE": []})
+    phases: PhaseResult | None = None
     while progress.stop_reason is None and progress.next_epoch < cfg.epochs:
         epoch = progress.next_epoch
         # -- train ---------------------------------------------------------------------------
@@ -479,7 +481,7 @@ def run_trial(
     return result
 
 
-def _offline_phases(out: Path, trial_id: str) -> Any:
+def _offline_phases(out: Path, trial_id: str) -> PhaseResult:
     """Offline phases over every epoch row the trial has written (also those of earlier runs)."""
     from analysis.query import open_tables
 
