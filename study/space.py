@@ -16,6 +16,7 @@ carries no `beta` in Optuna, and TPE models each method's parameters separately.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -84,28 +85,18 @@ def parse_search(search: Mapping[str, Any], base: Mapping[str, Any]) -> list[Dim
     dims = [parse_dimension(str(k), v) for k, v in search.items()]
     dims.sort(key=lambda d: d.key != "method")
     # every value of every dimension must make a valid trial on its own
-    from study.spec import set_dotted
+    from study.spec import set_value
 
     for dim in dims:
         probes = dim.choices if dim.kind == "categorical" else (dim.low, dim.high)
         for value in probes:
-            trial_spec = _deep_copy(base)
-            set_dotted(trial_spec, f"{dim.key}={_yaml_scalar(value if dim.kind != 'int' else int(value))}")
+            trial_spec = copy.deepcopy(dict(base))
+            set_value(trial_spec, dim.key, int(value) if dim.kind == "int" else value)
             try:
                 parse_trial(trial_spec)
             except SpecError as exc:
                 raise SpecError(f"search.{dim.key}", f"value {value!r} is not valid: {exc}") from exc
     return dims
-
-
-def _deep_copy(d: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in d.items()}
-
-
-def _yaml_scalar(v: Any) -> str:
-    import yaml
-
-    return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,11 @@ def set_dotted(spec: dict[str, Any], assignment: str) -> None:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError as exc:
         raise EnergyatError(f"--set {key}: value {text!r} is not valid YAML ({exc.__class__.__name__})") from exc
+    set_value(spec, key, value)
+
+
+def set_value(spec: dict[str, Any], key: str, value: Any) -> None:
+    """Set dotted `key` to an already-typed `value` in place, creating mappings on the way."""
     node = spec
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
