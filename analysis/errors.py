@@ -38,6 +38,11 @@ class QueryError(EnergyatError):
     """A SQL query was rejected or failed."""
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (pyarrow's and DuckDB's span several)."""
+    return " ".join(str(exc).split())
+
+
 def unknown_choice(key: str, value: object, choices: object) -> SpecError:
     """The one template for 'value not among the allowed choices'."""
     allowed = ", ".join(sorted(str(c) for c in choices))  # type: ignore[attr-defined]

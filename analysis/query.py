@@ -3,57 +3,126 @@
 ``open_tables(DIR)`` (exported as ``analysis.open``) works on a study directory and on an
 ``energyat train`` output alike, and on a directory whose trials are still running: each
 Parquet file is complete (atomic writes), so a query sees a consistent set of rows.
+
+``DIR`` may also be a URI (``s3://bucket/studies/NAME?endpoint_override=...``): its files are
+listed and read through pyarrow's filesystem (DuckDB's httpfs extension is a download this
+package does not rely on) and registered with DuckDB, so a query reads from memory.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import glob
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
-from analysis.errors import QueryError, StoreError
+from analysis.errors import QueryError, StoreError, one_line
 from analysis.schema import TABLES
+from analysis.store import is_uri, open_storage
 
 _GLOBS = {
     "epochs": "tables/epochs/trial=*/epoch-*.parquet",
     "samples": "tables/samples/trial=*/epoch-*.parquet",
     "trials": "tables/trials/trial=*.parquet",
 }
+_READERS = 8  # parallel GETs from an object store; each file is small
 
 
 def _sql_string(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def open_tables(directory: str | os.PathLike[str]) -> duckdb.DuckDBPyConnection:
+def _pattern(view: str, trial: str | None) -> str:
+    return _GLOBS[view] if trial is None else _GLOBS[view].replace("trial=*", f"trial={glob.escape(trial)}")
+
+
+def open_tables(directory: str | os.PathLike[str], *, trial: str | None = None) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with the views `epochs`, `samples` and `trials` of `directory`.
+
+    Args:
+        directory: a study directory or an ``energyat train --out`` directory, local or a URI.
+        trial: only this trial's files (the same rows as ``where trial_id = ...``, read faster).
 
     Example::
 
         con = analysis.open("studies/quickstart")
         con.sql("select trial_id, max(test_robust_acc) from epochs group by 1").show()
     """
+    if is_uri(directory):
+        return _open_remote(str(directory), trial)
     root = Path(directory).expanduser()
     if not (root / "tables").is_dir():
-        raise StoreError(
-            f"{directory} holds no energyat tables (no tables/ folder); "
-            "give a study directory or an `energyat train --out` directory"
-        )
+        raise _no_tables(directory)
     con = duckdb.connect(":memory:")
-    for view, pattern in _GLOBS.items():
+    for view in _GLOBS:
+        pattern = _pattern(view, trial)
         if any(root.glob(pattern)):
             source = (
                 f"read_parquet({_sql_string(str(root.resolve() / pattern))}, "
                 "union_by_name = true, hive_partitioning = false)"
             )
         else:  # no file yet: an empty view with the declared columns
-            empty = pa.Table.from_pylist([], schema=TABLES[view])
-            con.register(f"_empty_{view}", empty)
-            source = f"_empty_{view}"
+            source = _register_empty(con, view)
         con.execute(f"create view {view} as select * from {source}")
     return con
+
+
+def _no_tables(directory: str | os.PathLike[str]) -> StoreError:
+    return StoreError(
+        f"{directory} holds no energyat tables (no tables/ folder); "
+        "give a study directory or an `energyat train --out` directory"
+    )
+
+
+def _register_empty(con: duckdb.DuckDBPyConnection, view: str) -> str:
+    con.register(f"_empty_{view}", pa.Table.from_pylist([], schema=TABLES[view]))
+    return f"_empty_{view}"
+
+
+def _open_remote(directory: str, trial: str | None) -> duckdb.DuckDBPyConnection:
+    """The views of a study on an object store, read into memory through pyarrow."""
+    fs, root = open_storage(directory)
+    if fs.get_file_info(f"{root}/tables").type != pafs.FileType.Directory:
+        raise _no_tables(directory)
+    con = duckdb.connect(":memory:")
+    with ThreadPoolExecutor(_READERS) as pool:
+        try:
+            for view in _GLOBS:
+                # list only what the view can hold: one table's folder, or one trial's
+                folder = f"tables/{view}" if trial is None or view == "trials" else f"tables/{view}/trial={trial}"
+                found = fs.get_file_info(pafs.FileSelector(f"{root}/{folder}", recursive=True, allow_not_found=True))
+                names = sorted(f.path[len(root) + 1:] for f in found if f.type == pafs.FileType.File)
+                names = [name for name in names if fnmatch.fnmatchcase(name, _pattern(view, trial))]
+                tables = list(pool.map(lambda name: pq.read_table(f"{root}/{name}", filesystem=fs, partitioning=None), names))
+                source = _union_by_name(con, view, tables) if tables else _register_empty(con, view)
+                con.execute(f"create view {view} as select * from {source}")
+        except OSError as exc:
+            con.close()
+            raise StoreError(f"cannot read the tables of {directory}: {one_line(exc)}") from exc
+    return con
+
+
+def _union_by_name(con: duckdb.DuckDBPyConnection, view: str, tables: list[pa.Table]) -> str:
+    """The files as one relation, columns matched by name as ``read_parquet(union_by_name)`` does.
+
+    Files with the same schema are concatenated by pyarrow; the few distinct schemas (`trials`
+    has config columns per method) are unioned by DuckDB, which promotes types as locally.
+    """
+    groups: dict[pa.Schema, list[pa.Table]] = {}
+    for table in tables:
+        table = table.replace_schema_metadata(None)
+        groups.setdefault(table.schema, []).append(table)
+    parts = []
+    for i, group in enumerate(groups.values()):
+        con.register(f"_{view}_{i}", pa.concat_tables(group))
+        parts.append(f"select * from _{view}_{i}")
+    return "(" + " union all by name ".join(parts) + ")"
 
 
 def run_query(directory: str | os.PathLike[str], sql: str) -> pa.Table:
@@ -61,7 +130,7 @@ def run_query(directory: str | os.PathLike[str], sql: str) -> pa.Table:
     try:
         statements = duckdb.extract_statements(sql)
     except duckdb.Error as exc:
-        raise QueryError(f"bad SQL: {_one_line(exc)}") from exc
+        raise QueryError(f"bad SQL: {one_line(exc)}") from exc
     if len(statements) != 1:
         raise QueryError(f"give exactly one SQL statement, got {len(statements)}")
     if statements[0].type != duckdb.StatementType.SELECT:
@@ -73,10 +142,7 @@ def run_query(directory: str | os.PathLike[str], sql: str) -> pa.Table:
     try:
         return con.sql(sql).to_arrow_table()
     except duckdb.Error as exc:
-        raise QueryError(f"query failed: {_one_line(exc)}") from exc
+        raise QueryError(f"query failed: {one_line(exc)}") from exc
     finally:
         con.close()
 
-
-def _one_line(exc: Exception) -> str:
-    return " ".join(str(exc).split())

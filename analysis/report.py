@@ -17,15 +17,19 @@ import html
 import math
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
+from urllib.parse import urlsplit
 
 import duckdb
+import pyarrow.fs as pafs
 
 from analysis import plots
-from analysis.errors import StoreError
+from analysis.errors import StoreError, one_line
 from analysis.phases import DETECTOR_COLUMNS, PhaseResult, detect
 from analysis.query import open_tables
+from analysis.store import filesystem, is_uri, join
 
 # the trials table's columns, in this order (config columns weat_* are added after `beta`)
 _TABLE_HEAD = ("trial_id", "status", "stop_reason", "method", "beta")
@@ -200,11 +204,13 @@ def write_report(
     *,
     importances: Mapping[str, float] | None = None,
     importances_note: str | None = None,
-) -> Path:
+) -> Path | str:
     """Write ``directory/report/index.html`` and its PNG figures; returns the HTML's path.
 
     Args:
-        directory: a study directory or an ``energyat train --out`` directory.
+        directory: a study directory or an ``energyat train --out`` directory; or a URI
+            (s3://...), for which the report is drawn in a temporary folder, uploaded to
+            ``<URI>/report/`` (figures first, the page last) and its URI returned.
         importances: hyperparameter importances (name -> importance) to draw, computed by the
             caller (``study/`` uses Optuna; analysis does not import it).
         importances_note: shown instead of the importances figure when they could not be
@@ -217,9 +223,37 @@ def write_report(
 
         index = write_report("studies/quickstart")   # studies/quickstart/report/index.html
     """
-    root = Path(directory).expanduser()
-    con = open_tables(root)
-    folder = root / "report"
+    if not is_uri(directory):
+        root = Path(directory).expanduser()
+        folder = root / "report"
+        return _render(open_tables(root), folder, shown=str(root.resolve()), name=root.name,
+                       importances=importances, importances_note=importances_note)
+    con = open_tables(directory)
+    fs, path = filesystem(directory)
+    url = urlsplit(str(directory))
+    shown = f"{url.scheme}://{path}"  # no query, no user info: nothing that could hold a secret
+    with tempfile.TemporaryDirectory(prefix="energyat-report-") as tmp:
+        index = _render(con, Path(tmp), shown=shown, name=path.rsplit("/", 1)[-1],
+                        importances=importances, importances_note=importances_note)
+        try:
+            for item in sorted(Path(tmp).iterdir(), key=lambda p: p == index):  # the page last
+                pafs.copy_files(str(item), f"{path}/report/{item.name}",
+                                source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        except OSError as exc:
+            raise StoreError(f"cannot upload the report to {join(directory, 'report')}: {one_line(exc)}") from exc
+    return join(directory, "report", "index.html")
+
+
+def _render(
+    con: duckdb.DuckDBPyConnection,
+    folder: Path,
+    *,
+    shown: str,
+    name: str,
+    importances: Mapping[str, float] | None,
+    importances_note: str | None,
+) -> Path:
+    """Draw the report of the tables behind `con` into `folder`; returns index.html's path."""
     folder.mkdir(parents=True, exist_ok=True)
     try:
         trials = _trial_rows(con)
@@ -229,11 +263,11 @@ def write_report(
             e, p = epochs_by_trial[str(r["trial_id"])], phases_by_trial[str(r["trial_id"])]
             r.update(phase2_start=p.phase2_start, phase3_start=p.phase3_start, alarm_epoch=plots.online_alarm_epoch(e, p))
         trials = _best_first(trials)
-        study = next((str(r["study"]) for r in trials if not _missing(r.get("study"))), root.name)
+        study = next((str(r["study"]) for r in trials if not _missing(r.get("study"))), name)
 
         page = _Page(folder)
         page.add(f"<h1>energyat report: {html.escape(study)}</h1>")
-        page.add(f"<p>{len(trials)} trial(s) in <code>{html.escape(str(root.resolve()))}</code>, best test robust accuracy first.</p>")
+        page.add(f"<p>{len(trials)} trial(s) in <code>{html.escape(shown)}</code>, best test robust accuracy first.</p>")
         if not trials:
             page.add('<p class="note">no trials yet: nothing to show.</p>')
         else:

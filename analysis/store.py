@@ -26,24 +26,63 @@ from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from analysis.errors import StoreError
+from analysis.errors import StoreError, one_line
 from analysis.schema import SCHEMA_VERSION, TABLES, TRIAL_OUTCOME, config_column
+
+
+def is_uri(location: str | os.PathLike[str]) -> bool:
+    """True for a filesystem URI (s3://bucket/prefix, gs://...), False for a local path."""
+    return "://" in str(location)
+
+
+def join(location: str | os.PathLike[str], *parts: str) -> str:
+    """``location/part/...`` for a local path or a URI; a URI keeps its query, such as
+    ``?endpoint_override=127.0.0.1:9000&scheme=http``, which pyarrow reads from the URI's end."""
+    if not is_uri(location):
+        return str(Path(location).joinpath(*parts))
+    url = urlsplit(str(location))
+    return urlunsplit(url._replace(path="/".join([url.path.rstrip("/"), *parts])))
+
+
+@lru_cache(maxsize=16)
+def _from_uri(uri: str) -> tuple[pafs.FileSystem, str]:
+    # one filesystem (one S3 client) per URI and process: a trial writes a few files per epoch
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise StoreError(f"cannot open storage {uri}: {one_line(exc)}") from exc
 
 
 def filesystem(root: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or a URI such as s3://bucket/studies."""
     text = str(root)
-    if "://" in text:
-        try:
-            return pafs.FileSystem.from_uri(text)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise StoreError(f"cannot open storage {text}: {exc}") from exc
+    if is_uri(text):
+        return _from_uri(text)
     return pafs.LocalFileSystem(), str(Path(text).expanduser().resolve())
+
+
+def open_storage(root: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:
+    """:func:`filesystem`, checked: for a URI the endpoint answers and the bucket exists.
+
+    Raises:
+        StoreError: an unknown scheme, an unreachable endpoint or a missing bucket, in one line.
+    """
+    fs, path = filesystem(root)
+    if is_uri(root):
+        bucket = path.split("/", 1)[0]
+        try:
+            found = fs.get_file_info(bucket).type == pafs.FileType.Directory
+        except OSError as exc:
+            raise StoreError(f"cannot reach storage {root}: {one_line(exc)}") from exc
+        if not found:
+            raise StoreError(f"storage {root}: bucket `{bucket}` does not exist; create it first (energyat creates no buckets)")
+    return fs, path
 
 
 def epoch_file(root: str, table: str, trial_id: str, epoch: int) -> str:

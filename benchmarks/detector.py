@@ -1,53 +1,115 @@
-"""Judge the phase detector on real runs: true onset vs online alarm vs offline onset.
+"""Judge the phase detector and the stop rule on real runs.
 
-    python benchmarks/detector.py runs/ro_sat_s0 runs/ro_trades_s0 [...]   # train outputs or studies
+    python benchmarks/detector.py runs/ro120_sat_s0 studies/quickstart_nostop [...]   # train outputs or studies
 
-Prints a markdown table, one row per trial: the ground-truth robust-overfitting onset
-(analysis.phases.ground_truth_onset: best smoothed test robust accuracy, else minimum smoothed
-test robust loss, when the run ends clearly worse), the online alarm epoch (the stopper's), the
-offline onset, and test robust accuracy at the alarm against the best of the run.
+Prints a markdown table, one row per trial (runs made with stopping off, so every epoch is there):
+
+- true onset: analysis.phases.ground_truth_onset (best smoothed test robust accuracy, else
+  minimum smoothed test robust loss, when the run ends clearly worse), with the signal used;
+- online alarm and offline onset: the detector replayed on the stored training-side columns;
+- the stop rule (analysis.phases.should_stop, default patience): the epoch it would stop at,
+  the best test robust accuracy kept (the best checkpoint up to the stop) against the run's
+  best, and the epochs it saves;
+- for comparison, plain patience without the alarm (Rice et al.'s early stopping on test
+  robust accuracy): where it would stop and what it would keep.
+
+Then one summary line: median |alarm - true onset| over the runs that overfit, alarms on runs
+that do not, and the worst robust accuracy lost by the stop rule.
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
+import statistics
+from typing import Any
 
-from analysis.phases import detect, ground_truth_onset
+from analysis.phases import STOP_PATIENCE, detect, ground_truth_onset, should_stop
 from analysis.query import open_tables
 
+HEADER = (
+    "| run | trial | method | epochs | true onset | online alarm | offline onset | stop (alarm + patience) "
+    "| robust acc kept | best robust acc | epochs saved | patience alone: stop, kept |"
+)
 
-def rows_for(directory: str) -> list[str]:
+
+def stop_epoch(rows: list[dict[str, Any]], alarm_epoch: int | None, patience: int) -> int | None:
+    """The first epoch at which the stop rule fires (alarm_epoch None: patience alone)."""
+    best, best_epoch = -1.0, None
+    for r in rows:
+        if r["probed"] and r["test_robust_acc"] > best:
+            best, best_epoch = r["test_robust_acc"], r["epoch"]
+        alarm = True if alarm_epoch is None else r["epoch"] >= alarm_epoch
+        if should_stop(alarm=alarm, epoch=r["epoch"], best_epoch=best_epoch, patience=patience):
+            return int(r["epoch"])
+    return None
+
+
+def kept(rows: list[dict[str, Any]], stop: int | None) -> float:
+    """Best test robust accuracy up to `stop`: what the best checkpoint of a stopped run holds."""
+    return max(r["test_robust_acc"] for r in rows if r["probed"] and (stop is None or r["epoch"] <= stop))
+
+
+def judge(directory: str, patience: int) -> list[dict[str, Any]]:
     con = open_tables(directory)
     out = []
     trials = [t for (t,) in con.execute("select distinct trial_id from epochs order by 1").fetchall()]
     for trial in trials:
         table = con.sql("select * from epochs where trial_id = $t order by epoch", params={"t": trial}).to_arrow_table()
         rows = table.to_pylist()
-        method = rows[0]["method"]
-        probed = [r for r in rows if r["probed"]]
         truth = ground_truth_onset(table)
         found = detect(table)
-        best = max(r["test_robust_acc"] for r in probed)
-        at_alarm = "-"
-        if found.alarm_epoch is not None:
-            upto = [r["test_robust_acc"] for r in probed if r["epoch"] <= found.alarm_epoch]
-            at_alarm = f"{max(upto):.3f}"  # what early stopping keeps: the best checkpoint so far
-        truth_text = "none" if truth.epoch is None else f"{truth.epoch} ({truth.signal.replace('test_robust_', '')})"
-        d_e = f"{probed[0]['probe_train_dE']:.2f} -> {probed[-1]['probe_train_dE']:.2f}"
-        out.append(
-            f"| {directory} | {trial} | {method} | {len(rows)} | {truth_text} | {found.alarm_epoch if found.alarm_epoch is not None else 'none'} "
-            f"| {found.phase3_start if found.phase3_start is not None else 'none'} | {at_alarm} | {best:.3f} | {d_e} |"
-        )
+        stop = stop_epoch(rows, found.alarm_epoch, patience) if found.alarm_epoch is not None else None
+        plain = stop_epoch(rows, None, patience)
+        out.append(dict(
+            run=directory, trial=trial, method=rows[0]["method"], epochs=len(rows), truth=truth,
+            alarm=found.alarm_epoch, onset=found.phase3_start, stop=stop, kept=kept(rows, stop),
+            best=kept(rows, None), saved=0 if stop is None else len(rows) - 1 - stop,
+            plain=plain, plain_kept=kept(rows, plain),
+        ))
+    con.close()
     return out
 
 
-def main(paths: list[str]) -> None:
-    print("| run | trial | method | epochs | true onset | online alarm | offline onset | robust acc kept at alarm | best robust acc | dE first -> last |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for path in paths:
-        for line in rows_for(path):
-            print(line)
+def _text(value: Any) -> str:
+    return "none" if value is None else str(value)
+
+
+def line(r: dict[str, Any]) -> str:
+    truth = "none" if r["truth"].epoch is None else f"{r['truth'].epoch} ({r['truth'].signal.replace('test_robust_', '')})"
+    return (
+        f"| {r['run']} | {r['trial']} | {r['method']} | {r['epochs']} | {truth} | {_text(r['alarm'])} | {_text(r['onset'])} "
+        f"| {_text(r['stop'])} | {r['kept']:.3f} | {r['best']:.3f} | {r['saved']} | {_text(r['plain'])}, {r['plain_kept']:.3f} |"
+    )
+
+
+def summary(results: list[dict[str, Any]]) -> str:
+    overfit = [r for r in results if r["truth"].epoch is not None]
+    gaps = [abs(r["alarm"] - r["truth"].epoch) for r in overfit if r["alarm"] is not None]
+    missed = sum(r["alarm"] is None for r in overfit)
+    clean = [r for r in results if r["truth"].epoch is None]
+    false_alarms = sum(r["alarm"] is not None for r in clean)
+    lost = max((r["best"] - r["kept"] for r in results), default=0.0)
+    median = f"{statistics.median(gaps):.1f}" if gaps else "n/a"
+    return (
+        f"{len(overfit)} run(s) overfit: median |alarm - true onset| {median} epochs, {missed} without an alarm; "
+        f"{false_alarms} of {len(clean)} run(s) that do not overfit raised an alarm; "
+        f"the stop rule lost at most {100 * lost:.1f} points of robust accuracy"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("directories", nargs="+", help="`energyat train --out` directories or study directories")
+    parser.add_argument("--patience", type=int, default=STOP_PATIENCE, help=f"stop-rule patience (default {STOP_PATIENCE})")
+    args = parser.parse_args()
+    results = [r for d in args.directories for r in judge(d, args.patience)]
+    print(HEADER)
+    print("|" + "---|" * HEADER.count(" | ") + "---|")
+    for r in results:
+        print(line(r))
+    print()
+    print(summary(results))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

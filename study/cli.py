@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from analysis.errors import EnergyatError
+from analysis.phases import STOP_PATIENCE
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,13 +39,29 @@ def _print_epoch(row: dict[str, Any], _ckpt: Path) -> None:
     return None
 
 
+def _stop_patience(args: argparse.Namespace) -> int | None:
+    if args.stop_patience is not None and not args.stop_on_alarm:
+        raise EnergyatError("--stop-patience only applies with --stop-on-alarm; add --stop-on-alarm or drop --stop-patience")
+    if args.stop_patience is not None and args.stop_patience < 0:
+        raise EnergyatError(f"--stop-patience must be >= 0 epochs, got {args.stop_patience}")
+    if not args.stop_on_alarm:
+        return None
+    return STOP_PATIENCE if args.stop_patience is None else args.stop_patience
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from analysis.store import is_uri
     from study.spec import load_spec
     from trainables.engine import run_trial
 
+    if is_uri(args.out):
+        raise EnergyatError(
+            f"--out {args.out}: `energyat train` keeps checkpoints and spec.yaml beside its tables, "
+            "give a local directory (a study takes a URI: `energyat run SPEC --storage URI`)"
+        )
     _raw, cfg, _study = load_spec(args.spec, args.set)
     out = Path(args.out)
-    result = run_trial(cfg, out=out, trial_id=args.trial_id, on_epoch=_print_epoch, stop_on_alarm=args.stop_on_alarm, spec_file=out / "spec.yaml")
+    result = run_trial(cfg, out=out, trial_id=args.trial_id, on_epoch=_print_epoch, stop_patience=_stop_patience(args), spec_file=out / "spec.yaml")
     print(
         f"{result['status']} ({result['stop_reason']}): {result['epochs_run']} epochs, best test robust acc "
         f"{result['best_test_robust_acc']:.4f} at epoch {result['best_epoch']}, final PGD {result['final_pgd_acc']:.4f}, "
@@ -123,13 +140,13 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return _finish(resume_study(args.directory, address=args.address))
 
 
-def _finish(study_dir: Path) -> int:
+def _finish(study_dir: str) -> int:
     print(_status_text(study_dir))
     print(f"study: {study_dir}  (energyat status|query|phases|report {study_dir})")
     return 0
 
 
-def _status_text(study_dir: Path) -> str:
+def _status_text(study_dir: str) -> str:
     import pyarrow as pa
 
     from analysis.query import open_tables
@@ -155,11 +172,11 @@ def _status_text(study_dir: Path) -> str:
     if rows:
         keep = ["trial_id", "method", "status", "stop_reason", "epochs_run", "best_test_robust_acc", "phase2_start", "phase3_start", "alarm_epoch"]
         lines.append(_table_text(pa.Table.from_pylist([{k: r.get(k) for k in keep} for r in rows])))
-    journal = study_dir / "optuna.journal"
-    if journal.exists():
-        from study.importances import optuna_trial_states
+    from study.importances import journal_copy, optuna_trial_states
 
-        lines.append("optuna: " + ", ".join(f"{n} {s}" for s, n in sorted(optuna_trial_states(journal).items())))
+    with journal_copy(study_dir) as journal:  # a study on object storage: its uploaded copy
+        if journal is not None:
+            lines.append("optuna: " + ", ".join(f"{n} {s}" for s, n in sorted(optuna_trial_states(journal).items())))
     return "\n".join(lines)
 
 
@@ -193,40 +210,42 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", type=str, action="append", default=[], metavar="KEY=VALUE", help="override a spec key (dotted, YAML-typed), repeatable")
     train.add_argument("--out", type=str, required=True, help="output directory (tables/, checkpoints/, spec.yaml); run again to continue")
     train.add_argument("--trial-id", type=str, default="train", help="trial id in the tables (default: train)")
-    train.add_argument("--stop-on-alarm", action="store_true", help="stop when the online detector flags energy divergence")
+    train.add_argument("--stop-on-alarm", action="store_true", help="stop once the online detector flags energy divergence and test robust accuracy stops improving")
+    train.add_argument("--stop-patience", type=int, default=None, metavar="N",
+                       help=f"with --stop-on-alarm: epochs without a new best test robust accuracy to wait after the alarm (default {STOP_PATIENCE}; 0 stops at the alarm)")
     train.set_defaults(func=cmd_train)
 
     query = sub.add_parser("query", help="read-only SQL over the views epochs, samples, trials")
-    query.add_argument("directory", type=str, help="study directory or train --out directory")
+    query.add_argument("directory", type=str, help="study directory (local path or URI) or train --out directory")
     query.add_argument("sql", type=str, help='one SELECT, e.g. "select count(*) from epochs"')
     query.add_argument("--format", type=str, choices=("table", "csv", "json"), default="table")
     query.set_defaults(func=cmd_query)
 
     phases = sub.add_parser("phases", help="offline phase labels and robust-overfitting onset per trial")
-    phases.add_argument("directory", type=str, help="study directory or train --out directory")
+    phases.add_argument("directory", type=str, help="study directory (local path or URI) or train --out directory")
     phases.add_argument("--trial", type=str, default=None, metavar="ID", help="only this trial id")
     phases.add_argument("--format", type=str, choices=("table", "csv", "json"), default="table")
     phases.set_defaults(func=cmd_phases)
 
     report = sub.add_parser("report", help="DIR/report/index.html with the study's and each trial's figures")
-    report.add_argument("directory", type=str, help="study directory or train --out directory")
+    report.add_argument("directory", type=str, help="study directory (local path or URI) or train --out directory")
     report.set_defaults(func=cmd_report)
 
     run = sub.add_parser("run", help="launch a study: Ray Tune trials searched by Optuna, stopped on energy divergence")
     run.add_argument("spec", type=str, help="study spec YAML (trial keys + samples, search, objective, ...)")
     run.add_argument("--set", type=str, action="append", default=[], metavar="KEY=VALUE", help="override a spec key, repeatable")
     run.add_argument("--address", type=str, default=None, help="join this Ray cluster (default: RAY_ADDRESS, else a local Ray)")
-    run.add_argument("--storage", type=str, default=None, help="where study directories live (default: the spec's `storage`)")
+    run.add_argument("--storage", type=str, default=None, help="where study directories live: a local path or a pyarrow URI, e.g. s3://bucket/studies (default: the spec's `storage`)")
     run.add_argument("--name", type=str, default=None, help="study name (default: the spec's `name`)")
     run.set_defaults(func=cmd_run)
 
     resume = sub.add_parser("resume", help="continue an interrupted study (Tuner.restore + the same Optuna study)")
-    resume.add_argument("directory", type=str, help="study directory")
+    resume.add_argument("directory", type=str, help="study directory (local path or URI)")
     resume.add_argument("--address", type=str, default=None, help="join this Ray cluster (default: RAY_ADDRESS, else a local Ray)")
     resume.set_defaults(func=cmd_resume)
 
     status = sub.add_parser("status", help="trials by state, best so far, each trial's phases and stop reason")
-    status.add_argument("directory", type=str, help="study directory")
+    status.add_argument("directory", type=str, help="study directory (local path or URI)")
     status.set_defaults(func=cmd_status)
     return parser
 

@@ -6,13 +6,41 @@ Optuna lives in ``study/``; the report (``analysis/report.py``) only draws the n
 from __future__ import annotations
 
 import os
+import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
+
+from analysis.store import is_uri, join, open_storage
 
 JOURNAL = "optuna.journal"
 # fewer finished trials than this and Optuna's evaluators return equal shares (and warn):
 # a figure of them would say nothing
 MIN_TRIALS = 2
+
+
+@contextmanager
+def journal_copy(directory: str | os.PathLike[str]) -> Iterator[Path | None]:
+    """The study's ``optuna.journal`` as a local file, or None when it has none.
+
+    A local study's file is used in place; a study on object storage has its uploaded copy
+    downloaded into a temporary folder, removed on exit (Optuna reads journals from files).
+    """
+    if not is_uri(directory):
+        path = Path(directory).expanduser() / JOURNAL
+        yield path if path.exists() else None
+        return
+    import pyarrow.fs as pafs
+
+    fs, root = open_storage(directory)
+    if fs.get_file_info(f"{root}/{JOURNAL}").type != pafs.FileType.File:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="energyat-journal-") as tmp:
+        local = Path(tmp) / JOURNAL
+        pafs.copy_files(f"{root}/{JOURNAL}", str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        yield local
 
 
 def study_importances(directory: str | os.PathLike[str]) -> tuple[dict[str, float] | None, str | None]:
@@ -22,9 +50,13 @@ def study_importances(directory: str | os.PathLike[str]) -> tuple[dict[str, floa
     when there are several. When they cannot be computed, importances is None and the note says
     why (no journal, not exactly one study in it, too few finished trials).
     """
-    path = Path(directory).expanduser() / JOURNAL
-    if not path.exists():
-        return None, f"no {JOURNAL} in {directory} (an `energyat train` output has none)"
+    with journal_copy(directory) as path:
+        if path is None:
+            return None, f"no {JOURNAL} in {directory} (an `energyat train` output has none)"
+        return _importances(path, where=join(directory, JOURNAL) if is_uri(directory) else str(path))
+
+
+def _importances(path: Path, *, where: str) -> tuple[dict[str, float] | None, str | None]:
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
@@ -33,7 +65,7 @@ def study_importances(directory: str | os.PathLike[str]) -> tuple[dict[str, floa
     storage = JournalStorage(JournalFileBackend(str(path)))
     names = optuna.study.get_all_study_names(storage)
     if len(names) != 1:
-        return None, f"{path} holds {len(names)} studies ({', '.join(names) or 'none'}), expected exactly one"
+        return None, f"{where} holds {len(names)} studies ({', '.join(names) or 'none'}), expected exactly one"
     study = optuna.load_study(study_name=names[0], storage=storage)
     finished = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if len(finished) < MIN_TRIALS:

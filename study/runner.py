@@ -5,6 +5,18 @@
       optuna.journal    Optuna JournalStorage (plain optuna and optuna-dashboard read it)
       tune/             the Ray Tune experiment: trial dirs named by trial id, checkpoints
       tables/           epochs, samples, trials (written by the trials themselves)
+
+``<storage>`` is a local path or a pyarrow filesystem URI (s3://bucket/prefix?endpoint_override=...).
+A study directory is passed around as a string: a resolved local path, or the URI of the study,
+query included (:func:`analysis.store.join`), which every process opens with
+:func:`analysis.store.filesystem`.
+
+Optuna's journal needs a file system with locks and appends; an object store has neither. On a
+URI the journal therefore lives on the driver's disk (:func:`journal_dir`), the only process that
+writes it (OptunaSearch runs in the Tune driver), and a copy is uploaded to
+``STUDY_DIR/optuna.journal`` when the study is created, whenever a trial starts or ends
+(:class:`JournalUpload`), and at the end. `energyat resume` takes the uploaded copy when it is
+longer than the driver's (a journal only grows), for instance on another machine.
 """
 
 from __future__ import annotations
@@ -15,14 +27,17 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import yaml
+from pyarrow.fs import FileType
 from ray import tune
 
-from analysis.errors import EnergyatError, SpecError
-from analysis.phases import DETECTOR_COLUMNS, OnlineDetector
+from analysis.errors import EnergyatError, SpecError, StoreError, one_line
+from analysis.phases import DETECTOR_COLUMNS, OnlineDetector, should_stop
 from analysis.schema import SCHEMA_VERSION
+from analysis.store import filesystem, is_uri, join, open_storage
+from study.importances import JOURNAL
 from study.space import SearchSpace, parse_search
 from study.spec import StudyKeys
 
@@ -37,42 +52,126 @@ def objectives_of(study: StudyKeys) -> list[str]:
     return names
 
 
-def _journal(study_dir: Path) -> Any:
+def _journal(path: Path) -> Any:
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    return JournalStorage(JournalFileBackend(str(study_dir / "optuna.journal")))
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+def journal_dir() -> Path:
+    """Where a driver keeps the journals of its studies on object storage: ``ENERGYAT_JOURNAL_DIR``,
+    else ``~/.energyat/journals``."""
+    return Path(os.environ.get("ENERGYAT_JOURNAL_DIR") or "~/.energyat/journals").expanduser().resolve()
+
+
+def upload_journal(local: Path, study_dir: str) -> None:
+    """Copy the driver's journal to ``STUDY_DIR/optuna.journal`` (one PUT: readers see a whole file)."""
+    import pyarrow.fs as pafs
+
+    fs, root = filesystem(study_dir)
+    try:
+        pafs.copy_files(str(local), f"{root}/{JOURNAL}", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    except OSError as exc:
+        raise StoreError(f"cannot upload the Optuna journal {local} to {study_dir}: {one_line(exc)}") from exc
+
+
+def _download_newer_journal(study_dir: str, local: Path) -> None:
+    """Before a resume: fetch the uploaded journal when it is longer than the driver's copy (or
+    there is none here). A journal only grows, so the longer copy holds the other one."""
+    import pyarrow.fs as pafs
+
+    fs, root = open_storage(study_dir)
+    info = fs.get_file_info(f"{root}/{JOURNAL}")
+    have = local.stat().st_size if local.exists() else -1
+    if info.type == pafs.FileType.File and info.size > have:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(f"{root}/{JOURNAL}", str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+
+
+class JournalUpload(tune.Callback):
+    """For a study on object storage: upload the driver's journal whenever a trial starts, ends or
+    fails, so that `energyat status`, the report and a resume elsewhere read the search state
+    from the study. Tune calls the searcher (which writes the journal) before the callbacks.
+
+    A failed upload prints one warning line and is retried at the next trial's end; the upload
+    at the end of the study (:func:`run_study`) fails the command instead.
+    """
+
+    def __init__(self, local: Path, study_dir: str) -> None:
+        self.local = local
+        self.study_dir = study_dir
+
+    def _upload(self) -> None:
+        try:
+            upload_journal(self.local, self.study_dir)
+        except StoreError as exc:
+            print(f"energyat: warning: {exc}; retried after the next trial", file=sys.stderr, flush=True)
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._upload()  # the new trial's RUNNING record: a resumed searcher tells it its value
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._upload()
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._upload()
+
+
+# What the stopper reads of each epoch: the detector's training-side columns, and the running
+# best test robust accuracy for the patience part of the stop rule (analysis.phases.should_stop).
+_STOPPER_COLUMNS = (*DETECTOR_COLUMNS, "best_test_robust_acc")
+
+
+class _TrialWatch:
+    """One trial's :class:`OnlineDetector` and the epoch of its best test robust accuracy."""
+
+    def __init__(self, patience: int) -> None:
+        self.detector = OnlineDetector()
+        self.patience = patience
+        self.best = -math.inf
+        self.best_epoch: int | None = None
+        self.stop = False
+
+    def feed(self, row: Mapping[str, Any]) -> bool:
+        epoch = int(row["epoch"])
+        _phase, alarm = self.detector.update({k: row.get(k) for k in DETECTOR_COLUMNS})
+        best = row.get("best_test_robust_acc")
+        if isinstance(best, (int, float)) and math.isfinite(best) and best > self.best:
+            self.best, self.best_epoch = float(best), epoch
+        self.stop = should_stop(alarm=alarm, epoch=epoch, best_epoch=self.best_epoch, patience=self.patience)
+        return self.stop
 
 
 class EnergyDivergenceStopper(tune.Stopper):
     """A ``ray.tune.Stopper`` with one :class:`OnlineDetector` per trial.
 
-    It reads only the training-side columns of each reported epoch. After a driver restart,
-    a trial's detector is rebuilt by replaying that trial's stored `epochs` rows before the
-    reported one, so its state is the one it had (the rule is deterministic).
+    A trial stops once its detector alarms (training-side columns only) and its test robust
+    accuracy has not improved for ``patience`` epochs (:func:`analysis.phases.should_stop`, the
+    rule the trial itself applies). After a driver restart, a trial's state is rebuilt by
+    replaying its stored `epochs` rows before the reported one (the rule is deterministic).
     """
 
-    def __init__(self, study_dir: str, *, enabled: bool) -> None:
+    def __init__(self, study_dir: str, *, patience: int | None) -> None:
         self.study_dir = study_dir
-        self.enabled = enabled
-        self.detectors: dict[str, OnlineDetector] = {}
+        self.patience = patience  # None: stopping is off
+        self.watches: dict[str, _TrialWatch] = {}
 
-    def _detector(self, trial_id: str, epoch: int) -> OnlineDetector:
-        if trial_id not in self.detectors:
-            det = OnlineDetector()
+    def _watch(self, trial_id: str, epoch: int, patience: int) -> _TrialWatch:
+        if trial_id not in self.watches:
+            watch = _TrialWatch(patience)
             for row in _stored_epochs(self.study_dir, trial_id, before=epoch):
-                det.update(row)
-            self.detectors[trial_id] = det
-        return self.detectors[trial_id]
+                watch.feed(row)
+            self.watches[trial_id] = watch
+        return self.watches[trial_id]
 
     def __call__(self, trial_id: str, result: Mapping[str, Any]) -> bool:
-        if not self.enabled or "epoch" not in result:
+        if self.patience is None or "epoch" not in result:
             return False
-        det = self._detector(trial_id, int(result["epoch"]))
-        if int(result["epoch"]) <= det.last_epoch:  # a re-run epoch after a restore: already seen
-            return det.alarm_epoch is not None
-        _phase, alarm = det.update({k: result.get(k) for k in DETECTOR_COLUMNS})
-        return alarm
+        watch = self._watch(trial_id, int(result["epoch"]), self.patience)
+        if int(result["epoch"]) <= watch.detector.last_epoch:  # a re-run epoch after a restore: already seen
+            return watch.stop
+        return watch.feed(result)
 
     def stop_all(self) -> bool:
         return False
@@ -82,10 +181,10 @@ def _stored_epochs(study_dir: str, trial_id: str, *, before: int) -> list[dict[s
     from analysis.query import open_tables
 
     try:
-        con = open_tables(study_dir)
+        con = open_tables(study_dir, trial=trial_id)
     except EnergyatError:
         return []
-    columns = ", ".join(DETECTOR_COLUMNS)
+    columns = ", ".join(_STOPPER_COLUMNS)
     table = con.sql(
         f"select {columns} from epochs where trial_id = $t and epoch < $e order by epoch", params={"t": trial_id, "e": before}
     ).to_arrow_table()
@@ -138,10 +237,9 @@ def _trial_id(trial: Any) -> str:
     return str(trial.trial_id)
 
 
-def study_dir_for(storage: str, name: str) -> Path:
-    if "://" in storage:
-        raise EnergyatError(f"storage {storage!r}: remote storage URIs come with the reliability issue; use a local path")
-    return Path(storage).expanduser().resolve() / name
+def study_dir_for(storage: str, name: str) -> str:
+    """``<storage>/<name>``: a resolved local path, or a URI that keeps its query."""
+    return join(storage if is_uri(storage) else Path(storage).expanduser().resolve(), name)
 
 
 def _init_ray(address: str | None) -> None:
@@ -159,7 +257,7 @@ def _init_ray(address: str | None) -> None:
         ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
 
 
-def _tuner_parts(raw: dict[str, Any], study: StudyKeys, study_dir: Path, study_name: str) -> tuple[Any, Any, Any]:
+def _tuner_parts(raw: dict[str, Any], study: StudyKeys, study_dir: str, study_name: str, journal: Path) -> tuple[Any, Any, Any]:
     """(trainable with resources, tune_config, run_config) for a new or restored study."""
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
@@ -172,14 +270,14 @@ def _tuner_parts(raw: dict[str, Any], study: StudyKeys, study_dir: Path, study_n
     cpus = float(study.resources.get("cpu", 1))
     gpus = float(study.resources.get("gpu", 0))
     trainable = tune.with_resources(
-        tune.with_parameters(energyat_trial, base_spec=raw, study_dir=str(study_dir), objectives=objectives, cpus=max(1, int(cpus))),
+        tune.with_parameters(energyat_trial, base_spec=raw, study_dir=study_dir, objectives=objectives, cpus=max(1, int(cpus)), stop_patience=study.stop_patience),
         {"cpu": cpus, "gpu": gpus},
     )
     searcher = OptunaSearch(
         space=SearchSpace(dims, base_method),
         metric=objectives if len(objectives) > 1 else objectives[0],
         mode=["max"] * len(objectives) if len(objectives) > 1 else "max",
-        storage=_journal(study_dir),
+        storage=_journal(journal),
         study_name=study_name,
         seed=int(raw.get("seed", 0)),
     )
@@ -189,20 +287,33 @@ def _tuner_parts(raw: dict[str, Any], study: StudyKeys, study_dir: Path, study_n
         trial_dirname_creator=_trial_id,
         trial_name_creator=_trial_id,
     )
+    callbacks: list[tune.Callback] = [ProgressCallback(Progress(study.samples))]
+    if is_uri(study_dir):  # Tune writes tune/ through the same pyarrow filesystem as the tables
+        fs, root = filesystem(study_dir)
+        storage: dict[str, Any] = {"storage_path": root, "storage_filesystem": fs}
+        callbacks.append(JournalUpload(journal, study_dir))
+    else:
+        storage = {"storage_path": study_dir}
     run_config = tune.RunConfig(
         name="tune",
-        storage_path=str(study_dir),
-        stop=EnergyDivergenceStopper(str(study_dir), enabled=bool(study.early_stop.get("energy_divergence", False))),
+        **storage,
+        stop=EnergyDivergenceStopper(study_dir, patience=study.stop_patience),
         failure_config=tune.FailureConfig(max_failures=3),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-        callbacks=[ProgressCallback(Progress(study.samples))],
+        callbacks=callbacks,
         verbose=0,
     )
     return trainable, tune_config, run_config
 
 
-def run_study(raw: dict[str, Any], study: StudyKeys, *, address: str | None, storage: str | None, name: str | None) -> Path:
-    """Launch a study; returns its directory. Validation happens before Ray starts."""
+def _journal_file(study_dir: str, document: Mapping[str, Any]) -> Path:
+    """The journal the driver writes: ``STUDY_DIR/optuna.journal`` on a local study; on a URI the
+    local file named in spec.yaml (the path Tune's pickled searcher reopens on resume)."""
+    return Path(document["journal"]) if is_uri(study_dir) else Path(study_dir) / JOURNAL
+
+
+def run_study(raw: dict[str, Any], study: StudyKeys, *, address: str | None, storage: str | None, name: str | None) -> str:
+    """Launch a study; returns its directory (a local path or a URI). Validation happens before Ray starts."""
     from trainables.config import parse_trial
 
     if name is not None:
@@ -211,39 +322,71 @@ def run_study(raw: dict[str, Any], study: StudyKeys, *, address: str | None, sto
     parse_search(study.search, raw)
     objectives_of(study)
     study_dir = study_dir_for(storage or study.storage, cfg.name)
-    if (study_dir / "spec.yaml").exists():
+    fs, root = open_storage(study_dir)  # a bad scheme, endpoint or bucket: one line, before Ray
+    if fs.get_file_info(f"{root}/spec.yaml").type != FileType.NotFound:
         raise EnergyatError(f"{study_dir} already holds a study; continue it with `energyat resume {study_dir}` or choose another --name")
     study_name = f"{cfg.name}-{uuid.uuid4().hex[:8]}"
-    study_dir.mkdir(parents=True, exist_ok=True)
     document = {"schema_version": SCHEMA_VERSION, "study_name": study_name, "spec": raw, "resolved": cfg.to_dict()}
-    (study_dir / "spec.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
+    if is_uri(study_dir):
+        document["journal"] = str(journal_dir() / f"{study_name}.journal")
+    journal = _journal_file(study_dir, document)
+    if is_uri(study_dir):
+        try:
+            journal.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise EnergyatError(f"cannot create the journal folder {journal.parent}: {one_line(exc)}; set ENERGYAT_JOURNAL_DIR") from exc
+    fs.create_dir(root, recursive=True)
+    with fs.open_output_stream(f"{root}/spec.yaml") as f:
+        f.write(yaml.safe_dump(document, sort_keys=False).encode())
     _init_ray(address)
-    trainable, tune_config, run_config = _tuner_parts(raw, study, study_dir, study_name)
+    trainable, tune_config, run_config = _tuner_parts(raw, study, study_dir, study_name, journal)
+    if is_uri(study_dir):
+        upload_journal(journal, study_dir)  # the empty study: a resume anywhere finds a journal
     tuner = tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
     tuner.fit()
+    if is_uri(study_dir):
+        upload_journal(journal, study_dir)  # the final state; JournalUpload sent the ones before
     return study_dir
 
 
-def load_study(study_dir: str | Path) -> tuple[Path, dict[str, Any], StudyKeys, str]:
+class LoadedStudy(NamedTuple):
+    directory: str
+    raw: dict[str, Any]
+    keys: StudyKeys
+    study_name: str
+    journal: Path
+
+
+def load_study(study_dir: str | Path) -> LoadedStudy:
+    """A study's spec.yaml, read from a local directory or a URI."""
     from study.spec import _check_study_keys
 
-    path = Path(study_dir).expanduser().resolve()
-    spec_file = path / "spec.yaml"
-    if not spec_file.is_file():
+    location = str(study_dir) if is_uri(study_dir) else str(Path(study_dir).expanduser().resolve())
+    fs, root = open_storage(location)
+    if fs.get_file_info(f"{root}/spec.yaml").type != FileType.File:
         raise EnergyatError(f"{study_dir} is not a study directory (no spec.yaml); `energyat run SPEC` creates one")
-    document = yaml.safe_load(spec_file.read_text())
+    with fs.open_input_stream(f"{root}/spec.yaml") as f:
+        document = yaml.safe_load(f.read())
     raw = document["spec"]
-    return path, raw, _check_study_keys(raw), document["study_name"]
+    return LoadedStudy(location, raw, _check_study_keys(raw), document["study_name"], _journal_file(location, document))
 
 
-def resume_study(study_dir: str | Path, *, address: str | None) -> Path:
+def resume_study(study_dir: str | Path, *, address: str | None) -> str:
     """Continue an interrupted study: Tuner.restore with the same trainable and searcher."""
-    path, raw, study, study_name = load_study(study_dir)
-    tune_dir = path / "tune"
+    loaded = load_study(study_dir)
+    location = loaded.directory
+    fs, root = filesystem(location)
+    remote = is_uri(location)
+    if remote:
+        _download_newer_journal(location, loaded.journal)
     _init_ray(address)
-    if not tune.Tuner.can_restore(str(tune_dir)):
+    storage_fs = fs if remote else None
+    tune_dir = f"{root}/tune" if remote else str(Path(location) / "tune")
+    if not tune.Tuner.can_restore(tune_dir, storage_filesystem=storage_fs):
         raise EnergyatError(f"{study_dir} has no restorable Ray Tune experiment under tune/")
-    trainable, _tune_config, _run_config = _tuner_parts(raw, study, path, study_name)
-    tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    trainable, _tune_config, _run_config = _tuner_parts(loaded.raw, loaded.keys, location, loaded.study_name, loaded.journal)
+    tuner = tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=storage_fs)
     tuner.fit()
-    return path
+    if remote:
+        upload_journal(loaded.journal, location)
+    return location

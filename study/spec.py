@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from analysis.errors import EnergyatError, SpecError
+from analysis.phases import STOP_PATIENCE
 from trainables.config import TrialConfig, parse_trial
 
 
@@ -29,6 +30,13 @@ class StudyKeys:
     resources: dict[str, Any] = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
     max_concurrent: int = 2
     storage: str = "./studies"
+
+    @property
+    def stop_patience(self) -> int | None:
+        """None when energy-divergence stopping is off; else epochs to wait after the alarm."""
+        if not self.early_stop.get("energy_divergence", False):
+            return None
+        return int(self.early_stop.get("patience", STOP_PATIENCE))
 
 
 def _check_study_keys(raw: Mapping[str, Any]) -> StudyKeys:
@@ -47,7 +55,20 @@ def _check_study_keys(raw: Mapping[str, Any]) -> StudyKeys:
     for key in ("samples", "max_concurrent"):
         if key in values and values[key] < 1:
             raise SpecError(key, f"must be at least 1; got {values[key]!r}")
+    _check_early_stop(values.get("early_stop", {}))
     return StudyKeys(**values)
+
+
+def _check_early_stop(early_stop: Mapping[str, Any]) -> None:
+    for key, value in early_stop.items():
+        if key == "energy_divergence":
+            if not isinstance(value, bool):
+                raise SpecError("early_stop.energy_divergence", f"expected true or false, got {value!r}")
+        elif key == "patience":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise SpecError("early_stop.patience", f"expected an int >= 0 (epochs without a new best after the alarm), got {value!r}")
+        else:
+            raise SpecError(f"early_stop.{key}", "unknown key; early_stop takes energy_divergence and patience")
 
 
 def set_dotted(spec: dict[str, Any], assignment: str) -> None:

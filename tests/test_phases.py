@@ -9,7 +9,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from analysis.phases import OnlineDetector, detect, ground_truth_onset
+from analysis.phases import OnlineDetector, detect, ground_truth_onset, should_stop
 
 
 def curve(*, sign: float, scale: float, onset: int | None, epochs: int = 100, noise: float = 0.03, seed: int = 0) -> dict[str, np.ndarray]:
@@ -139,3 +139,27 @@ def test_no_alarm_before_the_learning_rate_drops() -> None:
     data["lr"] = np.full(100, 0.1)
     assert detect(data).alarm_epoch is None
     assert detect(data, lr_gate=None).alarm_epoch is not None
+
+
+def test_a_flat_zero_start_is_not_phase_2() -> None:
+    # a model at chance for its first epochs has |dE| ~ 0 (digits cnn_fc: 6 epochs); phase 2
+    # must wait until |dE| has risen and settled, or every later value would look divergent
+    data = curve(sign=-1.0, scale=1.0, onset=None, noise=0.0)
+    data["probe_train_dE"] = np.where(data["epoch"] < 10, -1e-4, data["probe_train_dE"])
+    result = detect(data)
+    assert result.phase2_start is not None and result.phase2_start >= 13
+    assert result.alarm_epoch is None
+
+
+@pytest.mark.parametrize(
+    ("alarm", "epoch", "best_epoch", "patience", "stop"),
+    [
+        (False, 50, 10, 10, False),  # no alarm: never stop, however long since the best
+        (True, 50, 45, 10, False),  # alarm, but accuracy improved 5 epochs ago
+        (True, 55, 45, 10, True),  # alarm and 10 epochs without a new best
+        (True, 45, 45, 0, True),  # patience 0: stop at the alarm
+        (True, 3, None, 10, True),  # no best yet (nothing probed): nothing to wait for
+    ],
+)
+def test_stop_rule_needs_the_alarm_and_no_gain_for_patience_epochs(alarm: bool, epoch: int, best_epoch: int | None, patience: int, stop: bool) -> None:
+    assert should_stop(alarm=alarm, epoch=epoch, best_epoch=best_epoch, patience=patience) is stop

@@ -27,6 +27,9 @@ BAD_SETS = [
     (["schedule=linear"], "`schedule.name`"),
     (["samples=0"], "`samples`"),
     (["search=[beta]"], "`search`"),
+    (["early_stop.patience=-1"], "`early_stop.patience`"),
+    (["early_stop.energy_divergence=maybe"], "`early_stop.energy_divergence`"),
+    (["early_stop.after=3"], "`early_stop.after`"),
     (["dataset.name=cifar10", "dataset.root=/nonexistent-energyat"], "cifar10"),
 ]
 
@@ -95,3 +98,24 @@ def test_every_example_study_search_and_objective_are_valid(path: Path) -> None:
     raw, _cfg, study = load_spec(path)
     parse_search(study.search, raw)
     assert objectives_of(study)
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [(["--stop-patience", "3"], "only applies with --stop-on-alarm"), (["--stop-on-alarm", "--stop-patience", "-2"], ">= 0")],
+)
+def test_stop_patience_without_its_flag_or_negative_exits_2(flags: list[str], fragment: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    assert main(["train", str(EXAMPLES / "quickstart.yaml"), "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and fragment in err, err
+    assert not out.exists()
+
+
+def test_study_stop_patience_follows_early_stop() -> None:
+    from study.spec import _check_study_keys
+    from analysis.phases import STOP_PATIENCE
+
+    assert _check_study_keys({}).stop_patience is None
+    assert _check_study_keys({"early_stop": {"energy_divergence": True}}).stop_patience == STOP_PATIENCE
+    assert _check_study_keys({"early_stop": {"energy_divergence": True, "patience": 0}}).stop_patience == 0

@@ -123,7 +123,7 @@ def test_bad_search_space_exits_2_before_ray_starts(search: dict, named: str, tm
     assert not any(tmp_path.iterdir())
 
 
-def test_stopper_stops_at_the_detectors_alarm_and_rebuilds_after_restart(tmp_path: Path) -> None:
+def test_stopper_waits_for_alarm_and_patience_and_rebuilds_after_restart(tmp_path: Path) -> None:
     from analysis.store import write_epoch_rows
     from analysis.schema import EPOCHS
     from study.runner import EnergyDivergenceStopper
@@ -131,19 +131,24 @@ def test_stopper_stops_at_the_detectors_alarm_and_rebuilds_after_restart(tmp_pat
 
     data = curve(sign=-1.0, scale=1.0, onset=30, epochs=60, noise=0.0)
     rows = [{k: data[k][i].item() for k in data} for i in range(60)]
-    stopper = EnergyDivergenceStopper(str(tmp_path), enabled=True)
+    for r in rows:  # test robust accuracy improves until epoch 35, then stays
+        r["best_test_robust_acc"] = min(r["epoch"], 35) / 100
+    at_alarm = EnergyDivergenceStopper(str(tmp_path), patience=0)
+    alarm = [at_alarm("t1", r) for r in rows].index(True)
+    assert 30 < alarm < 45
+    stopper = EnergyDivergenceStopper(str(tmp_path), patience=10)
     decisions = [stopper("t1", r) for r in rows]
     first = decisions.index(True)
-    assert 30 < first < 45 and not stopper.stop_all()
+    assert first == max(alarm, 35 + 10) and not stopper.stop_all()
     # a restarted driver rebuilds the detector from the stored rows before the reported epoch
     (tmp_path / "tables").mkdir(exist_ok=True)
     for r in rows[:first]:
         full = {name: [0.5] for name in EPOCHS.names} | {k: [v] for k, v in r.items()}
         full.update(study=["s"], trial_id=["t1"], method=["sat"], phase=[1], alarm=[False], probed=[True])
         write_epoch_rows(str(tmp_path), table="epochs", trial_id="t1", epoch=r["epoch"], columns=full, provenance={})
-    restarted = EnergyDivergenceStopper(str(tmp_path), enabled=True)
+    restarted = EnergyDivergenceStopper(str(tmp_path), patience=10)
     assert restarted("t1", rows[first]) is True
-    assert EnergyDivergenceStopper(str(tmp_path), enabled=False)("t1", rows[first]) is False
+    assert EnergyDivergenceStopper(str(tmp_path), patience=None)("t1", rows[first]) is False
 
 
 def test_driver_killed_with_sigkill_then_resumed_completes_every_trial_once(tmp_path: Path) -> None:

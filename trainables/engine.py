@@ -32,9 +32,9 @@ import yaml
 from torch import nn
 
 from analysis.errors import EnergyatError
-from analysis.phases import DETECTOR_COLUMNS, OnlineDetector, PhaseResult, detect
+from analysis.phases import DETECTOR_COLUMNS, OnlineDetector, PhaseResult, detect, should_stop
 from analysis.schema import SCHEMA_VERSION
-from analysis.store import provenance, write_epoch_rows, write_trial_row
+from analysis.store import is_uri, provenance, write_epoch_rows, write_trial_row
 from trainables import checkpoint
 from trainables.attacks import eval_mode, pgd, pgd_targeted, random_targets
 from trainables.config import TrialConfig, flatten
@@ -321,7 +321,7 @@ def run_trial(
     trial_id: str = "train",
     checkpoint_dir: Path | None = None,
     on_epoch: EpochCallback | None = None,
-    stop_on_alarm: bool = False,
+    stop_patience: int | None = None,
     spec_file: Path | None = None,
 ) -> dict[str, Any]:
     """Train one trial, writing its tables under `out` and checkpoints every epoch.
@@ -331,13 +331,17 @@ def run_trial(
 
     Args:
         cfg: the validated configuration (:func:`trainables.config.parse_trial`).
-        out: the study or output directory that receives ``tables/`` and ``spec.yaml``.
+        out: the study or output directory that receives ``tables/`` and ``spec.yaml``: a local
+            path or a filesystem URI (s3://...; then only the tables go there).
         trial_id: the trial's id in the tables.
-        checkpoint_dir: where ``last.pt`` and ``best.pt`` live; default ``out/checkpoints/<id>``.
+        checkpoint_dir: where ``last.pt`` and ``best.pt`` live; default ``out/checkpoints/<id>``,
+            required when `out` is a URI (a study's trials get a local folder from Ray Tune).
         on_epoch: called after each epoch's rows and checkpoint are written; a returned
             string stops the trial with that stop reason. The last epoch is reported after the
             final evaluation, its row merged with the outcome (``stop_reason``, ``final_*``).
-        stop_on_alarm: stop with ``energy_divergence`` when the online detector alarms.
+        stop_patience: None runs every epoch; an int stops the trial with ``energy_divergence``
+            once the online detector alarms and test robust accuracy has not improved for
+            that many epochs (:func:`analysis.phases.should_stop`; 0 stops at the alarm).
         spec_file: where the resolved spec is written (``energyat train``: ``out/spec.yaml``); an
             existing file must hold the same spec, so a different trial never continues this one.
             Studies pass None: their trials differ by design and `trials` carries each config.
@@ -345,8 +349,13 @@ def run_trial(
     Returns:
         The trial's `trials` row (outcome columns) as a dict.
     """
-    out = Path(out).expanduser()
-    ckpt_dir = checkpoint_dir or out / "checkpoints" / trial_id
+    if is_uri(out):  # kept a string: Path would fold s3://bucket into s3:/bucket
+        if checkpoint_dir is None:
+            raise EnergyatError(f"out={out} is a URI: give a local checkpoint_dir (checkpoints are written locally)")
+        ckpt_dir = checkpoint_dir
+    else:
+        out = Path(out).expanduser()
+        ckpt_dir = checkpoint_dir or out / "checkpoints" / trial_id
     resolved = cfg.to_dict()
     if spec_file is not None:
         _check_output(spec_file, resolved)
@@ -451,7 +460,7 @@ def run_trial(
         progress.seconds = seconds_before + time.perf_counter() - started
         if not finite:
             progress.stop_reason = f"error: non-finite loss at epoch {epoch}"
-        elif stop_on_alarm and alarm:
+        elif stop_patience is not None and should_stop(alarm=alarm, epoch=epoch, best_epoch=progress.best_epoch, patience=stop_patience):
             progress.stop_reason = "energy_divergence"
         checkpoint.save(last, _checkpoint_state(model, opt, detector, progress, device))
         write_trial_row(str(out), trial_id=trial_id, outcome=outcome("RUNNING"), config=flat_config, provenance=prov)
@@ -481,11 +490,11 @@ def run_trial(
     return result
 
 
-def _offline_phases(out: Path, trial_id: str) -> PhaseResult:
+def _offline_phases(out: str | Path, trial_id: str) -> PhaseResult:
     """Offline phases over every epoch row the trial has written (also those of earlier runs)."""
     from analysis.query import open_tables
 
-    con = open_tables(out)
+    con = open_tables(out, trial=trial_id)  # only this trial's files: on an object store, far fewer GETs
     try:
         table = con.sql(
             f"select {', '.join(DETECTOR_COLUMNS)} from epochs where trial_id = $id order by epoch", params={"id": trial_id}

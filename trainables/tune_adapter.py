@@ -57,7 +57,9 @@ def _finite_metrics(row: Mapping[str, Any], objectives: list[str]) -> dict[str, 
     return metrics
 
 
-def energyat_trial(config: dict[str, Any], *, base_spec: dict[str, Any], study_dir: str, objectives: list[str], cpus: int) -> None:
+def energyat_trial(
+    config: dict[str, Any], *, base_spec: dict[str, Any], study_dir: str, objectives: list[str], cpus: int, stop_patience: int | None
+) -> None:
     """Run one trial of a study under Ray Tune (see ``tune.with_parameters``)."""
     spec = merge(base_spec, overrides_from_config(config))
     if spec.get("threads") is None:
@@ -78,6 +80,6 @@ def energyat_trial(config: dict[str, Any], *, base_spec: dict[str, Any], study_d
         return None
 
     try:
-        run_trial(cfg, out=study_dir, trial_id=trial_id, checkpoint_dir=work, on_epoch=report, stop_on_alarm=bool(spec.get("early_stop", {}).get("energy_divergence", False)))
+        run_trial(cfg, out=study_dir, trial_id=trial_id, checkpoint_dir=work, on_epoch=report, stop_patience=stop_patience)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,229 @@
+"""Studies on object storage: a real S3-protocol server (moto's standalone server) on 127.0.0.1.
+
+The server runs in its own process and energyat talks to it through pyarrow's S3 client, as it
+would to AWS: tables, checkpoints, spec.yaml, the uploaded Optuna journal and the report land in
+the bucket, and `status`, `query` and `report` read them from there.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import optuna
+import pyarrow.fs as pafs
+import pytest
+
+from analysis.query import open_tables
+from analysis.store import write_epoch_rows, write_trial_row
+from conftest import EXAMPLES, energyat_cmd
+from test_store import _row
+from test_study import assert_tables_consistent
+
+pytest.importorskip("moto.server", reason="needs moto[server] (the `test` extra)")
+
+BUCKET = "bucket"
+# moto accepts any credentials; they live in the environment only, never in a file
+CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",  # no instance-metadata lookups on a laptop or CI
+}
+
+
+class S3:
+    def __init__(self, port: int) -> None:
+        self.endpoint = f"127.0.0.1:{port}"
+        self.fs = pafs.S3FileSystem(
+            endpoint_override=self.endpoint, scheme="http", access_key="testing", secret_key="testing",
+            region="us-east-1", allow_bucket_creation=True,
+        )
+
+    def uri(self, path: str) -> str:
+        return f"s3://{BUCKET}/{path}?endpoint_override={self.endpoint}&scheme=http"
+
+    def files(self, prefix: str) -> list[str]:
+        found = self.fs.get_file_info(pafs.FileSelector(f"{BUCKET}/{prefix}", recursive=True, allow_not_found=True))
+        return sorted(f.path[len(BUCKET) + len(prefix) + 2:] for f in found if f.type == pafs.FileType.File)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3]:
+    port = _free_port()
+    log = tmp_path_factory.mktemp("moto") / "server.log"
+    with log.open("w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=out)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, f"moto did not start:\n{log.read_text()}"
+                time.sleep(0.2)
+        store = S3(port)
+        store.fs.create_dir(BUCKET)
+        yield store
+    finally:
+        server.kill()
+        server.wait()
+
+
+@pytest.fixture(autouse=True)
+def credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in CREDENTIALS.items():
+        monkeypatch.setenv(key, value)
+
+
+def energyat(*args: str, cwd: Path, env: dict[str, str], timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*energyat_cmd(), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_open_tables_reads_a_uri_like_a_local_directory(s3: S3) -> None:
+    root = s3.uri("unit")
+    for trial, epochs in (("a", 3), ("b", 2)):
+        for epoch in range(epochs):
+            write_epoch_rows(root, table="epochs", trial_id=trial, epoch=epoch, columns=_row(trial, epoch, float(epoch)), provenance={})
+    write_epoch_rows(root, table="epochs", trial_id="a", epoch=1, columns=_row("a", 1, 9.0), provenance={})  # a rewrite
+    # trials with different config columns per method: the view unions them by name
+    write_trial_row(root, trial_id="a", outcome={"trial_id": "a", "status": "TERMINATED"}, config={"method": "sat"}, provenance={})
+    write_trial_row(root, trial_id="b", outcome={"trial_id": "b", "status": "TERMINATED"}, config={"method": "trades", "beta": 6.0}, provenance={})
+    assert s3.files("unit/tables/epochs/trial=a") == [f"epoch-000{i}.parquet" for i in range(3)]
+    con = open_tables(root)
+    assert con.execute("select trial_id, count(*) from epochs group by 1 order by 1").fetchall() == [("a", 3), ("b", 2)]
+    assert con.execute("select train_loss from epochs where trial_id = 'a' and epoch = 1").fetchall() == [(9.0,)]
+    assert con.execute("select trial_id, beta from trials order by 1").fetchall() == [("a", None), ("b", 6.0)]
+    assert con.execute("select count(*) from samples").fetchall() == [(0,)]  # no file yet: empty, with its columns
+    only_b = open_tables(root, trial="b")
+    assert only_b.execute("select distinct trial_id from epochs").fetchall() == [("b",)]
+
+
+@pytest.mark.parametrize(
+    ("uri", "says"),
+    [
+        ("ftp://bucket/studies", "cannot open storage"),
+        ("s3://nobucket/studies?endpoint_override={endpoint}&scheme=http", "bucket `nobucket` does not exist"),
+        ("s3://bucket/studies?endpoint_override=127.0.0.1:{closed}&scheme=http", "cannot reach storage"),
+    ],
+)
+def test_a_bad_storage_uri_exits_2_with_one_line_before_ray_starts(s3: S3, uri: str, says: str, tmp_path: Path) -> None:
+    uri = uri.format(endpoint=s3.endpoint, closed=_free_port())
+    proc = energyat("run", str(EXAMPLES / "smoke.yaml"), "--storage", uri, cwd=tmp_path, env=os.environ.copy(), timeout=180)
+    assert proc.returncode == 2 and says in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and not any(tmp_path.iterdir())
+
+
+def test_query_of_a_missing_study_on_s3_exits_2_with_one_line(s3: S3, tmp_path: Path) -> None:
+    proc = energyat("query", s3.uri("studies/nothing"), "select 1", cwd=tmp_path, env=os.environ.copy(), timeout=120)
+    assert proc.returncode == 2 and "holds no energyat tables" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def s3_study(s3: S3, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, Path, dict[str, str]]:
+    """The smoke study, 2 trials x 2 epochs, run from an empty working directory into the bucket."""
+    cwd = tmp_path_factory.mktemp("cwd")
+    journals = tmp_path_factory.mktemp("journals")
+    env = os.environ | CREDENTIALS | {"ENERGYAT_JOURNAL_DIR": str(journals)}
+    proc = energyat("run", str(EXAMPLES / "smoke.yaml"), "--storage", s3.uri("studies"), "--name", "remote",
+                    "--set", "samples=2", "--set", "epochs=2", cwd=cwd, env=env)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    study = s3.uri("studies/remote")
+    assert f"study: {study}" in proc.stdout
+    return study, cwd, journals, env
+
+
+def test_a_study_on_s3_writes_tables_checkpoints_spec_and_journal_to_the_bucket(s3: S3, s3_study: tuple[str, Path, Path, dict[str, str]]) -> None:
+    _study, cwd, journals, _env = s3_study
+    files = s3.files("studies/remote")
+    assert "spec.yaml" in files and "optuna.journal" in files
+    epochs = [f for f in files if f.startswith("tables/epochs/")]
+    trials = [f for f in files if f.startswith("tables/trials/")]
+    assert len(epochs) == 4 and len(trials) == 2 and any(f.startswith("tables/samples/") for f in files)
+    # Tune's experiment state and the trials' checkpoints, uploaded by Ray Tune through the same filesystem
+    assert any(f.startswith("tune/experiment_state") for f in files)
+    assert any(f.startswith("tune/") and "/checkpoint_" in f and f.endswith("last.pt") for f in files)
+    assert not any(cwd.iterdir())  # nothing lands in the working directory
+    assert [p.suffix for p in journals.iterdir() if p.is_file() and not p.name.endswith(".lock")] == [".journal"]
+
+
+def test_the_uploaded_journal_loads_with_plain_optuna_and_matches_the_trials_table(s3: S3, s3_study: tuple[str, Path, Path, dict[str, str]], tmp_path: Path) -> None:
+    study, *_ = s3_study
+    local = tmp_path / "optuna.journal"
+    pafs.copy_files(f"{BUCKET}/studies/remote/optuna.journal", str(local), source_filesystem=s3.fs, destination_filesystem=pafs.LocalFileSystem())
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(local)))
+    (name,) = optuna.study.get_all_study_names(storage)
+    optuna_trials = optuna.load_study(study_name=name, storage=storage).get_trials()
+    rows = open_tables(study).execute("select best_test_robust_acc from trials").fetchall()
+    # one Optuna trial per trials row, every one complete, with the trial's best robust accuracy
+    assert len(optuna_trials) == len(rows) == 2
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in optuna_trials)
+    assert sorted(round(t.values[0], 6) for t in optuna_trials) == sorted(round(r[0], 6) for r in rows)
+
+
+def test_status_query_and_report_read_a_study_on_s3(s3: S3, s3_study: tuple[str, Path, Path, dict[str, str]]) -> None:
+    study, cwd, _journals, env = s3_study
+    status = energyat("status", study, cwd=cwd, env=env, timeout=300)
+    assert status.returncode == 0, status.stderr
+    assert "2 TERMINATED" in status.stdout and "optuna: 2 COMPLETE" in status.stdout
+    query = energyat("query", study, "select count(*) as n from epochs", "--format", "csv", cwd=cwd, env=env, timeout=300)
+    assert query.returncode == 0 and query.stdout.split() == ['"n"', "4"], query.stderr
+    report = energyat("report", study, cwd=cwd, env=env, timeout=300)
+    assert report.returncode == 0, report.stderr
+    assert report.stdout.strip().splitlines()[-1] == s3.uri("studies/remote/report/index.html")
+    page = s3.files("studies/remote/report")
+    assert "index.html" in page and any(name.endswith(".png") for name in page)
+    with s3.fs.open_input_stream(f"{BUCKET}/studies/remote/report/index.html") as f:
+        html = f.read().decode()
+    assert "endpoint_override" not in html and f"s3://{BUCKET}/studies/remote" in html
+    assert not any(cwd.iterdir())
+
+
+def test_driver_killed_then_resumed_elsewhere_takes_the_uploaded_journal(s3: S3, tmp_path: Path) -> None:
+    # the driver dies mid-study (SIGKILL to its process group, Ray included) and its local journal
+    # is lost with its machine: `energyat resume` downloads the uploaded copy and finishes the
+    # study with one row per (trial, epoch) and one complete Optuna trial per trial
+    journals = tmp_path / "journals"
+    env = os.environ | CREDENTIALS | {"ENERGYAT_JOURNAL_DIR": str(journals)}
+    args = [*energyat_cmd(), "run", str(EXAMPLES / "smoke.yaml"), "--storage", s3.uri("studies"), "--name", "killed",
+            "--set", "samples=2", "--set", "epochs=3"]
+    log = tmp_path / "run.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=out, stderr=out, start_new_session=True)
+    deadline = time.monotonic() + 600
+    try:
+        while len([f for f in s3.files("studies/killed") if f.startswith("tables/epochs/")]) < 2:
+            assert proc.poll() is None, f"the study ended before it could be killed:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "no epoch was written within 600 s"
+            time.sleep(0.5)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    shutil.rmtree(journals)  # another machine: only the bucket's copy is left
+    study = s3.uri("studies/killed")
+    resumed = energyat("resume", study, cwd=tmp_path, env=env)
+    assert resumed.returncode == 0, f"{resumed.stdout[-3000:]}\n{resumed.stderr[-5000:]}"
+    assert_tables_consistent(study)
+    con = open_tables(study)
+    assert con.execute("select count(*), min(epochs_run) from trials").fetchall() == [(2, 3)]
+    local = tmp_path / "copy.journal"
+    pafs.copy_files(f"{BUCKET}/studies/killed/optuna.journal", str(local), source_filesystem=s3.fs, destination_filesystem=pafs.LocalFileSystem())
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(local)))
+    (name,) = optuna.study.get_all_study_names(storage)
+    states = [t.state for t in optuna.load_study(study_name=name, storage=storage).get_trials()]
+    assert states == [optuna.trial.TrialState.COMPLETE] * 2
