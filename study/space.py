@@ -85,7 +85,7 @@ def parse_search(search: Mapping[str, Any], base: Mapping[str, Any]) -> list[Dim
     dims = [parse_dimension(str(k), v) for k, v in search.items()]
     dims.sort(key=lambda d: d.key != "method")
     # every value of every dimension must make a valid trial on its own
-    from study.spec import set_value
+    from trainables.config import set_value
 
     for dim in dims:
         probes = dim.choices if dim.kind == "categorical" else (dim.low, dim.high)

@@ -16,7 +16,7 @@ import yaml
 
 from analysis.errors import EnergyatError, SpecError
 from analysis.phases import STOP_PATIENCE
-from trainables.config import TrialConfig, parse_trial
+from trainables.config import TrialConfig, parse_trial, set_value
 
 
 @dataclass(frozen=True)
@@ -84,23 +84,6 @@ def set_dotted(spec: dict[str, Any], assignment: str) -> None:
     except yaml.YAMLError as exc:
         raise EnergyatError(f"--set {key}: value {text!r} is not valid YAML ({exc.__class__.__name__})") from exc
     set_value(spec, key, value)
-
-
-def set_value(spec: dict[str, Any], key: str, value: Any) -> None:
-    """Set dotted `key` to an already-typed `value` in place, creating mappings on the way."""
-    node = spec
-    parts = key.split(".")
-    for i, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if isinstance(child, str) and part in ("schedule", "dataset"):
-            child = {"name": child}  # `schedule: cosine` then `--set schedule.milestones=...`
-        if child is None:
-            child = {}
-        if not isinstance(child, dict):
-            raise SpecError(".".join(parts[: i + 1]), f"is {child!r}, not a mapping; cannot set {key}")
-        node[part] = child
-        node = child
-    node[parts[-1]] = value
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

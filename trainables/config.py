@@ -304,3 +304,20 @@ def _get(cfg: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         cfg = getattr(cfg, part)
     return cfg
+
+
+def set_value(spec: dict[str, Any], key: str, value: Any) -> None:
+    """Set dotted `key` to an already-typed `value` in place, creating mappings on the way."""
+    node = spec
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if isinstance(child, str) and part in ("schedule", "dataset"):
+            child = {"name": child}  # `schedule: cosine` then `--set schedule.milestones=...`
+        if child is None:
+            child = {}
+        if not isinstance(child, dict):
+            raise SpecError(".".join(parts[: i + 1]), f"is {child!r}, not a mapping; cannot set {key}")
+        node[part] = child
+        node = child
+    node[parts[-1]] = value

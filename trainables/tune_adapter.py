@@ -8,6 +8,7 @@ module of trainables/ that imports ray.
 
 from __future__ import annotations
 
+import copy
 import math
 import shutil
 import tempfile
@@ -17,35 +18,11 @@ from typing import Any, Mapping
 import ray
 import ray.tune as tune
 
-from trainables.config import parse_trial
+from trainables.config import parse_trial, set_value
 from trainables.engine import run_trial
 
 # Reported values the searcher may optimise: never NaN, or Optuna drops the trial's result.
 OBJECTIVE_FALLBACK = 0.0
-
-
-def overrides_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """Optuna's flat suggestions ({"weat.power": 1.5}) as nested spec overrides."""
-    nested: dict[str, Any] = {}
-    for key, value in config.items():
-        node = nested
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return nested
-
-
-def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in overrides.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = merge(out[key], value)
-        elif isinstance(value, Mapping) and isinstance(out.get(key), str):  # `schedule: cosine`
-            out[key] = merge({"name": out[key]}, value)
-        else:
-            out[key] = value
-    return out
 
 
 def _finite_metrics(row: Mapping[str, Any], objectives: list[str]) -> dict[str, Any]:
@@ -61,7 +38,9 @@ def energyat_trial(
     config: dict[str, Any], *, base_spec: dict[str, Any], study_dir: str, objectives: list[str], cpus: int, stop_patience: int | None
 ) -> None:
     """Run one trial of a study under Ray Tune (see ``tune.with_parameters``)."""
-    spec = merge(base_spec, overrides_from_config(config))
+    spec = copy.deepcopy(base_spec)
+    for key, value in config.items():  # Optuna's flat suggestions: {"weat.power": 1.5}
+        set_value(spec, key, value)
     if spec.get("threads") is None:
         spec["threads"] = max(1, cpus)  # one torch thread per reserved CPU: no oversubscription
     cfg = parse_trial(spec)
