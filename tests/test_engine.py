@@ -82,3 +82,12 @@ def test_last_checkpoint_keeps_the_last_weights_after_the_final_evaluation(tmp_p
     same = all(torch.equal(last[k], best["model"][k]) for k in last)
     assert best["epoch"] == result["best_epoch"]
     assert same == (result["best_epoch"] == 2)
+
+
+def test_sample_rows_follow_samples_every_and_always_include_the_last_epoch(tmp_path: Path) -> None:
+    # probes at 0, 2, 4 and the last epoch 5; samples every 2nd regular probe (0, 4) and at 5
+    cfg = parse_trial({**TINY, "epochs": 6, "method": "standard", "probe": {**TINY["probe"], "every": 2, "samples_every": 2}})
+    run_trial(cfg, out=tmp_path)
+    con = open_tables(tmp_path)
+    assert [e for (e,) in con.execute("select distinct epoch from samples order by 1").fetchall()] == [0, 4, 5]
+    assert [e for (e,) in con.execute("select epoch from epochs where probed order by 1").fetchall()] == [0, 2, 4, 5]

@@ -452,8 +452,10 @@ def run_trial(
         )
         # -- report: rows first, then the checkpoint, so a restart rewrites the same files -------
         write_epoch_rows(str(out), table="epochs", trial_id=trial_id, epoch=epoch, columns={k: [v] for k, v in row.items()}, provenance=prov)
-        n_probes = epoch // cfg.probe.every
-        if sample_sets and cfg.probe.samples_every and n_probes % cfg.probe.samples_every == 0:
+        # per-sample rows every `samples_every`-th regular probe, and always at the last epoch (the
+        # report's histograms compare first, middle and last), which is probed even off the grid
+        regular = epoch % cfg.probe.every == 0 and (epoch // cfg.probe.every) % max(cfg.probe.samples_every, 1) == 0
+        if sample_sets and cfg.probe.samples_every and (regular or epoch == cfg.epochs - 1):
             write_epoch_rows(str(out), table="samples", trial_id=trial_id, epoch=epoch, columns=_sample_columns(study, trial_id, epoch, sample_sets), provenance=prov)
         rows.append(row)
         progress.next_epoch = epoch + 1
