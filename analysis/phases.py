@@ -6,10 +6,11 @@ The paper gives no rule; this module's rule works on magnitudes relative to a ph
 baseline, because the sign and the scale of dE differ between setups.
 
 - :class:`OnlineDetector` is causal: it is fed one epoch row at a time, reads only
-  training-side columns (``epoch``, ``lr``, ``probe_train_dE``), and its state is a plain
+  training-side columns (``epoch``, ``lr``, ``probe_train_dE``, ``probe_train_E``), and its state is a plain
   dict that round-trips through a checkpoint. The stopper uses it.
 - :func:`detect` sees the whole curve: it replays the online rule for phase 2, then places
-  the onset at the best change point (flat, then growing) before the online alarm.
+  the onset at the best change point (flat, then growing) after the lr gate opened and not
+  after the online alarm.
 
 Rule (every threshold is a keyword of :class:`OnlineDetector`):
 
@@ -64,6 +65,7 @@ class _State:
     energy: float | None = None  # latest finite |probe_train_E|
     max_lr: float = 0.0  # largest learning rate seen
     gated: bool = False  # lr has fallen to lr_gate * max_lr (or the rows carry no lr)
+    gate_epoch: int | None = None  # the first gated epoch
     floor: float | None = None  # the floor in force from phase 2 on
 
 
@@ -128,6 +130,8 @@ class OnlineDetector:
         else:
             s.max_lr = max(s.max_lr, float(lr))
             s.gated = s.gated or float(lr) <= p["lr_gate"] * s.max_lr
+        if s.gated and s.gate_epoch is None:
+            s.gate_epoch = epoch
         value = row.get("probe_train_dE") if hasattr(row, "get") else row["probe_train_dE"]
         if not _finite(value):
             return s.phase, s.alarm_epoch is not None
@@ -178,6 +182,11 @@ class OnlineDetector:
     @property
     def alarm_epoch(self) -> int | None:
         return self._s.alarm_epoch
+
+    @property
+    def gate_epoch(self) -> int | None:
+        """The first epoch at which alarms could count (the lr gate opened)."""
+        return self._s.gate_epoch
 
     # -- checkpointing --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -241,8 +250,9 @@ def detect(epochs: Any, **detector_params: Any) -> PhaseResult:
 
     Returns:
         A :class:`PhaseResult`. The onset is placed at the best two-segment fit of the
-        smoothed |dE| (flat before, linear after) between phase 2's start and the online alarm,
-        so it is never later than the alarm and exists only when the alarm fired.
+        smoothed |dE| (flat before, linear after), searched between the lr gate's opening (or
+        phase 2's start, if later) and the online alarm, so it is never later than the alarm
+        and exists only when the alarm fired.
     """
     epoch = _column(epochs, "epoch").astype(int)
     order = np.argsort(epoch, kind="stable")
@@ -262,13 +272,16 @@ def detect(epochs: Any, **detector_params: Any) -> PhaseResult:
     alarm = det.alarm_epoch
     onset = None
     if alarm is not None:
-        onset = _change_point(epoch, d_e, p2, alarm, det.params["smooth"])
+        onset = _change_point(epoch, d_e, p2, alarm, det.params["smooth"], earliest=det.gate_epoch)
         labels[epoch >= onset] = 3
     return PhaseResult(epoch, labels, p2, onset, alarm)
 
 
-def _change_point(epoch: np.ndarray, d_e: np.ndarray, start: int, alarm: int, smooth: int) -> int:
-    """Epoch in [start, alarm] where a flat-then-linear fit of smoothed |dE| is best."""
+def _change_point(epoch: np.ndarray, d_e: np.ndarray, start: int, alarm: int, smooth: int, *, earliest: int | None) -> int:
+    """Epoch in [max(start, earliest), alarm] where a flat-then-linear fit of smoothed |dE| over
+    [start, alarm] is best. ``earliest`` is where the lr gate opened: robust overfitting follows
+    the drop, as the online rule assumes; without this bound the fit put the onset 5-8 epochs
+    before the drop on the real runs, where the true onsets sit at the drop (docs/phases.md)."""
     ok = np.isfinite(d_e)
     e, m = epoch[ok], np.abs(d_e[ok])
     m = np.array([np.median(m[max(0, i + 1 - smooth) : i + 1]) for i in range(len(m))])
@@ -278,6 +291,8 @@ def _change_point(epoch: np.ndarray, d_e: np.ndarray, start: int, alarm: int, sm
     for k in range(1, len(e)):
         if e[k] > alarm:
             break
+        if earliest is not None and e[k] < earliest:
+            continue
         head, tail, tail_e = m[:k], m[k:], e[k:]
         cost = float(((head - head.mean()) ** 2).sum())
         if len(tail) >= 2:

@@ -6,7 +6,8 @@ Prints a markdown table, one row per trial (runs made with stopping off, so ever
 
 - true onset: analysis.phases.ground_truth_onset (best smoothed test robust accuracy, else
   minimum smoothed test robust loss, when the run ends clearly worse), with the signal used;
-- online alarm and offline onset: the detector replayed on the stored training-side columns;
+- online alarm and offline onset: the detector replayed on the stored training-side columns,
+  and the best test robust accuracy up to the alarm (what stopping right there would keep);
 - the stop rule (analysis.phases.should_stop, default patience): the epoch it would stop at,
   the best test robust accuracy kept (the best checkpoint up to the stop) against the run's
   best, and the epochs it saves;
@@ -27,8 +28,8 @@ from analysis.phases import STOP_PATIENCE, detect, ground_truth_onset, should_st
 from analysis.query import open_tables
 
 HEADER = (
-    "| run | trial | method | epochs | true onset | online alarm | offline onset | stop (alarm + patience) "
-    "| robust acc kept | best robust acc | epochs saved | patience alone: stop, kept |"
+    "| run | trial | method | epochs | true onset | online alarm | offline onset | robust acc kept at alarm "
+    "| stop (alarm + patience) | robust acc kept at stop | best robust acc | epochs saved | patience alone: stop, kept |"
 )
 
 
@@ -62,7 +63,7 @@ def judge(directory: str, patience: int) -> list[dict[str, Any]]:
         plain = stop_epoch(rows, None, patience)
         out.append(dict(
             run=directory, trial=trial, method=rows[0]["method"], epochs=len(rows), truth=truth,
-            alarm=found.alarm_epoch, onset=found.phase3_start, stop=stop, kept=kept(rows, stop),
+            alarm=found.alarm_epoch, onset=found.phase3_start, at_alarm=kept(rows, found.alarm_epoch), stop=stop, kept=kept(rows, stop),
             best=kept(rows, None), saved=0 if stop is None else len(rows) - 1 - stop,
             plain=plain, plain_kept=kept(rows, plain),
         ))
@@ -78,7 +79,7 @@ def line(r: dict[str, Any]) -> str:
     truth = "none" if r["truth"].epoch is None else f"{r['truth'].epoch} ({r['truth'].signal.replace('test_robust_', '')})"
     return (
         f"| {r['run']} | {r['trial']} | {r['method']} | {r['epochs']} | {truth} | {_text(r['alarm'])} | {_text(r['onset'])} "
-        f"| {_text(r['stop'])} | {r['kept']:.3f} | {r['best']:.3f} | {r['saved']} | {_text(r['plain'])}, {r['plain_kept']:.3f} |"
+        f"| {r['at_alarm']:.3f} | {_text(r['stop'])} | {r['kept']:.3f} | {r['best']:.3f} | {r['saved']} | {_text(r['plain'])}, {r['plain_kept']:.3f} |"
     )
 
 
@@ -89,11 +90,13 @@ def summary(results: list[dict[str, Any]]) -> str:
     clean = [r for r in results if r["truth"].epoch is None]
     false_alarms = sum(r["alarm"] is not None for r in clean)
     lost = max((r["best"] - r["kept"] for r in results), default=0.0)
+    lost_at_alarm = [r["best"] - r["at_alarm"] for r in overfit if r["alarm"] is not None]
     median = f"{statistics.median(gaps):.1f}" if gaps else "n/a"
     return (
         f"{len(overfit)} run(s) overfit: median |alarm - true onset| {median} epochs, {missed} without an alarm; "
+        f"robust accuracy at their alarm {100 * max(lost_at_alarm, default=0.0):.1f} points or less below the best; "
         f"{false_alarms} of {len(clean)} run(s) that do not overfit raised an alarm; "
-        f"the stop rule lost at most {100 * lost:.1f} points of robust accuracy"
+        f"the stop rule lost at most {100 * lost:.1f} points of robust accuracy over all runs"
     )
 
 

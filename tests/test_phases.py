@@ -163,3 +163,13 @@ def test_a_flat_zero_start_is_not_phase_2() -> None:
 )
 def test_stop_rule_needs_the_alarm_and_no_gain_for_patience_epochs(alarm: bool, epoch: int, best_epoch: int | None, patience: int, stop: bool) -> None:
     assert should_stop(alarm=alarm, epoch=epoch, best_epoch=best_epoch, patience=patience) is stop
+
+
+def test_offline_onset_is_not_placed_before_the_lr_drop() -> None:
+    # |dE| starts to grow at 50 but the lr drops at 60: the online alarm is gated until 60, and the
+    # offline onset, like the rule, puts robust overfitting after the drop
+    data = curve(sign=-1.0, scale=1.0, onset=50, noise=0.0)
+    data["lr"] = np.where(data["epoch"] < 60, 0.1, 0.01)
+    result = detect(data)
+    assert result.alarm_epoch is not None and result.alarm_epoch >= 60
+    assert result.phase3_start is not None and 60 <= result.phase3_start <= result.alarm_epoch
