@@ -202,10 +202,10 @@ class OnlineDetector:
 
 
 # Epochs without a new best test robust accuracy that the stop rule waits for after the alarm.
-# Chosen on the real runs of docs/phases.md (benchmarks/detector.py): stopping at the alarm itself
-# (0) lost 1.2-4 points of robust accuracy where |dE| diverged while test accuracy still crept
-# up (digits SAT gained 4 points in the 20 epochs after its alarm); 5 still lost up to 2 points
-# on the 30-epoch digits study; 10 kept every run within 0.4 points of its best.
+# Chosen on the real runs of docs/phases.md (benchmarks/detector.py --patience K): stopping at the
+# alarm itself (0) lost up to 4.1 points of robust accuracy where |dE| diverged while test
+# accuracy still crept up (digits SAT); 3 and 5 lost up to 3.7 and 2.7 points (digits TRADES);
+# 10 lost at most 1.0 on the runs that overfit and 1.5 on one that does not.
 STOP_PATIENCE = 10
 
 
