@@ -337,7 +337,7 @@ def ground_truth_onset(
     (relative, 10%) above it. None when neither degrades: the run did not robust-overfit.
     Judging by the end of the run, not by its worst dip, keeps epoch-to-epoch noise at a high
     learning rate from counting as overfitting. Rice et al.'s PreActResNet-18 run
-    (../shared/reference) gives epoch 106 on both signals with the defaults.
+    (tests/data/reference, from ../shared/reference) gives epoch 106 on both signals with the defaults.
     """
     epoch = _column(epochs, "epoch").astype(int)
     order = np.argsort(epoch, kind="stable")
