@@ -203,9 +203,9 @@ class OnlineDetector:
 
 # Epochs without a new best test robust accuracy that the stop rule waits for after the alarm.
 # Chosen on the real runs of docs/phases.md (benchmarks/detector.py --patience K): stopping at the
-# alarm itself (0) lost up to 4.1 points of robust accuracy where |dE| diverged while test
+# alarm itself (0) lost up to 6.3 points of robust accuracy where |dE| diverged while test
 # accuracy still crept up (digits SAT); 3 and 5 lost up to 3.7 and 2.7 points (digits TRADES);
-# 10 lost at most 1.0 on the runs that overfit and 1.5 on one that does not.
+# 10 lost at most 1.3 on the runs that overfit and 1.5 on one that does not.
 STOP_PATIENCE = 10
 
 
