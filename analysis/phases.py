@@ -215,7 +215,7 @@ def should_stop(*, alarm: bool, epoch: int, best_epoch: int | None, patience: in
     Stop once the online detector's alarm is raised (phase 3: the energies diverge) and test
     robust accuracy has not improved for ``patience`` epochs (``best_epoch``: the epoch of the
     best so far, None if none yet). The alarm alone is not enough: on the real runs, |dE| kept
-    diverging for 10-20 epochs while test robust accuracy still rose. Patience alone is not
+    diverging for 15-100 epochs while test robust accuracy still rose (digits SAT). Patience alone is not
     enough either: before the learning-rate drop accuracy plateaus for many epochs and then
     jumps. The detector stays training-side only; this rule is where the test metric enters,
     as in Rice et al.'s early stopping.

@@ -10,7 +10,7 @@ import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from analysis.store import is_uri, join, open_storage
 
@@ -18,6 +18,14 @@ JOURNAL = "optuna.journal"
 # fewer finished trials than this and Optuna's evaluators return equal shares (and warn):
 # a figure of them would say nothing
 MIN_TRIALS = 2
+
+
+def journal_storage(path: Path) -> Any:
+    """Optuna's JournalStorage on the journal file at `path` (the one way energyat opens one)."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return JournalStorage(JournalFileBackend(str(path)))
 
 
 @contextmanager
@@ -58,11 +66,9 @@ def study_importances(directory: str | os.PathLike[str]) -> tuple[dict[str, floa
 
 def _importances(path: Path, *, where: str) -> tuple[dict[str, float] | None, str | None]:
     import optuna
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = JournalStorage(JournalFileBackend(str(path)))
+    storage = journal_storage(path)
     names = optuna.study.get_all_study_names(storage)
     if len(names) != 1:
         return None, f"{where} holds {len(names)} studies ({', '.join(names) or 'none'}), expected exactly one"
@@ -85,10 +91,8 @@ def _importances(path: Path, *, where: str) -> tuple[dict[str, float] | None, st
 def optuna_trial_states(path: Path) -> dict[str, int]:
     """How many trials of the journal's study are in each Optuna state (COMPLETE, RUNNING, ...)."""
     import optuna
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
 
-    storage = JournalStorage(JournalFileBackend(str(path)))
+    storage = journal_storage(path)
     counts: dict[str, int] = {}
     for name in optuna.study.get_all_study_names(storage):
         for trial in optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False):

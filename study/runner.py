@@ -30,14 +30,14 @@ from pathlib import Path
 from typing import Any, Mapping, NamedTuple
 
 import yaml
-from pyarrow.fs import FileType
+from pyarrow.fs import FileSystem, FileType
 from ray import tune
 
 from analysis.errors import EnergyatError, SpecError, StoreError, one_line
 from analysis.phases import DETECTOR_COLUMNS, OnlineDetector, should_stop
 from analysis.schema import SCHEMA_VERSION
 from analysis.store import filesystem, is_uri, join, open_storage
-from study.importances import JOURNAL
+from study.importances import JOURNAL, journal_storage
 from study.space import SearchSpace, parse_search
 from study.spec import StudyKeys
 
@@ -50,13 +50,6 @@ def objectives_of(study: StudyKeys) -> list[str]:
         if name not in OBJECTIVES:
             raise SpecError("objective", f"unknown objective {name!r}; choose from {', '.join(OBJECTIVES)}")
     return names
-
-
-def _journal(path: Path) -> Any:
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    return JournalStorage(JournalFileBackend(str(path)))
 
 
 def journal_dir() -> Path:
@@ -257,6 +250,15 @@ def _init_ray(address: str | None) -> None:
         ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
 
 
+def _tune_storage(study_dir: str) -> tuple[str, FileSystem | None]:
+    """(storage_path, storage_filesystem) for Ray Tune, new or restored: on a URI, Tune writes
+    tune/ through the same pyarrow filesystem as the tables; locally, Tune's default (None)."""
+    if not is_uri(study_dir):
+        return study_dir, None
+    fs, root = filesystem(study_dir)
+    return root, fs
+
+
 def _tuner_parts(raw: dict[str, Any], study: StudyKeys, study_dir: str, study_name: str, journal: Path) -> tuple[Any, Any, Any]:
     """(trainable with resources, tune_config, run_config) for a new or restored study."""
     from ray.tune.search import ConcurrencyLimiter
@@ -277,7 +279,7 @@ def _tuner_parts(raw: dict[str, Any], study: StudyKeys, study_dir: str, study_na
         space=SearchSpace(dims, base_method),
         metric=objectives if len(objectives) > 1 else objectives[0],
         mode=["max"] * len(objectives) if len(objectives) > 1 else "max",
-        storage=_journal(journal),
+        storage=journal_storage(journal),
         study_name=study_name,
         seed=int(raw.get("seed", 0)),
     )
@@ -288,15 +290,13 @@ def _tuner_parts(raw: dict[str, Any], study: StudyKeys, study_dir: str, study_na
         trial_name_creator=_trial_id,
     )
     callbacks: list[tune.Callback] = [ProgressCallback(Progress(study.samples))]
-    if is_uri(study_dir):  # Tune writes tune/ through the same pyarrow filesystem as the tables
-        fs, root = filesystem(study_dir)
-        storage: dict[str, Any] = {"storage_path": root, "storage_filesystem": fs}
+    if is_uri(study_dir):
         callbacks.append(JournalUpload(journal, study_dir))
-    else:
-        storage = {"storage_path": study_dir}
+    storage_path, storage_fs = _tune_storage(study_dir)
     run_config = tune.RunConfig(
         name="tune",
-        **storage,
+        storage_path=storage_path,
+        storage_filesystem=storage_fs,
         stop=EnergyDivergenceStopper(study_dir, patience=study.stop_patience),
         failure_config=tune.FailureConfig(max_failures=3),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
@@ -329,12 +329,11 @@ def run_study(raw: dict[str, Any], study: StudyKeys, *, address: str | None, sto
     document = {"schema_version": SCHEMA_VERSION, "study_name": study_name, "spec": raw, "resolved": cfg.to_dict()}
     if is_uri(study_dir):
         document["journal"] = str(journal_dir() / f"{study_name}.journal")
-    journal = _journal_file(study_dir, document)
-    if is_uri(study_dir):
         try:
-            journal.parent.mkdir(parents=True, exist_ok=True)
+            journal_dir().mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise EnergyatError(f"cannot create the journal folder {journal.parent}: {one_line(exc)}; set ENERGYAT_JOURNAL_DIR") from exc
+            raise EnergyatError(f"cannot create the journal folder {journal_dir()}: {one_line(exc)}; set ENERGYAT_JOURNAL_DIR") from exc
+    journal = _journal_file(study_dir, document)
     fs.create_dir(root, recursive=True)
     with fs.open_output_stream(f"{root}/spec.yaml") as f:
         f.write(yaml.safe_dump(document, sort_keys=False).encode())
@@ -375,13 +374,12 @@ def resume_study(study_dir: str | Path, *, address: str | None) -> str:
     """Continue an interrupted study: Tuner.restore with the same trainable and searcher."""
     loaded = load_study(study_dir)
     location = loaded.directory
-    fs, root = filesystem(location)
     remote = is_uri(location)
     if remote:
         _download_newer_journal(location, loaded.journal)
     _init_ray(address)
-    storage_fs = fs if remote else None
-    tune_dir = f"{root}/tune" if remote else str(Path(location) / "tune")
+    storage_path, storage_fs = _tune_storage(location)
+    tune_dir = f"{storage_path}/tune"
     if not tune.Tuner.can_restore(tune_dir, storage_filesystem=storage_fs):
         raise EnergyatError(f"{study_dir} has no restorable Ray Tune experiment under tune/")
     trainable, _tune_config, _run_config = _tuner_parts(loaded.raw, loaded.keys, location, loaded.study_name, loaded.journal)
