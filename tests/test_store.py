@@ -65,29 +65,39 @@ def test_only_select_is_allowed(tmp_path: Path) -> None:
 
 
 def test_reader_sees_consistent_tables_while_a_writer_runs(tmp_path: Path) -> None:
-    # a writer process rewrites 40 epochs (each twice) while this process queries: every query
-    # succeeds, sees at most one row per epoch, and never a row count that goes down
+    # a writer process keeps rewriting 40 epochs (each twice per pass) until told to stop, while
+    # this process queries: every query succeeds, sees at most one row per epoch, and never a row
+    # count that goes down. The writer runs until the reader has made its 20 queries, so the test
+    # does not depend on which of the two is faster on a loaded machine.
+    stop = tmp_path / "stop"
     writer = textwrap.dedent(
         f"""
-        import sys
+        import pathlib, sys
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from test_store import _row
         from analysis.store import write_epoch_rows
-        for epoch in range(40):
-            for loss in (1.0, 2.0):
-                write_epoch_rows({str(tmp_path)!r}, table="epochs", trial_id="w", epoch=epoch, columns=_row("w", epoch, loss), provenance={{}})
+        stop = pathlib.Path({str(stop)!r})
+        while not stop.exists():
+            for epoch in range(40):
+                for loss in (1.0, 2.0):
+                    write_epoch_rows({str(tmp_path)!r}, table="epochs", trial_id="w", epoch=epoch, columns=_row("w", epoch, loss), provenance={{}})
         """
     )
     (tmp_path / "tables").mkdir()
     proc = subprocess.Popen([sys.executable, "-c", writer])
     seen: list[int] = []
     deadline = time.monotonic() + 120
-    while proc.poll() is None and time.monotonic() < deadline:
-        con = open_tables(tmp_path)
-        total, distinct = con.execute("select count(*), count(distinct epoch) from epochs").fetchone()
-        con.close()
-        assert total == distinct
-        seen.append(total)
+    try:
+        while len(seen) < 20 and time.monotonic() < deadline:
+            assert proc.poll() is None, "the writer process died"
+            con = open_tables(tmp_path)
+            total, distinct = con.execute("select count(*), count(distinct epoch) from epochs").fetchone()
+            con.close()
+            assert total == distinct
+            if total or seen:  # count from the writer's first visible row
+                seen.append(total)
+    finally:
+        stop.touch()
     assert proc.wait(timeout=60) == 0
-    assert seen == sorted(seen) and len(seen) > 3
+    assert len(seen) == 20 and seen == sorted(seen)
     assert open_tables(tmp_path).execute("select count(*) from epochs").fetchone() == (40,)

@@ -1,0 +1,252 @@
+"""Training images per second: energyat's engine against the usual AT code, in the same run.
+
+    python benchmarks/throughput.py [--quick] [--cases digits,cifar] [--methods sat,trades]
+        [--batch 128] [--batches 4] [--repeats 5] [--threads 2] [--workers 0] [--compile]
+        [--peak-tflops T]
+
+For each case (model and data shape) and method, the same initial weights are trained for
+`--batches` batches by energyat's ``_train_epoch`` (uint8 data on the device, batched
+augmentation there, input-only attack gradients, one clean forward per batch, metrics kept on
+the device; bf16 and channels_last on CUDA) and by ``benchmarks/reference_at.py`` (a
+DataLoader with per-sample PIL transforms, fp32, ``loss.backward()`` in every attack step,
+TRADES' clean forward inside every step, ``loss.item()`` per batch). The two alternate, one
+warm-up each, then `--repeats` timed runs each. ``speedup`` is the median of the per-round
+ratios: a shared machine's slow spells hit both sides of a round alike (this VM's steal time
+moves single runs by 5x), so the ratio is steadier than either median.
+
+``probe_overhead`` is the energy probe's share of an epoch at the default probe sizes
+(``probe.train_size`` training images with the method's attack and the targeted attack,
+``probe.test_size`` test images with the ``eval_attack``) over a whole training set of the
+case's size (digits 1,400 images, CIFAR 50,000): the probe is timed on one batch per split and
+scaled by image count, the epoch from energyat's measured images per second.
+
+``peak_mem_mb`` is the CUDA allocator's peak during energyat's timed runs (null on the CPU,
+where no per-run peak can be told apart from the process's). On CUDA, ``mfu`` is model FLOP
+utilisation against `--peak-tflops` (bf16 dense; default from the device name when known),
+counting a forward pass of preact_resnet18 as 0.555 G multiply-accumulates per image, an
+input-gradient backward as one forward and a weight-updating backward as two.
+
+Prints a Markdown table, then one JSON line per (model, method). ``--quick`` (digits,
+sat and trades, 5 repeats of 2 batches) finishes within a minute on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import reference_at  # noqa: E402  (a sibling file, not part of the package)
+
+from analysis.store import versions  # noqa: E402
+from trainables.config import AttackConfig, DatasetConfig, ProbeConfig, TrialConfig  # noqa: E402
+from trainables.data import ImageData, load_dataset  # noqa: E402
+from trainables.engine import _probe, _probe_set, _train_epoch, device_label, select_device  # noqa: E402
+from trainables.methods import METHODS, MethodParams  # noqa: E402
+from trainables.models import build_model  # noqa: E402
+
+# bf16 dense peak, TFLOP/s, for MFU when --peak-tflops is not given
+_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+_FORWARD_GMAC = {"preact_resnet18": 0.555}  # per 32x32 image (the issue's figure)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    model: str
+    eps: float
+    step: float
+    full_train_size: int  # the training-set size an epoch's probe share is computed over
+
+
+CASES = {
+    "digits": Case("digits", "small_cnn", eps=0.15, step=0.0375, full_train_size=1400),
+    "cifar": Case("cifar", "preact_resnet18", eps=8 / 255, step=2 / 255, full_train_size=50_000),
+}
+
+
+def case_data(case: Case, n: int) -> ImageData:
+    """Digits: the bundled set. CIFAR: random uint8 images of CIFAR-10's shape and augmentation
+    (no CIFAR files here; the arithmetic per image does not depend on the pixel values)."""
+    if case.name == "digits":
+        return load_dataset(DatasetConfig(name="digits"))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n, 3, 32, 32), generator=gen, dtype=torch.uint8)
+    y = torch.randint(0, 10, (n,), generator=gen)
+    return ImageData(x, y, x[:256].clone(), y[:256].clone(), num_classes=10, crop_pad=4, flip=True)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn: Callable[[], int], device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    images = fn()
+    _sync(device)
+    return images / (time.perf_counter() - t0)
+
+
+def probe_seconds_per_image(model: torch.nn.Module, cfg: TrialConfig, data: ImageData, device: torch.device) -> tuple[float, float]:
+    """Seconds per probed image, (training split, test split), each timed on one batch."""
+    params = MethodParams.from_config(cfg)
+    craft = METHODS[cfg.method].craft
+    n = min(cfg.batch_size, len(data.test_y))
+    train_probe = _probe_set("train", data.train_x, data.train_y, n, 1, data.num_classes)
+    test_probe = _probe_set("test", data.test_x, data.test_y, n, 2, data.num_classes)
+    eval_steps = cfg.eval_attack.steps
+    out = []
+    for probe, attack, targeted in (
+        (train_probe, lambda m, x, y: craft(m, x, y, params), True),
+        (test_probe, lambda m, x, y: _eval_pgd(m, x, y, params, eval_steps), False),
+    ):
+        _probe(model, probe, attack, params, cfg.batch_size, device, targeted=targeted, precision=cfg.precision)  # warm-up
+        _sync(device)
+        t0 = time.perf_counter()
+        _probe(model, probe, attack, params, cfg.batch_size, device, targeted=targeted, precision=cfg.precision)
+        _sync(device)
+        out.append((time.perf_counter() - t0) / n)
+    return out[0], out[1]
+
+
+def _eval_pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, p: MethodParams, steps: int) -> torch.Tensor:
+    from trainables.attacks import pgd
+
+    return pgd(model, x, y, eps=p.eps, step_size=p.step_size, steps=steps, norm=p.norm)  # type: ignore[arg-type]
+
+
+def bench(case: Case, method: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    n = args.batch * args.batches
+    data = case_data(case, n)
+    if len(data.train_y) < n:
+        raise SystemExit(f"{case.name} has {len(data.train_y)} training images; ask for fewer than {n} (--batch x --batches)")
+    sub = dataclasses.replace(data, train_x=data.train_x[:n], train_y=data.train_y[:n]).to(device)
+    cfg = TrialConfig(
+        method=method, model=case.model, batch_size=args.batch, lr=0.05, epochs=1,  # type: ignore[arg-type]
+        attack=AttackConfig(eps=case.eps, step=case.step, steps=10), probe=ProbeConfig(), precision=args.precision,
+    )
+    params = MethodParams.from_config(cfg)
+    torch.manual_seed(0)
+    base = build_model(case.model, in_channels=data.train_x.shape[1], num_classes=data.num_classes, image_size=data.train_x.shape[-1]).to(device)
+
+    ours_model = copy.deepcopy(base).to(memory_format=torch.channels_last)  # as run_trial does
+    ours_opt = torch.optim.SGD(ours_model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=5e-4)
+    compile_seconds = None
+    train_model = ours_model
+    if args.compile:
+        train_model = torch.compile(ours_model)
+        t0 = time.perf_counter()
+        _train_epoch(train_model, ours_opt, cfg, sub, params, 0, device)  # compiles
+        _sync(device)
+        compile_seconds = time.perf_counter() - t0
+
+    ref_model = copy.deepcopy(base)
+    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=5e-4)
+    ref_loader = reference_at.loader(
+        data.train_x[:n].numpy(), data.train_y[:n].numpy(), batch_size=args.batch,
+        crop_pad=data.crop_pad, flip=data.flip, workers=args.workers,
+    )
+    hp = {"eps": case.eps, "step_size": case.step, "steps": 10, "beta": cfg.beta, "gamma": cfg.der.gamma}
+
+    def ours() -> int:
+        return int(_train_epoch(train_model, ours_opt, cfg, sub, params, 0, device)["images"])
+
+    def reference() -> int:
+        return reference_at.train_batches(ref_model, ref_opt, ref_loader, method, hp, device)
+
+    ours_ips: list[float] = []
+    ref_ips: list[float] = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for i in range(args.repeats + 1):  # interleaved; the first round is the warm-up
+        o, r = _timed(ours, device), _timed(reference, device)
+        if i:
+            ours_ips.append(o)
+            ref_ips.append(r)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+    train_s, test_s = probe_seconds_per_image(ours_model, cfg, sub, device)
+    probe_s = train_s * cfg.probe.train_size + test_s * cfg.probe.test_size
+    ours_med, ref_med = statistics.median(ours_ips), statistics.median(ref_ips)
+    epoch_s = case.full_train_size / ours_med
+    row: dict[str, Any] = {
+        "device": device_label(device), "model": case.model, "method": method, "batch": args.batch, "precision": args.precision,
+        "ours_ips": round(ours_med, 2), "reference_ips": round(ref_med, 2), "speedup": round(statistics.median(o / r for o, r in zip(ours_ips, ref_ips)), 2),
+        "probe_overhead": round(probe_s / (probe_s + epoch_s), 4), "peak_mem_mb": None if peak is None else round(peak, 1),
+        "ours_runs": [round(v, 2) for v in ours_ips], "reference_runs": [round(v, 2) for v in ref_ips],
+    }
+    if compile_seconds is not None:
+        row["compile_seconds"] = round(compile_seconds, 1)
+    peak_tflops = args.peak_tflops or next((v for k, v in _PEAK_TFLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
+    if peak_tflops and case.model in _FORWARD_GMAC:
+        row["mfu"] = round(ours_med * _flops_per_image(case.model, method, 10) / (peak_tflops * 1e12), 4)
+    return row
+
+
+def _flops_per_image(model: str, method: str, steps: int) -> float:
+    """Model FLOPs per trained image in forward-pass units (2 FLOPs per MAC)."""
+    forward = 2 * _FORWARD_GMAC[model] * 1e9
+    attack_steps = {"standard": 0, "fgsm_rs": 1}.get(method, steps)
+    attack = attack_steps * 2  # forward + input-gradient backward
+    trains_on_both = method in ("trades", "weat", "der", "mart")
+    train = 3 * (2 if trains_on_both else 1)  # forward + weight-updating backward
+    extra = 1 if method in ("trades", "weat") else 0  # the attack's one clean forward
+    metrics = 1 if method in ("sat", "fgsm_rs") else 0  # the clean forward for the accuracy column
+    return forward * (attack + train + extra + metrics)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="digits, sat and trades, 5 repeats of 2 batches")
+    parser.add_argument("--cases", default="digits,cifar", help=f"comma-separated, from {sorted(CASES)}")
+    parser.add_argument("--methods", default="sat,trades", help=f"comma-separated, from {list(reference_at.REFERENCE_METHODS)}")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--batches", type=int, default=4, help="batches per timed run")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per side after one warm-up")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (both sides)")
+    parser.add_argument("--workers", type=int, default=0, help="the reference DataLoader's worker processes")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="energyat's `precision` (the reference is fp32)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile energyat's model; compile time is reported")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the device's bf16 dense peak, for MFU")
+    args = parser.parse_args()
+    if args.quick:
+        args.cases, args.batches, args.repeats = "digits", 2, 5
+    cases = [c for c in args.cases.split(",") if c]
+    methods = [m for m in args.methods.split(",") if m]
+    bad = [c for c in cases if c not in CASES] + [m for m in methods if m not in reference_at.REFERENCE_METHODS]
+    if bad:
+        raise SystemExit(f"unknown case or method {bad}; cases {sorted(CASES)}, methods {list(reference_at.REFERENCE_METHODS)}")
+    torch.set_num_threads(args.threads)
+    device = select_device(args.device)
+    print(f"# {time.strftime('%Y-%m-%d')} device {device_label(device)}, torch threads {args.threads}, "
+          f"batch {args.batch} x {args.batches} batches, {args.repeats} repeats, energyat precision {args.precision}, "
+          f"reference DataLoader workers {args.workers}, versions {versions()}")
+    rows = []
+    for case_name in cases:
+        for method in methods:
+            rows.append(bench(CASES[case_name], method, args, device))
+            print(f"# done: {json.dumps(rows[-1])}", flush=True)  # a long run's rows survive an interruption
+    print("| model | method | batch | precision | energyat img/s | reference img/s | speedup | probe share | peak MB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        peak = "n/a" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"
+        print(f"| {r['model']} | {r['method']} | {r['batch']} | {r['precision']} | {r['ours_ips']:.1f} | {r['reference_ips']:.1f} | "
+              f"{r['speedup']:.2f}x | {r['probe_overhead']:.1%} | {peak} |")
+    for r in rows:
+        print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()
