@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # The quickstart study on digits (local Ray, CPU), then its report. A second `make demo`
 # starts afresh: the previous demo study is moved aside, not mixed in.

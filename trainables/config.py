@@ -138,7 +138,7 @@ class TrialConfig:
     threads: int | None = None  # torch CPU threads; None = torch's default
     compile: bool = False  # torch.compile the model (pays off on CUDA for long runs)
     # autocast dtype: auto = bf16 on CUDA, fp32 on the CPU; bf16 on a CPU with AMX (Intel Sapphire
-    # Rapids and later) is 2-12x faster there (BENCHMARKS.md), within the tolerances of
+    # Rapids and later) is about 2x faster there (BENCHMARKS.md), within the tolerances of
     # tests/test_fast_path.py, but not bit-comparable with fp32 runs, so it is asked for by name
     precision: Literal["auto", "fp32", "bf16"] = "auto"
 
