@@ -154,7 +154,7 @@ def trades_kl(
 
     Under bf16 autocast the first step runs in fp32: at the 0.001 start, p(.|x*) differs from
     p(.|x) by less than bf16's resolution (logits near 10 are rounded to 0.06), so that gradient
-    is rounding noise. Measured on digits (tests/test_fast_path.py): all-bf16 reaches attack
+    is rounding noise. Measured on digits (tests/test_fast_path.py's model): all-bf16 reaches attack
     success 0.44-0.50 against fp32's 0.72-0.77; with the first step in fp32, 0.70-0.76.
     """
     x = x.detach()

@@ -136,7 +136,7 @@ class TrialConfig:
     seed: int = 0
     device: DeviceName = "auto"
     threads: int | None = None  # torch CPU threads; None = torch's default
-    compile: bool = False  # torch.compile the model (pays off on CUDA for long runs)
+    compile: bool = False  # torch.compile the model: 77 s to compile small_cnn on the CPU, no gain there (BENCHMARKS.md)
     # autocast dtype: auto = bf16 on CUDA, fp32 on the CPU; bf16 on a CPU with AMX (Intel Sapphire
     # Rapids and later) is about 2x faster there (BENCHMARKS.md), within the tolerances of
     # tests/test_fast_path.py, but not bit-comparable with fp32 runs, so it is asked for by name
