@@ -50,8 +50,8 @@ import reference_at  # noqa: E402  (a sibling file, not part of the package)
 from analysis.store import versions  # noqa: E402
 from trainables.config import AttackConfig, DatasetConfig, ProbeConfig, TrialConfig  # noqa: E402
 from trainables.data import ImageData, load_dataset  # noqa: E402
-from trainables.engine import _probe, _probe_set, _train_epoch, device_label, select_device  # noqa: E402
-from trainables.methods import METHODS, MethodParams  # noqa: E402
+from trainables.engine import _probe, _probe_set, _train_epoch, device_label, probe_attacks, select_device  # noqa: E402
+from trainables.methods import MethodParams  # noqa: E402
 from trainables.models import build_model  # noqa: E402
 
 # bf16 dense peak, TFLOP/s, for MFU when --peak-tflops is not given
@@ -101,16 +101,11 @@ def _timed(fn: Callable[[], int], device: torch.device) -> float:
 def probe_seconds_per_image(model: torch.nn.Module, cfg: TrialConfig, data: ImageData, device: torch.device) -> tuple[float, float]:
     """Seconds per probed image, (training split, test split), each timed on one batch."""
     params = MethodParams.from_config(cfg)
-    craft = METHODS[cfg.method].craft
     n = min(cfg.batch_size, len(data.test_y))
     train_probe = _probe_set("train", data.train_x, data.train_y, n, 1, data.num_classes)
     test_probe = _probe_set("test", data.test_x, data.test_y, n, 2, data.num_classes)
-    eval_steps = cfg.eval_attack.steps
     out = []
-    for probe, attack, targeted in (
-        (train_probe, lambda m, x, y: craft(m, x, y, params), True),
-        (test_probe, lambda m, x, y: _eval_pgd(m, x, y, params, eval_steps), False),
-    ):
+    for probe, attack, targeted in zip((train_probe, test_probe), probe_attacks(cfg, params), (True, False)):
         _probe(model, probe, attack, params, cfg.batch_size, device, targeted=targeted, precision=cfg.precision)  # warm-up
         _sync(device)
         t0 = time.perf_counter()
@@ -118,12 +113,6 @@ def probe_seconds_per_image(model: torch.nn.Module, cfg: TrialConfig, data: Imag
         _sync(device)
         out.append((time.perf_counter() - t0) / n)
     return out[0], out[1]
-
-
-def _eval_pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, p: MethodParams, steps: int) -> torch.Tensor:
-    from trainables.attacks import pgd
-
-    return pgd(model, x, y, eps=p.eps, step_size=p.step_size, steps=steps, norm=p.norm)  # type: ignore[arg-type]
 
 
 def bench(case: Case, method: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:

@@ -159,11 +159,11 @@ def trades_kl(
     """
     x = x.detach()
     start = _project(x + 0.001 * torch.randn_like(x), x, eps, norm)
-    autocasting = torch.is_autocast_enabled(x.device.type)
-    fp32_steps = min(steps, 1) if autocasting else 0
-    with torch.autocast(x.device.type, enabled=False):
-        start = _kl_ascent(model, x, start, eps=eps, step_size=step_size, steps=fp32_steps, norm=norm)
-    return _kl_ascent(model, x, start, eps=eps, step_size=step_size, steps=steps - fp32_steps, norm=norm)
+    if steps and torch.is_autocast_enabled(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):
+            start = _kl_ascent(model, x, start, eps=eps, step_size=step_size, steps=1, norm=norm)
+        steps -= 1
+    return _kl_ascent(model, x, start, eps=eps, step_size=step_size, steps=steps, norm=norm)
 
 
 def _kl_ascent(model: nn.Module, x: torch.Tensor, start: torch.Tensor, *, eps: float, step_size: float, steps: int, norm: Norm) -> torch.Tensor:

@@ -51,6 +51,9 @@ from trainables.schedules import lr_at
 # a caller (Ray Tune) that stops listening after it has seen everything.
 EpochCallback = Callable[[dict[str, Any], Path], "str | None"]
 
+# attack(model, x, y) -> x*, with the threat model bound (see :func:`probe_attacks`)
+ProbeAttack = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
 _TARGET_SEED = 1234  # fixed wrong-class targets per probe image, the same every epoch
 
 
@@ -180,7 +183,7 @@ def _train_epoch(
 def _probe(
     model: nn.Module,
     probe: ProbeSet,
-    craft: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
+    craft: ProbeAttack,
     params: MethodParams,
     batch_size: int,
     device: torch.device,
@@ -225,6 +228,21 @@ def _probe(
                 cols[name].append(value.detach())
     # float64 on the host, so that mean(E - E*) equals mean(E) - mean(E*) to 1e-12
     return {k: torch.cat(v).cpu().double().numpy() if v[0].is_floating_point() else torch.cat(v).cpu().numpy() for k, v in cols.items()}
+
+
+def probe_attacks(cfg: TrialConfig, params: MethodParams) -> tuple[ProbeAttack, ProbeAttack]:
+    """(training probe's attack, test probe's attack): the method's own x*, and PGD with
+    `eval_attack.steps` for test robust accuracy."""
+    method_craft: Craft = METHODS[cfg.method].craft
+    eval_steps = cfg.eval_attack.steps
+
+    def train_attack(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return method_craft(m, x, y, params)
+
+    def test_attack(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return pgd(m, x, y, eps=params.eps, step_size=params.step_size, steps=eval_steps, norm=params.norm)  # type: ignore[arg-type]
+
+    return train_attack, test_attack
 
 
 def _probe_columns(train: dict[str, np.ndarray], test: dict[str, np.ndarray]) -> dict[str, float]:
@@ -384,7 +402,7 @@ def run_trial(
     model = model.to(device, memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     params = MethodParams.from_config(cfg)
-    method_craft: Craft = METHODS[cfg.method].craft
+    train_attack, test_attack = probe_attacks(cfg, params)
     train_probe = _probe_set("train", data.train_x, data.train_y, cfg.probe.train_size, cfg.dataset.seed + 1, data.num_classes)
     test_probe = _probe_set("test", data.test_x, data.test_y, cfg.probe.test_size, cfg.dataset.seed + 2, data.num_classes)
     detector = OnlineDetector()
@@ -433,13 +451,8 @@ def run_trial(
         probe_cols = dict.fromkeys(_PROBE_KEYS, math.nan)
         sample_sets: list[tuple[ProbeSet, dict[str, np.ndarray]]] = []
         if probed:
-            eval_steps = cfg.eval_attack.steps
-            train_vals = _probe(model, train_probe, lambda m, x, y: method_craft(m, x, y, params), params, cfg.batch_size, device, targeted=True, precision=cfg.precision)
-            test_vals = _probe(
-                model, test_probe,
-                lambda m, x, y: pgd(m, x, y, eps=params.eps, step_size=params.step_size, steps=eval_steps, norm=params.norm),  # type: ignore[arg-type]
-                params, cfg.batch_size, device, targeted=False, precision=cfg.precision,
-            )
+            train_vals = _probe(model, train_probe, train_attack, params, cfg.batch_size, device, targeted=True, precision=cfg.precision)
+            test_vals = _probe(model, test_probe, test_attack, params, cfg.batch_size, device, targeted=False, precision=cfg.precision)
             probe_cols = _probe_columns(train_vals, test_vals)
             sample_sets = [(train_probe, train_vals), (test_probe, test_vals)]
         probe_seconds = time.perf_counter() - t1
