@@ -69,8 +69,20 @@ def open_tables(directory: str | os.PathLike[str], *, trial: str | None = None) 
             )
         else:  # no file yet: an empty view with the declared columns
             source = _register_empty(con, view)
-        con.execute(f"create view {view} as select * from {source}")
+        try:  # union_by_name reads every file's footer here: a damaged file fails now
+            con.execute(f"create view {view} as select * from {source}")
+        except duckdb.Error as exc:
+            con.close()
+            # DuckDB's first line names the file; the rest quotes our SQL back
+            raise _damaged(directory, str(exc).splitlines()[0]) from exc
     return con
+
+
+def _damaged(directory: str | os.PathLike[str], problem: str) -> StoreError:
+    return StoreError(
+        f"cannot read the tables of {directory}: {problem}; move the damaged file out of tables/ "
+        "to read the rest"
+    )
 
 
 def _no_tables(directory: str | os.PathLike[str]) -> StoreError:
@@ -99,13 +111,23 @@ def _open_remote(directory: str, trial: str | None) -> duckdb.DuckDBPyConnection
                 found = fs.get_file_info(pafs.FileSelector(f"{root}/{folder}", recursive=True, allow_not_found=True))
                 names = sorted(f.path[len(root) + 1:] for f in found if f.type == pafs.FileType.File)
                 names = [name for name in names if fnmatch.fnmatchcase(name, _pattern(view, trial))]
-                tables = list(pool.map(lambda name: pq.read_table(f"{root}/{name}", filesystem=fs, partitioning=None), names))
+                tables = list(pool.map(lambda name: _read_file(fs, root, name), names))
                 source = _union_by_name(con, view, tables) if tables else _register_empty(con, view)
                 con.execute(f"create view {view} as select * from {source}")
         except OSError as exc:
             con.close()
             raise StoreError(f"cannot read the tables of {directory}: {one_line(exc)}") from exc
+        except pa.ArrowInvalid as exc:  # from _read_file: a damaged file, named
+            con.close()
+            raise _damaged(directory, one_line(exc)) from exc
     return con
+
+
+def _read_file(fs: pafs.FileSystem, root: str, name: str) -> pa.Table:
+    try:
+        return pq.read_table(f"{root}/{name}", filesystem=fs, partitioning=None)
+    except pa.ArrowInvalid as exc:
+        raise pa.ArrowInvalid(f"{name}: {one_line(exc)}") from exc
 
 
 def _union_by_name(con: duckdb.DuckDBPyConnection, view: str, tables: list[pa.Table]) -> str:

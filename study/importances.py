@@ -5,6 +5,7 @@ Optuna lives in ``study/``; the report (``analysis/report.py``) only draws the n
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import warnings
@@ -12,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from analysis.errors import StoreError, one_line
 from analysis.store import is_uri, join, open_storage
 
 JOURNAL = "optuna.journal"
@@ -20,11 +22,37 @@ JOURNAL = "optuna.journal"
 MIN_TRIALS = 2
 
 
+def check_journal(path: Path, *, where: str) -> None:
+    """Raise :class:`StoreError` when the journal at `path` (named `where` in the message) is
+    truncated or holds a line that is not JSON; a missing file is fine (a new study).
+
+    Optuna skips an incomplete last line silently, and its next append would then bury that
+    line in the middle of the file, where every later read fails: a cut journal is refused
+    before anything reads or appends to it.
+    """
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        start = data.rfind(b"\n") + 1
+        raise StoreError(
+            f"{where} is truncated: its last line (from byte {start}) has no end, as after an interrupted "
+            "write or copy; restore the file, or delete that line to keep the search state before it"
+        )
+    for number, line in enumerate(data.splitlines(), start=1):
+        try:
+            json.loads(line)
+        except ValueError as exc:
+            raise StoreError(f"{where} is corrupted: line {number} is not JSON ({one_line(exc)}); restore the file from a copy") from exc
+
+
 def journal_storage(path: Path) -> Any:
-    """Optuna's JournalStorage on the journal file at `path` (the one way energyat opens one)."""
+    """Optuna's JournalStorage on the journal file at `path` (the one way energyat opens one),
+    after :func:`check_journal`."""
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
+    check_journal(path, where=str(path))
     return JournalStorage(JournalFileBackend(str(path)))
 
 
@@ -48,6 +76,7 @@ def journal_copy(directory: str | os.PathLike[str]) -> Iterator[Path | None]:
     with tempfile.TemporaryDirectory(prefix="energyat-journal-") as tmp:
         local = Path(tmp) / JOURNAL
         pafs.copy_files(f"{root}/{JOURNAL}", str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        check_journal(local, where=join(directory, JOURNAL))  # named as the user knows it
         yield local
 
 

@@ -37,7 +37,7 @@ from analysis.errors import EnergyatError, SpecError, StoreError, one_line
 from analysis.phases import DETECTOR_COLUMNS, OnlineDetector, should_stop
 from analysis.schema import SCHEMA_VERSION
 from analysis.store import filesystem, is_uri, join, open_storage
-from study.importances import JOURNAL, journal_storage
+from study.importances import JOURNAL, check_journal, journal_storage
 from study.space import SearchSpace, parse_search
 from study.spec import StudyKeys
 
@@ -334,9 +334,12 @@ def run_study(raw: dict[str, Any], study: StudyKeys, *, address: str | None, sto
         except OSError as exc:
             raise EnergyatError(f"cannot create the journal folder {journal_dir()}: {one_line(exc)}; set ENERGYAT_JOURNAL_DIR") from exc
     journal = _journal_file(study_dir, document)
-    fs.create_dir(root, recursive=True)
-    with fs.open_output_stream(f"{root}/spec.yaml") as f:
-        f.write(yaml.safe_dump(document, sort_keys=False).encode())
+    try:
+        fs.create_dir(root, recursive=True)
+        with fs.open_output_stream(f"{root}/spec.yaml") as f:
+            f.write(yaml.safe_dump(document, sort_keys=False).encode())
+    except OSError as exc:
+        raise StoreError(f"cannot create the study directory {study_dir}: {one_line(exc)}; choose a writable --storage") from exc
     _init_ray(address)
     trainable, tune_config, run_config = _tuner_parts(raw, study, study_dir, study_name, journal)
     if is_uri(study_dir):
@@ -365,7 +368,13 @@ def load_study(study_dir: str | Path) -> LoadedStudy:
     if fs.get_file_info(f"{root}/spec.yaml").type != FileType.File:
         raise EnergyatError(f"{study_dir} is not a study directory (no spec.yaml); `energyat run SPEC` creates one")
     with fs.open_input_stream(f"{root}/spec.yaml") as f:
-        document = yaml.safe_load(f.read())
+        text = f.read()
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise StoreError(f"{join(location, 'spec.yaml')} is not valid YAML ({one_line(exc)}); restore it from a copy") from exc
+    if not isinstance(document, dict) or not {"spec", "study_name"} <= set(document):
+        raise StoreError(f"{join(location, 'spec.yaml')} is not an energyat study spec (no `spec` and `study_name` keys); restore it from a copy")
     raw = document["spec"]
     return LoadedStudy(location, raw, _check_study_keys(raw), document["study_name"], _journal_file(location, document))
 
@@ -377,11 +386,12 @@ def resume_study(study_dir: str | Path, *, address: str | None) -> str:
     remote = is_uri(location)
     if remote:
         _download_newer_journal(location, loaded.journal)
-    _init_ray(address)
+    check_journal(loaded.journal, where=join(location, JOURNAL))
     storage_path, storage_fs = _tune_storage(location)
     tune_dir = f"{storage_path}/tune"
     if not tune.Tuner.can_restore(tune_dir, storage_filesystem=storage_fs):
         raise EnergyatError(f"{study_dir} has no restorable Ray Tune experiment under tune/")
+    _init_ray(address)
     trainable, _tune_config, _run_config = _tuner_parts(loaded.raw, loaded.keys, location, loaded.study_name, loaded.journal)
     tuner = tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=storage_fs)
     tuner.fit()

@@ -1,0 +1,175 @@
+"""Bad input, table-driven: every case is one clear line on stderr, exit 2, and nothing changed.
+
+Each case runs the real command line (``study.cli.main``, in this process: the cases fail before
+Ray or training start, so a subprocess per case would only add interpreter start-up) against its
+own copy of a real study (made by `energyat run`, with Ray) and a real `energyat train` output.
+Before and after the command, every file under the case's folder is hashed: a bad input may not
+create, change or delete anything. The count of cases is quoted in docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import yaml
+
+from conftest import EXAMPLES, ROOT, TINY, energyat_cmd
+from study.cli import main
+
+SMOKE = str(EXAMPLES / "smoke.yaml")
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished one-trial study (`studies/s`) and a finished `energyat train` output (`train`)."""
+    base = tmp_path_factory.mktemp("pristine")
+    subprocess.run(
+        [*energyat_cmd(), "run", SMOKE, "--storage", str(base / "studies"), "--name", "s", "--set", "samples=1", "--set", "epochs=1"],
+        cwd=ROOT, check=True, capture_output=True, timeout=600,
+    )
+    spec = base / "tiny.yaml"
+    spec.write_text(yaml.safe_dump({**TINY, "epochs": 1}))
+    assert main(["train", str(spec), "--out", str(base / "train")]) == 0
+    return base
+
+
+def _spec(**changes: Any) -> dict[str, Any]:
+    """TINY with dotted-key changes, e.g. _spec(**{"attack.eps": 2})."""
+    spec = yaml.safe_load(yaml.safe_dump(TINY))
+    for key, value in changes.items():
+        *parents, leaf = key.split(".")
+        node = spec
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return spec
+
+
+def _study_spec(**changes: Any) -> dict[str, Any]:
+    return {**yaml.safe_load(Path(SMOKE).read_text()), **changes}
+
+
+def _corrupt_parquet(d: Path) -> None:
+    target = next((d / "studies/s/tables/epochs").glob("*/epoch-0000.parquet"))
+    target.write_bytes(b"PAR1 this is not a parquet file")
+
+
+def _truncate_journal(d: Path) -> None:
+    journal = d / "studies/s/optuna.journal"
+    journal.write_bytes(journal.read_bytes()[:-25])
+
+
+def _garble_study_spec(d: Path) -> None:
+    (d / "studies/s/spec.yaml").write_text("schema_version: [1, 2\n")
+
+
+def _drop_tune(d: Path) -> None:
+    shutil.rmtree(d / "studies/s/tune")
+
+
+@dataclass(frozen=True)
+class Case:
+    """argv with {d} for the case's folder; `spec` is written to {d}/spec.yaml first."""
+
+    name: str
+    argv: list[str]
+    expect: str  # words the one line must contain
+    spec: dict[str, Any] | str | None = None
+    prepare: Callable[[Path], None] | None = None
+
+
+TRAIN = ["train", "{d}/spec.yaml", "--out", "{d}/out"]
+RUN = ["run", "{d}/spec.yaml", "--storage", "{d}/studies", "--name", "new"]
+STUDY = "{d}/studies/s"
+
+CASES = [
+    # -- specs ------------------------------------------------------------------------------------
+    Case("unknown key", TRAIN, "`lrr`", _spec(lrr=0.1)),
+    Case("unknown nested key", TRAIN, "`attack.epsilon`", _spec(**{"attack.epsilon": 0.1})),
+    Case("wrong type", TRAIN, "`epochs`", _spec(epochs="ten")),
+    Case("eps above 1", TRAIN, "`attack.eps`", _spec(**{"attack.eps": 2})),
+    Case("negative epochs", TRAIN, "`epochs`", _spec(epochs=-3)),
+    Case("unknown dataset", TRAIN, "`dataset.name`", _spec(**{"dataset.name": "mnist2"})),
+    Case("unknown model", TRAIN, "`model`", _spec(model="vgg16")),
+    Case("unknown method", TRAIN, "`method`", _spec(method="pgd")),
+    Case("missing dataset, download off", TRAIN, "dataset.download: true", _spec(**{"dataset.name": "cifar10", "dataset.root": "/nonexistent/data"})),
+    Case("spec file missing", ["train", "{d}/nope.yaml", "--out", "{d}/out"], "does not exist"),
+    Case("spec not YAML", TRAIN, "not valid YAML", "epochs: [1, 2\n"),
+    Case("spec not a mapping", TRAIN, "mapping", "- 1\n- 2\n"),
+    Case("--set without =", [*TRAIN, "--set", "epochs"], "key=value", _spec()),
+    Case("--set value not YAML", [*TRAIN, "--set", "epochs=[1"], "not valid YAML", _spec()),
+    Case("empty search range", RUN, "search.beta", _study_spec(search={"beta": [12.0, 1.0]})),
+    Case("search over an unknown key", RUN, "search.lrr", _study_spec(search={"lrr": [0.1, 1.0]})),
+    Case("unknown objective", RUN, "objective", _study_spec(objective="accuracy")),
+    Case("zero samples", RUN, "`samples`", _study_spec(samples=0)),
+    Case("early_stop not a bool", RUN, "early_stop.energy_divergence", _study_spec(early_stop={"energy_divergence": "maybe"})),
+    # -- flags ------------------------------------------------------------------------------------
+    Case("unknown flag", [*TRAIN, "--fast"], "unrecognized arguments: --fast", _spec()),
+    Case("--stop-patience alone", [*TRAIN, "--stop-patience", "3"], "--stop-on-alarm", _spec()),
+    Case("unknown --format", ["query", STUDY, "select 1", "--format", "xml"], "invalid choice: 'xml'"),
+    Case("no command", [], "required: command"),
+    # -- paths ------------------------------------------------------------------------------------
+    Case("storage not writable", ["run", SMOKE, "--storage", "/proc/energyat-studies"], "/proc/energyat-studies"),
+    Case("storage under a file", ["run", SMOKE, "--storage", "{d}/studies/s/spec.yaml/x"], "spec.yaml/x"),
+    Case("unknown storage scheme", ["run", SMOKE, "--storage", "nope://bucket/studies"], "nope://bucket/studies"),
+    Case("study directory missing", ["status", "{d}/nowhere"], "not a study directory"),
+    Case("query a missing directory", ["query", "{d}/nowhere", "select 1"], "nowhere"),
+    Case("report a missing directory", ["report", "{d}/nowhere"], "nowhere"),
+    Case("resume a missing study", ["resume", "{d}/nowhere"], "not a study directory"),
+    Case("resume without tune/", ["resume", STUDY], "no restorable Ray Tune experiment", prepare=_drop_tune),
+    Case("run into an existing study", ["run", SMOKE, "--storage", "{d}/studies", "--name", "s"], "already holds a study"),
+    Case("train --out a URI", ["train", SMOKE, "--out", "s3://bucket/out"], "give a local directory"),
+    Case("train a different spec into an output", ["train", "{d}/spec.yaml", "--out", "{d}/train"], "different spec", _spec(epochs=1, lr=0.2)),
+    # -- stored data ------------------------------------------------------------------------------
+    Case("unknown trial id", ["phases", STUDY, "--trial", "nope"], "no trial `nope`"),
+    Case("bad SQL", ["query", STUDY, "selec count(*) from epochs"], "bad SQL"),
+    Case("SQL that deletes", ["query", STUDY, "delete from epochs"], "SELECT"),
+    Case("SQL that writes a file", ["query", STUDY, "copy epochs to '{d}/leak.csv'"], "SELECT"),
+    Case("two SQL statements", ["query", STUDY, "select 1; select 2"], "exactly one"),
+    Case("corrupted Parquet, query", ["query", STUDY, "select count(*) from epochs"], "epoch-0000.parquet", prepare=_corrupt_parquet),
+    Case("corrupted Parquet, status", ["status", STUDY], "epoch-0000.parquet", prepare=_corrupt_parquet),
+    Case("truncated journal, status", ["status", STUDY], "optuna.journal", prepare=_truncate_journal),
+    Case("truncated journal, resume", ["resume", STUDY], "optuna.journal", prepare=_truncate_journal),
+    Case("truncated journal, report", ["report", STUDY], "optuna.journal", prepare=_truncate_journal),
+    Case("garbled study spec.yaml", ["status", STUDY], "spec.yaml", prepare=_garble_study_spec),
+]
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir" for p in sorted(root.rglob("*"))}
+
+
+def test_at_least_25_distinct_bad_inputs() -> None:
+    assert len({c.name for c in CASES}) == len(CASES) >= 25
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(case: Case, pristine: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    d = tmp_path / "case"
+    shutil.copytree(pristine, d)
+    if isinstance(case.spec, dict):
+        (d / "spec.yaml").write_text(yaml.safe_dump(case.spec))
+    elif isinstance(case.spec, str):
+        (d / "spec.yaml").write_text(case.spec)
+    if case.prepare is not None:
+        case.prepare(d)
+    before = _snapshot(d)
+    capfd.readouterr()
+    argv = [a.replace("{d}", str(d)) for a in case.argv]
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's usage errors
+        code = exc.code
+    out, err = capfd.readouterr()
+    lines = err.strip().splitlines()
+    assert code == 2, f"exit {code}; stderr: {err[-2000:]}"
+    assert len(lines) == 1 and lines[0].startswith("energyat: "), err
+    assert case.expect.replace("{d}", str(d)) in lines[0], lines[0]
+    assert out == ""
+    assert _snapshot(d) == before, "a bad input changed files"
