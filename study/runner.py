@@ -246,7 +246,10 @@ def _init_ray(address: str | None) -> None:
             ray.init(address=address, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise EnergyatError(f"cannot join the Ray cluster at {address}: {' '.join(str(exc).split())[:200]}") from exc
-    else:  # a local Ray; no dashboard (it would listen on a port), nothing bound beyond 127.0.0.1
+    else:
+        # A local Ray without the dashboard (a web UI that would run jobs for whoever reaches it).
+        # Ray 2.60's gRPC servers still listen on every interface, whatever the node address
+        # (ray-project/ray#59852 moves them to the node's): docs/reliability.md says what to do.
         ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
 
 

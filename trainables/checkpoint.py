@@ -8,11 +8,14 @@ therefore be tensors, numbers, strings, lists, dicts or None (the detector state
 from __future__ import annotations
 
 import os
+import pickle
 import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from analysis.errors import StoreError
 
 
 def save(path: Path, state: dict[str, Any]) -> None:
@@ -24,4 +27,12 @@ def save(path: Path, state: dict[str, Any]) -> None:
 
 
 def load(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """The state saved at `path`; a file holding anything but the types above is refused
+    (:class:`StoreError`) before any of it runs."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise StoreError(
+            f"checkpoint {path} holds objects other than tensors and plain values, so it was not loaded "
+            "(torch.load weights_only=True); energyat did not write it: delete it, or restore the trial's own"
+        ) from exc

@@ -1,0 +1,116 @@
+"""Kills, seeded and bounded: SIGKILL to trials' worker processes mid-epoch, and to the driver
+(its whole process group, the local Ray included) followed by `energyat resume`.
+
+After each study: one `epochs` row and one whole set of `samples` rows per (trial, epoch) that
+ran, epochs contiguous from 0, one complete `trials` row per trial, and an Optuna journal in which
+every Tune trial appears once, in the state and with the value that match Tune's
+(:func:`test_study.assert_tables_consistent`, :func:`test_study.assert_journal_matches_tune`).
+The kill points come from ``random.Random(KILL_SEED)``: they differ between kills, not between runs.
+docs/reliability.md quotes the number of kills.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from conftest import EXAMPLES, ROOT, energyat_cmd
+from test_study import assert_journal_matches_tune, assert_tables_consistent, energyat
+
+SMOKE = str(EXAMPLES / "smoke.yaml")
+KILL_SEED = 2026
+EPOCHS, SAMPLES = 4, 4  # 16 trial-epochs per study
+
+
+def _epoch_files(study_dir: Path) -> int:
+    return len(list((study_dir / "tables" / "epochs").glob("*/epoch-*.parquet")))
+
+
+def _wait_for(condition, proc: subprocess.Popen[bytes], what: str, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the study ended before {what}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout:.0f} s"
+        time.sleep(0.2)
+
+
+def _trial_workers(study_dir: Path) -> dict[str, int]:
+    """{trial id: pid} of this study's running trial actors: their process title is
+    `ray::ImplicitFunc.train`, their working directory `.../working_dirs/<trial id>`, and the
+    study has a folder `tune/<trial id>` (the other test worker may run a study meanwhile)."""
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:  # gone meanwhile, or not ours
+            continue
+        if title.startswith(b"ray::ImplicitFunc") and "working_dirs" in cwd and (study_dir / "tune" / Path(cwd).name).is_dir():
+            found[Path(cwd).name] = int(pid)
+    return found
+
+
+def _study_args(storage: Path, name: str) -> list[str]:
+    return [*energyat_cmd(), "run", SMOKE, "--storage", str(storage), "--name", name, "--set", f"epochs={EPOCHS}", "--set", f"samples={SAMPLES}"]
+
+
+def test_trial_workers_killed_mid_epoch_restart_from_their_checkpoints(tmp_path: Path) -> None:
+    # two workers are SIGKILLed while they train; Tune (FailureConfig) restarts each trial from its
+    # last reported checkpoint and the re-run epoch overwrites its own rows
+    rng = random.Random(KILL_SEED)
+    study_dir = tmp_path / "studies" / "workers"
+    proc = subprocess.Popen(_study_args(tmp_path / "studies", "workers"), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    killed: list[str] = []
+    try:
+        for point in sorted(rng.sample(range(1, 10), 2)):
+            _wait_for(lambda: _epoch_files(study_dir) >= point and len(_trial_workers(study_dir)) > 0, proc, f"{point} epochs")
+            time.sleep(rng.uniform(0.0, 1.0))  # somewhere inside the next epoch
+            workers = _trial_workers(study_dir)
+            if not workers:  # between two trials: wait for the next one
+                _wait_for(lambda: len(_trial_workers(study_dir)) > 0, proc, "a running trial")
+                workers = _trial_workers(study_dir)
+            trial = rng.choice(sorted(workers))
+            os.kill(workers[trial], signal.SIGKILL)
+            killed.append(trial)
+        _, err = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, err.decode()[-4000:]
+    trials = assert_tables_consistent(study_dir)
+    assert len(trials) == SAMPLES and all(t[3] == EPOCHS for t in trials)
+    assert_journal_matches_tune(study_dir)
+    from ray.tune import ExperimentAnalysis
+
+    failures = {t.trial_id: t.run_metadata.num_failures for t in ExperimentAnalysis(str(study_dir / "tune")).trials}
+    for trial in killed:  # Tune saw each kill and restarted the trial (not a fresh one)
+        assert failures[trial] >= 1, failures
+
+
+def test_driver_killed_three_times_then_resumed_completes_every_trial_once(tmp_path: Path) -> None:
+    # SIGKILL to the driver's process group (Ray's local processes with it) at three seeded points,
+    # each followed by `energyat resume`, which the next kill interrupts in turn
+    rng = random.Random(KILL_SEED + 1)
+    storage = tmp_path / "studies"
+    study_dir = storage / "driver"
+    command = _study_args(storage, "driver")
+    for point in sorted(rng.sample(range(2, 14), 3)):
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        target = max(point, _epoch_files(study_dir) + 1) if study_dir.exists() else point  # progress before each kill
+        try:
+            _wait_for(lambda: study_dir.exists() and _epoch_files(study_dir) >= target, proc, f"{target} epochs")
+            time.sleep(rng.uniform(0.0, 1.0))
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        command = [*energyat_cmd(), "resume", str(study_dir)]
+    energyat("resume", str(study_dir))
+    trials = assert_tables_consistent(study_dir)
+    assert len(trials) == SAMPLES and all(t[3] == EPOCHS for t in trials)
+    assert_journal_matches_tune(study_dir)
+
