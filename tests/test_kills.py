@@ -18,12 +18,25 @@ import subprocess
 import time
 from pathlib import Path
 
+from analysis.query import open_tables
 from conftest import EXAMPLES, ROOT, energyat_cmd
 from test_study import assert_journal_matches_tune, assert_tables_consistent, energyat
 
 SMOKE = str(EXAMPLES / "smoke.yaml")
 KILL_SEED = 2026
 EPOCHS, SAMPLES = 4, 4  # 16 trial-epochs per study
+WORKER_KILLS, DRIVER_KILLS = 2, 3  # with the S3 driver kill in test_remote_storage.py: docs/reliability.md's count
+PROBE_ROWS = 64 + 128  # smoke.yaml's probe: 64 training and 128 test images per probed epoch
+
+
+def _assert_complete(study_dir: Path) -> None:
+    """The checks of the module docstring, with the exact row counts docs/reliability.md quotes."""
+    trials = assert_tables_consistent(study_dir)
+    assert len(trials) == SAMPLES and all(t[3] == EPOCHS for t in trials)
+    con = open_tables(study_dir)
+    counts = con.execute("select (select count(*) from epochs), (select count(*) from samples), (select count(*) from trials)").fetchone()
+    assert counts == (SAMPLES * EPOCHS, SAMPLES * EPOCHS * PROBE_ROWS, SAMPLES)
+    assert_journal_matches_tune(study_dir)
 
 
 def _epoch_files(study_dir: Path) -> int:
@@ -66,7 +79,7 @@ def test_trial_workers_killed_mid_epoch_restart_from_their_checkpoints(tmp_path:
     proc = subprocess.Popen(_study_args(tmp_path / "studies", "workers"), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     killed: list[str] = []
     try:
-        for point in sorted(rng.sample(range(1, 10), 2)):
+        for point in sorted(rng.sample(range(1, 10), WORKER_KILLS)):
             _wait_for(lambda: _epoch_files(study_dir) >= point and len(_trial_workers(study_dir)) > 0, proc, f"{point} epochs")
             time.sleep(rng.uniform(0.0, 1.0))  # somewhere inside the next epoch
             workers = _trial_workers(study_dir)
@@ -82,9 +95,7 @@ def test_trial_workers_killed_mid_epoch_restart_from_their_checkpoints(tmp_path:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 0, err.decode()[-4000:]
-    trials = assert_tables_consistent(study_dir)
-    assert len(trials) == SAMPLES and all(t[3] == EPOCHS for t in trials)
-    assert_journal_matches_tune(study_dir)
+    _assert_complete(study_dir)
     from ray.tune import ExperimentAnalysis
 
     failures = {t.trial_id: t.run_metadata.num_failures for t in ExperimentAnalysis(str(study_dir / "tune")).trials}
@@ -99,7 +110,7 @@ def test_driver_killed_three_times_then_resumed_completes_every_trial_once(tmp_p
     storage = tmp_path / "studies"
     study_dir = storage / "driver"
     command = _study_args(storage, "driver")
-    for point in sorted(rng.sample(range(2, 14), 3)):
+    for point in sorted(rng.sample(range(2, 14), DRIVER_KILLS)):
         proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         target = max(point, _epoch_files(study_dir) + 1) if study_dir.exists() else point  # progress before each kill
         try:
@@ -110,7 +121,5 @@ def test_driver_killed_three_times_then_resumed_completes_every_trial_once(tmp_p
             proc.wait()
         command = [*energyat_cmd(), "resume", str(study_dir)]
     energyat("resume", str(study_dir))
-    trials = assert_tables_consistent(study_dir)
-    assert len(trials) == SAMPLES and all(t[3] == EPOCHS for t in trials)
-    assert_journal_matches_tune(study_dir)
+    _assert_complete(study_dir)
 

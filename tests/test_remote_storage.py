@@ -133,6 +133,18 @@ def test_query_of_a_missing_study_on_s3_exits_2_with_one_line(s3: S3, tmp_path: 
     assert proc.returncode == 2 and "holds no energyat tables" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
+def test_a_damaged_parquet_file_on_s3_is_named_in_one_line_and_left_alone(s3: S3, tmp_path: Path) -> None:
+    root = s3.uri("damaged")
+    for epoch in range(2):
+        write_epoch_rows(root, table="epochs", trial_id="a", epoch=epoch, columns=_row("a", epoch, 1.0), provenance={})
+    with s3.fs.open_output_stream(f"{BUCKET}/damaged/tables/epochs/trial=a/epoch-0001.parquet") as f:
+        f.write(b"PAR1 not a parquet file")
+    proc = energyat("query", root, "select count(*) from epochs", cwd=tmp_path, env=os.environ.copy(), timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "trial=a/epoch-0001.parquet" in proc.stderr and "Traceback" not in proc.stderr
+    assert s3.files("damaged/tables/epochs/trial=a") == ["epoch-0000.parquet", "epoch-0001.parquet"]
+
+
 @pytest.fixture(scope="module")
 def s3_study(s3: S3, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, Path, dict[str, str]]:
     """The smoke study, 2 trials x 2 epochs, run from an empty working directory into the bucket."""
