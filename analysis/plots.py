@@ -456,3 +456,35 @@ def param_importances(importances: Mapping[str, float], *, path: Path) -> Path:
     ax.set_title("hyperparameter importance for the objective")
     ax.grid(True, axis="x", alpha=0.3, lw=0.5)
     return _save(fig, path)
+
+
+def sample_grid(images: np.ndarray, labels: np.ndarray, *, path: Path, title: str, class_names: Sequence[str] | None = None) -> Path:
+    """Generated images as a grid, one row per class in order of first appearance.
+
+    Args:
+        images: (N, C, H, W) floats in [0, 1] (C = 1 grey or 3 RGB).
+        labels: (N,) the class each image was generated for.
+    """
+    images, labels = np.asarray(images), np.asarray(labels)
+    if len(images) == 0:
+        raise NoData("no images to draw")
+    classes = list(dict.fromkeys(labels.tolist()))
+    per_row = max(int((labels == c).sum()) for c in classes)
+    fig = Figure(figsize=(0.9 * per_row + 0.8, 0.9 * len(classes) + 0.5))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(classes), per_row, squeeze=False)
+    for r, c in enumerate(classes):
+        row = images[labels == c]
+        for j in range(per_row):
+            ax = axes[r][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if j < len(row):
+                img = np.clip(row[j].transpose(1, 2, 0), 0.0, 1.0)
+                ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+        axes[r][0].set_ylabel(class_names[c] if class_names else str(c), rotation=0, ha="right", va="center")
+    fig.suptitle(title, fontsize=9)
+    fig.subplots_adjust(wspace=0.05, hspace=0.05, left=0.08, right=0.99, bottom=0.01, top=0.9)
+    return _save(fig, path)

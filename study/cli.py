@@ -182,6 +182,35 @@ def _status_text(study_dir: str) -> str:
     return "\n".join(lines)
 
 
+def _classes(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise EnergyatError(f"--classes expects class indices separated by commas (e.g. 0,3,7), got {text!r}") from None
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from trainables.config import SgldConfig
+    from trainables.generate import generate
+
+    result = generate(
+        args.directory, args.trial, classes=_classes(args.classes), n=args.n, init=args.init,
+        sgld_cfg=SgldConfig(steps=args.steps, eta=args.eta, momentum=args.momentum), seed=args.seed, inception_weights=args.inception_weights,
+    )
+    scores, start = result["scores"], result["start_scores"]
+    print(
+        f"{result['trial_id']} ({result['method']}), {args.init} start, {args.steps} SGLD steps: "
+        f"judge acc {scores['judge_acc']:.3f} (start {start['judge_acc']:.3f}), "
+        f"judge conf {scores['judge_conf']:.3f}, judge FD {scores['judge_fd']:.2f} (start {start['judge_fd']:.2f})"
+        + (f", IS {scores['inception_score']:.2f}, FID {scores['fid']:.1f}" if "fid" in scores else "")
+        + f"; judge's own test acc {result['judge_test_acc']:.3f}"
+    )
+    print(f"samples: {result['png']}  {result['npz']}")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from study.runner import load_study
 
@@ -204,6 +233,8 @@ def _print_table(table: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from trainables.config import SgldConfig  # its defaults are the flags' defaults (no torch import)
+
     parser = _Parser(prog="energyat", description="Hyperparameter studies of adversarial training, read through energies.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -245,6 +276,20 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("directory", type=str, help="study directory (local path or URI)")
     resume.add_argument("--address", type=str, default=None, help="join this Ray cluster (default: RAY_ADDRESS, else a local Ray)")
     resume.set_defaults(func=cmd_resume)
+
+    sample = sub.add_parser("sample", help="generate images from a trial's best checkpoint (SGLD on the joint energy)")
+    sample.add_argument("directory", type=str, help="study directory or train --out directory (local)")
+    sample.add_argument("--trial", type=str, required=True, metavar="ID", help="trial id (see `energyat status`)")
+    sample.add_argument("--classes", type=str, default=None, metavar="C,C,...", help="class indices, one grid row each (default: all)")
+    sample.add_argument("--n", type=int, default=8, help="images per class (default 8)")
+    sample.add_argument("--steps", type=int, default=50, help="SGLD steps (default 50)")
+    sample.add_argument("--eta", type=float, default=SgldConfig.eta, help=f"SGLD step size on grad E(x, y) (default {SgldConfig.eta}, PAPER.md's)")
+    sample.add_argument("--momentum", type=float, default=SgldConfig.momentum, help=f"SGLD momentum zeta (default {SgldConfig.momentum})")
+    sample.add_argument("--init", type=str, choices=("pca", "gaussian", "noise"), default="pca", help="chain start (default pca: class-wise PCA of the training images)")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--inception-weights", type=Path, default=None, metavar="FILE",
+                        help="torchvision Inception-v3 state dict: adds Inception Score and FID to the judge's proxy scores")
+    sample.set_defaults(func=cmd_sample)
 
     status = sub.add_parser("status", help="trials by state, best so far, each trial's phases and stop reason")
     status.add_argument("directory", type=str, help="study directory (local path or URI)")

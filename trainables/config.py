@@ -11,6 +11,7 @@ may write them as fractions such as ``"8/255"``, parsed with :class:`fractions.F
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field, fields
@@ -111,6 +112,18 @@ class FinalEvalConfig:
     n: int | None = None  # test images for clean and PGD accuracy; None = the whole test set
     pgd_steps: int = 50
     autoattack_n: int = 1000  # test images for AutoAttack (standard); 0 = skip (column is NaN)
+
+
+@dataclass(frozen=True)
+class SgldConfig:
+    """SGLD on the joint energy (`energyat sample`, trainables/sampling.py; PAPER.md section 5)."""
+
+    steps: int = 50
+    eta: float = 0.8  # step size on grad_x E(x, y)
+    momentum: float = 0.9  # zeta; PAPER.md gives none: 0.9 as in SGD with momentum
+    noise: float = 0.001  # sigma, std of the Gaussian noise added each step
+    pca_sigma: float = 0.005
+    pca_variance: float = 0.95  # fraction of the class's variance its principal directions keep
 
 
 @dataclass(frozen=True)
@@ -325,3 +338,12 @@ def set_value(spec: dict[str, Any], key: str, value: Any) -> None:
         node[part] = child
         node = child
     node[parts[-1]] = value
+
+
+def trial_spec(base: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
+    """A study trial's spec: the study's `base` spec with the searcher's flat `params`
+    ({"weat.power": 1.5}) set into a deep copy."""
+    spec = copy.deepcopy(dict(base))
+    for key, value in params.items():
+        set_value(spec, key, value)
+    return spec

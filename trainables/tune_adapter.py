@@ -8,7 +8,6 @@ module of trainables/ that imports ray.
 
 from __future__ import annotations
 
-import copy
 import math
 import shutil
 import tempfile
@@ -18,7 +17,7 @@ from typing import Any, Mapping
 import ray
 import ray.tune as tune
 
-from trainables.config import parse_trial, set_value
+from trainables.config import parse_trial, trial_spec
 from trainables.engine import run_trial
 
 # Reported values the searcher may optimise: never NaN, or Optuna drops the trial's result.
@@ -38,9 +37,7 @@ def energyat_trial(
     config: dict[str, Any], *, base_spec: dict[str, Any], study_dir: str, objectives: list[str], cpus: int, stop_patience: int | None
 ) -> None:
     """Run one trial of a study under Ray Tune (see ``tune.with_parameters``)."""
-    spec = copy.deepcopy(base_spec)
-    for key, value in config.items():  # Optuna's flat suggestions: {"weat.power": 1.5}
-        set_value(spec, key, value)
+    spec = trial_spec(base_spec, config)  # Optuna's flat suggestions: {"weat.power": 1.5}
     if spec.get("threads") is None:
         spec["threads"] = max(1, cpus)  # one torch thread per reserved CPU: no oversubscription
     cfg = parse_trial(spec)
