@@ -488,3 +488,50 @@ def sample_grid(images: np.ndarray, labels: np.ndarray, *, path: Path, title: st
     fig.suptitle(title, fontsize=9)
     fig.subplots_adjust(wspace=0.05, hspace=0.05, left=0.08, right=0.99, bottom=0.01, top=0.9)
     return _save(fig, path)
+
+
+def _half_violin(ax: Axes, values: np.ndarray, pos: float, *, left: bool, colour: str) -> None:
+    """One half of a violin at `pos`: the left half for one quantity, the right for the other."""
+    if np.ptp(values) == 0:  # a KDE needs spread: a flat line instead
+        ax.hlines(values[0], pos - 0.35 if left else pos, pos if left else pos + 0.35, colors=colour)
+        return
+    body = ax.violinplot([values], positions=[pos], widths=0.8, showextrema=False)["bodies"][0]
+    vertices = body.get_paths()[0].vertices
+    vertices[:, 0] = np.minimum(vertices[:, 0], pos) if left else np.maximum(vertices[:, 0], pos)
+    body.set_facecolor(colour)
+    body.set_edgecolor("black")
+    body.set_linewidth(0.5)
+    body.set_alpha(0.75)
+
+
+def landscape_violins(rows: Any, *, path: Path) -> Path:
+    """Per-sample dE(x) (left halves) and dE(x,y) (right halves) of the test probe, one panel per
+    attack, one split violin per trial: the paper's smoothness comparison (PAPER.md section 2).
+
+    Input: rows of ``analysis.schema.LANDSCAPE`` (``energyat landscape``).
+    """
+    cols = columns(rows)
+    n = _length(cols)
+    if n == 0:
+        raise NoData("no landscape rows")
+    trial, method, attack = cols["trial_id"].astype(str), cols["method"].astype(str), cols["attack"].astype(str)
+    d_e, d_ey = _float(cols, "dE", n), _float(cols, "dEy", n)
+    trials, attacks = list(dict.fromkeys(trial.tolist())), list(dict.fromkeys(attack.tolist()))
+    fig = Figure(figsize=(max(4.0, 1.1 * len(trials) + 1.5) * len(attacks), 4.2))
+    axes = fig.subplots(1, len(attacks), squeeze=False)[0]
+    for ax, name in zip(axes, attacks):
+        for i, t in enumerate(trials):
+            keep = (trial == t) & (attack == name)
+            if keep.any():
+                _half_violin(ax, d_e[keep], i, left=True, colour="tab:blue")
+                _half_violin(ax, d_ey[keep], i, left=False, colour="tab:orange")
+        ax.axhline(0.0, color="grey", linewidth=0.6)
+        ax.set_xticks(range(len(trials)))
+        ax.set_xticklabels([f"{t}\n{method[trial == t][0]}" for t in trials], fontsize=7)
+        ax.set_title(f"attack: {name}", fontsize=9)
+    axes[0].set_ylabel("energy shift, clean minus adversarial")
+    axes[-1].legend(handles=[Patch(color="tab:blue", label="dE(x) = E(x) - E(x*)"), Patch(color="tab:orange", label="dE(x,y) = E(x,y) - E(x*,y)")],
+                    fontsize=7, loc="best")
+    fig.suptitle("Energy landscape of the test probe: narrow, near-zero violins = smoother", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)

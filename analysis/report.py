@@ -14,16 +14,20 @@ The HTML is self-contained apart from its images, which it names by relative pat
 from __future__ import annotations
 
 import html
+import json
 import math
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 from urllib.parse import urlsplit
 
 import duckdb
+import numpy as np
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from analysis import plots
 from analysis.errors import StoreError, one_line
@@ -199,6 +203,41 @@ def _first_middle_last(values: Sequence[int]) -> list[int]:
     return list(dict.fromkeys([values[0], values[len(values) // 2], values[-1]]))
 
 
+def _generation(page: _Page, local: Path | None, methods: Mapping[str, str]) -> None:
+    """The landscape violins (`energyat landscape`) and the sample grids (`energyat sample`), by method."""
+    page.add("<h2>Generation and energy landscape</h2>")
+    if local is None:
+        page.add('<p class="note">`energyat sample` and `energyat landscape` work on a local copy of the study</p>')
+        return
+    landscape = local / "landscape" / "landscape.parquet"
+    if landscape.is_file():
+        rows = pq.read_table(landscape)
+        page.figure("landscape.png", "per-sample energy shifts of the test probe under each attack, by trial (energyat landscape)",
+                    lambda p: plots.landscape_violins(rows, path=p))
+    else:
+        page.add(f'<p class="note">energy landscape: none yet; `energyat landscape {html.escape(str(local))}` draws it</p>')
+    grids = []
+    for png in sorted((local / "samples").glob("*.png")):
+        record = _sample_record(png.with_suffix(".npz"))
+        trial = str(record.get("trial_id", png.stem.rsplit("-", 1)[0]))
+        grids.append((methods.get(trial, str(record.get("method", "?"))), trial, png, record))
+    if not grids:
+        page.add(f'<p class="note">samples: none yet; `energyat sample {html.escape(str(local))} --trial ID` draws them</p>')
+    for method, trial, png, record in sorted(grids, key=lambda g: (g[0], g[1], g[2].name)):
+        scores = record.get("scores", {})
+        judged = f", judge acc {scores['judge_acc']:.2f}, judge FD {scores['judge_fd']:.1f}" if "judge_acc" in scores else ""
+        caption = f"{method}: samples of trial {trial}, {record.get('init', '?')} start{judged}"
+        page.figure(f"samples-{png.name}", caption, lambda p, src=png: Path(shutil.copyfile(src, p)))
+
+
+def _sample_record(npz: Path) -> dict[str, Any]:
+    """The JSON record `energyat sample` stores beside its grid ({} when the npz is gone)."""
+    if not npz.is_file():
+        return {}
+    with np.load(npz) as archive:
+        return json.loads(str(archive["record"])) if "record" in archive else {}
+
+
 def write_report(
     directory: str | os.PathLike[str],
     *,
@@ -227,14 +266,14 @@ def write_report(
         root = Path(directory).expanduser()
         folder = root / "report"
         return _render(open_tables(root), folder, shown=str(root.resolve()), name=root.name,
-                       importances=importances, importances_note=importances_note)
+                       importances=importances, importances_note=importances_note, local=root)
     con = open_tables(directory)
     fs, path = filesystem(directory)
     url = urlsplit(str(directory))
     shown = f"{url.scheme}://{path}"  # no query, no user info: nothing that could hold a secret
     with tempfile.TemporaryDirectory(prefix="energyat-report-") as tmp:
         index = _render(con, Path(tmp), shown=shown, name=path.rsplit("/", 1)[-1],
-                        importances=importances, importances_note=importances_note)
+                        importances=importances, importances_note=importances_note, local=None)
         try:
             for item in sorted(Path(tmp).iterdir(), key=lambda p: p == index):  # the page last
                 pafs.copy_files(str(item), f"{path}/report/{item.name}",
@@ -252,8 +291,10 @@ def _render(
     name: str,
     importances: Mapping[str, float] | None,
     importances_note: str | None,
+    local: Path | None,
 ) -> Path:
-    """Draw the report of the tables behind `con` into `folder`; returns index.html's path."""
+    """Draw the report of the tables behind `con` into `folder`; returns index.html's path.
+    `local`: the directory itself when it is local (its samples/ and landscape/ are shown)."""
     folder.mkdir(parents=True, exist_ok=True)
     try:
         trials = _trial_rows(con)
@@ -284,6 +325,8 @@ def _render(
         else:
             why = importances_note or "no Optuna study to compute them from (not given)"
             page.add(f'<p class="note">hyperparameter importances: skipped, {html.escape(why)}</p>')
+
+        _generation(page, local, {str(r["trial_id"]): str(r.get("method")) for r in trials})
 
         for rank, r in enumerate(trials):
             tid = str(r["trial_id"])

@@ -102,6 +102,23 @@ TRIAL_OUTCOME = pa.schema(
 
 TABLES: dict[str, pa.Schema] = {"epochs": EPOCHS, "samples": SAMPLES, "trials": TRIAL_OUTCOME}
 
+# `energyat landscape` (trainables/landscape.py): DIR/landscape/landscape.parquet, one row per
+# (trial, attack, test-probe sample), from each trial's best checkpoint. Not a study view: it is
+# written on demand and replaced by the next `energyat landscape`.
+LANDSCAPE = pa.schema(
+    [
+        _f("trial_id", pa.string(), "trial id"),
+        _f("method", pa.string(), "AT method of the trial"),
+        _f("attack", pa.string(), "pgd, targeted, trades or fgsm, with the trial's own threat model"),
+        _f("index", pa.int64(), "position of the sample in the test split (the trial's test probe)"),
+        _f("label", pa.int64(), "true class"),
+        _f("dE", pa.float64(), "E(x) - E(x*): positive when the attack lowers the marginal energy"),
+        _f("dEy", pa.float64(), "E(x,y) - E(x*,y)"),
+        _f("fooled", pa.bool_(), "the model misclassifies x*"),
+        _f("checkpoint", pa.string(), "the best checkpoint the rows come from"),
+    ]
+)
+
 
 def config_column(key: str) -> str:
     """Column name of a dotted config key in `trials`."""

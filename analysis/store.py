@@ -191,3 +191,10 @@ def versions() -> dict[str, str]:
 def provenance(config: Mapping[str, Any]) -> dict[str, Any]:
     """What goes with every result: the resolved config, the git SHA, package versions, host."""
     return {"config": dict(config), "git_sha": git_sha(), "versions": versions(), "host": platform.node()}
+
+
+def write_table_file(table: pa.Table, path: str | os.PathLike[str], *, config: Mapping[str, Any]) -> None:
+    """One Parquet file outside the three tables (e.g. ``energyat landscape``'s), written atomically
+    with ``schema_version`` and the provenance of `config` in its metadata."""
+    fs, resolved = filesystem(path)
+    _write_atomic(fs, resolved, _with_metadata(table, provenance(config)))

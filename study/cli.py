@@ -211,6 +211,27 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_landscape(args: argparse.Namespace) -> int:
+    import pyarrow as pa
+
+    from analysis.plots import landscape_violins
+    from analysis.store import write_table_file
+    from trainables.generate import trial_ids
+    from trainables.landscape import landscape, parse_attacks, summary
+
+    attacks = parse_attacks(args.attacks)
+    trials = args.trial or trial_ids(args.directory)
+    if not trials:
+        raise EnergyatError(f"{args.directory} has no trial with a best checkpoint yet")
+    table = landscape(args.directory, trials, attacks=attacks, seed=args.seed)
+    out = Path(args.directory).expanduser() / "landscape"
+    write_table_file(table, out / "landscape.parquet", config={"trials": trials, "attacks": attacks, "seed": args.seed})
+    png = landscape_violins(table, path=out / "landscape.png")
+    _print_table(pa.Table.from_pylist(summary(table)))
+    print(f"landscape: {out / 'landscape.parquet'}  {png}")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from study.runner import load_study
 
@@ -290,6 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--inception-weights", type=Path, default=None, metavar="FILE",
                         help="torchvision Inception-v3 state dict: adds Inception Score and FID to the judge's proxy scores")
     sample.set_defaults(func=cmd_sample)
+
+    land = sub.add_parser("landscape", help="per-sample energy shifts of the test probe under several attacks, per trial (violins + table)")
+    land.add_argument("directory", type=str, help="study directory or train --out directory (local)")
+    land.add_argument("--trial", type=str, action="append", default=[], metavar="ID", help="a trial id, repeatable (default: every trial with a best checkpoint)")
+    land.add_argument("--attacks", type=str, default="pgd,targeted,trades,fgsm", help="comma-separated, from pgd, targeted, trades, fgsm (default: all four)")
+    land.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts")
+    land.set_defaults(func=cmd_landscape)
 
     status = sub.add_parser("status", help="trials by state, best so far, each trial's phases and stop reason")
     status.add_argument("directory", type=str, help="study directory (local path or URI)")

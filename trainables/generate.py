@@ -64,6 +64,14 @@ def find_trial(directory: str | Path, trial_id: str) -> TrialModel:
     return TrialModel(parse_trial(raw), found[-1])
 
 
+def trial_ids(directory: str | Path) -> list[str]:
+    """The trials of a study or train-output directory that have a best checkpoint."""
+    root = Path(directory).expanduser()
+    found = {p.parent.parent.name for p in root.glob("tune/*/checkpoint_*/best.pt")}
+    found |= {p.parent.name for p in root.glob("checkpoints/*/best.pt")}
+    return sorted(found)
+
+
 def load_model(trial: TrialModel, data: ImageData) -> nn.Module:
     cfg = trial.cfg
     model = build_model(cfg.model, in_channels=data.train_x.shape[1], num_classes=data.num_classes,

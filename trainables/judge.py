@@ -125,7 +125,7 @@ def inception_scores(samples: torch.Tensor, real: torch.Tensor, weights: Path, *
         std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
         with torch.no_grad(), eval_mode(net):
             feats = torch.cat([net((x[i : i + 32] - mean) / std) for i in range(0, len(x), 32)])
-        return feats, fc(feats)
+            return feats, fc(feats)
 
     feats, logits = run(samples)
     real_feats, _ = run(real)

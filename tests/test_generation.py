@@ -140,3 +140,61 @@ def test_inception_score_and_fid_from_a_weights_file(tmp_path: Path) -> None:
     # random weights make features of 1e8 and more: only the plumbing is checked here, the
     # distance itself by test_frechet_distance_matches_the_closed_form_for_gaussians
     assert 1.0 <= scores["inception_score"] <= 1000 and math.isfinite(scores["fid"])
+
+
+# -- the energy landscape -----------------------------------------------------------------------------
+def test_landscape_writes_one_row_per_probe_sample_and_attack_with_provenance(trained: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    import pyarrow.parquet as pq
+
+    from analysis.schema import LANDSCAPE
+
+    fooled = {}
+    for method, folder in trained.items():
+        assert main(["landscape", str(folder)]) == 0
+        printed = capsys.readouterr().out
+        table = pq.read_table(folder / "landscape" / "landscape.parquet")
+        assert table.schema.remove_metadata() == LANDSCAPE.remove_metadata()
+        assert table.num_rows == 4 * 64  # four attacks x the 64-image test probe of findings_digits.yaml
+        assert sorted(set(table.column("attack").to_pylist())) == ["fgsm", "pgd", "targeted", "trades"]
+        assert all(math.isfinite(v) for v in table.column("dE").to_pylist() + table.column("dEy").to_pylist())
+        meta = table.schema.metadata
+        assert meta[b"schema_version"] and json.loads(meta[b"energyat.provenance"])["config"]["trials"] == ["train"]
+        assert "targeted" in printed and (folder / "landscape" / "landscape.png").stat().st_size > 10_000
+        rows = table.to_pylist()
+        fooled[method] = np.mean([r["fooled"] for r in rows if r["attack"] == "pgd"])
+    # measured: PGD fools the standard model on 0.86 of the probe, the SAT model on 0.13
+    assert fooled["standard"] > fooled["sat"] + 0.4
+
+
+def test_landscape_violins_draw_trials_side_by_side(tmp_path: Path) -> None:
+    from analysis.plots import landscape_violins
+
+    rng = np.random.default_rng(0)
+    rows = {"trial_id": [], "method": [], "attack": [], "dE": [], "dEy": []}
+    for trial, method, spread in (("a", "sat", 2.0), ("b", "trades", 0.3)):
+        for attack in ("pgd", "targeted"):
+            rows["trial_id"] += [trial] * 50
+            rows["method"] += [method] * 50
+            rows["attack"] += [attack] * 50
+            rows["dE"] += list(rng.normal(0, spread, 50))
+            rows["dEy"] += [0.5] * 50  # no spread: drawn as a line
+    path = landscape_violins(rows, path=tmp_path / "v.png")
+    with Image.open(path) as png:
+        assert png.format == "PNG" and png.width > png.height
+
+
+def test_bad_attack_names_are_one_line_and_exit_2(trained: dict[str, Path], capfd: pytest.CaptureFixture[str]) -> None:
+    assert main(["landscape", str(trained["sat"]), "--attacks", "pgd,cw"]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "choose from pgd, targeted, trades, fgsm" in err[0]
+
+
+def test_report_shows_the_sample_grids_and_the_landscape(trained: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    folder = trained["sat"]
+    _sample(folder, "noise", capsys)
+    assert main(["landscape", str(folder), "--attacks", "pgd,targeted"]) == 0
+    assert main(["report", str(folder)]) == 0
+    page = (folder / "report" / "index.html").read_text()
+    assert "samples-train-noise.png" in page and "sat: samples of trial train, noise start, judge acc" in page
+    assert 'src="landscape.png"' in page
+    assert (folder / "report" / "samples-train-noise.png").is_file() and (folder / "report" / "landscape.png").is_file()
