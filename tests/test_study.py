@@ -208,3 +208,20 @@ def test_a_diverging_trial_ends_with_its_reason_and_a_finite_bad_value_and_the_s
     assert all(math.isfinite(v) for v in values) and values.count(0.0) >= len(diverged)
     assert len(trials) == 3
 
+
+
+def test_sample_and_landscape_read_a_studys_trials_from_their_tune_checkpoints(smoke_study: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    # a study keeps each trial's parameters in tune/<id>/params.json and its checkpoints in
+    # tune/<id>/checkpoint_*/: sample and landscape rebuild the trial from there
+    import pyarrow.parquet as pq
+
+    study_dir, _ = smoke_study
+    trial_ids = [r[0] for r in open_tables(study_dir).execute("select trial_id from trials order by trial_id").fetchall()]
+    proc = energyat("sample", str(study_dir), "--trial", trial_ids[0], "--n", "2", "--steps", "3", "--classes", "0,1")
+    assert "judge acc" in proc.stdout and (study_dir / "samples" / f"{trial_ids[0]}-pca.png").is_file()
+    energyat("landscape", str(study_dir), "--attacks", "pgd,fgsm")
+    table = pq.read_table(study_dir / "landscape" / "landscape.parquet")
+    per_trial = table.group_by(["trial_id", "attack"]).aggregate([("dE", "count")]).to_pylist()
+    assert sorted({r["trial_id"] for r in per_trial}) == trial_ids and {r["dE_count"] for r in per_trial} == {128}
+    methods = dict(open_tables(study_dir).execute("select trial_id, method from trials").fetchall())
+    assert {r["method"] for r in table.select(["trial_id", "method"]).to_pylist()} == set(methods.values())
