@@ -138,6 +138,9 @@ CASES = [
     Case("truncated journal, resume", ["resume", STUDY], "optuna.journal", prepare=_truncate_journal),
     Case("truncated journal, report", ["report", STUDY], "optuna.journal", prepare=_truncate_journal),
     Case("garbled study spec.yaml", ["status", STUDY], "spec.yaml", prepare=_garble_study_spec),
+    Case("sample a missing directory", ["sample", "{d}/nowhere", "--trial", "t"], "no spec.yaml"),
+    Case("sample an unknown trial", ["sample", STUDY, "--trial", "nope"], "no trial `nope`"),
+    Case("landscape with an unknown attack", ["landscape", STUDY, "--attacks", "pgd,cw"], "choose from pgd"),
 ]
 
 
