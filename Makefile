@@ -20,11 +20,15 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
-# The quickstart study on digits (local Ray, CPU), then its report. A second `make demo`
+# The quickstart study on digits (local Ray, CPU), samples from its best trial, the energy
+# landscape of all its trials, then its report. A second `make demo`
 # starts afresh: the previous demo study is moved aside, not mixed in.
 demo: $(STAMP)
 	@if [ -d $(DEMO) ]; then mv $(DEMO) $(DEMO).$$(date +%Y%m%d-%H%M%S); fi
 	$(BIN)/energyat run examples/quickstart.yaml --storage studies
+	$(BIN)/energyat sample $(DEMO) --trial best --init pca
+	$(BIN)/energyat sample $(DEMO) --trial best --init noise --eta 0.05 --momentum 0
+	$(BIN)/energyat landscape $(DEMO)
 	$(BIN)/energyat report $(DEMO)
 
 clean:

@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = sub.add_parser("sample", help="generate images from a trial's best checkpoint (SGLD on the joint energy)")
     sample.add_argument("directory", type=str, help="study directory or train --out directory (local)")
-    sample.add_argument("--trial", type=str, required=True, metavar="ID", help="trial id (see `energyat status`)")
+    sample.add_argument("--trial", type=str, required=True, metavar="ID", help="trial id (see `energyat status`), or `best`: the highest best test robust accuracy")
     sample.add_argument("--classes", type=str, default=None, metavar="C,C,...", help="class indices, one grid row each (default: all)")
     sample.add_argument("--n", type=int, default=8, help="images per class (default 8)")
     sample.add_argument("--steps", type=int, default=50, help="SGLD steps (default 50)")

@@ -36,8 +36,28 @@ class TrialModel:
     best: Path  # the best checkpoint (highest test robust accuracy)
 
 
+def best_trial(directory: str | Path) -> str:
+    """The id of the trial with the highest best test robust accuracy (the `trials` table)."""
+    from analysis.query import open_tables
+
+    con = open_tables(directory)
+    try:
+        found = con.execute(
+            "select trial_id from trials where best_test_robust_acc = best_test_robust_acc "
+            "order by best_test_robust_acc desc, trial_id limit 1"
+        ).fetchall()
+    finally:
+        con.close()
+    if not found:
+        raise StoreError(f"{directory} has no trial with a test robust accuracy yet; name one with --trial ID")
+    return str(found[0][0])
+
+
 def find_trial(directory: str | Path, trial_id: str) -> TrialModel:
-    """The spec and best checkpoint of `trial_id` in a local study or train-output directory."""
+    """The spec and best checkpoint of `trial_id` in a local study or train-output directory
+    (``best``: the trial with the highest best test robust accuracy)."""
+    if trial_id == "best":
+        trial_id = best_trial(directory)
     if is_uri(directory):
         raise EnergyatError(f"{directory}: sampling reads checkpoints from a local directory; copy the study (spec.yaml, tune/<trial>) to disk first")
     root = Path(directory).expanduser()
@@ -100,6 +120,8 @@ def generate(
         raise EnergyatError(f"--n must be at least 1, got {n}")
     if sgld_cfg.steps < 0:
         raise EnergyatError(f"--steps must be >= 0, got {sgld_cfg.steps}")
+    if trial_id == "best":
+        trial_id = best_trial(directory)
     trial = find_trial(directory, trial_id)
     data = load_dataset(trial.cfg.dataset)
     wanted = list(range(data.num_classes)) if classes is None else list(classes)
