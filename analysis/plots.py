@@ -517,8 +517,9 @@ def landscape_violins(rows: Any, *, path: Path) -> Path:
     trial, method, attack = cols["trial_id"].astype(str), cols["method"].astype(str), cols["attack"].astype(str)
     d_e, d_ey = _float(cols, "dE", n), _float(cols, "dEy", n)
     trials, attacks = list(dict.fromkeys(trial.tolist())), list(dict.fromkeys(attack.tolist()))
-    fig = Figure(figsize=(max(4.0, 1.1 * len(trials) + 1.5) * len(attacks), 4.2))
-    axes = fig.subplots(1, len(attacks), squeeze=False)[0]
+    # one row per attack, trials side by side: the figure grows down, not sideways
+    fig = Figure(figsize=(max(5.0, 0.9 * len(trials) + 1.5), 2.6 * len(attacks) + 0.6))
+    axes = fig.subplots(len(attacks), 1, squeeze=False)[:, 0]
     for ax, name in zip(axes, attacks):
         for i, t in enumerate(trials):
             keep = (trial == t) & (attack == name)
@@ -529,8 +530,9 @@ def landscape_violins(rows: Any, *, path: Path) -> Path:
         ax.set_xticks(range(len(trials)))
         ax.set_xticklabels([f"{t}\n{method[trial == t][0]}" for t in trials], fontsize=7)
         ax.set_title(f"attack: {name}", fontsize=9)
-    axes[0].set_ylabel("energy shift, clean minus adversarial")
-    axes[-1].legend(handles=[Patch(color="tab:blue", label="dE(x) = E(x) - E(x*)"), Patch(color="tab:orange", label="dE(x,y) = E(x,y) - E(x*,y)")],
+    for ax in axes:
+        ax.set_ylabel("clean - adversarial", fontsize=8)
+    axes[0].legend(handles=[Patch(color="tab:blue", label="dE(x) = E(x) - E(x*)"), Patch(color="tab:orange", label="dE(x,y) = E(x,y) - E(x*,y)")],
                     fontsize=7, loc="best")
     fig.suptitle("Energy landscape of the test probe: narrow, near-zero violins = smoother", fontsize=9)
     fig.tight_layout()

@@ -180,8 +180,9 @@ def test_landscape_violins_draw_trials_side_by_side(tmp_path: Path) -> None:
             rows["dE"] += list(rng.normal(0, spread, 50))
             rows["dEy"] += [0.5] * 50  # no spread: drawn as a line
     path = landscape_violins(rows, path=tmp_path / "v.png")
-    with Image.open(path) as png:
-        assert png.format == "PNG" and png.width > png.height
+    one = landscape_violins({k: v[:50] + v[100:150] for k, v in rows.items()}, path=tmp_path / "one.png")  # pgd only
+    with Image.open(path) as png, Image.open(one) as single:
+        assert png.format == "PNG" and png.height > single.height and png.width == single.width  # a row per attack
 
 
 def test_bad_attack_names_are_one_line_and_exit_2(trained: dict[str, Path], capfd: pytest.CaptureFixture[str]) -> None:
