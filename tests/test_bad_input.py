@@ -140,6 +140,7 @@ CASES = [
     Case("garbled study spec.yaml", ["status", STUDY], "spec.yaml", prepare=_garble_study_spec),
     Case("sample a missing directory", ["sample", "{d}/nowhere", "--trial", "t"], "no spec.yaml"),
     Case("sample an unknown trial", ["sample", STUDY, "--trial", "nope"], "no trial `nope`"),
+    Case("sample from a garbled spec.yaml", ["sample", STUDY, "--trial", "best"], "spec.yaml is not valid YAML", prepare=_garble_study_spec),
     Case("landscape with an unknown attack", ["landscape", STUDY, "--attacks", "pgd,cw"], "choose from pgd"),
 ]
 

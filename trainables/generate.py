@@ -19,7 +19,7 @@ import torch
 import yaml
 from torch import nn
 
-from analysis.errors import EnergyatError, StoreError
+from analysis.errors import EnergyatError, StoreError, one_line
 from analysis.plots import sample_grid
 from analysis.store import is_uri
 from trainables import checkpoint
@@ -64,7 +64,12 @@ def find_trial(directory: str | Path, trial_id: str) -> TrialModel:
     spec_file = root / "spec.yaml"
     if not spec_file.is_file():
         raise StoreError(f"{directory} holds no spec.yaml; give a study directory or an `energyat train --out` directory")
-    document = yaml.safe_load(spec_file.read_text())
+    try:
+        document = yaml.safe_load(spec_file.read_text())
+    except yaml.YAMLError as exc:
+        raise StoreError(f"{spec_file} is not valid YAML ({one_line(exc)}); restore it from a copy") from exc
+    if not isinstance(document, dict):
+        raise StoreError(f"{spec_file} is not an energyat spec (not a mapping); restore it from a copy")
     if "study_name" in document:  # a study: the trial's own parameters live in its Tune folder
         folder = root / "tune" / trial_id
         if not (folder / "params.json").is_file():
