@@ -109,7 +109,9 @@ def test_two_node_cluster_on_loopback_runs_the_smoke_study(tmp_path: Path) -> No
             _stop_node(worker)
         assert alive == [HEAD_IP, WORKER_IP], f"nodes alive: {alive}; worker log: {logs[1].read_text()[-3000:]}"
         storage = tmp_path / "studies"
-        proc = subprocess.run([*energyat_cmd(), "run", str(EXAMPLES / "smoke.yaml"), "--address", address, "--storage", str(storage), "--name", "two"],
+        # two trials at once, one CPU per node: Ray must place them on different nodes
+        proc = subprocess.run([*energyat_cmd(), "run", str(EXAMPLES / "smoke.yaml"), "--address", address, "--storage", str(storage), "--name", "two",
+                               "--set", "samples=2", "--set", "epochs=2"],
                               cwd=ROOT, capture_output=True, text=True, timeout=900, env=_env(temp))
         assert proc.returncode == 0, proc.stderr[-4000:]
         node_ids = set()
