@@ -191,12 +191,13 @@ def _probe(
     targeted: bool,
     precision: str,
 ) -> dict[str, np.ndarray]:
-    """Per-sample energies of clean, adversarial (``craft``) and, if asked, targeted examples.
+    """Per-sample energies of clean, adversarial (``craft``) and, if asked, targeted examples
+    (targeted PGD towards ``probe.targets``; then also ``Ey_tgt`` and ``correct_tgt``).
 
     The targeted attack runs on the training probe only (``probe_train_E_tgt``): on the test
     subset it would add as many passes again for no column of `epochs` (test E_tgt is NaN).
     """
-    names = ("E", "E_adv", "Ey", "Ey_adv", "E_tgt", "ce", "ce_adv", "correct", "correct_adv")
+    names = ("E", "E_adv", "Ey", "Ey_adv", "E_tgt", "ce", "ce_adv", "correct", "correct_adv") + (("Ey_tgt", "correct_tgt") if targeted else ())
     cols: dict[str, list[torch.Tensor]] = {k: [] for k in names}
     with eval_mode(model):
         for lo in range(0, len(probe.y), batch_size):
@@ -206,26 +207,27 @@ def _probe(
                 x_adv = craft(model, x, y)
                 with torch.no_grad():
                     logits, logits_adv = model(x).float(), model(x_adv).float()
-                e_tgt = torch.full((len(y),), math.nan, device=device)
+                values = {"E_tgt": torch.full((len(y),), math.nan, device=device)}
                 if targeted:
                     x_tgt = pgd_targeted(
                         model, x, probe.targets[lo : lo + batch_size],
                         eps=params.eps, step_size=params.step_size, steps=params.steps, norm=params.norm,  # type: ignore[arg-type]
                     )
                     with torch.no_grad():
-                        e_tgt = marginal_energy(model(x_tgt).float())
-            for name, value in (
-                ("E", marginal_energy(logits)),
-                ("E_adv", marginal_energy(logits_adv)),
-                ("Ey", joint_energy(logits, y)),
-                ("Ey_adv", joint_energy(logits_adv, y)),
-                ("E_tgt", e_tgt),
-                ("ce", F.cross_entropy(logits, y, reduction="none")),
-                ("ce_adv", F.cross_entropy(logits_adv, y, reduction="none")),
-                ("correct", logits.argmax(1) == y),
-                ("correct_adv", logits_adv.argmax(1) == y),
-            ):
-                cols[name].append(value.detach())
+                        logits_tgt = model(x_tgt).float()
+                    values = {"E_tgt": marginal_energy(logits_tgt), "Ey_tgt": joint_energy(logits_tgt, y), "correct_tgt": logits_tgt.argmax(1) == y}
+            values |= {
+                "E": marginal_energy(logits),
+                "E_adv": marginal_energy(logits_adv),
+                "Ey": joint_energy(logits, y),
+                "Ey_adv": joint_energy(logits_adv, y),
+                "ce": F.cross_entropy(logits, y, reduction="none"),
+                "ce_adv": F.cross_entropy(logits_adv, y, reduction="none"),
+                "correct": logits.argmax(1) == y,
+                "correct_adv": logits_adv.argmax(1) == y,
+            }
+            for name in names:
+                cols[name].append(values[name].detach())
     # float64 on the host, so that mean(E - E*) equals mean(E) - mean(E*) to 1e-12
     return {k: torch.cat(v).cpu().double().numpy() if v[0].is_floating_point() else torch.cat(v).cpu().numpy() for k, v in cols.items()}
 

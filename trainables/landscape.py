@@ -6,13 +6,15 @@ The paper reads a smoother energy landscape off small, tight shifts (PAPER.md se
 4); untargeted attacks push E(x*) below E(x) (dE > 0), targeted ones above (finding 1).
 
 The attacks use each trial's own threat model (`attack.eps`, `attack.step`, `attack.norm`):
-``pgd`` untargeted PGD with `eval_attack.steps`, ``targeted`` PGD towards the probe's fixed random
-wrong classes, ``trades`` TRADES' KL attack with `attack.steps`, ``fgsm`` FGSM with random start.
+``pgd`` untargeted PGD with `eval_attack.steps`, ``targeted`` PGD with `eval_attack.steps` towards
+the probe's fixed random wrong classes, ``trades`` TRADES' KL attack with `attack.steps`,
+``fgsm`` FGSM with random start (the methods' own crafts and the engine's probe).
 Rows follow :data:`analysis.schema.LANDSCAPE`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Sequence
 
@@ -22,25 +24,17 @@ import torch
 
 from analysis.errors import EnergyatError
 from analysis.schema import LANDSCAPE
-from trainables.attacks import eval_mode, pgd, pgd_targeted, trades_kl
-from trainables.config import TrialConfig
 from trainables.data import load_dataset
-from trainables.energy import joint_energy, marginal_energy
-from trainables.engine import _probe_set, _to_float
+from trainables.engine import ProbeAttack, _probe, _probe_set
 from trainables.generate import find_trial, load_model
+from trainables.methods import Craft, MethodParams, craft_fgsm_rs, craft_pgd, craft_trades
 
 LANDSCAPE_ATTACKS = ("pgd", "targeted", "trades", "fgsm")
-
-
-def _craft(name: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor, cfg: TrialConfig) -> torch.Tensor:
-    a = cfg.attack
-    if name == "pgd":
-        return pgd(model, x, y, eps=a.eps, step_size=a.step, steps=cfg.eval_attack.steps, norm=a.norm)
-    if name == "targeted":
-        return pgd_targeted(model, x, targets, eps=a.eps, step_size=a.step, steps=cfg.eval_attack.steps, norm=a.norm)
-    if name == "trades":
-        return trades_kl(model, x, y, eps=a.eps, step_size=a.step, steps=a.steps, norm=a.norm)
-    return pgd(model, x, y, eps=a.eps, step_size=a.fgsm_step or 1.25 * a.eps, steps=1, norm=a.norm)  # fgsm
+# the methods' own crafts; `targeted` is the engine probe's targeted PGD (towards probe.targets)
+_CRAFTS: dict[str, Craft] = {"pgd": craft_pgd, "trades": craft_trades, "fgsm": craft_fgsm_rs}
+# which of the probe's per-sample values hold x*, for an untargeted attack and for `targeted`
+_ADVERSARIAL = ("E_adv", "Ey_adv", "correct_adv")
+_TARGETED = ("E_tgt", "Ey_tgt", "correct_tgt")
 
 
 def parse_attacks(text: str) -> list[str]:
@@ -51,31 +45,50 @@ def parse_attacks(text: str) -> list[str]:
     return names
 
 
+def _bound(craft: Craft, params: MethodParams) -> ProbeAttack:
+    return lambda m, x, y: craft(m, x, y, params)
+
+
 def trial_landscape(directory: str | Path, trial_id: str, *, attacks: Sequence[str], seed: int = 0) -> pa.Table:
-    """One trial's rows of the landscape table (all attacks), on the CPU."""
+    """One trial's rows of the landscape table (all attacks), on the CPU in fp32.
+
+    Every attack goes through the engine's probe (:func:`trainables.engine._probe`); `targeted`
+    rides along with `pgd` when both are asked for (one clean pass for the two).
+    """
     trial = find_trial(directory, trial_id)
     cfg = trial.cfg
     data = load_dataset(cfg.dataset)
     model = load_model(trial, data)
     probe = _probe_set("test", data.test_x, data.test_y, cfg.probe.test_size, cfg.dataset.seed + 2, data.num_classes)
+    params = MethodParams.from_config(cfg)
+    eval_params = dataclasses.replace(params, steps=cfg.eval_attack.steps)  # pgd and targeted: the test attack's steps
     torch.manual_seed(seed)  # the attacks' random starts
+
+    def run(craft: ProbeAttack, p: MethodParams, *, targeted: bool) -> dict[str, np.ndarray]:
+        return _probe(model, probe, craft, p, cfg.batch_size, torch.device("cpu"), targeted=targeted, precision="fp32")
+
+    found: dict[str, tuple[dict[str, np.ndarray], tuple[str, str, str]]] = {}
+    for attack in attacks:
+        if attack == "targeted" and "pgd" not in attacks:  # no untargeted pass to ride on: x* = x there
+            found[attack] = (run(lambda m, x, y: x, eval_params, targeted=True), _TARGETED)
+        elif attack == "pgd":
+            values = run(_bound(craft_pgd, eval_params), eval_params, targeted="targeted" in attacks)
+            found["pgd"] = (values, _ADVERSARIAL)
+            if "targeted" in attacks:
+                found["targeted"] = (values, _TARGETED)
+        elif attack != "targeted":
+            found[attack] = (run(_bound(_CRAFTS[attack], params), params, targeted=False), _ADVERSARIAL)
+
     columns: dict[str, list] = {name: [] for name in LANDSCAPE.names}
-    with eval_mode(model):
-        for attack in attacks:
-            for lo in range(0, len(probe.y), cfg.batch_size):
-                x = _to_float(probe.x[lo : lo + cfg.batch_size])
-                y, targets = probe.y[lo : lo + cfg.batch_size], probe.targets[lo : lo + cfg.batch_size]
-                x_adv = _craft(attack, model, x, y, targets, cfg)
-                with torch.no_grad():
-                    logits, logits_adv = model(x).double(), model(x_adv).double()
-                d_e = marginal_energy(logits) - marginal_energy(logits_adv)
-                d_ey = joint_energy(logits, y) - joint_energy(logits_adv, y)
-                columns["dE"] += d_e.tolist()
-                columns["dEy"] += d_ey.tolist()
-                columns["index"] += probe.index[lo : lo + cfg.batch_size].tolist()
-                columns["label"] += y.tolist()
-                columns["fooled"] += (logits_adv.argmax(1) != y).tolist()
-                columns["attack"] += [attack] * len(y)
+    for attack in attacks:
+        values, (e_adv, ey_adv, correct_adv) = found[attack]
+        n = len(values["E"])
+        columns["attack"] += [attack] * n
+        columns["index"] += probe.index.tolist()
+        columns["label"] += probe.y.tolist()
+        columns["dE"] += (values["E"] - values[e_adv]).tolist()
+        columns["dEy"] += (values["Ey"] - values[ey_adv]).tolist()
+        columns["fooled"] += (~values[correct_adv]).tolist()
     n = len(columns["dE"])
     columns.update(trial_id=[trial_id] * n, method=[cfg.method] * n, checkpoint=[str(trial.best)] * n)
     return pa.Table.from_pydict(columns, schema=LANDSCAPE)
