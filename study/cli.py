@@ -112,15 +112,13 @@ def cmd_phases(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from analysis.query import open_tables
     from analysis.report import write_report
     from study.importances import study_importances
 
-    open_tables(args.directory).close()  # not a results directory: say so before anything else
     importances, note = study_importances(args.directory)
-    if note is not None:
-        print(f"importances: {note}", file=sys.stderr)
     index = write_report(args.directory, importances=importances, importances_note=note)
+    if note is not None:  # after the report: a directory without tables gets its one error line alone
+        print(f"importances: {note}", file=sys.stderr)
     print(index)
     return 0
 
