@@ -32,6 +32,7 @@ from trainables.sampling import Init, class_starts, sgld
 
 @dataclass(frozen=True)
 class TrialModel:
+    trial_id: str  # resolved: never `best`
     cfg: TrialConfig
     best: Path  # the best checkpoint (highest test robust accuracy)
 
@@ -86,7 +87,7 @@ def find_trial(directory: str | Path, trial_id: str) -> TrialModel:
     found = [c for c in candidates if c.is_file()]
     if not found:
         raise StoreError(f"trial `{trial_id}` in {directory} has no best checkpoint yet (it is written at the first probed epoch)")
-    return TrialModel(parse_trial(raw), found[-1])
+    return TrialModel(trial_id, parse_trial(raw), found[-1])
 
 
 def trial_ids(directory: str | Path) -> list[str]:
@@ -125,9 +126,8 @@ def generate(
         raise EnergyatError(f"--n must be at least 1, got {n}")
     if sgld_cfg.steps < 0:
         raise EnergyatError(f"--steps must be >= 0, got {sgld_cfg.steps}")
-    if trial_id == "best":
-        trial_id = best_trial(directory)
     trial = find_trial(directory, trial_id)
+    trial_id = trial.trial_id
     data = load_dataset(trial.cfg.dataset)
     wanted = list(range(data.num_classes)) if classes is None else list(classes)
     bad = [c for c in wanted if not 0 <= c < data.num_classes]
