@@ -50,10 +50,11 @@ def journal_storage(path: Path) -> Any:
     """Optuna's JournalStorage on the journal file at `path` (the one way energyat opens one),
     after :func:`check_journal`."""
     from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
+
+    from study.journal import JournalFile
 
     check_journal(path, where=str(path))
-    return JournalStorage(JournalFileBackend(str(path)))
+    return JournalStorage(JournalFile(str(path)))
 
 
 @contextmanager

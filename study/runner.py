@@ -15,7 +15,8 @@ Optuna's journal needs a file system with locks and appends; an object store has
 URI the journal therefore lives on the driver's disk (:func:`journal_dir`), the only process that
 writes it (OptunaSearch runs in the Tune driver), and a copy is uploaded to
 ``STUDY_DIR/optuna.journal`` when the study is created, whenever a trial starts or ends
-(:class:`JournalUpload`), and at the end. `energyat resume` takes the uploaded copy when it is
+(:class:`JournalUpload`), before each save of the searcher's state (:class:`StudySearch`), and
+at the end. `energyat resume` takes the uploaded copy when it is
 longer than the driver's (a journal only grows), for instance on another machine.
 """
 
@@ -32,6 +33,7 @@ from typing import Any, Mapping, NamedTuple
 import yaml
 from pyarrow.fs import FileSystem, FileType
 from ray import tune
+from ray.tune.search.optuna import OptunaSearch
 
 from analysis.errors import EnergyatError, SpecError, StoreError, one_line
 from analysis.phases import DETECTOR_COLUMNS, OnlineDetector, should_stop
@@ -87,28 +89,51 @@ class JournalUpload(tune.Callback):
     fails, so that `energyat status`, the report and a resume elsewhere read the search state
     from the study. Tune calls the searcher (which writes the journal) before the callbacks.
 
-    A failed upload prints one warning line and is retried at the next trial's end; the upload
-    at the end of the study (:func:`run_study`) fails the command instead.
+    A failed upload prints one warning line and is tried again at the next trial event or
+    checkpoint (:class:`StudySearch`); the upload at the end of the study (:func:`run_study`)
+    fails the command instead.
     """
 
     def __init__(self, local: Path, study_dir: str) -> None:
         self.local = local
         self.study_dir = study_dir
 
-    def _upload(self) -> None:
+    def send(self) -> None:
         try:
             upload_journal(self.local, self.study_dir)
         except StoreError as exc:
-            print(f"energyat: warning: {exc}; retried after the next trial", file=sys.stderr, flush=True)
+            print(f"energyat: warning: {exc}; tried again at the next trial event", file=sys.stderr, flush=True)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._upload()  # the new trial's RUNNING record: a resumed searcher tells it its value
+        self.send()  # the new trial's RUNNING record: a resumed searcher tells it its value
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._upload()
+        self.send()
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._upload()
+        self.send()
+
+
+class StudySearch(OptunaSearch):
+    """Tune's OptunaSearch which, for a study on object storage, uploads the journal before each
+    save of its state.
+
+    Tune pickles the searcher (the Optuna study, its trials' numbers) into the experiment
+    checkpoint, and a resume elsewhere restores that state against the journal downloaded from the
+    study. Trials are created and epochs reported between two :class:`JournalUpload` uploads, so
+    a checkpoint taken in between would refer to records the uploaded journal lacks. Uploading
+    here, before the state that refers to them, keeps the study's journal at least as new as its
+    checkpoint. A failed upload warns, as JournalUpload's do: the study goes on.
+    """
+
+    def __init__(self, *, upload: JournalUpload | None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.upload = upload
+
+    def save(self, checkpoint_path: str) -> None:
+        if self.upload is not None:
+            self.upload.send()
+        super().save(checkpoint_path)
 
 
 # What the stopper reads of each epoch: the detector's training-side columns, and the running
@@ -265,7 +290,6 @@ def _tune_storage(study_dir: str) -> tuple[str, FileSystem | None]:
 def _tuner_parts(raw: dict[str, Any], study: StudyKeys, study_dir: str, study_name: str, journal: Path) -> tuple[Any, Any, Any]:
     """(trainable with resources, tune_config, run_config) for a new or restored study."""
     from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
 
     from trainables.tune_adapter import energyat_trial
 
@@ -278,7 +302,9 @@ def _tuner_parts(raw: dict[str, Any], study: StudyKeys, study_dir: str, study_na
         tune.with_parameters(energyat_trial, base_spec=raw, study_dir=study_dir, objectives=objectives, cpus=max(1, int(cpus)), stop_patience=study.stop_patience),
         {"cpu": cpus, "gpu": gpus},
     )
-    searcher = OptunaSearch(
+    upload = JournalUpload(journal, study_dir) if is_uri(study_dir) else None
+    searcher = StudySearch(
+        upload=upload,
         space=SearchSpace(dims, base_method),
         metric=objectives if len(objectives) > 1 else objectives[0],
         mode=["max"] * len(objectives) if len(objectives) > 1 else "max",
@@ -293,8 +319,8 @@ def _tuner_parts(raw: dict[str, Any], study: StudyKeys, study_dir: str, study_na
         trial_name_creator=_trial_id,
     )
     callbacks: list[tune.Callback] = [ProgressCallback(Progress(study.samples))]
-    if is_uri(study_dir):
-        callbacks.append(JournalUpload(journal, study_dir))
+    if upload is not None:
+        callbacks.append(upload)
     storage_path, storage_fs = _tune_storage(study_dir)
     run_config = tune.RunConfig(
         name="tune",

@@ -8,6 +8,7 @@ the bucket, and `status`, `query` and `report` read them from there.
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import signal
 import socket
@@ -53,6 +54,11 @@ class S3:
     def files(self, prefix: str) -> list[str]:
         found = self.fs.get_file_info(pafs.FileSelector(f"{BUCKET}/{prefix}", recursive=True, allow_not_found=True))
         return sorted(f.path[len(BUCKET) + len(prefix) + 2:] for f in found if f.type == pafs.FileType.File)
+
+
+def _download(s3: S3, key: str, to: Path) -> Path:
+    pafs.copy_files(f"{BUCKET}/{key}", str(to), source_filesystem=s3.fs, destination_filesystem=pafs.LocalFileSystem())
+    return to
 
 
 def _free_port() -> int:
@@ -175,8 +181,7 @@ def test_a_study_on_s3_writes_tables_checkpoints_spec_and_journal_to_the_bucket(
 
 def test_the_uploaded_journal_loads_with_plain_optuna_and_matches_the_trials_table(s3: S3, s3_study: tuple[str, Path, Path, dict[str, str]], tmp_path: Path) -> None:
     study, *_ = s3_study
-    local = tmp_path / "optuna.journal"
-    pafs.copy_files(f"{BUCKET}/studies/remote/optuna.journal", str(local), source_filesystem=s3.fs, destination_filesystem=pafs.LocalFileSystem())
+    local = _download(s3, "studies/remote/optuna.journal", tmp_path / "optuna.journal")
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(local)))
     (name,) = optuna.study.get_all_study_names(storage)
     optuna_trials = optuna.load_study(study_name=name, storage=storage).get_trials()
@@ -208,7 +213,9 @@ def test_status_query_and_report_read_a_study_on_s3(s3: S3, s3_study: tuple[str,
 def test_driver_killed_then_resumed_elsewhere_takes_the_uploaded_journal(s3: S3, tmp_path: Path) -> None:
     # the driver dies mid-study (SIGKILL to its process group, Ray included) and its local journal
     # is lost with its machine: `energyat resume` downloads the uploaded copy and finishes the
-    # study with one row per (trial, epoch) and one complete Optuna trial per trial
+    # study with one row per (trial, epoch) and one complete Optuna trial per trial. The kill
+    # waits for the worst moment: Tune's searcher checkpoint in the bucket holds an epoch's value,
+    # which no trial event uploaded (the race CI hit on 2026-11-24)
     journals = tmp_path / "journals"
     env = os.environ | CREDENTIALS | {"ENERGYAT_JOURNAL_DIR": str(journals)}
     args = [*energyat_cmd(), "run", str(EXAMPLES / "smoke.yaml"), "--storage", s3.uri("studies"), "--name", "killed",
@@ -218,24 +225,71 @@ def test_driver_killed_then_resumed_elsewhere_takes_the_uploaded_journal(s3: S3,
         proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=out, stderr=out, start_new_session=True)
     deadline = time.monotonic() + 600
     try:
-        while len([f for f in s3.files("studies/killed") if f.startswith("tables/epochs/")]) < 2:
+        while not _checkpoint_holds_a_report(s3, "studies/killed", tmp_path):
             assert proc.poll() is None, f"the study ended before it could be killed:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, "no epoch was written within 600 s"
+            assert time.monotonic() < deadline, "no epoch reached Tune's searcher checkpoint within 600 s"
             time.sleep(0.5)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     shutil.rmtree(journals)  # another machine: only the bucket's copy is left
+    _assert_uploaded_journal_holds_the_checkpointed_searcher(s3, "studies/killed", tmp_path)
     study = s3.uri("studies/killed")
     resumed = energyat("resume", study, cwd=tmp_path, env=env)
     assert resumed.returncode == 0, f"{resumed.stdout[-3000:]}\n{resumed.stderr[-5000:]}"
     assert_tables_consistent(study)
     con = open_tables(study)
     assert con.execute("select count(*), min(epochs_run) from trials").fetchall() == [(2, 3)]
-    local = tmp_path / "copy.journal"
-    pafs.copy_files(f"{BUCKET}/studies/killed/optuna.journal", str(local), source_filesystem=s3.fs, destination_filesystem=pafs.LocalFileSystem())
+    local = _download(s3, "studies/killed/optuna.journal", tmp_path / "copy.journal")
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(local)))
     (name,) = optuna.study.get_all_study_names(storage)
     states = [t.state for t in optuna.load_study(study_name=name, storage=storage).get_trials()]
     assert states == [optuna.trial.TrialState.COMPLETE] * 2
+
+
+def _checkpointed_searcher(s3: S3, prefix: str, tmp_path: Path) -> dict:
+    """The state of OptunaSearch in Tune's newest experiment checkpoint in the bucket ({} before
+    the first), as a resume restores it."""
+    states = [f for f in s3.files(f"{prefix}/tune") if f.startswith("searcher-state-")]
+    if not states:
+        return {}
+    (state,) = states
+    with _download(s3, f"{prefix}/tune/{state}", tmp_path / "searcher.pkl").open("rb") as f:
+        return pickle.load(f)  # written by energyat's own run a moment ago
+
+
+def _checkpoint_holds_a_report(s3: S3, prefix: str, tmp_path: Path) -> bool:
+    try:
+        searcher = _checkpointed_searcher(s3, prefix, tmp_path)
+    except (pickle.UnpicklingError, EOFError):
+        return False  # read while Tune replaced it: the next poll reads the whole file
+    return any(t._cached_frozen_trial.intermediate_values for t in searcher.get("_ot_trials", {}).values())
+
+
+def _assert_uploaded_journal_holds_the_checkpointed_searcher(s3: S3, prefix: str, tmp_path: Path) -> None:
+    """Every Optuna trial in Tune's searcher checkpoint, with every value reported to it, is in
+    the uploaded journal: what a resume elsewhere restores refers only to uploaded records."""
+    searcher = _checkpointed_searcher(s3, prefix, tmp_path)
+    journal = _download(s3, f"{prefix}/optuna.journal", tmp_path / "uploaded.journal")
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    uploaded = {t._trial_id: t for t in optuna.load_study(study_name=searcher["_study_name"], storage=storage).get_trials()}
+    for ot_trial in searcher["_ot_trials"].values():
+        assert ot_trial._trial_id in uploaded
+        assert ot_trial._cached_frozen_trial.intermediate_values.items() <= uploaded[ot_trial._trial_id].intermediate_values.items()
+
+
+def test_the_searcher_uploads_the_journal_before_it_saves_its_state(s3: S3, tmp_path: Path) -> None:
+    from study.importances import journal_storage
+    from study.runner import JournalUpload, StudySearch
+
+    journal = tmp_path / "driver.journal"
+    searcher = StudySearch(
+        upload=JournalUpload(journal, s3.uri("studies/searcher")), space={"lr": optuna.distributions.FloatDistribution(0.01, 0.1)},
+        metric="acc", mode="max", storage=journal_storage(journal), study_name="s",
+    )
+    searcher.suggest("t1")
+    searcher.on_trial_result("t1", {"acc": 0.5, "training_iteration": 1})  # a report: no callback uploads it
+    searcher.save(str(tmp_path / "searcher-state-x.pkl"))
+    uploaded = _download(s3, "studies/searcher/optuna.journal", tmp_path / "uploaded.journal")
+    assert uploaded.read_bytes() == journal.read_bytes()
