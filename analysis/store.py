@@ -97,9 +97,14 @@ def _write_atomic(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
     parent = path.rsplit("/", 1)[0]
     fs.create_dir(parent, recursive=True)
     if isinstance(fs, pafs.LocalFileSystem):
-        tmp = f"{parent}/.{path.rsplit('/', 1)[1]}.{uuid.uuid4().hex}.tmp"
+        name = path.rsplit("/", 1)[1]
+        tmp = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp"
         pq.write_table(table, tmp, filesystem=fs)
         os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
+        # a writer killed mid-write (a trial's worker, the test_kills way) left its temporary file;
+        # the restarted trial rewrites the same file, and this is the moment it is certainly stale
+        for stale in Path(parent).glob(f".{name}.*.tmp"):
+            stale.unlink(missing_ok=True)
     else:
         pq.write_table(table, path, filesystem=fs)
 

@@ -31,6 +31,20 @@ def test_rewriting_an_epoch_leaves_one_row(tmp_path: Path) -> None:
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
 
 
+def test_rewriting_an_epoch_removes_the_temporary_file_of_a_killed_writer(tmp_path: Path) -> None:
+    # what a worker SIGKILLed inside pq.write_table leaves: a hidden, half-written file beside
+    # the one it was replacing; the restarted trial's rewrite of that epoch removes it
+    write_epoch_rows(str(tmp_path), table="epochs", trial_id="a", epoch=3, columns=_row("a", 3, 1.0), provenance={})
+    folder = tmp_path / "tables" / "epochs" / "trial=a"
+    stale = folder / ".epoch-0003.parquet.0123456789abcdef.tmp"
+    stale.write_bytes(b"PAR1 half a file")
+    other = folder / ".epoch-0004.parquet.0123456789abcdef.tmp"  # another epoch's: not this write's to judge
+    other.write_bytes(b"PAR1")
+    write_epoch_rows(str(tmp_path), table="epochs", trial_id="a", epoch=3, columns=_row("a", 3, 2.0), provenance={})
+    assert sorted(p.name for p in folder.iterdir()) == [other.name, "epoch-0003.parquet"]
+    assert open_tables(tmp_path).execute("select train_loss from epochs").fetchall() == [(2.0,)]
+
+
 def test_a_column_outside_the_schema_is_refused(tmp_path: Path) -> None:
     cols = _row("a", 0, 1.0) | {"surprise": [1]}
     with pytest.raises(ValueError, match="surprise"):

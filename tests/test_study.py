@@ -37,6 +37,8 @@ def journal_trials(study_dir: Path) -> list[optuna.trial.FrozenTrial]:
 
 def assert_tables_consistent(study_dir: Path) -> list[tuple]:
     con = open_tables(study_dir)
+    if Path(study_dir).is_dir():  # a local study: no temporary file of a killed writer is left behind
+        assert not list(Path(study_dir, "tables").rglob("*.tmp"))
     # exactly one row per (trial, epoch), and epochs contiguous from 0 per trial
     dup = con.execute("select trial_id, epoch, count(*) from epochs group by 1, 2 having count(*) > 1").fetchall()
     assert dup == []
