@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--trial", type=str, required=True, metavar="ID", help="trial id (see `energyat status`), or `best`: the highest best test robust accuracy")
     sample.add_argument("--classes", type=str, default=None, metavar="C,C,...", help="class indices, one grid row each (default: all)")
     sample.add_argument("--n", type=int, default=8, help="images per class (default 8)")
-    sample.add_argument("--steps", type=int, default=50, help="SGLD steps (default 50)")
+    sample.add_argument("--steps", type=int, default=SgldConfig.steps, help=f"SGLD steps (default {SgldConfig.steps})")
     sample.add_argument("--eta", type=float, default=SgldConfig.eta, help=f"SGLD step size on grad E(x, y) (default {SgldConfig.eta}, PAPER.md's)")
     sample.add_argument("--momentum", type=float, default=SgldConfig.momentum, help=f"SGLD momentum zeta (default {SgldConfig.momentum})")
     sample.add_argument("--init", type=str, choices=("pca", "gaussian", "noise"), default="pca", help="chain start (default pca: class-wise PCA of the training images)")

@@ -14,11 +14,10 @@ from PIL import Image
 
 from conftest import EXAMPLES
 from study.cli import main
-from trainables.config import parse_trial
+from trainables.config import SgldConfig, parse_trial
 from trainables.data import load_dataset
 from trainables.energy import joint_energy
 from trainables.judge import frechet_distance, inception_scores
-from trainables.config import SgldConfig
 from trainables.sampling import STARTS, class_starts, sgld
 
 # 8x8 digits: the paper's step 0.8 (for CIFAR) saturates every pixel within a few steps, so the

@@ -211,7 +211,6 @@ def test_a_diverging_trial_ends_with_its_reason_and_a_finite_bad_value_and_the_s
     assert len(trials) == 3
 
 
-
 def test_sample_and_landscape_read_a_studys_trials_from_their_tune_checkpoints(smoke_study: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
     # a study keeps each trial's parameters in tune/<id>/params.json and its checkpoints in
     # tune/<id>/checkpoint_*/: sample and landscape rebuild the trial from there
