@@ -189,17 +189,19 @@ def phase_figure(epochs: Any, phases: PhaseResult, *, path: Path) -> Path:
     mid.set_ylabel("delta energy (train probe)")
     mid.set_title("delta energy: the phase signal")
 
-    # bottom: test accuracy, robust loss on a twin axis
+    # bottom: test accuracy (the paper's curve), validation robust accuracy (what selects the best
+    # epoch), test robust loss on a twin axis
     _plot_finite(bottom, epoch, f("test_clean_acc"), color="tab:blue", label="test clean acc")
     _plot_finite(bottom, epoch, f("test_robust_acc"), color="tab:red", label="test robust acc (PGD)")
-    bottom.set_ylabel("accuracy (test subset)")
+    _plot_finite(bottom, epoch, f("val_robust_acc"), color="tab:green", ls="--", label="validation robust acc (selects)")
+    bottom.set_ylabel("accuracy")
     bottom.set_ylim(-0.02, 1.02)
     loss_ax = bottom.twinx()
     has_loss = _plot_finite(loss_ax, epoch, f("test_robust_loss"), color="tab:orange", ls=":", label="test robust loss")
     loss_ax.set_ylabel("robust CE loss", color="tab:orange" if has_loss else "black")
     bottom.set_xlabel("epoch")
     bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
-    bottom.set_title("test accuracy and robust loss")
+    bottom.set_title("test and validation accuracy, test robust loss")
 
     # vertical markers on every panel
     drops = _lr_drops(epoch, f("lr"))
@@ -350,14 +352,15 @@ def _non_dominated(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.array(sorted(keep, key=lambda i: (x[i], -y[i])), dtype=int)
 
 
-def pareto_front(trials: Any, *, path: Path, robust: str = "best_test_robust_acc", clean: str = "final_clean_acc") -> Path:
+def pareto_front(trials: Any, *, path: Path, robust: str = "best_val_robust_acc", clean: str = "best_val_clean_acc") -> Path:
     """Clean against robust accuracy, one point per trial, the non-dominated trials connected.
 
     Args:
         trials: the `trials` table (one row per trial).
         path: the PNG to write.
-        robust: the robust-accuracy column, ``best_test_robust_acc`` or ``final_pgd_acc``.
-        clean: the clean-accuracy column.
+        robust: the robust-accuracy column: ``best_val_robust_acc`` (what a study searches on) or
+            the test set's ``final_pgd_acc``.
+        clean: the clean-accuracy column: ``best_val_clean_acc`` or the test set's ``final_clean_acc``.
     """
     cols = columns(trials)
     n = _length(cols)
@@ -401,7 +404,7 @@ def _final_abs_delta_energy(epochs: Mapping[str, np.ndarray]) -> dict[str, float
 
 
 def delta_energy_vs_robust(epochs: Any, trials: Any, *, path: Path) -> Path:
-    """Final abs(dE(x)) on the training probe against best test robust accuracy, per trial.
+    """Final abs(dE(x)) on the training probe against best validation robust accuracy, per trial.
 
     PAPER.md findings 2 and 4: methods whose delta energy grows (SAT) overfit, those that keep
     it near 0 (TRADES) stay robust.
@@ -416,7 +419,7 @@ def delta_energy_vs_robust(epochs: Any, trials: Any, *, path: Path) -> Path:
     n = _length(cols)
     ids = [str(t) for t in cols.get("trial_id", [])]
     methods = [str(m) for m in cols.get("method", np.array(["?"] * n, dtype=object))]
-    robust = _float(cols, "best_test_robust_acc", n)
+    robust = _float(cols, "best_val_robust_acc", n)
     points = [(ids[i], methods[i], final[ids[i]], robust[i]) for i in range(n) if ids[i] in final and np.isfinite(robust[i])]
     if len(points) < 2:
         raise NoData(f"delta energy vs robust accuracy: needs at least 2 trials with a probed epoch, got {len(points)}")
@@ -430,7 +433,7 @@ def delta_energy_vs_robust(epochs: Any, trials: Any, *, path: Path) -> Path:
         for t, _, xv, yv in points:
             ax.annotate(t, (xv, yv), xytext=(4, 3), textcoords="offset points", fontsize=7, color="dimgray")
     ax.set_xlabel("final |mean dE(x)| on the training probe (last probed epoch)")
-    ax.set_ylabel("best test robust accuracy")
+    ax.set_ylabel("best validation robust accuracy")
     ax.grid(True, alpha=0.3, lw=0.5)
     ax.legend(fontsize=8, title="method", title_fontsize=8)
     ax.set_title(f"delta energy vs robustness: {len(points)} trials")

@@ -1,4 +1,4 @@
-"""SQL over a study's tables: DuckDB views `epochs`, `samples`, `trials`.
+"""SQL over a study's tables: DuckDB views `epochs`, `samples`, `trials`, `evals`.
 
 ``open_tables(DIR)`` (exported as ``analysis.open``) works on a study directory and on an
 ``energyat train`` output alike, and on a directory whose trials are still running: each
@@ -23,15 +23,38 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from analysis.errors import QueryError, StoreError, one_line
-from analysis.schema import TABLES
+from analysis.schema import SCHEMA_VERSION, TABLES
 from analysis.store import is_uri, open_storage
 
 _GLOBS = {
     "epochs": "tables/epochs/trial=*/epoch-*.parquet",
     "samples": "tables/samples/trial=*/epoch-*.parquet",
     "trials": "tables/trials/trial=*.parquet",
+    "evals": "tables/evals/trial=*/eval-*.parquet",
+}
+# What a directory written by an older energyat holds, and what to do with it.
+_OLD_VERSIONS = {
+    1: "schema_version 1 chose the best checkpoint on a test subset (best_test_robust_acc); "
+       "schema_version 2 selects on a validation split, so the two cannot be mixed",
 }
 _READERS = 8  # parallel GETs from an object store; each file is small
+
+
+def check_schema_version(found: object, *, where: str) -> None:
+    """Refuse, in one line that says what to do, a directory another schema version wrote."""
+    if found is None or str(found) == str(SCHEMA_VERSION):
+        return
+    why = _OLD_VERSIONS.get(int(found), "") if str(found).isdigit() else ""
+    raise StoreError(
+        f"{where} was written with energyat table schema_version {found}; this energyat reads {SCHEMA_VERSION}"
+        + (f" ({why})" if why else "")
+        + ": run the spec again into a new directory (its spec.yaml holds it), or read this one with the energyat that wrote it"
+    )
+
+
+def _file_version(metadata: dict[bytes, bytes] | None) -> str | None:
+    value = (metadata or {}).get(b"schema_version")
+    return value.decode() if value is not None else None
 
 
 def _sql_string(text: str) -> str:
@@ -62,7 +85,15 @@ def open_tables(directory: str | os.PathLike[str], *, trial: str | None = None) 
     con = duckdb.connect(":memory:")
     for view in _GLOBS:
         pattern = _pattern(view, trial)
-        if any(root.glob(pattern)):
+        first = next(root.glob(pattern), None)
+        if first is not None:
+            try:  # one footer per view tells which energyat wrote the directory
+                check_schema_version(_file_version(pq.read_schema(first).metadata), where=str(directory))
+            except (OSError, pa.ArrowInvalid):
+                pass  # a damaged file: read_parquet below names it
+            except StoreError:
+                con.close()
+                raise
             source = (
                 f"read_parquet({_sql_string(str(root.resolve() / pattern))}, "
                 "union_by_name = true, hive_partitioning = false)"
@@ -120,14 +151,19 @@ def _open_remote(directory: str, trial: str | None) -> duckdb.DuckDBPyConnection
         except pa.ArrowInvalid as exc:  # from _read_file: a damaged file, named
             con.close()
             raise _damaged(directory, one_line(exc)) from exc
+        except StoreError:  # from _read_file: another schema version
+            con.close()
+            raise
     return con
 
 
 def _read_file(fs: pafs.FileSystem, root: str, name: str) -> pa.Table:
     try:
-        return pq.read_table(f"{root}/{name}", filesystem=fs, partitioning=None)
+        table = pq.read_table(f"{root}/{name}", filesystem=fs, partitioning=None)
     except pa.ArrowInvalid as exc:
         raise pa.ArrowInvalid(f"{name}: {one_line(exc)}") from exc
+    check_schema_version(_file_version(table.schema.metadata), where=f"{root}/{name}")
+    return table
 
 
 def _union_by_name(con: duckdb.DuckDBPyConnection, view: str, tables: list[pa.Table]) -> str:

@@ -1,8 +1,9 @@
 """A study's report: ``DIR/report/index.html`` with its PNG figures beside it.
 
 Works on a study directory and on one ``energyat train`` output alike (both have ``tables/``),
-also while trials are still running. The page holds, in order: the trials table (best test
-robust accuracy first), the study figures (Pareto front, delta energy against robustness,
+also while trials are still running. The page holds, in order: the trials table (best validation
+robust accuracy first), the test-set evaluations (`evals`: every trial's final evaluation and every
+`energyat eval`), the study figures (Pareto front, delta energy against robustness,
 hyperparameter importances when the caller gives them) and, per trial (best first), the phase
 figure, energy histograms at the first, middle and last epochs with samples, and the arrow plot
 of the last such epoch. A figure with nothing to draw is replaced by a note saying why.
@@ -38,7 +39,7 @@ from analysis.store import filesystem, is_uri, join
 # the trials table's columns, in this order (config columns weat_* are added after `beta`)
 _TABLE_HEAD = ("trial_id", "status", "stop_reason", "method", "beta")
 _TABLE_TAIL = (
-    "epochs_run", "best_epoch", "best_test_robust_acc", "final_clean_acc", "final_pgd_acc",
+    "epochs_run", "best_epoch", "best_val_robust_acc", "best_val_clean_acc", "final_clean_acc", "final_pgd_acc",
     "final_autoattack_acc", "phase2_start", "phase3_start", "alarm_epoch",
 )
 
@@ -77,7 +78,7 @@ def _trial_rows(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
 
 def _best_first(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     def key(r: dict[str, Any]) -> tuple[bool, float, str]:
-        acc = r.get("best_test_robust_acc")
+        acc = r.get("best_val_robust_acc")
         return (_missing(acc), -(acc if not _missing(acc) else 0.0), str(r["trial_id"]))
 
     return sorted(rows, key=key)
@@ -97,7 +98,7 @@ def phases_table(directory: str | os.PathLike[str], trial: str | None = None) ->
 
     Each row: ``trial_id, method, epochs, phase2_start, phase3_start`` (offline
     :func:`analysis.phases.detect` on the trial's `epochs` rows), ``alarm_epoch`` (the online
-    alarm as recorded during training), ``best_epoch, best_test_robust_acc``.
+    alarm as recorded during training), ``best_epoch, best_val_robust_acc``.
 
     Raises:
         StoreError: `directory` holds no tables, or `trial` is not one of its trial ids.
@@ -115,7 +116,7 @@ def phases_table(directory: str | os.PathLike[str], trial: str | None = None) ->
         for tid in ids:
             epochs = _epochs_of(con, tid)
             phases = _phases(epochs)
-            best = trials[tid].get("best_test_robust_acc")
+            best = trials[tid].get("best_val_robust_acc")
             out.append({
                 "trial_id": tid,
                 "method": trials[tid].get("method"),
@@ -124,7 +125,7 @@ def phases_table(directory: str | os.PathLike[str], trial: str | None = None) ->
                 "phase3_start": phases.phase3_start,
                 "alarm_epoch": plots.online_alarm_epoch(epochs, phases),
                 "best_epoch": _int_or_none(trials[tid].get("best_epoch")),
-                "best_test_robust_acc": None if _missing(best) else float(best),
+                "best_val_robust_acc": None if _missing(best) else float(best),
             })
         return out
     finally:
@@ -190,6 +191,23 @@ def _trials_table(rows: Sequence[dict[str, Any]]) -> str:
         lines.append("<tr>" + "".join(cells) + "</tr>")
     lines.append("</table>")
     return "\n".join(lines)
+
+
+_EVAL_COLUMNS = ("trial_id", "source", "model", "attack", "steps", "norm", "eps", "n", "accuracy", "evaluated_by", "evaluated_at")
+
+
+def _evals(page: _Page, con: duckdb.DuckDBPyConnection) -> None:
+    """The `evals` rows, newest first: test-set accuracy in fp32 (docs/evaluation.md)."""
+    page.add("<h2>Test-set evaluations</h2>")
+    rows = _rows(_fetch(con, f"select {', '.join(_EVAL_COLUMNS)} from evals order by evaluated_at desc, trial_id, attack"))
+    if not rows:
+        page.add('<p class="note">no evaluations yet: each trial writes its final evaluation; `energyat eval DIR --trial ID` adds more</p>')
+        return
+    lines = ["<table>", "<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in _EVAL_COLUMNS) + "</tr>"]
+    for r in rows:
+        lines.append("<tr>" + "".join(f"<td>{_cell(r.get(c))}</td>" for c in _EVAL_COLUMNS) + "</tr>")
+    lines.append("</table>")
+    page.add("\n".join(lines))
 
 
 def _sample_epochs(con: duckdb.DuckDBPyConnection, trial_id: str) -> list[int]:
@@ -308,11 +326,13 @@ def _render(
 
         page = _Page(folder)
         page.add(f"<h1>energyat report: {html.escape(study)}</h1>")
-        page.add(f"<p>{len(trials)} trial(s) in <code>{html.escape(shown)}</code>, best test robust accuracy first.</p>")
+        page.add(f"<p>{len(trials)} trial(s) in <code>{html.escape(shown)}</code>, best validation robust accuracy first "
+                 "(the validation split selects; the test set only reports).</p>")
         if not trials:
             page.add('<p class="note">no trials yet: nothing to show.</p>')
         else:
             page.add(_trials_table(trials))
+        _evals(page, con)
 
         page.add("<h2>Study</h2>")
         trial_cols = _fetch(con, "select * from trials")

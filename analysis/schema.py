@@ -1,4 +1,4 @@
-"""The three results tables, each declared once (DESIGN.md section 4).
+"""The results tables, each declared once.
 
 Writer (``trainables/engine.py`` through ``analysis/store.py``), reader (``analysis/query.py``)
 and docs (the README's column list, checked by a test) all use these schemas. Each field's
@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+# 2: a validation split selects (best_val_* columns); the test set only reports (test_* curve,
+#    final_*, the `evals` table). Version 1 selected on a test subset (best_test_robust_acc).
+SCHEMA_VERSION = 2
 
 _PROBED = "NaN on epochs without a probe (see probe.every)"
 
@@ -39,18 +41,22 @@ EPOCHS = pa.schema(
         _f("probe_train_dEy", pa.float64(), f"mean dE(x,y) = E(x,y) - E(x*,y) over the training probe; {_PROBED}"),
         _f("probe_train_E_tgt", pa.float64(), f"mean E(x*) under targeted PGD to a random wrong class; {_PROBED}"),
         _f("probe_train_aae_frac", pa.float64(), f"fraction of abnormal adversarial examples, CE(x*,y) < CE(x,y); {_PROBED}"),
-        _f("test_clean_acc", pa.float64(), f"clean accuracy on the fixed test subset; {_PROBED}"),
-        _f("test_robust_acc", pa.float64(), f"accuracy under the eval PGD attack on the fixed test subset; {_PROBED}"),
-        _f("test_robust_loss", pa.float64(), f"mean CE under the eval PGD attack on the fixed test subset; {_PROBED}"),
-        _f("probe_test_E", pa.float64(), f"mean E(x) over the test subset; {_PROBED}"),
-        _f("probe_test_E_adv", pa.float64(), f"mean E(x*) over the test subset, x* from the eval PGD attack; {_PROBED}"),
-        _f("probe_test_dE", pa.float64(), f"mean dE(x) over the test subset; {_PROBED}"),
+        _f("val_clean_acc", pa.float64(), f"clean accuracy on the validation split (dataset.val_size images held out of training); {_PROBED}"),
+        _f("val_robust_acc", pa.float64(), f"accuracy under the eval PGD attack on the validation split: what selects the best epoch; {_PROBED}"),
+        _f("val_robust_loss", pa.float64(), f"mean CE under the eval PGD attack on the validation split; {_PROBED}"),
+        _f("test_clean_acc", pa.float64(), f"clean accuracy on the fixed test subset (a curve for the figures: selects nothing); {_PROBED} or probe.test_size is 0"),
+        _f("test_robust_acc", pa.float64(), f"accuracy under the eval PGD attack on the fixed test subset (selects nothing); {_PROBED} or probe.test_size is 0"),
+        _f("test_robust_loss", pa.float64(), f"mean CE under the eval PGD attack on the fixed test subset; {_PROBED} or probe.test_size is 0"),
+        _f("probe_test_E", pa.float64(), f"mean E(x) over the test subset; {_PROBED} or probe.test_size is 0"),
+        _f("probe_test_E_adv", pa.float64(), f"mean E(x*) over the test subset, x* from the eval PGD attack; {_PROBED} or probe.test_size is 0"),
+        _f("probe_test_dE", pa.float64(), f"mean dE(x) over the test subset; {_PROBED} or probe.test_size is 0"),
         _f("weight_mean", pa.float64(), "mean per-sample loss weight (WEAT weights, DER's AAE gate; 1.0 when none)"),
         _f("weight_min", pa.float64(), "smallest per-sample loss weight of the epoch"),
         _f("weight_max", pa.float64(), "largest per-sample loss weight of the epoch"),
         _f("phase", pa.int8(), "online phase label (1, 2, 3) as the detector saw it this epoch"),
         _f("alarm", pa.bool_(), "the online detector's energy-divergence alarm (robust-overfitting onset)"),
-        _f("best_test_robust_acc", pa.float64(), "running best of test_robust_acc up to this epoch (what the searcher optimises)"),
+        _f("best_val_robust_acc", pa.float64(), "running best of val_robust_acc up to this epoch (what the searcher optimises); NaN before the first probe"),
+        _f("best_val_clean_acc", pa.float64(), "val_clean_acc at the epoch of best_val_robust_acc; NaN before the first probe"),
         _f("probed", pa.bool_(), "whether the energy probe and test evaluation ran this epoch"),
         _f("epoch_seconds", pa.float64(), "wall seconds of the epoch's training pass"),
         _f("probe_seconds", pa.float64(), "wall seconds of the probe and test evaluation (0 when not probed)"),
@@ -86,11 +92,12 @@ TRIAL_OUTCOME = pa.schema(
         _f("status", pa.string(), "RUNNING while training, TERMINATED when done, ERROR after a failure"),
         _f("stop_reason", pa.string(), "completed, energy_divergence, scheduler or `error: ...`; null while running"),
         _f("epochs_run", pa.int32(), "epochs completed"),
-        _f("best_epoch", pa.int32(), "epoch of the best test robust accuracy; null before the first probe"),
-        _f("best_test_robust_acc", pa.float64(), "best per-epoch test robust accuracy (fixed test subset)"),
-        _f("final_clean_acc", pa.float64(), "clean accuracy of the best checkpoint on final_eval.n test images; NaN until the final evaluation"),
-        _f("final_pgd_acc", pa.float64(), "PGD-(final_eval.pgd_steps) accuracy of the best checkpoint; NaN until the final evaluation"),
-        _f("final_autoattack_acc", pa.float64(), "AutoAttack (standard) accuracy of the best checkpoint on final_eval.autoattack_n images; NaN when skipped"),
+        _f("best_epoch", pa.int32(), "epoch of the best validation robust accuracy (the best checkpoint); null before the first probe"),
+        _f("best_val_robust_acc", pa.float64(), "best per-epoch validation robust accuracy (eval PGD); NaN before the first probe"),
+        _f("best_val_clean_acc", pa.float64(), "validation clean accuracy at best_epoch; NaN before the first probe"),
+        _f("final_clean_acc", pa.float64(), "clean accuracy of the best checkpoint on the first final_eval.n test images (fp32); NaN until the final evaluation"),
+        _f("final_pgd_acc", pa.float64(), "PGD-(final_eval.pgd_steps) accuracy of the best checkpoint on the same images (fp32); NaN until the final evaluation"),
+        _f("final_autoattack_acc", pa.float64(), "original AutoAttack (standard) accuracy of the best checkpoint on the first final_eval.autoattack_n test images (fp32); NaN when skipped"),
         _f("phase2_start", pa.int32(), "first epoch of phase 2 (offline detector); null if not reached"),
         _f("phase3_start", pa.int32(), "detected robust-overfitting onset (offline detector); null if none"),
         _f("alarm_epoch", pa.int32(), "first epoch the online detector raised its alarm; null if never"),
@@ -100,7 +107,36 @@ TRIAL_OUTCOME = pa.schema(
     ]
 )
 
-TABLES: dict[str, pa.Schema] = {"epochs": EPOCHS, "samples": SAMPLES, "trials": TRIAL_OUTCOME}
+# `evals`: one row per (model, attack, evaluation) on the test set, in fp32: every trial's final
+# evaluation and every `energyat eval` (also of models energyat did not train: a state-dict file
+# or a RobustBench model). tables/evals/trial=<name>/eval-<key>.parquet, <key> a digest of what
+# defines the evaluation, so the same evaluation run again replaces its row.
+EVALS = pa.schema(
+    [
+        _f("study", pa.string(), "study name of the trial; for a model from outside, the output directory's name"),
+        _f("trial_id", pa.string(), "trial id, or the name of a model from outside (--name, default the file stem or RobustBench name)"),
+        _f("source", pa.string(), "trial (an energyat checkpoint), checkpoint (a state-dict file) or robustbench"),
+        _f("checkpoint", pa.string(), "the weights evaluated: a file path, or robustbench:<name>/<dataset>/<threat>"),
+        _f("method", pa.string(), "the trial's AT method; null for a model from outside"),
+        _f("model", pa.string(), "architecture (energyat's registry name, or the RobustBench model name)"),
+        _f("dataset", pa.string(), "dataset whose test split was evaluated"),
+        _f("attack", pa.string(), "clean, pgd (untargeted, uniform random start) or autoattack (the original, standard version)"),
+        _f("steps", pa.int32(), "PGD steps; null for clean and autoattack (whose attacks run their own 100 iterations)"),
+        _f("norm", pa.string(), "threat model: linf or l2"),
+        _f("eps", pa.float64(), "radius of the threat ball, input scale [0, 1]"),
+        _f("n", pa.int32(), "test images evaluated: the first n of the test split, as RobustBench does"),
+        _f("correct", pa.int32(), "images classified correctly (under the attack)"),
+        _f("accuracy", pa.float64(), "correct / n"),
+        _f("seed", pa.int64(), "seed of the attack's random starts (AutoAttack's `seed`)"),
+        _f("evaluated_by", pa.string(), "final_eval (the trial's own, at the end of training) or `energyat eval`"),
+        _f("evaluated_at", pa.string(), "UTC time the evaluation finished, ISO 8601"),
+        _f("seconds", pa.float64(), "wall seconds of this attack's evaluation"),
+        _f("device", pa.string(), "device the evaluation ran on"),
+        _f("git_sha", pa.string(), "energyat source revision"),
+    ]
+)
+
+TABLES: dict[str, pa.Schema] = {"epochs": EPOCHS, "samples": SAMPLES, "trials": TRIAL_OUTCOME, "evals": EVALS}
 
 # `energyat landscape` (trainables/landscape.py): DIR/landscape/landscape.parquet, one row per
 # (trial, attack, test-probe sample), from each trial's best checkpoint. Not a study view: it is

@@ -5,6 +5,7 @@ Layout (DESIGN.md section 3), under a study or train-output directory ``root``::
     tables/epochs/trial=<id>/epoch-<NNNN>.parquet
     tables/samples/trial=<id>/epoch-<NNNN>.parquet
     tables/trials/trial=<id>.parquet
+    tables/evals/trial=<id>/eval-<key>.parquet
 
 ``root`` is a local path or a pyarrow filesystem URI (s3://, gs://). A file is written under a
 hidden temporary name and renamed into place, so a reader never sees half a file and rewriting
@@ -89,6 +90,10 @@ def epoch_file(root: str, table: str, trial_id: str, epoch: int) -> str:
     return f"{root}/tables/{table}/trial={trial_id}/epoch-{epoch:04d}.parquet"
 
 
+def eval_file(root: str, trial_id: str, key: str) -> str:
+    return f"{root}/tables/evals/trial={trial_id}/eval-{key}.parquet"
+
+
 def trial_file(root: str, trial_id: str) -> str:
     return f"{root}/tables/trials/trial={trial_id}.parquet"
 
@@ -130,14 +135,25 @@ def write_epoch_rows(
     ``columns`` maps every column of the table's schema to a sequence (or array) of values;
     a missing or extra column is a bug in the caller and raises ``KeyError``/``ValueError``.
     """
+    fs, path = filesystem(root)
+    _write_atomic(fs, epoch_file(path, table, trial_id, epoch), _table(table, columns, provenance))
+
+
+def write_eval_rows(root: str, *, trial_id: str, key: str, columns: Mapping[str, Sequence[Any]], provenance: Mapping[str, Any]) -> None:
+    """Write one evaluation's `evals` rows (:data:`analysis.schema.EVALS`), replacing the file of
+    the same `key` (the same evaluation run again)."""
+    fs, path = filesystem(root)
+    _write_atomic(fs, eval_file(path, trial_id, key), _table("evals", columns, provenance))
+
+
+def _table(table: str, columns: Mapping[str, Sequence[Any] | Any], provenance: Mapping[str, Any]) -> pa.Table:
+    """`columns` as a table of `table`'s declared schema, with provenance in its metadata."""
     schema = TABLES[table]
     extra = set(columns) - set(schema.names)
     if extra:
         raise ValueError(f"columns not in the {table} schema: {sorted(extra)}")
     arrays = [pa.array(columns[name], type=schema.field(name).type) for name in schema.names]
-    fs, path = filesystem(root)
-    data = pa.Table.from_arrays(arrays, schema=schema)
-    _write_atomic(fs, epoch_file(path, table, trial_id, epoch), _with_metadata(data, provenance))
+    return _with_metadata(pa.Table.from_arrays(arrays, schema=schema), provenance)
 
 
 def write_trial_row(
@@ -185,7 +201,7 @@ def git_sha() -> str:
 def versions() -> dict[str, str]:
     """Versions of the packages that shape a result (read from metadata: imports nothing)."""
     out = {"python": platform.python_version()}
-    for name in ("energyat", "torch", "torchvision", "numpy", "pyarrow", "ray", "optuna", "torchattacks"):
+    for name in ("energyat", "torch", "torchvision", "numpy", "pyarrow", "ray", "optuna", "pyautoattack", "robustbench"):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

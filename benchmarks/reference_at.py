@@ -60,10 +60,17 @@ def loader(x: np.ndarray, y: np.ndarray, *, batch_size: int, crop_pad: int, flip
     )
 
 
-def pgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_size: float, steps: int) -> torch.Tensor:
-    """L-inf PGD with a uniform random start; each step calls loss.backward()."""
-    model.eval()
-    x_adv = x + torch.zeros_like(x).uniform_(-eps, eps)
+def pgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_size: float, steps: int, train_mode: bool = False,
+               gaussian_start: bool = False) -> torch.Tensor:
+    """L-inf PGD; each step calls loss.backward(). Rice et al.'s attack_pgd (and Wong et al.'s
+    FGSM-RS) keep the model in train mode and start uniformly in the ball; MART's code calls
+    model.eval() and starts at x + 0.001 * N(0, I)."""
+    model.train(train_mode)
+    if gaussian_start:
+        x_adv = x.detach() + 0.001 * torch.randn_like(x)
+        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps)
+    else:
+        x_adv = x + torch.zeros_like(x).uniform_(-eps, eps)
     x_adv = torch.clamp(x_adv, 0.0, 1.0)
     for _ in range(steps):
         x_adv.requires_grad_()
@@ -108,9 +115,11 @@ def batch_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, method: str, 
         return F.cross_entropy(model(x), y)
     if method in ("sat", "fgsm_rs", "der", "mart"):
         if method == "fgsm_rs":
-            x_adv = pgd_attack(model, x, y, eps=eps, step_size=1.25 * eps, steps=1)
+            x_adv = pgd_attack(model, x, y, eps=eps, step_size=1.25 * eps, steps=1, train_mode=True)
+        elif method == "mart":
+            x_adv = pgd_attack(model, x, y, eps=eps, step_size=step, steps=steps, gaussian_start=True)
         else:
-            x_adv = pgd_attack(model, x, y, eps=eps, step_size=step, steps=steps)
+            x_adv = pgd_attack(model, x, y, eps=eps, step_size=step, steps=steps, train_mode=True)
         logits_adv = model(x_adv)
         if method in ("sat", "fgsm_rs"):
             return F.cross_entropy(logits_adv, y)

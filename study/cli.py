@@ -8,6 +8,7 @@ their traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -32,7 +33,7 @@ def _print_epoch(row: dict[str, Any], _ckpt: Path) -> None:
 
     print(
         f"epoch {row['epoch']:4d}  loss {f('train_loss')}  train adv {f('train_adv_acc')}  "
-        f"test clean {f('test_clean_acc')}  robust {f('test_robust_acc')}  dE {f('probe_train_dE')}  "
+        f"val clean {f('val_clean_acc')}  robust {f('val_robust_acc')}  test robust {f('test_robust_acc')}  dE {f('probe_train_dE')}  "
         f"phase {row['phase']}{' ALARM' if row['alarm'] else ''}  {row['epoch_seconds']:.1f}s+{row['probe_seconds']:.1f}s",
         file=sys.stderr, flush=True,
     )
@@ -63,11 +64,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     result = run_trial(cfg, out=out, trial_id=args.trial_id, on_epoch=_print_epoch, stop_patience=_stop_patience(args), spec_file=out / "spec.yaml")
     print(
-        f"{result['status']} ({result['stop_reason']}): {result['epochs_run']} epochs, best test robust acc "
-        f"{result['best_test_robust_acc']:.4f} at epoch {result['best_epoch']}, final PGD {result['final_pgd_acc']:.4f}, "
-        f"AutoAttack {result['final_autoattack_acc']:.4f}"
+        f"{result['status']} ({result['stop_reason']}): {result['epochs_run']} epochs, best validation robust acc "
+        f"{result['best_val_robust_acc']:.4f} at epoch {result['best_epoch']}; its test accuracy: clean {result['final_clean_acc']:.4f}, "
+        f"PGD {result['final_pgd_acc']:.4f}, AutoAttack {result['final_autoattack_acc']:.4f}"
     )
-    print(f"tables: {out / 'tables'}  (try: energyat query {out} \"select * from epochs\")")
+    print(f"tables: {out / 'tables'}  (try: energyat query {out} \"select * from evals\")")
     return 0
 
 
@@ -157,12 +158,12 @@ def _status_text(study_dir: str) -> str:
     states = con.execute("select status, count(*) from trials group by 1 order by 1").fetchall()
     lines.append("trials: " + (", ".join(f"{n} {s}" for s, n in states) or "none yet"))
     best = con.execute(
-        "select trial_id, method, best_test_robust_acc, best_epoch from trials "
-        "where best_test_robust_acc = best_test_robust_acc order by best_test_robust_acc desc limit 1"
+        "select trial_id, method, best_val_robust_acc, best_epoch from trials "
+        "where best_val_robust_acc = best_val_robust_acc order by best_val_robust_acc desc limit 1"
     ).fetchall()
     if best:
         t, m, acc, ep = best[0]
-        lines.append(f"best so far: {t} ({m}) test robust acc {acc:.4f} at epoch {ep}")
+        lines.append(f"best so far: {t} ({m}) validation robust acc {acc:.4f} at epoch {ep}")
     reasons = {t: (s, r, e) for t, s, r, e in con.execute("select trial_id, status, stop_reason, epochs_run from trials").fetchall()}
     con.close()
     rows = phases_table(study_dir, None)
@@ -170,7 +171,7 @@ def _status_text(study_dir: str) -> str:
         status, reason, epochs_run = reasons.get(row["trial_id"], ("?", None, None))
         row.update(status=status, stop_reason=reason, epochs_run=epochs_run)
     if rows:
-        keep = ["trial_id", "method", "status", "stop_reason", "epochs_run", "best_test_robust_acc", "phase2_start", "phase3_start", "alarm_epoch"]
+        keep = ["trial_id", "method", "status", "stop_reason", "epochs_run", "best_val_robust_acc", "phase2_start", "phase3_start", "alarm_epoch"]
         lines.append(_table_text(pa.Table.from_pylist([{k: r.get(k) for k in keep} for r in rows])))
     from study.importances import journal_copy, optuna_trial_states
 
@@ -189,23 +190,109 @@ def _classes(text: str | None) -> list[int] | None:
         raise EnergyatError(f"--classes expects class indices separated by commas (e.g. 0,3,7), got {text!r}") from None
 
 
+def _subjects(args: argparse.Namespace, *, n: int | None, eval_steps: int) -> tuple[str, list[Any]]:
+    """(where results go, the models asked for): `--trial` (repeatable; in DIR), `--checkpoint FILE
+    --model ARCH`, or `--robustbench NAME[,NAME...]`; exactly one kind per command. `eval_steps`:
+    the PGD steps of a model from outside (`--pgd-steps` or the command's default)."""
+    from analysis.store import is_uri
+    from trainables.config import parse_number
+    from trainables.subjects import checkpoint_subject, outside_config, robustbench_subject, trial_ids, trial_subject
+
+    kinds = [k for k, v in (("--trial", args.trial), ("--checkpoint", args.checkpoint), ("--robustbench", args.robustbench)) if v]
+    if len(kinds) > 1:
+        raise EnergyatError(f"give one of --trial, --checkpoint, --robustbench, not {' and '.join(kinds)}")
+    if args.checkpoint is not None and args.model is None:
+        raise EnergyatError("--checkpoint needs --model ARCH (the architecture the state dict is for)")
+    if not kinds or kinds == ["--trial"]:  # energyat's own trials, in DIR
+        if args.directory is None:
+            raise EnergyatError("give a study or `energyat train --out` directory (with --trial), or --checkpoint / --robustbench")
+        found = args.trial or (trial_ids(args.directory) if args.command == "landscape" else [])
+        if not found:
+            raise EnergyatError(f"{args.directory} has no trial with a best checkpoint yet" if args.command == "landscape" else "give --trial ID (or best)")
+        return args.directory, [trial_subject(args.directory, t) for t in found]
+    out = args.directory or "."
+    if is_uri(out):
+        raise EnergyatError(f"{out}: results of models from outside are written to a local directory")
+    eps = None if args.eps is None else parse_number("--eps", args.eps)
+    norm = {"Linf": "linf", "L2": "l2"}[args.threat]
+    study = Path(out).expanduser().resolve().name
+    common = dict(dataset=args.dataset, root=args.data_root, download=args.download, norm=norm, eps=eps, n=n, eval_steps=eval_steps, batch_size=128)
+    if args.checkpoint is not None:
+        cfg = outside_config(**common, model=args.model, width=args.width)  # type: ignore[arg-type]
+        return out, [checkpoint_subject(args.checkpoint, architecture=args.model, cfg=cfg, name=args.name, study=study)]
+    if args.name is not None:
+        raise EnergyatError("--name applies to --checkpoint; a RobustBench model keeps its own name")
+    cfg = outside_config(**common)  # type: ignore[arg-type]
+    names = [n.strip() for n in args.robustbench.split(",") if n.strip()]
+    return out, [robustbench_subject(name, cfg=cfg, models_dir=args.models_dir, study=study) for name in names]
+
+
+def _check_pgd_steps(steps: int, cfg: Any) -> None:
+    if steps < 1 or steps * cfg.attack.step < cfg.attack.eps * (1 - 1e-9):
+        raise EnergyatError(
+            f"--pgd-steps {steps}: {steps} steps of {cfg.attack.step:.6g} cannot reach eps {cfg.attack.eps:.6g}; "
+            f"give at least {math.ceil(cfg.attack.eps / cfg.attack.step - 1e-9)}"
+        )
+
+
+def _device(name: str) -> Any:
+    from trainables.engine import select_device
+
+    return select_device(name)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import pyarrow as pa
+
+    from trainables.data import load_dataset
+    from trainables.engine import device_label
+    from trainables.evaluate import EvalSubject, evaluate, parse_attacks, write_evals
+
+    attacks = parse_attacks(args.attacks)
+    if args.n is not None and args.n < 1:
+        raise EnergyatError(f"--n must be at least 1 test image, got {args.n}")
+    if args.trial and len(args.trial) > 1:
+        raise EnergyatError("energyat eval takes one --trial at a time")
+    out, subjects = _subjects(args, n=args.n, eval_steps=args.pgd_steps or 50)
+    device = _device(args.device)
+    printed = []
+    for subject in subjects:
+        cfg = subject.cfg
+        steps = args.pgd_steps or (cfg.final_eval.pgd_steps if subject.source == "trial" else 50)
+        _check_pgd_steps(steps, cfg)
+        seed = cfg.seed if args.seed is None else args.seed
+        data = load_dataset(cfg.dataset).to(device)
+        model = subject.load(data).to(device)
+        results = evaluate(model, data, cfg, attacks=attacks, n=args.n, autoattack_n=args.n, pgd_steps=steps, seed=seed)
+        who = EvalSubject(study=subject.study, trial_id=subject.name, source=subject.source, checkpoint=subject.weights,
+                          method=subject.method, model=subject.architecture, dataset=cfg.dataset.name)
+        write_evals(out, who, results, cfg, seed=seed, evaluated_by="energyat eval", device=device_label(device))
+        printed += [{"trial_id": subject.name, "attack": r.attack, "steps": r.steps, "eps": cfg.attack.eps, "n": r.n,
+                     "accuracy": r.accuracy, "seconds": round(r.seconds, 1)} for r in results]
+    _print_table(pa.Table.from_pylist(printed))
+    print(f"evals: {Path(out) / 'tables' / 'evals'}  (energyat query {out} \"select * from evals\")")
+    return 0
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from trainables.config import SgldConfig
     from trainables.generate import generate
 
-    result = generate(
-        args.directory, args.trial, classes=_classes(args.classes), n=args.n, init=args.init,
-        sgld_cfg=SgldConfig(steps=args.steps, eta=args.eta, momentum=args.momentum), seed=args.seed, inception_weights=args.inception_weights,
-    )
-    scores, start = result["scores"], result["start_scores"]
-    print(
-        f"{result['trial_id']} ({result['method']}), {args.init} start, {args.steps} SGLD steps: "
-        f"judge acc {scores['judge_acc']:.3f} (start {start['judge_acc']:.3f}), "
-        f"judge conf {scores['judge_conf']:.3f}, judge FD {scores['judge_fd']:.2f} (start {start['judge_fd']:.2f})"
-        + (f", IS {scores['inception_score']:.2f}, FID {scores['fid']:.1f}" if "fid" in scores else "")
-        + f"; judge's own test acc {result['judge_test_acc']:.3f}"
-    )
-    print(f"samples: {result['png']}  {result['npz']}")
+    out, subjects = _subjects(args, n=None, eval_steps=20)
+    for subject in subjects:
+        result = generate(
+            subject, out=out, classes=_classes(args.classes), n=args.n, init=args.init,
+            sgld_cfg=SgldConfig(steps=args.steps, eta=args.eta, momentum=args.momentum), seed=args.seed, inception_weights=args.inception_weights,
+        )
+        scores, start = result["scores"], result["start_scores"]
+        print(
+            f"{result['trial_id']} ({result['method']}), {args.init} start, {args.steps} SGLD steps: "
+            f"judge acc {scores['judge_acc']:.3f} (start {start['judge_acc']:.3f}), "
+            f"judge conf {scores['judge_conf']:.3f}, judge FD {scores['judge_fd']:.2f} (start {start['judge_fd']:.2f})"
+            + (f", IS {scores['inception_score']:.2f}, FID {scores['fid']:.1f}" if "fid" in scores else "")
+            + f"; judge's own test acc {result['judge_test_acc']:.3f}"
+        )
+        print(f"samples: {result['png']}  {result['npz']}")
     return 0
 
 
@@ -214,19 +301,27 @@ def cmd_landscape(args: argparse.Namespace) -> int:
 
     from analysis.plots import landscape_violins
     from analysis.store import write_table_file
-    from trainables.generate import trial_ids
     from trainables.landscape import landscape, parse_attacks, summary
 
     attacks = parse_attacks(args.attacks)
-    trials = args.trial or trial_ids(args.directory)
-    if not trials:
-        raise EnergyatError(f"{args.directory} has no trial with a best checkpoint yet")
-    table = landscape(args.directory, trials, attacks=attacks, seed=args.seed)
-    out = Path(args.directory).expanduser() / "landscape"
-    write_table_file(table, out / "landscape.parquet", config={"trials": trials, "attacks": attacks, "seed": args.seed})
-    png = landscape_violins(table, path=out / "landscape.png")
+    if args.n is not None and args.n < 1:
+        raise EnergyatError(f"--n must be at least 1 test image, got {args.n}")
+    out, subjects = _subjects(args, n=args.n, eval_steps=args.pgd_steps or 20)
+    if args.pgd_steps is not None:  # a trial's own eval_attack.steps otherwise
+        for s in subjects:
+            _check_pgd_steps(args.pgd_steps, s.cfg)
+        subjects = [dataclasses.replace(s, cfg=dataclasses.replace(s.cfg, eval_attack=dataclasses.replace(s.cfg.eval_attack, steps=args.pgd_steps)))
+                    for s in subjects]
+    if args.n is not None:  # a trial's own test probe otherwise
+        subjects = [dataclasses.replace(s, cfg=dataclasses.replace(s.cfg, probe=dataclasses.replace(s.cfg.probe, test_size=args.n)))
+                    for s in subjects]
+    table = landscape(subjects, attacks=attacks, seed=args.seed, device=_device(args.device))
+    folder = Path(out).expanduser() / "landscape"
+    names = [s.name for s in subjects]
+    write_table_file(table, folder / "landscape.parquet", config={"models": names, "weights": [s.weights for s in subjects], "attacks": attacks, "seed": args.seed})
+    png = landscape_violins(table, path=folder / "landscape.png")
     _print_table(pa.Table.from_pylist(summary(table)))
-    print(f"landscape: {out / 'landscape.parquet'}  {png}")
+    print(f"landscape: {folder / 'landscape.parquet'}  {png}")
     return 0
 
 
@@ -249,6 +344,28 @@ def _table_text(table: Any) -> str:
 
 def _print_table(table: Any) -> None:
     print(_table_text(table))
+
+
+def _subject_flags(p: argparse.ArgumentParser, *, what: str) -> None:
+    """Which model(s) a command studies: energyat's own trials, a state-dict file, or RobustBench models."""
+    from trainables.config import MODEL_NAMES
+
+    p.add_argument("directory", type=str, nargs="?", default=None,
+                   help="a local study or `energyat train --out` directory (with --trial); with --checkpoint or --robustbench, where results go (default: .)")
+    g = p.add_argument_group(what)
+    g.add_argument("--trial", type=str, action="append", default=[], metavar="ID", help="a trial id of DIR, or `best` (the highest best validation robust accuracy); repeatable")
+    g.add_argument("--checkpoint", type=Path, default=None, metavar="FILE", help="a plain state_dict (`module.` prefix stripped) for --model")
+    g.add_argument("--model", type=str, choices=MODEL_NAMES, default=None, help="the architecture of --checkpoint (reference parameter names: see docs/evaluation.md)")
+    g.add_argument("--width", type=int, default=1, help="channel multiplier of small_cnn and cnn_fc (with --checkpoint)")
+    g.add_argument("--name", type=str, default=None, help="how --checkpoint is named in the tables (default: its file stem)")
+    g.add_argument("--robustbench", type=str, default=None, metavar="NAME[,NAME...]", help="RobustBench model(s), through robustbench's load_model")
+    g.add_argument("--models-dir", type=str, default="./models", help="robustbench's model_dir: weights are read from (or downloaded to) DIR/<dataset>/<threat>/<name>.pt (default ./models)")
+    g.add_argument("--dataset", type=str, default="cifar10", help="dataset of a model from outside (default cifar10)")
+    g.add_argument("--data-root", type=str, default="~/data", help="where that dataset's files live (default ~/data)")
+    g.add_argument("--download", action="store_true", help="let torchvision download the dataset if missing")
+    g.add_argument("--threat", type=str, choices=("Linf", "L2"), default="Linf", help="threat model of a model from outside (default Linf)")
+    g.add_argument("--eps", type=str, default=None, help="its radius, e.g. 8/255 (default: RobustBench's, 8/255 for Linf and 0.5 for L2)")
+    p.add_argument("--device", type=str, choices=("auto", "cpu", "cuda"), default="auto", help="where to run (default: a GPU if one is visible)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -296,13 +413,21 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--address", type=str, default=None, help="join this Ray cluster (default: RAY_ADDRESS, else a local Ray)")
     resume.set_defaults(func=cmd_resume)
 
-    sample = sub.add_parser("sample", help="generate images from a trial's best checkpoint (SGLD on the joint energy)")
-    sample.add_argument("directory", type=str, help="study directory or train --out directory (local)")
-    sample.add_argument("--trial", type=str, required=True, metavar="ID", help="trial id (see `energyat status`), or `best`: the highest best test robust accuracy")
+    evaluate = sub.add_parser("eval", help="test-set accuracy of a model (clean, PGD, the original AutoAttack) in fp32, into the `evals` table")
+    _subject_flags(evaluate, what="the model to evaluate")
+    evaluate.add_argument("--n", type=int, default=None, help="the first N test images (default: the whole test set, as published tables)")
+    evaluate.add_argument("--attacks", type=str, default="clean,pgd,autoattack", help="comma-separated, from clean, pgd, autoattack (default: all three)")
+    evaluate.add_argument("--pgd-steps", type=int, default=None, metavar="K",
+                          help="PGD steps (default: the trial's final_eval.pgd_steps; 50 for a model from outside)")
+    evaluate.add_argument("--seed", type=int, default=None, help="seed of PGD's random starts and of AutoAttack (default: the trial's seed, so its final evaluation is reproduced; 0 otherwise)")
+    evaluate.set_defaults(func=cmd_eval)
+
+    sample = sub.add_parser("sample", help="generate images from a model (SGLD on the joint energy)")
+    _subject_flags(sample, what="the model to sample from")
     sample.add_argument("--classes", type=str, default=None, metavar="C,C,...", help="class indices, one grid row each (default: all)")
     sample.add_argument("--n", type=int, default=8, help="images per class (default 8)")
     sample.add_argument("--steps", type=int, default=SgldConfig.steps, help=f"SGLD steps (default {SgldConfig.steps})")
-    sample.add_argument("--eta", type=float, default=SgldConfig.eta, help=f"SGLD step size on grad E(x, y) (default {SgldConfig.eta}, PAPER.md's)")
+    sample.add_argument("--eta", type=float, default=SgldConfig.eta, help=f"SGLD step size on grad E(x, y) (default {SgldConfig.eta}, the paper's code's)")
     sample.add_argument("--momentum", type=float, default=SgldConfig.momentum, help=f"SGLD momentum zeta (default {SgldConfig.momentum})")
     sample.add_argument("--init", type=str, choices=("pca", "gaussian", "noise"), default="pca", help="chain start (default pca: class-wise PCA of the training images)")
     sample.add_argument("--seed", type=int, default=0)
@@ -310,10 +435,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torchvision Inception-v3 state dict: adds Inception Score and FID to the judge's proxy scores")
     sample.set_defaults(func=cmd_sample)
 
-    land = sub.add_parser("landscape", help="per-sample energy shifts of the test probe under several attacks, per trial (violins + table)")
-    land.add_argument("directory", type=str, help="study directory or train --out directory (local)")
-    land.add_argument("--trial", type=str, action="append", default=[], metavar="ID", help="a trial id, repeatable (default: every trial with a best checkpoint)")
+    land = sub.add_parser("landscape", help="per-sample energy shifts of a test probe under several attacks, per model (violins + table)")
+    _subject_flags(land, what="the models to compare (default: every trial of DIR with a best checkpoint)")
     land.add_argument("--attacks", type=str, default="pgd,targeted,trades,fgsm", help="comma-separated, from pgd, targeted, trades, fgsm (default: all four)")
+    land.add_argument("--n", type=int, default=None, help="test images probed (default: a trial's own test probe; 1,000 for a model from outside)")
+    land.add_argument("--pgd-steps", type=int, default=None, metavar="K", help="steps of the pgd and targeted attacks (default: a trial's eval_attack.steps; 20 otherwise)")
     land.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts")
     land.set_defaults(func=cmd_landscape)
 

@@ -31,24 +31,35 @@ from pathlib import Path
 from typing import Any, Mapping, NamedTuple
 
 import yaml
-from pyarrow.fs import FileSystem, FileType
+from pyarrow.fs import FileSelector, FileSystem, FileType
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from analysis.errors import EnergyatError, SpecError, StoreError, one_line
 from analysis.phases import DETECTOR_COLUMNS, OnlineDetector, should_stop
+from analysis.query import check_schema_version
 from analysis.schema import SCHEMA_VERSION
 from analysis.store import filesystem, is_uri, join, open_storage
 from study.importances import JOURNAL, check_journal, journal_storage
 from study.space import SearchSpace, parse_search
 from study.spec import StudyKeys
 
-OBJECTIVES = ("best_test_robust_acc", "test_clean_acc", "final_clean_acc", "final_pgd_acc", "final_autoattack_acc")
+# What the searcher may optimise: validation numbers only. The test set's numbers (final_*,
+# test_*) are reported, never searched on: a study that picked configurations by them would select
+# on test, which is what the validation split exists to avoid.
+OBJECTIVES = ("best_val_robust_acc", "best_val_clean_acc")
+_TEST_NUMBERS = ("final_clean_acc", "final_pgd_acc", "final_autoattack_acc", "test_clean_acc", "test_robust_acc", "best_test_robust_acc")
 
 
 def objectives_of(study: StudyKeys) -> list[str]:
     names = [study.objective] if isinstance(study.objective, str) else list(study.objective)
     for name in names:
+        if name in _TEST_NUMBERS:
+            raise SpecError(
+                "objective",
+                f"{name!r} is a test-set number: searching on it selects configurations on test; "
+                f"choose from {', '.join(OBJECTIVES)} (the validation split, dataset.val_size)",
+            )
         if name not in OBJECTIVES:
             raise SpecError("objective", f"unknown objective {name!r}; choose from {', '.join(OBJECTIVES)}")
     return names
@@ -130,19 +141,92 @@ class StudySearch(OptunaSearch):
         super().__init__(**kwargs)
         self.upload = upload
 
+    def suggest(self, trial_id: str) -> dict | None:
+        """OptunaSearch's suggestion, with the Tune trial id kept on the Optuna trial
+        (user attribute `tune_trial_id`): after a killed driver, :func:`reconcile_lost_trials`
+        tells from it which Optuna trials Tune never recorded."""
+        params = super().suggest(trial_id)
+        trial = self._ot_trials[trial_id]
+        if trial.user_attrs.get(TUNE_ID_ATTR) != trial_id:
+            trial.set_user_attr(TUNE_ID_ATTR, trial_id)
+        return params
+
     def save(self, checkpoint_path: str) -> None:
         if self.upload is not None:
             self.upload.send()
         super().save(checkpoint_path)
 
 
+TUNE_ID_ATTR = "tune_trial_id"
+LOST_ATTR = "energyat_lost"
+LOST = "lost"  # STUDY_DIR/lost/: what trials Tune never recorded left in the study
+
+
+def reconcile_lost_trials(location: str, journal: Path, tune_dir: str, storage_fs: FileSystem | None) -> list[str]:
+    """Before a resume: the trials a killed driver started after Ray Tune's last snapshot of the
+    experiment, which Tune will never resume (it restores that snapshot, and its searcher
+    suggests their places anew). Their table files and Tune folder move to ``STUDY_DIR/lost/``
+    (out of every view, kept for inspection) and their Optuna trials, still RUNNING, become FAIL
+    with the user attribute `energyat_lost`. Returns their trial ids.
+
+    Without this, each such trial would stay RUNNING in `trials` and in Optuna forever, beside the
+    trial the searcher suggests in its place.
+    """
+    import optuna
+    from ray.tune import ExperimentAnalysis
+
+    known = {t.trial_id for t in ExperimentAnalysis(tune_dir, storage_filesystem=storage_fs).trials}
+    fs, root = filesystem(location)
+    lost: set[str] = set()
+
+    def listing(folder: str) -> list[Any]:
+        return fs.get_file_info(FileSelector(f"{root}/{folder}", recursive=False, allow_not_found=True))
+
+    for folder in ("tables/epochs", "tables/samples", "tables/evals", "tables/trials"):
+        for info in listing(folder):  # trial=<id>/ folders, and tables/trials/trial=<id>.parquet
+            trial = info.base_name.removeprefix("trial=").removesuffix(".parquet")
+            if trial not in known:
+                lost.add(trial)
+                _move_tree(fs, info, f"{root}/{LOST}/{folder}/{info.base_name}")
+    for info in listing("tune"):  # a trial's folder holds params.json; Tune's own files stay
+        if info.type == FileType.Directory and info.base_name not in known and fs.get_file_info(f"{info.path}/params.json").type == FileType.File:
+            lost.add(info.base_name)
+            _move_tree(fs, info, f"{root}/{LOST}/tune/{info.base_name}")
+    storage = journal_storage(journal)
+    for name in optuna.study.get_all_study_names(storage):
+        for t in optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False):
+            tune_id = t.user_attrs.get(TUNE_ID_ATTR)
+            if t.state == optuna.trial.TrialState.RUNNING and tune_id is not None and tune_id not in known:
+                storage.set_trial_user_attr(t._trial_id, LOST_ATTR, "started by a driver killed before Ray Tune recorded the trial")
+                storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+                lost.add(tune_id)
+    for trial in sorted(lost):
+        print(f"energyat: trial {trial} was started by a driver killed before Ray Tune recorded it: Tune will not resume it; "
+              f"its files moved to {join(location, LOST)}, its Optuna trial marked FAIL", file=sys.stderr, flush=True)
+    return sorted(lost)
+
+
+def _move_tree(fs: FileSystem, info: Any, target: str) -> None:
+    """Move a file, or every file of a folder, to `target` (object stores move files only)."""
+    if info.type == FileType.File:
+        fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        fs.move(info.path, target)
+        return
+    for f in fs.get_file_info(FileSelector(info.path, recursive=True)):
+        if f.type == FileType.File:
+            dest = f"{target}/{f.path[len(info.path) + 1:]}"
+            fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)
+            fs.move(f.path, dest)
+    fs.delete_dir(info.path)
+
+
 # What the stopper reads of each epoch: the detector's training-side columns, and the running
-# best test robust accuracy for the patience part of the stop rule (analysis.phases.should_stop).
-_STOPPER_COLUMNS = (*DETECTOR_COLUMNS, "best_test_robust_acc")
+# best validation robust accuracy for the patience part of the stop rule (analysis.phases.should_stop).
+_STOPPER_COLUMNS = (*DETECTOR_COLUMNS, "best_val_robust_acc")
 
 
 class _TrialWatch:
-    """One trial's :class:`OnlineDetector` and the epoch of its best test robust accuracy."""
+    """One trial's :class:`OnlineDetector` and the epoch of its best validation robust accuracy."""
 
     def __init__(self, patience: int) -> None:
         self.detector = OnlineDetector()
@@ -154,7 +238,7 @@ class _TrialWatch:
     def feed(self, row: Mapping[str, Any]) -> bool:
         epoch = int(row["epoch"])
         _phase, alarm = self.detector.update({k: row.get(k) for k in DETECTOR_COLUMNS})
-        best = row.get("best_test_robust_acc")
+        best = row.get("best_val_robust_acc")
         if isinstance(best, (int, float)) and math.isfinite(best) and best > self.best:
             self.best, self.best_epoch = float(best), epoch
         self.stop = should_stop(alarm=alarm, epoch=epoch, best_epoch=self.best_epoch, patience=self.patience)
@@ -164,7 +248,7 @@ class _TrialWatch:
 class EnergyDivergenceStopper(tune.Stopper):
     """A ``ray.tune.Stopper`` with one :class:`OnlineDetector` per trial.
 
-    A trial stops once its detector alarms (training-side columns only) and its test robust
+    A trial stops once its detector alarms (training-side columns only) and its validation robust
     accuracy has not improved for ``patience`` epochs (:func:`analysis.phases.should_stop`, the
     rule the trial itself applies). After a driver restart, a trial's state is rebuilt by
     replaying its stored `epochs` rows before the reported one (the rule is deterministic).
@@ -220,7 +304,7 @@ class Progress:
         self.epochs = 0
 
     def line(self, trial_id: str, result: Mapping[str, Any]) -> str:
-        acc = result.get("best_test_robust_acc")
+        acc = result.get("best_val_robust_acc")
         acc_text = f"{acc:.3f}" if isinstance(acc, float) and math.isfinite(acc) else "-"
         return (
             f"[{time.strftime('%H:%M:%S')}] trials {len(self.done)}/{self.total} done, {len(self.running)} running, "
@@ -404,6 +488,7 @@ def load_study(study_dir: str | Path) -> LoadedStudy:
         raise StoreError(f"{join(location, 'spec.yaml')} is not valid YAML ({one_line(exc)}); restore it from a copy") from exc
     if not isinstance(document, dict) or not {"spec", "study_name"} <= set(document):
         raise StoreError(f"{join(location, 'spec.yaml')} is not an energyat study spec (no `spec` and `study_name` keys); restore it from a copy")
+    check_schema_version(document.get("schema_version"), where=location)
     raw = document["spec"]
     return LoadedStudy(location, raw, _check_study_keys(raw), document["study_name"], _journal_file(location, document))
 
@@ -420,6 +505,7 @@ def resume_study(study_dir: str | Path, *, address: str | None) -> str:
     tune_dir = f"{storage_path}/tune"
     if not tune.Tuner.can_restore(tune_dir, storage_filesystem=storage_fs):
         raise EnergyatError(f"{study_dir} has no restorable Ray Tune experiment under tune/")
+    reconcile_lost_trials(location, loaded.journal, tune_dir, storage_fs)
     _init_ray(address)
     trainable, _tune_config, _run_config = _tuner_parts(loaded.raw, loaded.keys, location, loaded.study_name, loaded.journal)
     tuner = tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=storage_fs)

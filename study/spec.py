@@ -25,7 +25,7 @@ class StudyKeys:
 
     samples: int = 16  # Optuna trials
     search: dict[str, Any] = field(default_factory=dict)
-    objective: str | list[str] = "best_test_robust_acc"
+    objective: str | list[str] = "best_val_robust_acc"
     early_stop: dict[str, Any] = field(default_factory=dict)
     resources: dict[str, Any] = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
     max_concurrent: int = 2

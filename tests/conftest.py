@@ -19,7 +19,7 @@ TINY = {
     "epochs": 2,
     "batch_size": 64,
     "lr": 0.05,
-    "attack": {"eps": 0.15, "step": 0.05, "steps": 2},
+    "attack": {"eps": 0.15, "step": 0.075, "steps": 2},
     "eval_attack": {"steps": 3},
     "probe": {"train_size": 48, "test_size": 48},
     "final_eval": {"n": 64, "pgd_steps": 3, "autoattack_n": 0},

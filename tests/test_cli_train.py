@@ -57,7 +57,7 @@ def test_train_writes_one_trial_row_with_final_evaluation(sat_run: Path) -> None
     row = rows[0]
     assert set(TRIAL_OUTCOME.names) <= set(row)
     assert row["status"] == "TERMINATED" and row["stop_reason"] == "completed" and row["epochs_run"] == 3
-    for name in ("final_clean_acc", "final_pgd_acc", "final_autoattack_acc", "best_test_robust_acc"):
+    for name in ("final_clean_acc", "final_pgd_acc", "final_autoattack_acc", "best_val_robust_acc", "best_val_clean_acc"):
         assert 0.0 <= row[name] <= 1.0, name
     # every config value is its own column
     assert row["method"] == "sat" and row["attack_eps"] == pytest.approx(0.15) and row["spec_device"] == "cpu"

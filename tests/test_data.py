@@ -23,6 +23,12 @@ from trainables import data
 from trainables.config import DatasetConfig, DatasetName
 from trainables.data import ImageData, augment, load_dataset
 
+def raw(cfg: DatasetConfig) -> ImageData:
+    """The dataset as its loader reads it from disk: the format's own train/test split, before
+    load_dataset holds out the validation split (format tests compare every stored image)."""
+    return data.LOADERS[cfg.name](cfg)
+
+
 # ----------------------------------------------------------------------------- format writers
 
 
@@ -138,7 +144,7 @@ def test_cifar10_reads_python_batches(tmp_path: Path) -> None:
     names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     (folder / "batches.meta").write_bytes(py2_pickle({"label_names": names, "num_vis": 3072}))
 
-    d = load_dataset(DatasetConfig(name="cifar10", root=str(tmp_path)))
+    d = raw(DatasetConfig(name="cifar10", root=str(tmp_path)))
 
     assert d.train_x.shape == (10, 3, 32, 32) and d.test_x.shape == (3, 3, 32, 32)
     assert d.train_x.dtype == torch.uint8 and d.train_y.dtype == torch.int64
@@ -162,7 +168,7 @@ def test_cifar100_reads_fine_labels(tmp_path: Path) -> None:
     meta = {"fine_label_names": [f"f{i}" for i in range(100)], "coarse_label_names": [f"c{i}" for i in range(20)]}
     (folder / "meta").write_bytes(py2_pickle(meta))
 
-    d = load_dataset(DatasetConfig(name="cifar100", root=str(tmp_path)))
+    d = raw(DatasetConfig(name="cifar100", root=str(tmp_path)))
 
     assert d.train_x.shape == (4, 3, 32, 32) and d.test_x.shape == (2, 3, 32, 32)
     assert d.train_x[3, 2, 31, 0] == 17
@@ -180,7 +186,7 @@ def test_svhn_reads_mat_files_and_maps_label_10_to_0(tmp_path: Path) -> None:
     scipy.io.savemat(tmp_path / "train_32x32.mat", {"X": train_x, "y": np.array([[10], [1], [5], [10]], np.uint8)})
     scipy.io.savemat(tmp_path / "test_32x32.mat", {"X": test_x, "y": np.array([[9], [10]], np.uint8)})
 
-    d = load_dataset(DatasetConfig(name="svhn", root=str(tmp_path)))
+    d = raw(DatasetConfig(name="svhn", root=str(tmp_path)))
 
     assert d.train_x.shape == (4, 3, 32, 32) and d.test_x.shape == (2, 3, 32, 32)
     assert d.train_x.dtype == torch.uint8
@@ -197,14 +203,14 @@ def test_fashion_mnist_reads_torchvision_raw_layout(tmp_path: Path) -> None:
     # torchvision's own layout: uncompressed idx files under <root>/FashionMNIST/raw.
     arrays = fashion_arrays()
     write_fashion(tmp_path / "FashionMNIST" / "raw", arrays, gz=False)
-    assert_fashion_matches(load_dataset(DatasetConfig(name="fashion_mnist", root=str(tmp_path))), arrays)
+    assert_fashion_matches(raw(DatasetConfig(name="fashion_mnist", root=str(tmp_path))), arrays)
 
 
 def test_fashion_mnist_reads_gzipped_idx_in_flat_dir(tmp_path: Path) -> None:
     # The Debian/original layout: the four .gz files directly in root, read by our idx reader.
     arrays = fashion_arrays()
     write_fashion(tmp_path, arrays, gz=True)
-    assert_fashion_matches(load_dataset(DatasetConfig(name="fashion_mnist", root=str(tmp_path))), arrays)
+    assert_fashion_matches(raw(DatasetConfig(name="fashion_mnist", root=str(tmp_path))), arrays)
 
 
 def test_idx_reader_rejects_a_truncated_file(tmp_path: Path) -> None:
@@ -221,7 +227,7 @@ def test_idx_reader_rejects_a_truncated_file(tmp_path: Path) -> None:
 )
 def test_fashion_mnist_falls_back_to_debian_package(tmp_path: Path) -> None:
     # An empty root with download off reads the full 60,000/10,000 set, 6,000/1,000 per class.
-    d = load_dataset(DatasetConfig(name="fashion_mnist", root=str(tmp_path)))
+    d = raw(DatasetConfig(name="fashion_mnist", root=str(tmp_path)))
     assert d.train_x.shape == (60000, 1, 28, 28) and d.test_x.shape == (10000, 1, 28, 28)
     assert torch.bincount(d.train_y).tolist() == [6000] * 10
     assert torch.bincount(d.test_y).tolist() == [1000] * 10
@@ -254,7 +260,7 @@ def test_root_expands_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     # The default root is "~/data"; "~" must mean the user's home, not a directory named "~".
     monkeypatch.setenv("HOME", str(tmp_path))
     np.savez(tmp_path / "set.npz", image=np.zeros((5, 4, 4), np.uint8), label=np.array([0, 1, 0, 1, 1]))
-    d = load_dataset(DatasetConfig(name="npz", root="~/set.npz"))
+    d = raw(DatasetConfig(name="npz", root="~/set.npz"))
     assert len(d.train_y) + len(d.test_y) == 5
 
 
@@ -268,7 +274,7 @@ def test_npz_uint8_nhw_with_test_arrays(tmp_path: Path) -> None:
     path = tmp_path / "set.npz"
     np.savez(path, image=image, label=np.array([0, 1, 2, 0, 1, 2]), test_image=test_image, test_label=np.array([4, 0]))
 
-    d = load_dataset(DatasetConfig(name="npz", root=str(path)))
+    d = raw(DatasetConfig(name="npz", root=str(path)))
 
     assert d.train_x.shape == (6, 1, 5, 7) and d.test_x.shape == (2, 1, 5, 7)
     np.testing.assert_array_equal(d.train_x[:, 0].numpy(), image)
@@ -286,7 +292,7 @@ def test_npz_float_nhwc_without_test_arrays_holds_out_20_percent(tmp_path: Path)
     path = tmp_path / "set.npz"
     np.savez(path, image=image, label=label)
 
-    d = load_dataset(DatasetConfig(name="npz", root=str(path), seed=0))
+    d = raw(DatasetConfig(name="npz", root=str(path), seed=0))
 
     assert d.train_x.shape == (8, 3, 4, 6) and d.test_x.shape == (2, 3, 4, 6)
     x, y = torch.cat([d.train_x, d.test_x]), torch.cat([d.train_y, d.test_y])
@@ -343,8 +349,10 @@ def digits() -> ImageData:
 
 
 def test_digits_shapes_and_range(digits: ImageData) -> None:
-    # 1797 images: 1400 train, 397 test; 0..16 scaled to the full 0..255 range.
-    assert digits.train_x.shape == (1400, 1, 8, 8) and digits.test_x.shape == (397, 1, 8, 8)
+    # 1797 images: 1400 train and 397 test as read; 200 of the 1400 held out for validation.
+    whole = raw(DatasetConfig(name="digits"))
+    assert whole.train_x.shape == (1400, 1, 8, 8) and whole.test_x.shape == (397, 1, 8, 8)
+    assert digits.train_x.shape == (1200, 1, 8, 8) and digits.val_x.shape == (200, 1, 8, 8) and digits.test_x.shape == (397, 1, 8, 8)
     assert digits.train_x.dtype == torch.uint8 and digits.train_y.dtype == torch.int64
     assert int(digits.train_x.max()) == 255 and int(digits.train_x.min()) == 0
     assert (digits.num_classes, digits.crop_pad, digits.flip) == (10, 0, False)
@@ -355,11 +363,52 @@ def test_digits_split_is_fixed_by_seed(digits: ImageData) -> None:
     again = load_dataset(DatasetConfig(name="digits", seed=0))
     other = load_dataset(DatasetConfig(name="digits", seed=1))
     assert torch.equal(again.test_x, digits.test_x) and torch.equal(again.train_y, digits.train_y)
-    assert not torch.equal(other.test_x, digits.test_x)
+    assert torch.equal(again.val_index, digits.val_index)
+    assert not torch.equal(other.test_x, digits.test_x) and not torch.equal(other.val_index, digits.val_index)
+
+
+def _rows(x: torch.Tensor, y: torch.Tensor) -> list[tuple[bytes, int]]:
+    return sorted((bytes(a.numpy()), int(b)) for a, b in zip(x, y))
+
+
+def test_validation_split_is_held_out_of_the_training_set(digits: ImageData) -> None:
+    # train + val is the loader's training split, image for image (a partition: nothing shared,
+    # nothing lost); the test split is untouched
+    whole = raw(DatasetConfig(name="digits"))
+    assert _rows(torch.cat([digits.train_x, digits.val_x]), torch.cat([digits.train_y, digits.val_y])) == _rows(whole.train_x, whole.train_y)
+    assert torch.equal(digits.val_x, whole.train_x[digits.val_index]) and torch.equal(digits.val_y, whole.train_y[digits.val_index])
+    assert torch.equal(digits.test_x, whole.test_x)
+
+
+def test_validation_split_ignores_train_size_and_label_noise(digits: ImageData) -> None:
+    # the same validation images whatever is trained on, with their true labels under label noise
+    other = load_dataset(DatasetConfig(name="digits", seed=0, train_size=300, label_noise=0.5))
+    assert torch.equal(other.val_index, digits.val_index) and torch.equal(other.val_y, digits.val_y)
+    assert torch.equal(other.val_x, digits.val_x)
+
+
+def test_val_size_sets_the_split_and_each_dataset_has_a_default() -> None:
+    small = load_dataset(DatasetConfig(name="digits", val_size=50))
+    assert small.val_x.shape[0] == 50 and small.train_x.shape[0] == 1350
+    assert DatasetConfig(name="cifar10").val_size == 1000 and DatasetConfig(name="digits").val_size == 200
+    assert DatasetConfig(name="npz").val_size is None  # resolved at load: 10% of its training images
+
+
+def test_npz_holds_out_a_tenth_of_its_training_images_for_validation(tmp_path: Path) -> None:
+    path = tmp_path / "set.npz"
+    np.savez(path, image=np.zeros((50, 4, 4), np.uint8), label=np.arange(50) % 5)
+    d = load_dataset(DatasetConfig(name="npz", root=str(path)))
+    assert (len(d.train_y), len(d.val_y), len(d.test_y)) == (36, 4, 10)  # 40 train after 20% test; 10% of 40
+
+
+def test_a_validation_split_that_leaves_too_little_to_train_on_is_refused() -> None:
+    with pytest.raises(SpecError, match="leaving fewer than 2") as err:
+        load_dataset(DatasetConfig(name="digits", val_size=1399))
+    assert err.value.key == "dataset.val_size"
 
 
 def test_train_size_keeps_a_seeded_subset(digits: ImageData) -> None:
-    # The subset is made of the full set's training images (not test ones), in the same pairs.
+    # The subset is made of the training images left after the validation split, in the same pairs.
     small = load_dataset(DatasetConfig(name="digits", seed=0, train_size=100))
     assert small.train_x.shape == (100, 1, 8, 8) and torch.equal(small.test_x, digits.test_x)
     full = {(bytes(x.numpy()), int(y)) for x, y in zip(digits.train_x, digits.train_y)}
@@ -367,22 +416,22 @@ def test_train_size_keeps_a_seeded_subset(digits: ImageData) -> None:
 
 
 def test_train_size_larger_than_the_set_is_a_spec_error() -> None:
-    with pytest.raises(SpecError, match="has 1400") as err:
-        load_dataset(DatasetConfig(name="digits", train_size=1401))
+    with pytest.raises(SpecError, match="has 1200 once 200 are held out") as err:
+        load_dataset(DatasetConfig(name="digits", train_size=1201))
     assert err.value.key == "dataset.train_size"
 
 
 def test_label_noise_changes_exactly_that_fraction(digits: ImageData) -> None:
-    # round(0.2 * 1400) = 280 labels move to another class; images and the other labels stay.
+    # round(0.2 * 1200) = 240 labels move to another class; images and the other labels stay.
     noisy = load_dataset(DatasetConfig(name="digits", seed=0, label_noise=0.2))
     changed = noisy.train_y != digits.train_y
-    assert int(changed.sum()) == 280
+    assert int(changed.sum()) == 240
     assert torch.equal(noisy.train_x, digits.train_x) and torch.equal(noisy.test_y, digits.test_y)
     assert int(noisy.train_y.min()) >= 0 and int(noisy.train_y.max()) < 10
 
 
 def test_label_noise_spreads_over_the_other_classes(digits: ImageData) -> None:
-    # Symmetric noise: with 9 other classes and 280 changes, every other class receives some.
+    # Symmetric noise: with 9 other classes and 240 changes, every other class receives some.
     noisy = load_dataset(DatasetConfig(name="digits", seed=0, label_noise=0.2))
     changed = noisy.train_y != digits.train_y
     offsets = (noisy.train_y[changed] - digits.train_y[changed]) % 10

@@ -28,7 +28,8 @@ from trainables.attacks import pgd, trades_kl  # noqa: E402
 from trainables.config import AttackConfig, DatasetConfig, TrialConfig  # noqa: E402
 from trainables.data import load_dataset  # noqa: E402
 from trainables.energy import marginal_energy  # noqa: E402
-from trainables.engine import _to_float, _train_epoch, autocast  # noqa: E402
+from trainables.data import to_float  # noqa: E402
+from trainables.engine import _train_epoch, autocast  # noqa: E402
 from trainables.methods import METHODS, MethodParams  # noqa: E402
 from trainables.models import build_model  # noqa: E402
 
@@ -79,7 +80,7 @@ def test_pgd_fast_and_plain_paths_agree_on_success_and_energies(trained, precisi
     plain = _success_and_energy(model, x_plain, x_adv_plain, y, "fp32")
 
     fast_model = _fast(model)
-    x_fast = _to_float(x_u8)
+    x_fast = to_float(x_u8)
     torch.manual_seed(1)
     with autocast(CPU, precision):
         x_adv_fast = pgd(fast_model, x_fast, y, eps=EPS, step_size=STEP, steps=STEPS)
@@ -105,7 +106,7 @@ def test_trades_attack_with_one_clean_forward_matches_the_released_attack(traine
     fast_model = _fast(model)
     torch.manual_seed(2)
     with autocast(CPU, precision):
-        x_adv_fast = trades_kl(fast_model, _to_float(x_u8), y, eps=EPS, step_size=STEP, steps=STEPS)
+        x_adv_fast = trades_kl(fast_model, to_float(x_u8), y, eps=EPS, step_size=STEP, steps=STEPS)
     fast = _success_and_energy(fast_model, x, x_adv_fast, y, precision)
     if precision == "fp32":
         assert fast == pytest.approx(plain, rel=1e-4, abs=1e-4)

@@ -70,7 +70,7 @@ def test_study_figures_write_pngs(study: Path, tmp_path: Path) -> None:
 
 def test_figures_without_data_raise_no_data(tmp_path: Path) -> None:
     # the report turns NoData into a note; anything else would be a bug and must surface
-    one = {"trial_id": ["a"], "method": ["sat"], "final_clean_acc": [0.9], "best_test_robust_acc": [0.5]}
+    one = {"trial_id": ["a"], "method": ["sat"], "best_val_clean_acc": [0.9], "best_val_robust_acc": [0.5]}
     with pytest.raises(plots.NoData, match="at least 2 trials"):
         plots.pareto_front(one, path=tmp_path / "p.png")
     with pytest.raises(plots.NoData, match="no training-probe samples"):

@@ -16,6 +16,7 @@ import pytest
 
 from analysis.query import open_tables
 from conftest import EXAMPLES, ROOT, energyat_cmd
+from study.runner import LOST_ATTR, TUNE_ID_ATTR
 from study.space import SearchSpace, parse_search
 
 SMOKE = str(EXAMPLES / "smoke.yaml")
@@ -52,7 +53,7 @@ def assert_tables_consistent(study_dir: Path) -> list[tuple]:
     # every (trial, epoch) that has samples rows has one whole set: the two probes, once
     sets = con.execute("select trial_id, epoch, count(*) as n from samples group by 1, 2").fetchall()
     assert len({n for _t, _e, n in sets}) <= 1, f"samples rows per (trial, epoch) differ: {sorted({n for *_k, n in sets})}"
-    trials = con.execute("select trial_id, status, stop_reason, epochs_run, method, best_test_robust_acc from trials order by trial_id").fetchall()
+    trials = con.execute("select trial_id, status, stop_reason, epochs_run, method, best_val_robust_acc from trials order by trial_id").fetchall()
     per_trial = dict(con.execute("select trial_id, count(*) from epochs group by 1").fetchall())
     for trial_id, status, reason, epochs_run, _m, _a in trials:
         assert status == ("ERROR" if reason.startswith("error") else "TERMINATED") and per_trial[trial_id] == epochs_run
@@ -69,8 +70,14 @@ def assert_journal_matches_tune(study_dir: Path) -> None:
     from ray.tune import ExperimentAnalysis
 
     tune_trials = ExperimentAnalysis(str(study_dir / "tune")).trials  # reads files, no Ray
-    objective = dict(open_tables(study_dir).execute("select trial_id, best_test_robust_acc from trials").fetchall())
-    optuna_trials = journal_trials(study_dir)
+    objective = dict(open_tables(study_dir).execute("select trial_id, best_val_robust_acc from trials").fetchall())
+    # trials a killed driver started after Tune's last snapshot were marked lost by `resume`
+    # (study.runner.reconcile_lost_trials): FAIL, with the Tune id Tune never recorded, and no rows
+    lost = [t for t in journal_trials(study_dir) if LOST_ATTR in t.user_attrs]
+    known = {t.trial_id for t in tune_trials}
+    assert all(t.state == optuna.trial.TrialState.FAIL and t.user_attrs[TUNE_ID_ATTR] not in known for t in lost), lost
+    assert not {t.user_attrs[TUNE_ID_ATTR] for t in lost} & set(objective)
+    optuna_trials = [t for t in journal_trials(study_dir) if LOST_ATTR not in t.user_attrs]
     assert len(optuna_trials) == len(tune_trials) == len(objective)
     def key(params: dict) -> str:
         return json.dumps(params, sort_keys=True)
@@ -158,8 +165,8 @@ def test_stopper_waits_for_alarm_and_patience_and_rebuilds_after_restart(tmp_pat
 
     data = curve(sign=-1.0, scale=1.0, onset=30, epochs=60, noise=0.0)
     rows = [{k: data[k][i].item() for k in data} for i in range(60)]
-    for r in rows:  # test robust accuracy improves until epoch 35, then stays
-        r["best_test_robust_acc"] = min(r["epoch"], 35) / 100
+    for r in rows:  # validation robust accuracy improves until epoch 35, then stays
+        r["best_val_robust_acc"] = min(r["epoch"], 35) / 100
     at_alarm = EnergyDivergenceStopper(str(tmp_path), patience=0)
     alarm = [at_alarm("t1", r) for r in rows].index(True)
     assert 30 < alarm < 45
@@ -181,11 +188,11 @@ def test_stopper_waits_for_alarm_and_patience_and_rebuilds_after_restart(tmp_pat
 def test_multi_objective_study_keeps_a_pareto_front_in_the_journal(tmp_path: Path) -> None:
     # objective: [robust, clean] -> an Optuna study with two maximised values per trial
     energyat("run", SMOKE, "--storage", str(tmp_path), "--name", "pareto", "--set", "samples=2", "--set", "epochs=1",
-             "--set", "objective=[best_test_robust_acc, final_clean_acc]")
+             "--set", "objective=[best_val_robust_acc, best_val_clean_acc]")
     trials = journal_trials(tmp_path / "pareto")
     assert len(trials) == 2 and all(t.state == optuna.trial.TrialState.COMPLETE and len(t.values) == 2 for t in trials)
     con = open_tables(tmp_path / "pareto")
-    rows = {round(a, 6): round(c, 6) for a, c in con.execute("select best_test_robust_acc, final_clean_acc from trials").fetchall()}
+    rows = {round(a, 6): round(c, 6) for a, c in con.execute("select best_val_robust_acc, best_val_clean_acc from trials").fetchall()}
     assert {round(t.values[0], 6): round(t.values[1], 6) for t in trials} == rows
 
 
@@ -198,7 +205,7 @@ def test_a_diverging_trial_ends_with_its_reason_and_a_finite_bad_value_and_the_s
     trials = assert_tables_consistent(study_dir)
     assert_journal_matches_tune(study_dir)
     con = open_tables(study_dir)
-    rows = con.execute("select t.trial_id, t.stop_reason, t.status, t.epochs_run, t.best_test_robust_acc, e.lr "
+    rows = con.execute("select t.trial_id, t.stop_reason, t.status, t.epochs_run, t.best_val_robust_acc, e.lr "
                        "from trials t join epochs e using (trial_id) where e.epoch = 0").fetchall()
     diverged = [r for r in rows if r[5] > 1.0]
     healthy = [r for r in rows if r[5] < 1.0]

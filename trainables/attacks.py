@@ -8,7 +8,11 @@ over the whole registry in ``tests/test_attacks.py``:
 - gradients are taken with respect to the input only (``torch.autograd.grad``), so no weight
   gradient is computed or accumulated: equivalent results to ``loss.backward()``, but faster,
   and the optimizer's ``.grad`` buffers are never touched;
-- batch norm runs in eval mode while crafting, and the model's mode is restored afterwards.
+- batch norm runs in the mode ``bn`` asks for while crafting (``eval`` by default; ``train`` is
+  what Rice et al.'s PGD-AT and Wong et al.'s FGSM-RS do: batch statistics, and running
+  statistics updated by every step), and the model's mode is restored afterwards;
+- ``start`` says where the ascent begins: ``uniform`` in the ball (Madry et al.) or
+  ``gaussian``, x + 0.001 * N(0, I) (TRADES, MART).
 
 Shapes: ``x`` is (B, C, H, W) float in [0, 1], ``y`` is (B,) int64. For ``pgd_targeted`` the
 ``y`` argument holds the *target* classes (see :func:`random_targets`).
@@ -17,7 +21,7 @@ Shapes: ``x`` is (B, C, H, W) float in [0, 1], ``y`` is (B,) int64. For ``pgd_ta
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator, Literal
+from typing import Callable, ContextManager, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,18 +30,27 @@ from torch import nn
 from trainables.energy import kl_per_sample
 
 Norm = Literal["linf", "l2"]
+Start = Literal["uniform", "gaussian"]
+BnMode = Literal["eval", "train"]
 Attack = Callable[..., torch.Tensor]
+
+GAUSSIAN_START_STD = 0.001  # TRADES' and MART's start: x + 0.001 * N(0, I)
 
 
 @contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Batch norm in eval mode while crafting; the caller's mode comes back in one place."""
+def bn_mode(model: nn.Module, mode: BnMode) -> Iterator[None]:
+    """The model in `mode` (``eval`` or ``train``) inside; the caller's mode comes back in one place."""
     was_training = model.training
-    model.eval()
+    model.train(mode == "train")
     try:
         yield
     finally:
         model.train(was_training)
+
+
+def eval_mode(model: nn.Module) -> ContextManager[None]:
+    """Batch norm in eval mode inside (probes, evaluation, sampling)."""
+    return bn_mode(model, "eval")
 
 
 def _l2(t: torch.Tensor) -> torch.Tensor:
@@ -53,7 +66,9 @@ def _project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: Norm) -> to
     return (x + delta).clamp(0.0, 1.0)
 
 
-def _random_start(x: torch.Tensor, eps: float, norm: Norm) -> torch.Tensor:
+def _random_start(x: torch.Tensor, eps: float, norm: Norm, start: Start) -> torch.Tensor:
+    if start == "gaussian":
+        return _project(x + GAUSSIAN_START_STD * torch.randn_like(x), x, eps, norm)
     if norm == "linf":
         delta = torch.empty_like(x).uniform_(-eps, eps)
     else:  # a uniform direction with a uniform radius in [0, eps]
@@ -73,9 +88,10 @@ def _ascend(
     step_size: float,
     steps: int,
     norm: Norm,
+    bn: BnMode,
 ) -> torch.Tensor:
     """`steps` of projected steepest ascent on objective(model(x_adv)), input gradients only."""
-    with eval_mode(model):
+    with bn_mode(model, bn):
         for _ in range(steps):
             x_adv = x_adv.detach().requires_grad_(True)
             (grad,) = torch.autograd.grad(objective(model(x_adv)), x_adv)
@@ -96,11 +112,14 @@ def pgd(
     step_size: float,
     steps: int,
     norm: Norm = "linf",
+    start: Start = "uniform",
+    bn: BnMode = "eval",
 ) -> torch.Tensor:
     """Untargeted PGD on cross-entropy with a random start (Madry et al. 2018, arXiv 1706.06083).
 
     With ``steps=1`` and ``step_size=1.25 * eps`` this is FGSM with random start ("Fast is better
-    than free", Wong et al. 2020, arXiv 2001.03994), registered as ``fgsm_rs``.
+    than free", Wong et al. 2020, arXiv 2001.03994), registered as ``fgsm_rs``. With
+    ``start="gaussian"`` it is MART's attack (Wang et al. 2020).
 
     Example::
 
@@ -108,9 +127,9 @@ def pgd(
     """
     x = x.detach()
     return _ascend(
-        model, x, _random_start(x, eps, norm),
+        model, x, _random_start(x, eps, norm, start),
         lambda logits: F.cross_entropy(logits, y, reduction="sum"),
-        eps=eps, step_size=step_size, steps=steps, norm=norm,
+        eps=eps, step_size=step_size, steps=steps, norm=norm, bn=bn,
     )
 
 
@@ -123,6 +142,8 @@ def pgd_targeted(
     step_size: float,
     steps: int,
     norm: Norm = "linf",
+    start: Start = "uniform",
+    bn: BnMode = "eval",
 ) -> torch.Tensor:
     """Targeted PGD with a random start: descends cross-entropy towards the targets ``y``.
 
@@ -130,9 +151,9 @@ def pgd_targeted(
     """
     x = x.detach()
     return _ascend(
-        model, x, _random_start(x, eps, norm),
+        model, x, _random_start(x, eps, norm, start),
         lambda logits: -F.cross_entropy(logits, y, reduction="sum"),
-        eps=eps, step_size=step_size, steps=steps, norm=norm,
+        eps=eps, step_size=step_size, steps=steps, norm=norm, bn=bn,
     )
 
 
@@ -145,12 +166,14 @@ def trades_kl(
     step_size: float,
     steps: int,
     norm: Norm = "linf",
+    start: Start = "gaussian",
+    bn: BnMode = "eval",
 ) -> torch.Tensor:
     """TRADES' attack: maximise KL(p(.|x) || p(.|x*)) (Zhang et al. 2019, arXiv 1901.08573).
 
-    Starts at x + 0.001 * N(0, I) as the TRADES code does; ``y`` is unused (the attack needs no
-    labels). The clean distribution p(.|x) is computed once, not inside every step: equivalent
-    results to the released code, but one forward pass instead of ``steps``.
+    Starts at x + 0.001 * N(0, I) as the TRADES code does (``start="gaussian"``); ``y`` is unused
+    (the attack needs no labels). The clean distribution p(.|x) is computed once, not inside
+    every step: equivalent results to the released code, but one forward pass instead of ``steps``.
 
     Under bf16 autocast the first step runs in fp32: at the 0.001 start, p(.|x*) differs from
     p(.|x) by less than bf16's resolution (logits near 10 are rounded to 0.06), so that gradient
@@ -158,23 +181,23 @@ def trades_kl(
     success 0.44-0.50 against fp32's 0.72-0.77; with the first step in fp32, 0.70-0.76.
     """
     x = x.detach()
-    start = _project(x + 0.001 * torch.randn_like(x), x, eps, norm)
+    x_adv = _random_start(x, eps, norm, start)
     if steps and torch.is_autocast_enabled(x.device.type):
         with torch.autocast(x.device.type, enabled=False):
-            start = _kl_ascent(model, x, start, eps=eps, step_size=step_size, steps=1, norm=norm)
+            x_adv = _kl_ascent(model, x, x_adv, eps=eps, step_size=step_size, steps=1, norm=norm, bn=bn)
         steps -= 1
-    return _kl_ascent(model, x, start, eps=eps, step_size=step_size, steps=steps, norm=norm)
+    return _kl_ascent(model, x, x_adv, eps=eps, step_size=step_size, steps=steps, norm=norm, bn=bn)
 
 
-def _kl_ascent(model: nn.Module, x: torch.Tensor, start: torch.Tensor, *, eps: float, step_size: float, steps: int, norm: Norm) -> torch.Tensor:
+def _kl_ascent(model: nn.Module, x: torch.Tensor, start: torch.Tensor, *, eps: float, step_size: float, steps: int, norm: Norm, bn: BnMode) -> torch.Tensor:
     if steps == 0:
         return start
-    with torch.no_grad(), eval_mode(model):
-        clean_logits = model(x)  # in the same precision as the steps that compare against it
+    with torch.no_grad(), bn_mode(model, bn):
+        clean_logits = model(x)  # in the same precision and mode as the steps that compare against it
     return _ascend(
         model, x, start,
         lambda logits: kl_per_sample(clean_logits, logits).sum(),
-        eps=eps, step_size=step_size, steps=steps, norm=norm,
+        eps=eps, step_size=step_size, steps=steps, norm=norm, bn=bn,
     )
 
 

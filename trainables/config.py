@@ -23,6 +23,7 @@ from analysis.errors import SpecError, unknown_choice
 Norm = Literal["linf", "l2"]
 MethodName = Literal["standard", "sat", "trades", "weat", "der", "fgsm_rs", "mart"]
 ModelName = Literal["small_cnn", "cnn_fc", "preact_resnet18", "resnet18", "wrn34_10"]
+MODEL_NAMES: tuple[str, ...] = get_args(ModelName)
 DatasetName = Literal["digits", "fashion_mnist", "cifar10", "cifar100", "svhn", "npz"]
 ScheduleName = Literal["piecewise", "onecycle", "cosine"]
 DeviceName = Literal["auto", "cpu", "cuda"]
@@ -40,12 +41,37 @@ class DatasetConfig:
     download: bool = False  # fetch missing files from the dataset's home (needs a network)
     train_size: int | None = None  # keep this many training images (seeded), None = all
     label_noise: float = 0.0  # fraction of training labels replaced by a random other class
-    seed: int = 0  # seeds the digits/npz split, the subsample and the label noise, not training
+    # images held out from the training set (seeded, before `train_size` is drawn) to select the
+    # best epoch, the searcher's objective and the stop rule's patience: never the test set
+    # (Rice et al. 2020 hold out 1,000). None = the dataset's default (DEFAULT_VAL_SIZE; npz:
+    # 10% of its training images)
+    val_size: int | None = None
+    seed: int = 0  # seeds the digits/npz split, the validation split, the subsample and the label noise, not training
     pool: int = 1  # average-pool images by this factor at load time (2: Fashion-MNIST 28 -> 14)
     # Augmentation on the device: random crop with this much zero padding, horizontal flip.
     # None = the dataset's own default (32x32 sets: pad 4 + flip; SVHN no flip; digits none).
     crop_pad: int | None = None
     flip: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.val_size is None and self.name in DEFAULT_VAL_SIZE:
+            object.__setattr__(self, "val_size", DEFAULT_VAL_SIZE[self.name])
+
+
+# Validation images per dataset when `dataset.val_size` is not given: Rice et al.'s 1,000 where
+# the training set is large; digits (1,797 images in all) keeps 200 of its 1,400 training images.
+DEFAULT_VAL_SIZE: dict[str, int] = {"digits": 200, "fashion_mnist": 1000, "cifar10": 1000, "cifar100": 1000, "svhn": 1000}
+NPZ_VAL_FRACTION = 0.1  # an npz's default validation share of its training images
+
+# Which batch-norm mode each method crafts its training x* in, as its reference code does
+# (`attack.bn: auto`): Rice et al. (PGD-AT) and Wong et al. (FGSM-RS) call model.train() around
+# the attack, so batch statistics are used and running statistics updated by every attack step;
+# TRADES, MART and the WEAT code call model.eval(). DER builds on PGD-AT or FGSM-RS and follows
+# them (its code was not available to us). `standard` crafts nothing in training.
+REFERENCE_BN: dict[str, str] = {"standard": "eval", "sat": "train", "fgsm_rs": "train", "der": "train", "trades": "eval", "weat": "eval", "mart": "eval"}
+# Where each method's training attack starts (`attack.start: auto`): uniform in the eps-ball
+# (Madry et al., Rice et al., Wong et al.) or x + 0.001 * N(0, I) (TRADES, MART, the WEAT code).
+REFERENCE_START: dict[str, str] = {"standard": "uniform", "sat": "uniform", "fgsm_rs": "uniform", "der": "uniform", "trades": "gaussian", "weat": "gaussian", "mart": "gaussian"}
 
 
 @dataclass(frozen=True)
@@ -53,10 +79,21 @@ class AttackConfig:
     """The training attack's threat model; also the probes' and, with `eval_attack`, the test's."""
 
     eps: float = 8 / 255  # radius of the threat ball, input scale [0, 1]
-    step: float = 2 / 255  # PGD step size, input scale
+    # PGD step size, input scale; None = 2.5 * eps / steps (Madry et al.'s `robustness` library):
+    # 2/255 for eps 8/255 and 10 steps, and it scales with eps, which an L2 ball needs
+    step: float | None = None
     steps: int = 10  # PGD iterations (training and probe attacks)
     norm: Norm = "linf"
     fgsm_step: float | None = None  # FGSM-RS step; None = 1.25 * eps (Wong et al. 2020)
+    # batch-norm mode while crafting the *training* x*: auto = the method's reference (REFERENCE_BN).
+    # Probes and every evaluation craft in eval mode whatever this says.
+    bn: Literal["auto", "train", "eval"] = "auto"
+    # the training attack's start: auto = the method's reference (REFERENCE_START)
+    start: Literal["auto", "uniform", "gaussian"] = "auto"
+
+    def __post_init__(self) -> None:
+        if self.step is None and isinstance(self.steps, int) and self.steps >= 1:
+            object.__setattr__(self, "step", 2.5 * self.eps / self.steps)
 
 
 @dataclass(frozen=True)
@@ -69,8 +106,10 @@ class EvalAttackConfig:
 @dataclass(frozen=True)
 class ProbeConfig:
     train_size: int = 1000  # fixed training images probed every `every` epochs (no augmentation)
-    test_size: int = 1000  # fixed test images: test accuracy, robust accuracy and energies
-    every: int = 1  # probe every this many epochs (the last epoch is always probed)
+    # fixed test images: a per-epoch test curve (accuracy, robust accuracy, energies) for the
+    # figures, which selects nothing (the validation split does); 0 = no test curve
+    test_size: int = 1000
+    every: int = 1  # probe and evaluate the validation split every this many epochs (the last epoch always)
     samples_every: int = 1  # write per-sample rows every this many probed epochs (0 = never)
 
 
@@ -103,15 +142,27 @@ class ScheduleConfig:
     pct_start: float = 0.25  # onecycle: fraction of steps spent warming up
     div_factor: float = 25.0  # onecycle: initial lr = lr / div_factor (torch's OneCycleLR)
     final_div_factor: float = 1e4  # onecycle: final lr = initial lr / final_div_factor
+    # onecycle: SGD momentum cycles inversely to the lr, max_momentum -> base_momentum at the peak
+    # lr -> max_momentum, as torch's OneCycleLR does by default (and the WEAT code with it); the
+    # spec's `momentum` is then not used. Off by default: momentum stays `momentum`.
+    cycle_momentum: bool = False
+    base_momentum: float = 0.85
+    max_momentum: float = 0.95
 
 
 @dataclass(frozen=True)
 class FinalEvalConfig:
-    """Evaluation of the best checkpoint once training ends."""
+    """Evaluation of the best checkpoint on the test set once training ends (fp32, eval mode).
+
+    Both counts take the *first* images of the test split, as RobustBench does; published tables
+    use the whole test set (docs/evaluation.md).
+    """
 
     n: int | None = None  # test images for clean and PGD accuracy; None = the whole test set
     pgd_steps: int = 50
-    autoattack_n: int = 1000  # test images for AutoAttack (standard); 0 = skip (column is NaN)
+    # test images for the original AutoAttack (standard version); None = the whole test set,
+    # 0 = skip (the column is NaN)
+    autoattack_n: int | None = None
 
 
 @dataclass(frozen=True)
@@ -132,6 +183,9 @@ class TrialConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelName = "small_cnn"
     width: int = 1  # channel multiplier of small_cnn (32-64-128) and cnn_fc (64-64-128, 512 units)
+    # weight initialisation: `reference` = the model's reference code (TRADES' He-normal for
+    # wrn34_10, torch's default for the others); `torch` = torch's default everywhere
+    model_init: Literal["reference", "torch"] = "reference"
     method: MethodName = "sat"
     epochs: int = 100
     batch_size: int = 128
@@ -282,11 +336,12 @@ def _check_ranges(cfg: TrialConfig) -> None:
         ("weight_decay", cfg.weight_decay >= 0, "must be non-negative"),
         ("width", cfg.width >= 1, "must be at least 1"),
         ("attack.eps", 0 <= cfg.attack.eps <= 1, "must be in [0, 1] (input scale; 8/255 is allowed)"),
-        ("attack.step", 0 < cfg.attack.step <= 1, "must be in (0, 1]"),
         ("attack.steps", cfg.attack.steps >= 1, "must be at least 1"),
+        # None only when `steps` is invalid (no step derived), which the line above reports
+        ("attack.step", cfg.attack.step is None or 0 < cfg.attack.step <= 1, "must be in (0, 1]"),
         ("eval_attack.steps", cfg.eval_attack.steps >= 1, "must be at least 1"),
         ("probe.train_size", cfg.probe.train_size >= 1, "must be at least 1"),
-        ("probe.test_size", cfg.probe.test_size >= 1, "must be at least 1"),
+        ("probe.test_size", cfg.probe.test_size >= 0, "must be non-negative (0: no per-epoch test curve)"),
         ("probe.every", cfg.probe.every >= 1, "must be at least 1"),
         ("probe.samples_every", cfg.probe.samples_every >= 0, "must be non-negative"),
         ("beta", cfg.beta >= 0, "must be non-negative"),
@@ -294,10 +349,19 @@ def _check_ranges(cfg: TrialConfig) -> None:
         ("der.gamma", cfg.der.gamma >= 0, "must be non-negative"),
         ("dataset.label_noise", 0 <= cfg.dataset.label_noise < 1, "must be in [0, 1)"),
         ("final_eval.pgd_steps", cfg.final_eval.pgd_steps >= 1, "must be at least 1"),
-        ("final_eval.autoattack_n", cfg.final_eval.autoattack_n >= 0, "must be non-negative"),
         ("schedule.gamma", 0 < cfg.schedule.gamma <= 1, "must be in (0, 1]"),
         ("schedule.pct_start", 0 < cfg.schedule.pct_start < 1, "must be in (0, 1)"),
+        ("schedule.base_momentum", 0 <= cfg.schedule.base_momentum <= cfg.schedule.max_momentum,
+         f"must be in [0, schedule.max_momentum = {cfg.schedule.max_momentum}]"),
+        ("schedule.max_momentum", 0 <= cfg.schedule.max_momentum < 1, "must be in [0, 1)"),
+        ("schedule.cycle_momentum", not cfg.schedule.cycle_momentum or cfg.schedule.name == "onecycle",
+         f"cycles momentum with the onecycle schedule only (schedule.name is {cfg.schedule.name}); set it false"),
     ]
+    if cfg.final_eval.autoattack_n is not None:
+        checks.append(("final_eval.autoattack_n", cfg.final_eval.autoattack_n >= 0, "must be non-negative (0 skips AutoAttack, null takes the whole test set)"))
+    if cfg.dataset.val_size is not None:
+        checks.append(("dataset.val_size", cfg.dataset.val_size >= 1,
+                       "must be at least 1: the best epoch, the searcher's objective and the stop rule read the validation split, never the test set"))
     if cfg.attack.fgsm_step is not None:
         checks.append(("attack.fgsm_step", 0 < cfg.attack.fgsm_step <= 1, "must be in (0, 1]"))
     if cfg.dataset.train_size is not None:
@@ -312,9 +376,26 @@ def _check_ranges(cfg: TrialConfig) -> None:
     for key, ok, problem in checks:
         if not ok:
             raise SpecError(key, f"{problem}; got {_get(cfg, key)!r}")
+    _check_reach(cfg)
     for i, m in enumerate(cfg.schedule.milestones):
         if m <= 0:
             raise SpecError(f"schedule.milestones[{i}]", f"must be positive; got {m!r}")
+
+
+def _check_reach(cfg: TrialConfig) -> None:
+    """PGD must be able to walk from x to the edge of its ball: steps * step >= eps, for the
+    training attack and the evaluation attack (which takes `attack.step`). Without this an L2 run
+    that kept the L-inf step (2/255 against eps 0.5) would train and evaluate with an attack that
+    never leaves the middle of its ball."""
+    a = cfg.attack
+    assert a.step is not None  # resolved by AttackConfig
+    for key, steps in (("attack.steps", a.steps), ("eval_attack.steps", cfg.eval_attack.steps)):
+        if steps * a.step < a.eps * (1 - 1e-9):
+            raise SpecError(
+                "attack.step",
+                f"{a.step:.6g} x {key} {steps} = {steps * a.step:.6g} cannot reach eps {a.eps:.6g} ({a.norm}); "
+                f"raise it to at least {a.eps / steps:.6g}, or leave it out for 2.5 * eps / steps",
+            )
 
 
 def _get(cfg: Any, dotted: str) -> Any:

@@ -17,7 +17,7 @@ import gzip
 import os
 import struct
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torchvision import datasets
 
 from analysis.errors import DataNotFoundError, SpecError, unknown_choice
-from trainables.config import DatasetConfig
+from trainables.config import NPZ_VAL_FRACTION, DatasetConfig
 
 # Debian's `fashion-mnist` package: the four original gzipped idx files, used when the
 # torchvision layout is absent and downloading is off.
@@ -37,9 +37,11 @@ DIGITS_TEST_SIZE = 397  # sklearn's digits has 1797 images; 1400 train, 397 test
 NPZ_TEST_FRACTION = 0.2  # held out as test when an .npz has no test arrays
 
 # Independent random streams derived from `dataset.seed`, so that changing `train_size` does
-# not change which labels are noised and neither correlates with the digits/npz split.
+# not change which labels are noised and neither correlates with the digits/npz split or with
+# which training images are held out for validation.
 _SUBSET_STREAM = 1
 _NOISE_STREAM = 2
+_VAL_STREAM = 3
 
 
 @dataclass(frozen=True)
@@ -53,16 +55,27 @@ class ImageData:
     num_classes: int
     crop_pad: int  # resolved augmentation: zero-padding for random crop (0 = none)
     flip: bool  # resolved augmentation: random horizontal flip
+    # the validation split, held out of the training set by :func:`load_dataset` (empty before)
+    val_x: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.uint8))  # uint8 (V, C, H, W)
+    val_y: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))  # int64 (V,), true labels
+    val_index: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))  # positions in the dataset's training split
 
     def to(self, device: torch.device) -> "ImageData":
-        """The same dataset with all four tensors on `device`."""
+        """The same dataset with its image and label tensors on `device`."""
         return dataclasses.replace(
             self,
             train_x=self.train_x.to(device),
             train_y=self.train_y.to(device),
             test_x=self.test_x.to(device),
             test_y=self.test_y.to(device),
+            val_x=self.val_x.to(device),
+            val_y=self.val_y.to(device),
         )
+
+
+def to_float(x_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (0..255) as float in [0, 1], channels_last (oneDNN's and cuDNN's faster layout)."""
+    return x_u8.float().div_(255.0).contiguous(memory_format=torch.channels_last)
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -106,10 +119,13 @@ def augment(
 
 
 def load_dataset(cfg: DatasetConfig) -> ImageData:
-    """Load `cfg.name` on the CPU, then subsample, noise labels and resolve augmentation.
+    """Load `cfg.name` on the CPU, hold out the validation split, then subsample, noise labels
+    and resolve augmentation.
 
-    The subsample and the noise are seeded by `cfg.seed` alone, so every method in a study
-    sees the same images and the same corrupted labels.
+    The validation images are drawn first from the dataset's whole training split, so that
+    `train_size` and `label_noise` never change them (and they keep their true labels); the
+    subsample is then drawn from the rest. All of it is seeded by `cfg.seed` alone, so every
+    method in a study sees the same images and the same corrupted labels.
     """
     if cfg.name not in LOADERS:
         raise unknown_choice("dataset.name", cfg.name, LOADERS)
@@ -118,31 +134,45 @@ def load_dataset(cfg: DatasetConfig) -> ImageData:
     if not 0 <= cfg.label_noise < 1:
         raise SpecError("dataset.label_noise", f"must be in [0, 1); got {cfg.label_noise!r}")
     data = LOADERS[cfg.name](cfg)
-    train_x, train_y = data.train_x, data.train_y
+    n = len(data.train_y)
+    val_size = max(1, round(NPZ_VAL_FRACTION * n)) if cfg.val_size is None else cfg.val_size
+    if not 1 <= val_size <= n - 2:
+        raise SpecError(
+            "dataset.val_size",
+            f"holds out {val_size} of the {n} training images of `{cfg.name}`, leaving fewer than 2 to train on; "
+            f"choose 1..{max(1, n - 2)}",
+        )
+    order = np.random.default_rng((cfg.seed, _VAL_STREAM)).permutation(n)
+    val_index = torch.from_numpy(np.sort(order[:val_size]))
+    rest = torch.from_numpy(np.sort(order[val_size:]))
+    train_x, train_y = data.train_x[rest], data.train_y[rest]
     if cfg.train_size is not None:
-        n = len(train_y)
-        if not 1 <= cfg.train_size <= n:
+        left = len(train_y)
+        if not 1 <= cfg.train_size <= left:
             raise SpecError(
                 "dataset.train_size",
-                f"asks for {cfg.train_size} training images but `{cfg.name}` has {n}; "
-                f"choose 1..{n} or null for all",
+                f"asks for {cfg.train_size} training images but `{cfg.name}` has {left} once {val_size} are held out "
+                f"for validation (dataset.val_size); choose 1..{left} or null for all",
             )
         rng = np.random.default_rng((cfg.seed, _SUBSET_STREAM))
-        keep = torch.from_numpy(np.sort(rng.choice(n, size=cfg.train_size, replace=False)))
+        keep = torch.from_numpy(np.sort(rng.choice(left, size=cfg.train_size, replace=False)))
         train_x, train_y = train_x[keep], train_y[keep]
     if cfg.label_noise > 0:
         train_y = noisy_labels(train_y, fraction=cfg.label_noise, num_classes=data.num_classes, seed=cfg.seed)
-    test_x = data.test_x
+    test_x, val_x = data.test_x, data.train_x[val_index]
     if cfg.pool > 1:
         size = train_x.shape[-1]
         if size % cfg.pool:
             raise SpecError("dataset.pool", f"must divide the image size {size} of `{cfg.name}`; got {cfg.pool}")
-        train_x, test_x = _avg_pool(train_x, cfg.pool), _avg_pool(test_x, cfg.pool)
+        train_x, test_x, val_x = _avg_pool(train_x, cfg.pool), _avg_pool(test_x, cfg.pool), _avg_pool(val_x, cfg.pool)
     return dataclasses.replace(
         data,
         train_x=train_x,
         train_y=train_y,
         test_x=test_x,
+        val_x=val_x,
+        val_y=data.train_y[val_index],
+        val_index=val_index,
         crop_pad=data.crop_pad if cfg.crop_pad is None else cfg.crop_pad,
         flip=data.flip if cfg.flip is None else cfg.flip,
     )

@@ -1,8 +1,15 @@
 """The training engine: one trial, one loop.
 
 ``run_trial`` reads like airbench's ``main()``: set up (data on the device as uint8, model,
-optimizer, probes), then per epoch: train -> evaluate and probe energies -> detect phase ->
-report (Parquet rows, checkpoint, callback). Then the best checkpoint's final evaluation.
+optimizer, probes), then per epoch: train -> evaluate on the validation split and probe energies
+-> detect phase -> report (Parquet rows, checkpoint, callback). Then the best checkpoint's final
+evaluation on the test set.
+
+What is selected, and on what: the best epoch (``best.pt``), the `best_val_*` columns, the
+searcher's objective and the stop rule's patience all read the validation split (`dataset.val_size`
+images held out of the training set). The test set is read by the final evaluation and by a
+per-epoch test curve kept for the paper's figures, which selects nothing. Every evaluation runs in
+fp32 (:mod:`trainables.probe`), whatever the training precision.
 
 Where speed comes from (DESIGN.md section 7), each with the reason it is safe:
 - the whole dataset sits on the device as uint8 and is augmented there in batches: equivalent
@@ -28,7 +35,6 @@ from typing import Any, Callable, ContextManager
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 from torch import nn
 
@@ -37,24 +43,19 @@ from analysis.phases import DETECTOR_COLUMNS, OnlineDetector, PhaseResult, detec
 from analysis.schema import SCHEMA_VERSION
 from analysis.store import is_uri, provenance, write_epoch_rows, write_trial_row
 from trainables import checkpoint
-from trainables.attacks import eval_mode, pgd, pgd_targeted, random_targets
 from trainables.config import TrialConfig, flatten
-from trainables.data import ImageData, augment, load_dataset
-from trainables.energy import joint_energy, marginal_energy
-from trainables.methods import METHODS, Craft, MethodParams
+from trainables.data import ImageData, augment, load_dataset, to_float
+from trainables.evaluate import EvalSubject, evaluate, write_evals
+from trainables.methods import METHODS, MethodParams
 from trainables.models import build_model
-from trainables.schedules import lr_at
+from trainables.probe import PROBE_KEYS, ProbeSet, eval_seed, probe, probe_attacks, probe_columns, probe_set, sample_columns, whole_split
+from trainables.schedules import lr_at, momentum_at
 
 # Called with each epoch's row and the checkpoint directory once both are written; returns a
 # stop reason (e.g. "scheduler") to end the trial, or None to go on. The trial's last epoch is
 # reported after the final evaluation, with the `trials` outcome merged into its row, so that
 # a caller (Ray Tune) that stops listening after it has seen everything.
 EpochCallback = Callable[[dict[str, Any], Path], "str | None"]
-
-# attack(model, x, y) -> x*, with the threat model bound (see :func:`probe_attacks`)
-ProbeAttack = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
-
-_TARGET_SEED = 1234  # fixed wrong-class targets per probe image, the same every epoch
 
 
 def select_device(name: str) -> torch.device:
@@ -71,12 +72,9 @@ def device_label(device: torch.device) -> str:
     return "cpu"
 
 
-def _to_float(x_u8: torch.Tensor) -> torch.Tensor:
-    return x_u8.float().div_(255.0).contiguous(memory_format=torch.channels_last)
-
-
 def autocast(device: torch.device, precision: str) -> ContextManager[Any]:
-    """bf16 autocast on CUDA (`precision` auto or bf16) and on the CPU when asked (bf16).
+    """bf16 autocast for *training* on CUDA (`precision` auto or bf16) and on the CPU when asked
+    (bf16). Evaluation never runs under it (:func:`trainables.probe.fp32`).
 
     bf16 keeps fp32's exponent range, so energies (logsumexp of logits) do not overflow; the
     engine turns logits to fp32 before any energy or loss reduction it reports.
@@ -87,31 +85,12 @@ def autocast(device: torch.device, precision: str) -> ContextManager[Any]:
 
 
 @dataclass
-class ProbeSet:
-    """A fixed set of images probed every epoch (no augmentation, eval-mode BN)."""
-
-    split: str
-    index: torch.Tensor  # positions in the split, int64
-    x: torch.Tensor  # uint8, on the device
-    y: torch.Tensor
-    targets: torch.Tensor  # a fixed random wrong class per image
-
-
-def _probe_set(split: str, x: torch.Tensor, y: torch.Tensor, size: int, seed: int, num_classes: int) -> ProbeSet:
-    gen = torch.Generator().manual_seed(seed)
-    index = torch.randperm(len(y), generator=gen)[: min(size, len(y))].sort().values
-    dev_index = index.to(x.device)
-    labels = y[dev_index]
-    targets = random_targets(labels, num_classes, torch.Generator().manual_seed(_TARGET_SEED + seed))
-    return ProbeSet(split, index, x[dev_index], labels, targets)
-
-
-@dataclass
 class _Progress:
     """What the checkpoint carries besides weights: where the trial stands."""
 
     next_epoch: int = 0
-    best_acc: float = -math.inf
+    best_acc: float = -math.inf  # best validation robust accuracy so far
+    best_clean: float = math.nan  # validation clean accuracy at that epoch
     best_epoch: int | None = None
     seconds: float = 0.0
     stop_reason: str | None = None
@@ -147,8 +126,10 @@ def _train_epoch(
         lr_sum += lr
         for group in opt.param_groups:
             group["lr"] = lr
+            if cfg.schedule.cycle_momentum:
+                group["momentum"] = momentum_at(cfg.schedule, epochs=cfg.epochs, epoch=epoch, batch=i, batches=batches)
         idx = order[bounds[i] : bounds[i + 1]]
-        x = _to_float(augment(data.train_x[idx], crop_pad=data.crop_pad, flip=data.flip))
+        x = to_float(augment(data.train_x[idx], crop_pad=data.crop_pad, flip=data.flip))
         y = data.train_y[idx]
         with autocast(device, cfg.precision):
             loss, parts = loss_fn(model, x, y, params=params)
@@ -180,149 +161,58 @@ def _train_epoch(
     }
 
 
-def _probe(
-    model: nn.Module,
-    probe: ProbeSet,
-    craft: ProbeAttack,
-    params: MethodParams,
-    batch_size: int,
-    device: torch.device,
-    *,
-    targeted: bool,
-    precision: str,
-) -> dict[str, np.ndarray]:
-    """Per-sample energies of clean, adversarial (``craft``) and, if asked, targeted examples
-    (targeted PGD towards ``probe.targets``; then also ``Ey_tgt`` and ``correct_tgt``).
+@dataclass
+class EpochProbes:
+    """The fixed image sets a trial evaluates at each probed epoch."""
 
-    The targeted attack runs on the training probe only (``probe_train_E_tgt``): on the test
-    subset it would add as many passes again for no column of `epochs` (test E_tgt is NaN).
-    """
-    names = ("E", "E_adv", "Ey", "Ey_adv", "E_tgt", "ce", "ce_adv", "correct", "correct_adv") + (("Ey_tgt", "correct_tgt") if targeted else ())
-    cols: dict[str, list[torch.Tensor]] = {k: [] for k in names}
-    with eval_mode(model):
-        for lo in range(0, len(probe.y), batch_size):
-            x = _to_float(probe.x[lo : lo + batch_size])
-            y = probe.y[lo : lo + batch_size]
-            with autocast(device, precision):
-                x_adv = craft(model, x, y)
-                with torch.no_grad():
-                    logits, logits_adv = model(x).float(), model(x_adv).float()
-                values = {"E_tgt": torch.full((len(y),), math.nan, device=device)}
-                if targeted:
-                    x_tgt = pgd_targeted(
-                        model, x, probe.targets[lo : lo + batch_size],
-                        eps=params.eps, step_size=params.step_size, steps=params.steps, norm=params.norm,  # type: ignore[arg-type]
-                    )
-                    with torch.no_grad():
-                        logits_tgt = model(x_tgt).float()
-                    values = {"E_tgt": marginal_energy(logits_tgt), "Ey_tgt": joint_energy(logits_tgt, y), "correct_tgt": logits_tgt.argmax(1) == y}
-            values |= {
-                "E": marginal_energy(logits),
-                "E_adv": marginal_energy(logits_adv),
-                "Ey": joint_energy(logits, y),
-                "Ey_adv": joint_energy(logits_adv, y),
-                "ce": F.cross_entropy(logits, y, reduction="none"),
-                "ce_adv": F.cross_entropy(logits_adv, y, reduction="none"),
-                "correct": logits.argmax(1) == y,
-                "correct_adv": logits_adv.argmax(1) == y,
-            }
-            for name in names:
-                cols[name].append(values[name].detach())
-    # float64 on the host, so that mean(E - E*) equals mean(E) - mean(E*) to 1e-12
-    return {k: torch.cat(v).cpu().double().numpy() if v[0].is_floating_point() else torch.cat(v).cpu().numpy() for k, v in cols.items()}
+    train: ProbeSet  # `probe.train_size` training images: energies under the method's own x*
+    val: ProbeSet  # the whole validation split: selects the best epoch
+    test: ProbeSet | None  # `probe.test_size` test images: the per-epoch test curve (None at size 0)
 
 
-def probe_attacks(cfg: TrialConfig, params: MethodParams) -> tuple[ProbeAttack, ProbeAttack]:
-    """(training probe's attack, test probe's attack): the method's own x*, and PGD with
-    `eval_attack.steps` for test robust accuracy."""
-    method_craft: Craft = METHODS[cfg.method].craft
-    eval_steps = cfg.eval_attack.steps
-
-    def train_attack(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return method_craft(m, x, y, params)
-
-    def test_attack(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return pgd(m, x, y, eps=params.eps, step_size=params.step_size, steps=eval_steps, norm=params.norm)  # type: ignore[arg-type]
-
-    return train_attack, test_attack
+def epoch_probes(cfg: TrialConfig, data: ImageData) -> EpochProbes:
+    seed, k = cfg.dataset.seed, data.num_classes
+    test = probe_set("test", data.test_x, data.test_y, cfg.probe.test_size, seed + 2, k) if cfg.probe.test_size else None
+    return EpochProbes(
+        train=probe_set("train", data.train_x, data.train_y, cfg.probe.train_size, seed + 1, k),
+        val=whole_split("val", data.val_x, data.val_y, seed + 3, k),
+        test=test,
+    )
 
 
-def _probe_columns(train: dict[str, np.ndarray], test: dict[str, np.ndarray]) -> dict[str, float]:
-    d_e = train["E"] - train["E_adv"]
-    test_d_e = test["E"] - test["E_adv"]
-    return {
-        "probe_train_E": float(train["E"].mean()),
-        "probe_train_E_adv": float(train["E_adv"].mean()),
-        "probe_train_dE": float(d_e.mean()),
-        "probe_train_dE_abs_p50": float(np.quantile(np.abs(d_e), 0.5)),
-        "probe_train_dE_abs_p90": float(np.quantile(np.abs(d_e), 0.9)),
-        "probe_train_dEy": float((train["Ey"] - train["Ey_adv"]).mean()),
-        "probe_train_E_tgt": float(train["E_tgt"].mean()),
-        "probe_train_aae_frac": float((train["ce_adv"] < train["ce"]).mean()),
-        "test_clean_acc": float(test["correct"].mean()),
-        "test_robust_acc": float(test["correct_adv"].mean()),
-        "test_robust_loss": float(test["ce_adv"].mean()),
-        "probe_test_E": float(test["E"].mean()),
-        "probe_test_E_adv": float(test["E_adv"].mean()),
-        "probe_test_dE": float(test_d_e.mean()),
+def probe_epoch(model: nn.Module, probes: EpochProbes, cfg: TrialConfig, params: MethodParams, epoch: int) -> dict[str, dict[str, np.ndarray] | None]:
+    """Per-sample values of one probed epoch: ``train`` (the method's x* and targeted PGD),
+    ``val`` and ``test`` (eval PGD). Each set draws its random starts from its own seed
+    (:func:`trainables.probe.eval_seed`), so the same weights give the same numbers again."""
+    train_attack, eval_attack, targeted = probe_attacks(cfg, params)
+    b = cfg.batch_size
+
+    def seed(split: str) -> int:
+        return eval_seed(cfg.seed, epoch, split)
+
+    out: dict[str, dict[str, np.ndarray] | None] = {
+        "train": probe(model, probes.train.x, probes.train.y, attack=train_attack, targeted=targeted, targets=probes.train.targets,
+                       batch_size=b, seed=seed("train")),
+        "val": probe(model, probes.val.x, probes.val.y, attack=eval_attack, batch_size=b, seed=seed("val")),
+        "test": None,
     }
+    if probes.test is not None:
+        out["test"] = probe(model, probes.test.x, probes.test.y, attack=eval_attack, batch_size=b, seed=seed("test"))
+    return out
 
 
-_PROBE_KEYS = tuple(_probe_columns({k: np.zeros(1) for k in ("E", "E_adv", "Ey", "Ey_adv", "E_tgt", "ce", "ce_adv")},
-                                   {k: np.zeros(1) for k in ("E", "E_adv", "ce_adv", "correct", "correct_adv")}))
-
-
-def _sample_columns(study: str, trial_id: str, epoch: int, sets: list[tuple[ProbeSet, dict[str, np.ndarray]]]) -> dict[str, Any]:
-    cols: dict[str, list[Any]] = {k: [] for k in ("study", "trial_id", "epoch", "split", "index", "label", "E", "E_adv", "Ey", "Ey_adv", "E_tgt", "correct", "correct_adv")}
-    for probe, values in sets:
-        n = len(probe.y)
-        cols["study"] += [study] * n
-        cols["trial_id"] += [trial_id] * n
-        cols["epoch"] += [epoch] * n
-        cols["split"] += [probe.split] * n
-        cols["index"] += probe.index.tolist()
-        cols["label"] += probe.y.cpu().tolist()
-        for k in ("E", "E_adv", "Ey", "Ey_adv", "E_tgt", "correct", "correct_adv"):
-            cols[k] += values[k].tolist()
-    return cols
-
-
-def final_evaluation(model: nn.Module, data: ImageData, cfg: TrialConfig, device: torch.device) -> dict[str, float]:
-    """Clean and PGD-(final_eval.pgd_steps) accuracy on the test set, AutoAttack on a subset.
-
-    AutoAttack is torchattacks' implementation of the standard version (APGD-CE, APGD-T,
-    FAB-T, Square): the original `autoattack` package is not published on PyPI.
-    """
-    fe, a = cfg.final_eval, cfg.attack
-    n = len(data.test_y) if fe.n is None else min(fe.n, len(data.test_y))
-    clean = robust = 0
-    with eval_mode(model):
-        for lo in range(0, n, cfg.batch_size):
-            hi = min(lo + cfg.batch_size, n)
-            x, y = _to_float(data.test_x[lo:hi]), data.test_y[lo:hi]
-            with autocast(device, cfg.precision):
-                x_adv = pgd(model, x, y, eps=a.eps, step_size=a.step, steps=fe.pgd_steps, norm=a.norm)
-                with torch.no_grad():
-                    clean += int((model(x).argmax(1) == y).sum())
-                    robust += int((model(x_adv).argmax(1) == y).sum())
-        aa_acc = math.nan
-        m = min(fe.autoattack_n, len(data.test_y))
-        if m > 0:
-            import torchattacks  # deferred: only the final evaluation needs it
-
-            attack = torchattacks.AutoAttack(
-                model, norm="Linf" if a.norm == "linf" else "L2", eps=a.eps, version="standard",
-                n_classes=data.num_classes, seed=cfg.seed,
-            )
-            correct = 0
-            for lo in range(0, m, cfg.batch_size):
-                hi = min(lo + cfg.batch_size, m)
-                x, y = _to_float(data.test_x[lo:hi]), data.test_y[lo:hi]
-                x_adv = attack(x, y)
-                with torch.no_grad():
-                    correct += int((model(x_adv).argmax(1) == y).sum())
-            aa_acc = correct / m
-    return {"final_clean_acc": clean / n, "final_pgd_acc": robust / n, "final_autoattack_acc": aa_acc}
+def final_evaluation(model: nn.Module, data: ImageData, cfg: TrialConfig, *, out: str, trial_id: str, weights: str, device: torch.device) -> dict[str, float]:
+    """The best checkpoint on the test set (:func:`trainables.evaluate.evaluate`): clean and
+    PGD-(final_eval.pgd_steps) on the first `final_eval.n` images, the original AutoAttack on the
+    first `final_eval.autoattack_n`; rows in `evals`, the `final_*` values returned."""
+    fe = cfg.final_eval
+    results = evaluate(model, data, cfg, attacks=("clean", "pgd", "autoattack"), n=fe.n, autoattack_n=fe.autoattack_n,
+                       pgd_steps=fe.pgd_steps, seed=cfg.seed)
+    subject = EvalSubject(study=cfg.name, trial_id=trial_id, source="trial", checkpoint=weights, method=cfg.method,
+                          model=cfg.model, dataset=cfg.dataset.name)
+    write_evals(out, subject, results, cfg, seed=cfg.seed, evaluated_by="final_eval", device=device_label(device))
+    found = {r.attack: r.accuracy for r in results}
+    return {f"final_{name}_acc": found.get(name, math.nan) for name in ("clean", "pgd", "autoattack")}
 
 
 class OutputConflictError(EnergyatError):
@@ -368,7 +258,7 @@ def run_trial(
             string stops the trial with that stop reason. The last epoch is reported after the
             final evaluation, its row merged with the outcome (``stop_reason``, ``final_*``).
         stop_patience: None runs every epoch; an int stops the trial with ``energy_divergence``
-            once the online detector alarms and test robust accuracy has not improved for
+            once the online detector alarms and validation robust accuracy has not improved for
             that many epochs (:func:`analysis.phases.should_stop`; 0 stops at the alarm).
         spec_file: where the resolved spec is written (``energyat train``: ``out/spec.yaml``); an
             existing file must hold the same spec, so a different trial never continues this one.
@@ -400,13 +290,11 @@ def run_trial(
     if spec_file is not None:
         _write_spec(spec_file, resolved)  # only now: bad input (a missing dataset too) leaves no trace
     in_channels, image_size = data.train_x.shape[1], data.train_x.shape[-1]
-    model = build_model(cfg.model, in_channels=in_channels, num_classes=data.num_classes, image_size=image_size, width=cfg.width)
+    model = build_model(cfg.model, in_channels=in_channels, num_classes=data.num_classes, image_size=image_size, width=cfg.width, init=cfg.model_init)
     model = model.to(device, memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     params = MethodParams.from_config(cfg)
-    train_attack, test_attack = probe_attacks(cfg, params)
-    train_probe = _probe_set("train", data.train_x, data.train_y, cfg.probe.train_size, cfg.dataset.seed + 1, data.num_classes)
-    test_probe = _probe_set("test", data.test_x, data.test_y, cfg.probe.test_size, cfg.dataset.seed + 2, data.num_classes)
+    probes = epoch_probes(cfg, data)
     detector = OnlineDetector()
     progress = _Progress()
 
@@ -425,7 +313,8 @@ def run_trial(
         return {
             "study": study, "trial_id": trial_id, "status": status, "stop_reason": progress.stop_reason,
             "epochs_run": progress.next_epoch, "best_epoch": progress.best_epoch,
-            "best_test_robust_acc": progress.best_acc if progress.best_epoch is not None else math.nan,
+            "best_val_robust_acc": progress.best_acc if progress.best_epoch is not None else math.nan,
+            "best_val_clean_acc": progress.best_clean,
             "final_clean_acc": progress.final.get("final_clean_acc", math.nan),
             "final_pgd_acc": progress.final.get("final_pgd_acc", math.nan),
             "final_autoattack_acc": progress.final.get("final_autoattack_acc", math.nan),
@@ -450,25 +339,26 @@ def run_trial(
         # -- evaluate and probe energies -------------------------------------------------------
         t1 = time.perf_counter()
         probed = finite and (epoch % cfg.probe.every == 0 or epoch == cfg.epochs - 1)
-        probe_cols = dict.fromkeys(_PROBE_KEYS, math.nan)
+        probe_cols = dict.fromkeys(PROBE_KEYS, math.nan)
         sample_sets: list[tuple[ProbeSet, dict[str, np.ndarray]]] = []
         if probed:
-            train_vals = _probe(model, train_probe, train_attack, params, cfg.batch_size, device, targeted=True, precision=cfg.precision)
-            test_vals = _probe(model, test_probe, test_attack, params, cfg.batch_size, device, targeted=False, precision=cfg.precision)
-            probe_cols = _probe_columns(train_vals, test_vals)
-            sample_sets = [(train_probe, train_vals), (test_probe, test_vals)]
+            values = probe_epoch(model, probes, cfg, params, epoch)
+            probe_cols = probe_columns(values["train"], values["val"], values["test"])
+            sample_sets = [(ps, v) for ps, v in ((probes.train, values["train"]), (probes.test, values["test"])) if ps is not None and v is not None]
         probe_seconds = time.perf_counter() - t1
         # -- detect phase ------------------------------------------------------------------------
         row: dict[str, Any] = {"study": study, "trial_id": trial_id, "epoch": epoch, "method": cfg.method}
         row.update({k: v for k, v in train.items() if k != "images"})
         row.update(probe_cols)
         phase, alarm = detector.update({k: row.get(k) for k in DETECTOR_COLUMNS})
-        if probed and probe_cols["test_robust_acc"] > progress.best_acc:
-            progress.best_acc, progress.best_epoch = probe_cols["test_robust_acc"], epoch
+        # -- select on the validation split (never on test) ----------------------------------------
+        if probed and probe_cols["val_robust_acc"] > progress.best_acc:
+            progress.best_acc, progress.best_clean, progress.best_epoch = probe_cols["val_robust_acc"], probe_cols["val_clean_acc"], epoch
             checkpoint.save(best, {"model": model.state_dict(), "epoch": epoch})
         row.update(
             phase=phase, alarm=alarm, probed=probed,
-            best_test_robust_acc=progress.best_acc if progress.best_epoch is not None else math.nan,
+            best_val_robust_acc=progress.best_acc if progress.best_epoch is not None else math.nan,
+            best_val_clean_acc=progress.best_clean,
             epoch_seconds=train_seconds, probe_seconds=probe_seconds,
             images_per_second=train["images"] / train_seconds,
         )
@@ -478,7 +368,7 @@ def run_trial(
         # report's histograms compare first, middle and last), which is probed even off the grid
         regular = epoch % cfg.probe.every == 0 and (epoch // cfg.probe.every) % max(cfg.probe.samples_every, 1) == 0
         if sample_sets and cfg.probe.samples_every and (regular or epoch == cfg.epochs - 1):
-            write_epoch_rows(str(out), table="samples", trial_id=trial_id, epoch=epoch, columns=_sample_columns(study, trial_id, epoch, sample_sets), provenance=prov)
+            write_epoch_rows(str(out), table="samples", trial_id=trial_id, epoch=epoch, columns=sample_columns(study, trial_id, epoch, sample_sets), provenance=prov)
         rows.append(row)
         progress.next_epoch = epoch + 1
         progress.seconds = seconds_before + time.perf_counter() - started
@@ -494,12 +384,12 @@ def run_trial(
                 progress.stop_reason = reason
                 checkpoint.save(last, _checkpoint_state(model, opt, detector, progress, device))
 
-    # -- final evaluation of the best checkpoint --------------------------------------------------
+    # -- final evaluation of the best checkpoint, on the test set ---------------------------------
     if not progress.final and best.exists():
         # a copy: `model` keeps the last epoch's weights, which last.pt must hold
         best_model = copy.deepcopy(model)
         best_model.load_state_dict(checkpoint.load(best)["model"])
-        progress.final = final_evaluation(best_model, data, cfg, device)
+        progress.final = final_evaluation(best_model, data, cfg, out=str(out), trial_id=trial_id, weights=f"best.pt (epoch {progress.best_epoch})", device=device)
         del best_model
     if progress.stop_reason is None:
         progress.stop_reason = "completed"
@@ -534,7 +424,7 @@ def _checkpoint_state(model: nn.Module, opt: torch.optim.Optimizer, detector: On
         "optimizer": opt.state_dict(),
         "detector": detector.state_dict(),
         "progress": {
-            "next_epoch": progress.next_epoch, "best_acc": progress.best_acc, "best_epoch": progress.best_epoch,
+            "next_epoch": progress.next_epoch, "best_acc": progress.best_acc, "best_clean": progress.best_clean, "best_epoch": progress.best_epoch,
             "seconds": progress.seconds, "stop_reason": progress.stop_reason, "final": dict(progress.final),
         },
         "rng": _rng_state(device),

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainables.attacks import eval_mode, pgd, trades_kl
-from trainables.config import DerConfig, TrialConfig, WeatConfig
+from trainables.config import REFERENCE_BN, REFERENCE_START, DerConfig, TrialConfig, WeatConfig
 from trainables.energy import joint_energy, kl_per_sample, marginal_energy
 
 
@@ -35,14 +35,20 @@ class MethodParams:
     beta: float  # KL weight (trades, weat, mart) or penalty weight (der)
     weat: WeatConfig
     der: DerConfig
+    bn: str = "eval"  # batch-norm mode while crafting: "train" | "eval" (attack.bn resolved)
+    start: str = "uniform"  # where the attack starts: "uniform" | "gaussian" (attack.start resolved)
 
     @classmethod
     def from_config(cls, cfg: TrialConfig) -> "MethodParams":
+        """The method's parameters with `auto` resolved to the method's reference (config.REFERENCE_BN, REFERENCE_START)."""
         a = cfg.attack
+        assert a.step is not None  # AttackConfig derives it
         return cls(
             eps=a.eps, step_size=a.step, steps=a.steps, norm=a.norm,
             fgsm_step=a.fgsm_step if a.fgsm_step is not None else 1.25 * a.eps,
             beta=cfg.beta, weat=cfg.weat, der=cfg.der,
+            bn=REFERENCE_BN[cfg.method] if a.bn == "auto" else a.bn,
+            start=REFERENCE_START[cfg.method] if a.start == "auto" else a.start,
         )
 
 
@@ -59,15 +65,15 @@ Craft = Callable[[nn.Module, torch.Tensor, torch.Tensor, MethodParams], torch.Te
 
 
 def craft_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: MethodParams) -> torch.Tensor:
-    return pgd(model, x, y, eps=p.eps, step_size=p.step_size, steps=p.steps, norm=p.norm)  # type: ignore[arg-type]
+    return pgd(model, x, y, eps=p.eps, step_size=p.step_size, steps=p.steps, norm=p.norm, start=p.start, bn=p.bn)  # type: ignore[arg-type]
 
 
 def craft_fgsm_rs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: MethodParams) -> torch.Tensor:
-    return pgd(model, x, y, eps=p.eps, step_size=p.fgsm_step, steps=1, norm=p.norm)  # type: ignore[arg-type]
+    return pgd(model, x, y, eps=p.eps, step_size=p.fgsm_step, steps=1, norm=p.norm, start=p.start, bn=p.bn)  # type: ignore[arg-type]
 
 
 def craft_trades(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: MethodParams) -> torch.Tensor:
-    return trades_kl(model, x, y, eps=p.eps, step_size=p.step_size, steps=p.steps, norm=p.norm)  # type: ignore[arg-type]
+    return trades_kl(model, x, y, eps=p.eps, step_size=p.step_size, steps=p.steps, norm=p.norm, start=p.start, bn=p.bn)  # type: ignore[arg-type]
 
 
 def craft_der(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: MethodParams) -> torch.Tensor:

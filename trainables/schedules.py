@@ -36,3 +36,15 @@ def lr_at(s: ScheduleConfig, *, lr: float, epochs: int, epoch: int, batch: int, 
     if step <= warm_end:
         return _cos(initial, lr, step / warm_end if warm_end > 0 else 1.0)
     return _cos(lr, final, (step - warm_end) / (total - 1 - warm_end))
+
+
+def momentum_at(s: ScheduleConfig, *, epochs: int, epoch: int, batch: int, batches: int) -> float:
+    """SGD momentum for a batch when `s.cycle_momentum` (onecycle only): inversely to the lr, from
+    max_momentum down to base_momentum at the peak lr and back up, with the same cosine
+    annealing and the same step count as :func:`lr_at`, as torch's OneCycleLR(cycle_momentum=True)."""
+    total = epochs * batches
+    step = epoch * batches + batch
+    warm_end = float(s.pct_start * total) - 1
+    if step <= warm_end:
+        return _cos(s.max_momentum, s.base_momentum, step / warm_end if warm_end > 0 else 1.0)
+    return _cos(s.base_momentum, s.max_momentum, (step - warm_end) / (total - 1 - warm_end))

@@ -1,0 +1,169 @@
+"""Test-set evaluation with the numbers a reviewer compares against published tables.
+
+- ``clean`` and ``pgd``: one pass of :func:`trainables.probe.probe` (fp32, eval mode, seeded):
+  untargeted PGD with a uniform random start, `attack.step`, and `final_eval.pgd_steps` (a trial's
+  final evaluation) or `--pgd-steps` (`energyat eval`) steps.
+- ``autoattack``: Croce and Hein's original AutoAttack (``pyautoattack``, the code RobustBench
+  runs), version ``standard``: APGD-CE (100 iterations, 1 restart), APGD-T (100 iterations, 9
+  target classes), FAB-T (100 iterations, 9 targets) and Square (5,000 queries), each run on the
+  images still classified correctly, in fp32 and eval mode.
+
+Images are the *first* n of the test split, as RobustBench evaluates. Each result is one row of
+the `evals` table (:data:`analysis.schema.EVALS`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import partial
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from analysis.errors import EnergyatError
+from analysis.store import git_sha, provenance, write_eval_rows
+from trainables.attacks import eval_mode, pgd
+from trainables.config import TrialConfig
+from trainables.data import ImageData, to_float
+from trainables.probe import eval_seed, fp32, probe
+
+EVAL_ATTACKS = ("clean", "pgd", "autoattack")
+AUTOATTACK_NORMS = {"linf": "Linf", "l2": "L2"}
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    attack: str  # clean | pgd | autoattack
+    n: int
+    correct: int
+    steps: int | None  # PGD steps; None for clean and autoattack
+    seconds: float
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.n
+
+
+def parse_attacks(text: str) -> list[str]:
+    """`--attacks clean,pgd,autoattack` as a list, refused in one line when a name is unknown."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in EVAL_ATTACKS]
+    if unknown or not names:
+        raise EnergyatError(f"--attacks {text!r}: choose from {', '.join(EVAL_ATTACKS)} (comma-separated)")
+    return list(dict.fromkeys(names))
+
+
+def autoattack_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: float, seed: int) -> np.ndarray:
+    """Per image, whether the original AutoAttack (standard) leaves it classified correctly.
+
+    Args:
+        model: logits in fp32; run in eval mode here.
+        x: (N, C, H, W) float in [0, 1], on the model's device; y: (N,) labels.
+        norm: ``linf`` or ``l2``; eps: the threat radius; seed: AutoAttack's ``seed``.
+
+    Equals ``AutoAttack(model, norm=..., eps=eps, version="standard", seed=seed).run_standard_evaluation(x, y)``
+    with its default batch size (250): its second output are the predictions on the returned
+    images, which are the adversarial ones where an attack succeeded.
+    """
+    from pyautoattack import AutoAttack  # deferred: only test-set evaluation needs it
+
+    device = next(model.parameters()).device
+    # its progress goes to the logger `auto-attack` at DEBUG; its sanity checks (a randomised
+    # defense, probabilities instead of logits, Square beating the gradient attacks) at WARNING
+    adversary = AutoAttack(model, norm=AUTOATTACK_NORMS[norm], eps=eps, version="standard", seed=seed, device=device)
+    with fp32(), eval_mode(model):
+        _x_adv, y_adv = adversary.run_standard_evaluation(x, y)
+    return (y_adv == y).cpu().numpy()
+
+
+def evaluate(
+    model: nn.Module,
+    data: ImageData,
+    cfg: TrialConfig,
+    *,
+    attacks: Sequence[str],
+    n: int | None,
+    autoattack_n: int | None,
+    pgd_steps: int,
+    seed: int,
+) -> list[EvalResult]:
+    """Accuracy of `model` on the first `n` test images (clean, PGD) and the first
+    `autoattack_n` (AutoAttack); None takes the whole test set, 0 skips AutoAttack.
+
+    Threat model from `cfg.attack` (eps, step, norm); `seed` seeds PGD's random starts and
+    AutoAttack. All in fp32 and eval mode, whatever the model was trained in.
+    """
+    results: list[EvalResult] = []
+    total = len(data.test_y)
+    count = total if n is None else min(n, total)
+    a = cfg.attack
+    assert a.step is not None
+    wants = [x for x in ("clean", "pgd") if x in attacks]
+    if wants:
+        started = time.perf_counter()
+        attack = partial(pgd, eps=a.eps, step_size=a.step, steps=pgd_steps, norm=a.norm) if "pgd" in wants else _identity
+        values = probe(model, data.test_x[:count], data.test_y[:count], attack=attack, batch_size=cfg.batch_size,
+                       seed=eval_seed(seed, -1, "final"))
+        seconds = time.perf_counter() - started
+        if "clean" in wants:
+            results.append(EvalResult("clean", count, int(values["correct"].sum()), None, seconds))
+        if "pgd" in wants:
+            results.append(EvalResult("pgd", count, int(values["correct_adv"].sum()), pgd_steps, seconds))
+    m = total if autoattack_n is None else min(autoattack_n, total)
+    if "autoattack" in attacks and m > 0:
+        started = time.perf_counter()
+        device = next(model.parameters()).device
+        x = to_float(data.test_x[:m].to(device))
+        correct = autoattack_correct(model, x, data.test_y[:m].to(device), norm=a.norm, eps=a.eps, seed=seed)
+        results.append(EvalResult("autoattack", m, int(correct.sum()), None, time.perf_counter() - started))
+    return results
+
+
+def _identity(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+@dataclass(frozen=True)
+class EvalSubject:
+    """Who was evaluated, for the `evals` rows."""
+
+    study: str
+    trial_id: str
+    source: str  # trial | checkpoint | robustbench
+    checkpoint: str
+    method: str | None
+    model: str
+    dataset: str
+
+
+def write_evals(
+    root: str,
+    subject: EvalSubject,
+    results: Sequence[EvalResult],
+    cfg: TrialConfig,
+    *,
+    seed: int,
+    evaluated_by: str,
+    device: str,
+) -> None:
+    """One `evals` file per result, keyed by what defines it (same evaluation again: same file)."""
+    when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    prov = provenance(cfg.to_dict())
+    for r in results:
+        row: dict[str, Any] = {
+            "study": subject.study, "trial_id": subject.trial_id, "source": subject.source, "checkpoint": subject.checkpoint,
+            "method": subject.method, "model": subject.model, "dataset": subject.dataset, "attack": r.attack, "steps": r.steps,
+            "norm": cfg.attack.norm, "eps": cfg.attack.eps, "n": r.n, "correct": r.correct, "accuracy": r.accuracy,
+            "seed": seed, "evaluated_by": evaluated_by, "evaluated_at": when, "seconds": r.seconds, "device": device,
+            "git_sha": git_sha(),
+        }
+        defining = {k: row[k] for k in ("source", "checkpoint", "dataset", "attack", "steps", "norm", "eps", "n", "seed")}
+        defining["step"] = cfg.attack.step
+        key = hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:16]
+        write_eval_rows(root, trial_id=subject.trial_id, key=key, columns={k: [v] for k, v in row.items()}, provenance=prov)

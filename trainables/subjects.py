@@ -1,0 +1,264 @@
+"""Models to evaluate, probe and sample from: energyat's own trials, and any other model.
+
+`energyat eval`, `landscape` and `sample` work on a :class:`Subject`, from one of three sources:
+
+- ``trial``: a trial of a study (its spec and the best checkpoint in its latest Tune checkpoint)
+  or of an ``energyat train --out`` directory (:func:`trial_subject`);
+- ``checkpoint``: a researcher's own weights, a plain ``state_dict`` file for one of energyat's
+  architectures (:func:`checkpoint_subject`). The architectures keep the reference code's
+  parameter names (Rice et al.'s PreActResNet-18, kuangliu's ResNet-18, TRADES' WRN-34-10),
+  so their checkpoints load as they are; a DataParallel ``module.`` prefix is stripped;
+- ``robustbench``: a model of the RobustBench zoo through ``robustbench``'s own ``load_model``
+  (:func:`robustbench_subject`), which downloads weights unless they are already in its
+  ``model_dir``.
+
+Every model takes inputs in [0, 1]; a RobustBench model that normalises inside keeps doing so.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, Mapping
+
+import torch
+import yaml
+from torch import nn
+
+from analysis.errors import EnergyatError, StoreError, one_line
+from analysis.store import is_uri
+from trainables import checkpoint
+from trainables.config import MODEL_NAMES, TrialConfig, parse_trial, trial_spec
+from trainables.data import ImageData
+from trainables.models import build_model
+from trainables.zoo import import_robustbench
+
+Source = Literal["trial", "checkpoint", "robustbench"]
+# what RobustBench evaluates at, per threat model, when --eps is not given
+ROBUSTBENCH_EPS = {"linf": 8 / 255, "l2": 0.5}
+ROBUSTBENCH_DATASETS = ("cifar10", "cifar100")  # the zoo's datasets that energyat can load
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class Subject:
+    """A model under study, with the data and threat model to study it on."""
+
+    name: str  # the trial id, or the name of a model from outside: `trial_id` in the tables
+    source: Source
+    cfg: TrialConfig  # dataset, threat model (attack.*), eval steps, probe sizes, batch size
+    weights: str  # checkpoint path, or robustbench:<name>/<dataset>/<threat>
+    method: str | None  # the trial's AT method; None for a model from outside
+    architecture: str  # energyat's registry name, or the RobustBench model name
+    study: str
+    load: Callable[[ImageData], nn.Module]  # the model, fp32, eval mode, on the CPU
+
+    @property
+    def label(self) -> str:
+        """How figures and tables name it: the method for trials, the source otherwise."""
+        return self.method if self.method is not None else self.source
+
+
+def check_name(name: str, what: str = "--name") -> str:
+    """A name that becomes a folder of the tables (`trial=<name>`): letters, digits, `_.-`."""
+    if not _NAME.match(name):
+        raise EnergyatError(f"{what} {name!r}: use 1-128 letters, digits, `_`, `.` or `-` (it names a folder of the tables)")
+    return name
+
+
+# -- energyat's own trials ------------------------------------------------------------------------
+
+
+def best_trial(directory: str | Path) -> str:
+    """The id of the trial with the highest best validation robust accuracy (the `trials` table)."""
+    from analysis.query import open_tables
+
+    con = open_tables(directory)
+    try:
+        found = con.execute(
+            "select trial_id from trials where best_val_robust_acc = best_val_robust_acc "
+            "order by best_val_robust_acc desc, trial_id limit 1"
+        ).fetchall()
+    finally:
+        con.close()
+    if not found:
+        raise StoreError(f"{directory} has no trial with a validation robust accuracy yet; name one with --trial ID")
+    return str(found[0][0])
+
+
+def _spec_document(spec_file: Path) -> dict[str, Any]:
+    try:
+        document = yaml.safe_load(spec_file.read_text())
+    except yaml.YAMLError as exc:
+        raise StoreError(f"{spec_file} is not valid YAML ({one_line(exc)}); restore it from a copy") from exc
+    if not isinstance(document, dict):
+        raise StoreError(f"{spec_file} is not an energyat spec (not a mapping); restore it from a copy")
+    from analysis.query import check_schema_version
+
+    check_schema_version(document.get("schema_version"), where=str(spec_file.parent))
+    return document
+
+
+def trial_subject(directory: str | Path, trial_id: str) -> Subject:
+    """The spec and best checkpoint of `trial_id` in a local study or train-output directory
+    (``best``: the trial with the highest best validation robust accuracy)."""
+    if trial_id == "best":
+        trial_id = best_trial(directory)
+    if is_uri(directory):
+        raise EnergyatError(f"{directory}: checkpoints are read from a local directory; copy the study (spec.yaml, tune/<trial>) to disk first")
+    root = Path(directory).expanduser()
+    spec_file = root / "spec.yaml"
+    if not spec_file.is_file():
+        raise StoreError(f"{directory} holds no spec.yaml; give a study directory or an `energyat train --out` directory")
+    document = _spec_document(spec_file)
+    if "study_name" in document:  # a study: the trial's own parameters live in its Tune folder
+        folder = root / "tune" / trial_id
+        if not (folder / "params.json").is_file():
+            known = sorted(p.parent.name for p in (root / "tune").glob("*/params.json"))
+            raise StoreError(f"no trial `{trial_id}` in {directory}; known trial ids: {', '.join(known) or 'none yet'}")
+        raw = trial_spec(document["spec"], json.loads((folder / "params.json").read_text()))
+        candidates = sorted(folder.glob("checkpoint_*/best.pt"))  # Tune numbers them in order
+    else:  # an `energyat train` output: the resolved spec, checkpoints under checkpoints/<trial>
+        raw = {k: v for k, v in document.items() if k != "schema_version"}
+        candidates = [root / "checkpoints" / trial_id / "best.pt"]
+        if not candidates[0].parent.is_dir():
+            known = sorted(p.name for p in (root / "checkpoints").glob("*"))
+            raise StoreError(f"no trial `{trial_id}` in {directory}; known trial ids: {', '.join(known) or 'none'}")
+    found = [c for c in candidates if c.is_file()]
+    if not found:
+        raise StoreError(f"trial `{trial_id}` in {directory} has no best checkpoint yet (it is written at the first probed epoch)")
+    cfg, best = parse_trial(raw), found[-1]
+
+    def load(data: ImageData) -> nn.Module:
+        model = _build(cfg, data)
+        model.load_state_dict(checkpoint.load(best)["model"])
+        return model.eval()
+
+    return Subject(trial_id, "trial", cfg, str(best), cfg.method, cfg.model, cfg.name, load)
+
+
+def trial_ids(directory: str | Path) -> list[str]:
+    """The trials of a study or train-output directory that have a best checkpoint."""
+    root = Path(directory).expanduser()
+    found = {p.parent.parent.name for p in root.glob("tune/*/checkpoint_*/best.pt")}
+    found |= {p.parent.name for p in root.glob("checkpoints/*/best.pt")}
+    return sorted(found)
+
+
+def _build(cfg: TrialConfig, data: ImageData) -> nn.Module:
+    return build_model(cfg.model, in_channels=data.train_x.shape[1], num_classes=data.num_classes,
+                       image_size=data.train_x.shape[-1], width=cfg.width, init=cfg.model_init)
+
+
+# -- models from outside ---------------------------------------------------------------------------
+
+
+def outside_config(*, dataset: str, root: str, download: bool, norm: str, eps: float | None, n: int | None,
+                   eval_steps: int, batch_size: int, model: str = "small_cnn", width: int = 1) -> TrialConfig:
+    """The configuration a model from outside is studied with, validated like a spec.
+
+    `eps` None takes RobustBench's radius for the norm (8/255 L-inf, 0.5 L2). `n` test images
+    make the landscape's probe (None: 1,000). The PGD step is the derived `attack.step`,
+    2.5 * eps / 10: 2/255 at 8/255, the paper's evaluation step.
+    """
+    spec = {
+        "name": "outside",
+        "dataset": {"name": dataset, "root": root, "download": download},
+        "model": model,
+        "width": width,
+        "attack": {"norm": norm, "eps": ROBUSTBENCH_EPS[norm] if eps is None else eps},
+        "eval_attack": {"steps": eval_steps},
+        "probe": {"test_size": 1000 if n is None else n},
+        "batch_size": batch_size,
+    }
+    return parse_trial(spec)
+
+
+def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict in `path`: a plain ``state_dict``, or one under ``state_dict`` or ``model``
+    (RobustBench's and energyat's own files), with DataParallel's ``module.`` prefix stripped.
+    Loaded with ``weights_only=True``: a file holding code is refused before any of it runs."""
+    if not path.is_file():
+        raise EnergyatError(f"--checkpoint {path} is not a file")
+    try:
+        state: Any = checkpoint.load(path)
+    except (RuntimeError, EOFError, OSError) as exc:  # truncated, empty or not a torch file
+        raise StoreError(f"--checkpoint {path} is not a readable torch checkpoint ({one_line(exc)[:200]})") from exc
+    for key in ("state_dict", "model"):
+        if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
+            state = state[key]
+            break
+    if not isinstance(state, Mapping) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        keys = ", ".join(list(state)[:5]) if isinstance(state, Mapping) else type(state).__name__
+        raise StoreError(f"--checkpoint {path} holds no state dict of tensors (found: {keys}); save model.state_dict()")
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return dict(state)
+
+
+def _fit(model: nn.Module, state: Mapping[str, torch.Tensor], *, what: str, hint: str) -> nn.Module:
+    """Load `state` into `model`, every key accounted for; one line naming the keys otherwise."""
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes that do not fit
+        sizes = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line][:3]
+        raise EnergyatError(f"{what} does not fit {hint}: {'; '.join(sizes) or one_line(exc)[:300]}") from exc
+    if result.missing_keys or result.unexpected_keys:
+        def some(keys: list[str]) -> str:
+            return f"{len(keys)} ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})" if keys else "none"
+
+        raise EnergyatError(f"{what} does not fit {hint}: missing keys {some(result.missing_keys)}, unexpected keys {some(result.unexpected_keys)}")
+    return model.eval()
+
+
+def checkpoint_subject(path: str | Path, *, architecture: str, cfg: TrialConfig, name: str | None, study: str) -> Subject:
+    """A state-dict file for one of energyat's architectures (`architecture`, with `cfg.width`)."""
+    if architecture not in MODEL_NAMES:
+        raise EnergyatError(f"--model {architecture!r}: choose one of {', '.join(MODEL_NAMES)}")
+    file = Path(path).expanduser()
+    state = load_state_dict_file(file)  # now: a bad file is one line before any data is loaded
+    label = check_name(name if name is not None else file.stem, "--name" if name is not None else "the checkpoint's file stem (give --name)")
+
+    def load(data: ImageData) -> nn.Module:
+        model = _build(cfg, data)
+        return _fit(model, state, what=f"--checkpoint {file}",
+                    hint=f"--model {architecture} (width {cfg.width}) on {cfg.dataset.name}, {data.num_classes} classes")
+
+    return Subject(label, "checkpoint", cfg, str(file.resolve()), None, architecture, study, load)
+
+
+def robustbench_subject(model_name: str, *, cfg: TrialConfig, models_dir: str | Path, study: str) -> Subject:
+    """A RobustBench model, through ``robustbench.utils.load_model`` (it downloads the weights
+    into ``<models_dir>/<dataset>/<threat>/<name>.pt`` unless they are already there)."""
+    dataset, norm = cfg.dataset.name, cfg.attack.norm
+    if dataset not in ROBUSTBENCH_DATASETS:
+        raise EnergyatError(f"--dataset {dataset}: RobustBench models are loaded for {', '.join(ROBUSTBENCH_DATASETS)} here")
+    threat = {"linf": "Linf", "l2": "L2"}[norm]
+    rb = import_robustbench()
+    from robustbench.model_zoo import model_dicts
+    from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+
+    zoo = model_dicts[BenchmarkDataset(dataset)][ThreatModel(threat)]
+    if model_name not in zoo:
+        close = difflib.get_close_matches(model_name, list(zoo), n=3)
+        raise EnergyatError(
+            f"--robustbench {model_name!r} is not a {dataset} {threat} model of RobustBench"
+            + (f"; did you mean {', '.join(close)}?" if close else "; see the leaderboard at robustbench.github.io")
+        )
+    check_name(model_name, "--robustbench")
+    folder = Path(models_dir).expanduser()
+
+    def load(data: ImageData) -> nn.Module:
+        try:
+            model = rb.utils.load_model(model_name, model_dir=str(folder), dataset=dataset, threat_model=threat)
+        except (OSError, ValueError) as exc:  # requests' and gdown's errors are OSErrors; no network here
+            where = folder / dataset / threat / f"{model_name}.pt"
+            raise EnergyatError(
+                f"cannot load RobustBench model {model_name} ({one_line(exc)[:200]}); with no network, place its checkpoint at {where}"
+            ) from exc
+        return model.float().eval()
+
+    return Subject(model_name, "robustbench", cfg, f"robustbench:{model_name}/{dataset}/{threat}", None, model_name, study, load)
