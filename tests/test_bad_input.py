@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from analysis.schema import SCHEMA_VERSION
 from conftest import EXAMPLES, ROOT, TINY, energyat_cmd
 from study.cli import main
 
@@ -71,6 +73,27 @@ def _garble_study_spec(d: Path) -> None:
 
 def _drop_tune(d: Path) -> None:
     shutil.rmtree(d / "studies/s/tune")
+
+
+def _old_study_spec(d: Path) -> None:
+    """A study written by energyat 0.1 (schema 1: the best checkpoint chosen on a test subset)."""
+    spec = d / "studies/s/spec.yaml"
+    spec.write_text(spec.read_text().replace(f"schema_version: {SCHEMA_VERSION}", "schema_version: 1"))
+
+
+def _old_train_spec(d: Path) -> None:
+    spec = d / "train/spec.yaml"
+    spec.write_text(spec.read_text().replace(f"schema_version: {SCHEMA_VERSION}", "schema_version: 1"))
+
+
+def _old_table_file(d: Path) -> None:
+    target = next((d / "studies/s/tables/epochs").glob("*/epoch-0000.parquet"))
+    table = pq.read_table(target)
+    pq.write_table(table.replace_schema_metadata({**table.schema.metadata, b"schema_version": b"1"}), target)
+
+
+def _garbage_checkpoint(d: Path) -> None:
+    (d / "garbage.pt").write_bytes(b"\x80\x02 not a torch file")
 
 
 @dataclass(frozen=True)
@@ -142,6 +165,32 @@ CASES = [
     Case("sample an unknown trial", ["sample", STUDY, "--trial", "nope"], "no trial `nope`"),
     Case("sample from a garbled spec.yaml", ["sample", STUDY, "--trial", "best"], "spec.yaml is not valid YAML", prepare=_garble_study_spec),
     Case("landscape with an unknown attack", ["landscape", STUDY, "--attacks", "pgd,cw"], "choose from pgd"),
+    # -- evaluation (the validation split, the original AutoAttack, models from outside) ----------------
+    Case("objective on a test-set number", RUN, "test-set number", _study_spec(objective="final_pgd_acc")),
+    Case("no validation split", TRAIN, "`dataset.val_size`", _spec(**{"dataset.val_size": 0})),
+    Case("L2 step that cannot reach eps", TRAIN, "`attack.step`", _spec(**{"attack.norm": "l2", "attack.eps": 0.5, "attack.step": 0.01})),
+    Case("momentum cycling without onecycle", TRAIN, "`schedule.cycle_momentum`", _spec(**{"schedule.cycle_momentum": True})),
+    Case("unknown crafting mode", TRAIN, "`attack.bn`", _spec(**{"attack.bn": "frozen"})),
+    Case("eval with an unknown attack", ["eval", "{d}/train", "--trial", "train", "--attacks", "clean,cw"], "choose from clean"),
+    Case("eval of no images", ["eval", "{d}/train", "--trial", "train", "--n", "0"], "--n must be at least 1"),
+    Case("eval of a trial and a RobustBench model", ["eval", "{d}/train", "--trial", "train", "--robustbench", "Wong2020Fast"], "not --trial and --robustbench"),
+    Case("eval with too few PGD steps", ["eval", "{d}/train", "--trial", "train", "--pgd-steps", "1"], "cannot reach eps"),
+    Case("eval a checkpoint without --model", ["eval", "{d}/x", "--checkpoint", "{d}/train/checkpoints/train/best.pt"], "needs --model"),
+    Case("eval a missing checkpoint", ["eval", "{d}/x", "--checkpoint", "{d}/nope.pt", "--model", "small_cnn"], "is not a file"),
+    Case("eval a garbage checkpoint", ["eval", "{d}/x", "--checkpoint", "{d}/garbage.pt", "--model", "small_cnn"], "garbage.pt", prepare=_garbage_checkpoint),
+    Case("eval a checkpoint of another architecture", ["eval", "{d}/x", "--checkpoint", "{d}/train/checkpoints/train/best.pt", "--model", "cnn_fc",
+                                                        "--dataset", "digits"], "missing keys"),
+    Case("eval a checkpoint under an odd name", ["eval", "{d}/x", "--checkpoint", "{d}/train/checkpoints/train/best.pt", "--model", "small_cnn",
+                                                 "--dataset", "digits", "--name", "../up"], "--name '../up'"),
+    Case("eval a checkpoint into a URI", ["eval", "s3://bucket/out", "--checkpoint", "{d}/train/checkpoints/train/best.pt", "--model", "small_cnn"],
+         "local directory"),
+    Case("sample without a model", ["sample", "{d}/train"], "give --trial"),
+    Case("status of an older energyat's study", ["status", STUDY], "schema_version 1", prepare=_old_study_spec),
+    Case("resume an older energyat's study", ["resume", STUDY], "schema_version 1", prepare=_old_study_spec),
+    Case("query an older energyat's table", ["query", STUDY, "select count(*) from epochs"], "schema_version 1", prepare=_old_table_file),
+    Case("eval an older energyat's output", ["eval", "{d}/train", "--trial", "train"], "schema_version 1", prepare=_old_train_spec),
+    Case("train on into an older energyat's output", ["train", "{d}/spec.yaml", "--out", "{d}/train"], "schema_version 1", _spec(epochs=1),
+         prepare=_old_train_spec),
 ]
 
 

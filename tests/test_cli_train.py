@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from analysis.schema import EPOCHS, SAMPLES, TRIAL_OUTCOME
+from analysis.schema import EPOCHS, SAMPLES, SCHEMA_VERSION, TRIAL_OUTCOME
 from conftest import EXAMPLES, ROOT, energyat_cmd
 
 QUICK = [
@@ -72,7 +72,7 @@ def test_train_writes_samples_for_both_probes(sat_run: Path) -> None:
 def test_every_file_carries_schema_version_and_provenance(sat_run: Path) -> None:
     for path in (sat_run / "tables").rglob("*.parquet"):
         meta = pq.read_schema(path).metadata
-        assert meta[b"schema_version"] == b"1"
+        assert meta[b"schema_version"] == str(SCHEMA_VERSION).encode()
         prov = json.loads(meta[b"energyat.provenance"])
         assert prov["config"]["method"] == "sat" and "torch" in prov["versions"] and prov["git_sha"]
 

@@ -88,9 +88,10 @@ def _sample(folder: Path, init: str, capsys: pytest.CaptureFixture[str]) -> dict
 def test_sat_samples_are_recognised_by_an_independent_classifier_and_a_standard_models_are_not(trained: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     sat, standard = _sample(trained["sat"], "noise", capsys), _sample(trained["standard"], "noise", capsys)
     assert sat["judge_test_acc"] > 0.95  # the judge itself is a good classifier
-    # chance is 0.1; measured 0.87 (SAT) against 0.30 (standard), starts 0.075 for both
+    # chance is 0.1; measured over seeds 0, 1, 2 (README, "Sampling"): SAT 0.845, 0.895, 0.855;
+    # standard 0.635, 0.56, 0.17 (the standard model varies far more); starts 0.085 for both
     assert sat["scores"]["judge_acc"] > 0.7 and sat["start_scores"]["judge_acc"] < 0.2
-    assert standard["scores"]["judge_acc"] < sat["scores"]["judge_acc"] - 0.3
+    assert standard["scores"]["judge_acc"] < sat["scores"]["judge_acc"] - 0.15
     assert sat["scores"]["judge_fd"] < standard["scores"]["judge_fd"]
 
 
@@ -158,7 +159,7 @@ def test_landscape_writes_one_row_per_probe_sample_and_attack_with_provenance(tr
         assert sorted(set(table.column("attack").to_pylist())) == ["fgsm", "pgd", "targeted", "trades"]
         assert all(math.isfinite(v) for v in table.column("dE").to_pylist() + table.column("dEy").to_pylist())
         meta = table.schema.metadata
-        assert meta[b"schema_version"] and json.loads(meta[b"energyat.provenance"])["config"]["trials"] == ["train"]
+        assert meta[b"schema_version"] and json.loads(meta[b"energyat.provenance"])["config"]["models"] == ["train"]
         assert "targeted" in printed and (folder / "landscape" / "landscape.png").stat().st_size > 10_000
         rows = table.to_pylist()
         fooled[method] = np.mean([r["fooled"] for r in rows if r["attack"] == "pgd"])
@@ -199,3 +200,8 @@ def test_report_shows_the_sample_grids_and_the_landscape(trained: dict[str, Path
     assert "samples-train-noise.png" in page and "sat: samples of trial train, noise start, judge acc" in page
     assert 'src="landscape.png"' in page
     assert (folder / "report" / "samples-train-noise.png").is_file() and (folder / "report" / "landscape.png").is_file()
+
+
+def test_frechet_distance_of_a_single_sample_is_nan_not_a_crash() -> None:
+    # `energyat sample --n 1 --classes 0` gives one sample: no covariance, so no distance
+    assert math.isnan(frechet_distance(torch.rand(1, 4), torch.rand(5, 4)))

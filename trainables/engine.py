@@ -40,6 +40,7 @@ from torch import nn
 
 from analysis.errors import EnergyatError
 from analysis.phases import DETECTOR_COLUMNS, OnlineDetector, PhaseResult, detect, should_stop
+from analysis.query import check_schema_version
 from analysis.schema import SCHEMA_VERSION
 from analysis.store import is_uri, provenance, write_epoch_rows, write_trial_row
 from trainables import checkpoint
@@ -440,6 +441,8 @@ def _check_output(spec_path: Path, resolved: dict[str, Any]) -> None:
     document = _spec_document(resolved)
     if spec_path.exists():
         existing = yaml.safe_load(spec_path.read_text())
+        if isinstance(existing, dict):  # another energyat's output: say so, not "a different spec"
+            check_schema_version(existing.get("schema_version"), where=str(spec_path.parent))
         if existing != document:
             changed = sorted(
                 k for k in set(flatten(existing or {})) | set(flatten(document))

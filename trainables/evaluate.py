@@ -71,15 +71,22 @@ def autoattack_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, no
     with its default batch size (250): its second output are the predictions on the returned
     images, which are the adversarial ones where an attack succeeded.
     """
-    from pyautoattack import AutoAttack  # deferred: only test-set evaluation needs it
-
-    device = next(model.parameters()).device
-    # its progress goes to the logger `auto-attack` at DEBUG; its sanity checks (a randomised
-    # defense, probabilities instead of logits, Square beating the gradient attacks) at WARNING
-    adversary = AutoAttack(model, norm=AUTOATTACK_NORMS[norm], eps=eps, version="standard", seed=seed, device=device)
+    adversary = autoattack_adversary(model, norm=norm, eps=eps, seed=seed)
     with fp32(), eval_mode(model):
         _x_adv, y_adv = adversary.run_standard_evaluation(x, y)
     return (y_adv == y).cpu().numpy()
+
+
+def autoattack_adversary(model: nn.Module, *, norm: str, eps: float, seed: int) -> Any:
+    """The original AutoAttack, standard version, on the model's device.
+
+    Its progress goes to the logger `auto-attack` at DEBUG; its sanity checks (a randomised
+    defense, probabilities instead of logits, Square beating the gradient attacks) at WARNING.
+    """
+    from pyautoattack import AutoAttack  # deferred: only test-set evaluation needs it
+
+    device = next(model.parameters()).device
+    return AutoAttack(model, norm=AUTOATTACK_NORMS[norm], eps=eps, version="standard", seed=seed, device=device)
 
 
 def evaluate(

@@ -86,7 +86,10 @@ def _penultimate(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2), rows are samples (float64)."""
+    """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2), rows are samples (float64);
+    NaN when either side has fewer than 2 samples (no covariance to compare)."""
+    if len(a) < 2 or len(b) < 2:
+        return math.nan
     a, b = a.double(), b.double()
     mu_a, mu_b = a.mean(0), b.mean(0)
     s_a, s_b = torch.atleast_2d(torch.cov(a.T)), torch.atleast_2d(torch.cov(b.T))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,7 +167,8 @@ def outside_config(*, dataset: str, root: str, download: bool, norm: str, eps: f
     """
     spec = {
         "name": "outside",
-        "dataset": {"name": dataset, "root": root, "download": download},
+        # nothing is selected for a model from outside: hold out as little as the loader allows
+        "dataset": {"name": dataset, "root": root, "download": download, "val_size": 1},
         "model": model,
         "width": width,
         "attack": {"norm": norm, "eps": ROBUSTBENCH_EPS[norm] if eps is None else eps},
@@ -200,17 +202,22 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _fit(model: nn.Module, state: Mapping[str, torch.Tensor], *, what: str, hint: str) -> nn.Module:
-    """Load `state` into `model`, every key accounted for; one line naming the keys otherwise."""
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shapes that do not fit
-        sizes = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line][:3]
-        raise EnergyatError(f"{what} does not fit {hint}: {'; '.join(sizes) or one_line(exc)[:300]}") from exc
-    if result.missing_keys or result.unexpected_keys:
+    """Load `state` into `model`, every key accounted for and every shape right; otherwise one
+    line naming the missing and unexpected keys and the shapes that differ."""
+    expected = model.state_dict()
+    shapes = {k: (tuple(v.shape), tuple(expected[k].shape)) for k, v in state.items() if k in expected and v.shape != expected[k].shape}
+    # torch applies the model's own load hooks (WRN-34-10 drops TRADES' unused sub_block1)
+    result = model.load_state_dict({k: v for k, v in state.items() if k not in shapes}, strict=False)
+    missing = [k for k in result.missing_keys if k not in shapes]
+    if missing or result.unexpected_keys or shapes:
         def some(keys: list[str]) -> str:
             return f"{len(keys)} ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})" if keys else "none"
 
-        raise EnergyatError(f"{what} does not fit {hint}: missing keys {some(result.missing_keys)}, unexpected keys {some(result.unexpected_keys)}")
+        sizes = "; ".join(f"{k} is {a} in the file, {b} in the model" for k, (a, b) in list(shapes.items())[:2])
+        raise EnergyatError(
+            f"{what} does not fit {hint}: missing keys {some(missing)}, unexpected keys {some(list(result.unexpected_keys))}"
+            + (f", {len(shapes)} shape(s) differ ({sizes})" if shapes else "")
+        )
     return model.eval()
 
 
@@ -252,13 +259,17 @@ def robustbench_subject(model_name: str, *, cfg: TrialConfig, models_dir: str | 
     folder = Path(models_dir).expanduser()
 
     def load(data: ImageData) -> nn.Module:
+        where = folder / dataset / threat / f"{model_name}.pt"
+        present = where.is_file()
         try:
             model = rb.utils.load_model(model_name, model_dir=str(folder), dataset=dataset, threat_model=threat)
-        except (OSError, ValueError) as exc:  # requests' and gdown's errors are OSErrors; no network here
-            where = folder / dataset / threat / f"{model_name}.pt"
-            raise EnergyatError(
-                f"cannot load RobustBench model {model_name} ({one_line(exc)[:200]}); with no network, place its checkpoint at {where}"
-            ) from exc
+        except (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError) as exc:
+            # absent: the download failed (requests' and gdown's errors are OSErrors); present: the
+            # file is not the checkpoint load_model expects for this model (damaged, or another one's)
+            problem = f"{type(exc).__name__}: {one_line(exc)[:200]}"
+            if present:
+                raise EnergyatError(f"{where} is not a checkpoint RobustBench's load_model can read for {model_name} ({problem}); delete it to download it again") from exc
+            raise EnergyatError(f"cannot download RobustBench model {model_name} ({problem}); with no network, place its checkpoint at {where}") from exc
         return model.float().eval()
 
     return Subject(model_name, "robustbench", cfg, f"robustbench:{model_name}/{dataset}/{threat}", None, model_name, study, load)
