@@ -114,9 +114,9 @@ TRIAL_OUTCOME = pa.schema(
 EVALS = pa.schema(
     [
         _f("study", pa.string(), "study name of the trial; for a model from outside, the output directory's name"),
-        _f("trial_id", pa.string(), "trial id, or the name of a model from outside (--name, default the file stem or RobustBench name)"),
+        _f("trial_id", pa.string(), "trial id, or the name of a model from outside (`--name`, default the file stem or RobustBench name)"),
         _f("source", pa.string(), "trial (an energyat checkpoint), checkpoint (a state-dict file) or robustbench"),
-        _f("checkpoint", pa.string(), "the weights evaluated: a file path, or robustbench:<name>/<dataset>/<threat>"),
+        _f("checkpoint", pa.string(), "the weights evaluated: a file path, `best.pt (epoch N)` for a final evaluation, or robustbench:NAME/DATASET/THREAT"),
         _f("method", pa.string(), "the trial's AT method; null for a model from outside"),
         _f("model", pa.string(), "architecture (energyat's registry name, or the RobustBench model name)"),
         _f("dataset", pa.string(), "dataset whose test split was evaluated"),
@@ -130,7 +130,7 @@ EVALS = pa.schema(
         _f("seed", pa.int64(), "seed of the attack's random starts (AutoAttack's `seed`)"),
         _f("evaluated_by", pa.string(), "final_eval (the trial's own, at the end of training) or `energyat eval`"),
         _f("evaluated_at", pa.string(), "UTC time the evaluation finished, ISO 8601"),
-        _f("seconds", pa.float64(), "wall seconds of this attack's evaluation"),
+        _f("seconds", pa.float64(), "wall seconds of the pass that evaluated it (clean and pgd share one pass)"),
         _f("device", pa.string(), "device the evaluation ran on"),
         _f("git_sha", pa.string(), "energyat source revision"),
     ]

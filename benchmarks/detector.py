@@ -5,14 +5,19 @@
 Prints a markdown table, one row per trial (runs made with stopping off, so every epoch is there):
 
 - true onset: analysis.phases.ground_truth_onset (best smoothed test robust accuracy, else
-  minimum smoothed test robust loss, when the run ends clearly worse), with the signal used;
+  minimum smoothed test robust loss, when the run ends clearly worse), with the signal used:
+  the test curve explains, it never selects;
 - online alarm and offline onset: the detector replayed on the stored training-side columns,
-  and the best test robust accuracy up to the alarm (what stopping right there would keep);
-- the stop rule (analysis.phases.should_stop, default patience): the epoch it would stop at,
-  the best test robust accuracy kept (the best checkpoint up to the stop) against the run's
-  best, and the epochs it saves;
-- for comparison, plain patience without the alarm (Rice et al.'s early stopping on test
-  robust accuracy): where it would stop and what it would keep.
+  and the robust accuracy kept by stopping right at the alarm;
+- the stop rule (analysis.phases.should_stop, default patience, on validation robust accuracy
+  as the trial applies it): the epoch it would stop at, the robust accuracy it keeps against
+  the whole run's, and the epochs it saves;
+- for comparison, plain patience without the alarm (Rice et al.'s early stopping on
+  validation robust accuracy): where it would stop and what it would keep.
+
+"Kept" is the *test* robust accuracy of the checkpoint the trial keeps: the epoch of best
+validation robust accuracy up to the stop (the test curve is per-epoch, on `probe.test_size`
+images; the final evaluation of that checkpoint is in `trials`).
 
 Then one summary line: median |alarm - true onset| over the runs that overfit, alarms on runs
 that do not, and the worst robust accuracy lost by the stop rule.
@@ -34,11 +39,12 @@ HEADER = (
 
 
 def stop_epoch(rows: list[dict[str, Any]], alarm_epoch: int | None, patience: int) -> int | None:
-    """The first epoch at which the stop rule fires (alarm_epoch None: patience alone)."""
+    """The first epoch at which the stop rule fires (alarm_epoch None: patience alone), with the
+    best epoch on validation robust accuracy, as the trial keeps it."""
     best, best_epoch = -1.0, None
     for r in rows:
-        if r["probed"] and r["test_robust_acc"] > best:
-            best, best_epoch = r["test_robust_acc"], r["epoch"]
+        if r["probed"] and r["val_robust_acc"] > best:
+            best, best_epoch = r["val_robust_acc"], r["epoch"]
         alarm = True if alarm_epoch is None else r["epoch"] >= alarm_epoch
         if should_stop(alarm=alarm, epoch=r["epoch"], best_epoch=best_epoch, patience=patience):
             return int(r["epoch"])
@@ -46,8 +52,10 @@ def stop_epoch(rows: list[dict[str, Any]], alarm_epoch: int | None, patience: in
 
 
 def kept(rows: list[dict[str, Any]], stop: int | None) -> float:
-    """Best test robust accuracy up to `stop`: what the best checkpoint of a stopped run holds."""
-    return max(r["test_robust_acc"] for r in rows if r["probed"] and (stop is None or r["epoch"] <= stop))
+    """Test robust accuracy of the checkpoint a run stopped at `stop` keeps: its epoch of best
+    validation robust accuracy (the first, on ties) up to `stop`."""
+    seen = [r for r in rows if r["probed"] and (stop is None or r["epoch"] <= stop)]
+    return max(seen, key=lambda r: (r["val_robust_acc"], -r["epoch"]))["test_robust_acc"]
 
 
 def judge(directory: str, patience: int) -> list[dict[str, Any]]:

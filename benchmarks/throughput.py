@@ -50,7 +50,8 @@ import reference_at  # noqa: E402  (a sibling file, not part of the package)
 from analysis.store import versions  # noqa: E402
 from trainables.config import AttackConfig, DatasetConfig, ProbeConfig, TrialConfig  # noqa: E402
 from trainables.data import ImageData, load_dataset  # noqa: E402
-from trainables.engine import _probe, _probe_set, _train_epoch, device_label, probe_attacks, select_device  # noqa: E402
+from trainables.engine import _train_epoch, device_label, select_device  # noqa: E402
+from trainables.probe import probe, probe_attacks, probe_set  # noqa: E402
 from trainables.methods import MethodParams  # noqa: E402
 from trainables.models import build_model  # noqa: E402
 
@@ -66,11 +67,12 @@ class Case:
     eps: float
     step: float
     full_train_size: int  # the training-set size an epoch's probe share is computed over
+    val_size: int  # the validation split evaluated every probed epoch
 
 
 CASES = {
-    "digits": Case("digits", "small_cnn", eps=0.15, step=0.0375, full_train_size=1400),
-    "cifar": Case("cifar", "preact_resnet18", eps=8 / 255, step=2 / 255, full_train_size=50_000),
+    "digits": Case("digits", "small_cnn", eps=0.15, step=0.0375, full_train_size=1200, val_size=200),
+    "cifar": Case("cifar", "preact_resnet18", eps=8 / 255, step=2 / 255, full_train_size=49_000, val_size=1000),
 }
 
 
@@ -99,17 +101,22 @@ def _timed(fn: Callable[[], int], device: torch.device) -> float:
 
 
 def probe_seconds_per_image(model: torch.nn.Module, cfg: TrialConfig, data: ImageData, device: torch.device) -> tuple[float, float]:
-    """Seconds per probed image, (training split, test split), each timed on one batch."""
-    params = MethodParams.from_config(cfg)
+    """Seconds per probed image, (training probe, evaluation PGD of the validation and test sets),
+    each timed on one batch, as the engine probes: fp32, eval mode (trainables.probe)."""
     n = min(cfg.batch_size, len(data.test_y))
-    train_probe = _probe_set("train", data.train_x, data.train_y, n, 1, data.num_classes)
-    test_probe = _probe_set("test", data.test_x, data.test_y, n, 2, data.num_classes)
+    train_probe = probe_set("train", data.train_x, data.train_y, n, 1, data.num_classes)
+    test_probe = probe_set("test", data.test_x, data.test_y, n, 2, data.num_classes)
+    train_attack, eval_attack, targeted = probe_attacks(cfg, MethodParams.from_config(cfg))
+    runs = [
+        lambda: probe(model, train_probe.x, train_probe.y, attack=train_attack, targeted=targeted, targets=train_probe.targets, batch_size=cfg.batch_size, seed=0),
+        lambda: probe(model, test_probe.x, test_probe.y, attack=eval_attack, batch_size=cfg.batch_size, seed=0),
+    ]
     out = []
-    for probe, attack, targeted in zip((train_probe, test_probe), probe_attacks(cfg, params), (True, False)):
-        _probe(model, probe, attack, params, cfg.batch_size, device, targeted=targeted, precision=cfg.precision)  # warm-up
+    for run in runs:
+        run()  # warm-up
         _sync(device)
         t0 = time.perf_counter()
-        _probe(model, probe, attack, params, cfg.batch_size, device, targeted=targeted, precision=cfg.precision)
+        run()
         _sync(device)
         out.append((time.perf_counter() - t0) / n)
     return out[0], out[1]
@@ -165,8 +172,8 @@ def bench(case: Case, method: str, args: argparse.Namespace, device: torch.devic
             ref_ips.append(r)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
-    train_s, test_s = probe_seconds_per_image(ours_model, cfg, sub, device)
-    probe_s = train_s * cfg.probe.train_size + test_s * cfg.probe.test_size
+    train_s, eval_s = probe_seconds_per_image(ours_model, cfg, sub, device)
+    probe_s = train_s * cfg.probe.train_size + eval_s * (case.val_size + cfg.probe.test_size)
     ours_med, ref_med = statistics.median(ours_ips), statistics.median(ref_ips)
     epoch_s = case.full_train_size / ours_med
     row: dict[str, Any] = {

@@ -203,6 +203,8 @@ def _subjects(args: argparse.Namespace, *, n: int | None, eval_steps: int) -> tu
         raise EnergyatError(f"give one of --trial, --checkpoint, --robustbench, not {' and '.join(kinds)}")
     if args.checkpoint is not None and args.model is None:
         raise EnergyatError("--checkpoint needs --model ARCH (the architecture the state dict is for)")
+    if (not kinds or kinds == ["--trial"]) and (args.name is not None or args.normalize != "none"):
+        raise EnergyatError("--name and --normalize apply to --checkpoint; a trial keeps its id and takes [0, 1] pixels")
     if not kinds or kinds == ["--trial"]:  # energyat's own trials, in DIR
         if args.directory is None:
             raise EnergyatError("give a study or `energyat train --out` directory (with --trial), or --checkpoint / --robustbench")
@@ -219,9 +221,10 @@ def _subjects(args: argparse.Namespace, *, n: int | None, eval_steps: int) -> tu
     common = dict(dataset=args.dataset, root=args.data_root, download=args.download, norm=norm, eps=eps, n=n, eval_steps=eval_steps, batch_size=128)
     if args.checkpoint is not None:
         cfg = outside_config(**common, model=args.model, width=args.width)  # type: ignore[arg-type]
-        return out, [checkpoint_subject(args.checkpoint, architecture=args.model, cfg=cfg, name=args.name, study=study)]
-    if args.name is not None:
-        raise EnergyatError("--name applies to --checkpoint; a RobustBench model keeps its own name")
+        normalize = None if args.normalize == "none" else args.normalize
+        return out, [checkpoint_subject(args.checkpoint, architecture=args.model, cfg=cfg, name=args.name, study=study, normalize=normalize)]
+    if args.name is not None or args.normalize != "none":
+        raise EnergyatError("--name and --normalize apply to --checkpoint; a RobustBench model keeps its own name and normalisation")
     cfg = outside_config(**common)  # type: ignore[arg-type]
     names = [n.strip() for n in args.robustbench.split(",") if n.strip()]
     return out, [robustbench_subject(name, cfg=cfg, models_dir=args.models_dir, study=study) for name in names]
@@ -358,6 +361,8 @@ def _subject_flags(p: argparse.ArgumentParser, *, what: str) -> None:
     g.add_argument("--model", type=str, choices=MODEL_NAMES, default=None, help="the architecture of --checkpoint (reference parameter names: see docs/evaluation.md)")
     g.add_argument("--width", type=int, default=1, help="channel multiplier of small_cnn and cnn_fc (with --checkpoint)")
     g.add_argument("--name", type=str, default=None, help="how --checkpoint is named in the tables (default: its file stem)")
+    g.add_argument("--normalize", type=str, choices=("none", "cifar10"), default="none",
+                   help="the input normalisation --checkpoint's training code applied: cifar10 = Rice et al.'s and Wong et al.'s mean and std (default none: [0, 1] pixels)")
     g.add_argument("--robustbench", type=str, default=None, metavar="NAME[,NAME...]", help="RobustBench model(s), through robustbench's load_model")
     g.add_argument("--models-dir", type=str, default="./models", help="robustbench's model_dir: weights are read from (or downloaded to) DIR/<dataset>/<threat>/<name>.pt (default ./models)")
     g.add_argument("--dataset", type=str, default="cifar10", help="dataset of a model from outside (default cifar10)")

@@ -185,6 +185,7 @@ CASES = [
     Case("eval a checkpoint into a URI", ["eval", "s3://bucket/out", "--checkpoint", "{d}/train/checkpoints/train/best.pt", "--model", "small_cnn"],
          "local directory"),
     Case("sample without a model", ["sample", "{d}/train"], "give --trial"),
+    Case("normalising a trial's inputs", ["eval", "{d}/train", "--trial", "train", "--normalize", "cifar10"], "apply to --checkpoint"),
     Case("status of an older energyat's study", ["status", STUDY], "schema_version 1", prepare=_old_study_spec),
     Case("resume an older energyat's study", ["resume", STUDY], "schema_version 1", prepare=_old_study_spec),
     Case("query an older energyat's table", ["query", STUDY, "select count(*) from epochs"], "schema_version 1", prepare=_old_table_file),

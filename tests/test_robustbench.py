@@ -121,3 +121,28 @@ def test_weights_that_cannot_be_downloaded_are_one_line_saying_where_to_put_them
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
     assert "place its checkpoint at" in lines[0] and "cifar10/Linf/Rice2020Overfitting.pt" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_rice_et_al_checkpoint_runs_with_its_normalisation_in_front(zoo: dict[str, Path], tmp_path: Path) -> None:
+    # Rice et al.'s PreAct ResNet-18 expects inputs normalised by CIFAR-10's mean and std: their
+    # state dict loads into preact_resnet18 as it is, and --normalize cifar10 gives RobustBench's
+    # own wrapper of that model (Rice2020OverfittingNetL2) logit for logit
+    from robustbench.model_zoo.cifar10 import Rice2020OverfittingNetL2
+
+    from trainables.data import load_dataset
+    from trainables.subjects import checkpoint_subject, outside_config
+
+    torch.manual_seed(5)
+    reference = Rice2020OverfittingNetL2().eval()
+    theirs = {k: v for k, v in reference.state_dict().items() if k not in ("mu", "sigma")}  # what their training code saves
+    file = tmp_path / "rice.pt"
+    torch.save(theirs, file)
+    cfg = outside_config(dataset="cifar10", root=str(zoo["data"]), download=False, norm="linf", eps=None, n=4, eval_steps=20,
+                         batch_size=128, model="preact_resnet18")
+    subject = checkpoint_subject(file, architecture="preact_resnet18", cfg=cfg, name=None, study="x", normalize="cifar10")
+    data = load_dataset(cfg.dataset)
+    x = data.test_x[:4].float() / 255
+    with torch.no_grad():
+        assert torch.allclose(subject.load(data)(x), reference(x), rtol=1e-5, atol=1e-6)
+        plain = checkpoint_subject(file, architecture="preact_resnet18", cfg=cfg, name=None, study="x").load(data)
+        assert not torch.allclose(plain(x), reference(x), rtol=1e-3)  # without it: another function

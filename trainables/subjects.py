@@ -221,18 +221,50 @@ def _fit(model: nn.Module, state: Mapping[str, torch.Tensor], *, what: str, hint
     return model.eval()
 
 
-def checkpoint_subject(path: str | Path, *, architecture: str, cfg: TrialConfig, name: str | None, study: str) -> Subject:
-    """A state-dict file for one of energyat's architectures (`architecture`, with `cfg.width`)."""
+# Per-channel mean and std some reference code normalises inputs with before its model: Rice et
+# al.'s robust_overfitting and Wong et al.'s fast_adversarial (both `cifar10_mean`, `cifar10_std`
+# in their utils.py, the statistics of CIFAR-10's training images). Their checkpoints expect
+# normalised inputs; energyat's architectures take [0, 1] pixels, so `--normalize cifar10` puts the
+# normalisation in front of the model (RobustBench's Rice2020Overfitting and Wong2020Fast do the same).
+NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
+}
+
+
+class Normalized(nn.Module):
+    """`model` fed (x - mean) / std: inputs stay in [0, 1] for every attack, as for the rest."""
+
+    def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean) / self.std)
+
+
+def checkpoint_subject(path: str | Path, *, architecture: str, cfg: TrialConfig, name: str | None, study: str,
+                       normalize: str | None = None) -> Subject:
+    """A state-dict file for one of energyat's architectures (`architecture`, with `cfg.width`);
+    `normalize` names the input normalisation its training code applied (NORMALIZATIONS)."""
     if architecture not in MODEL_NAMES:
         raise EnergyatError(f"--model {architecture!r}: choose one of {', '.join(MODEL_NAMES)}")
+    if normalize is not None and normalize not in NORMALIZATIONS:
+        raise EnergyatError(f"--normalize {normalize!r}: choose one of none, {', '.join(NORMALIZATIONS)}")
     file = Path(path).expanduser()
     state = load_state_dict_file(file)  # now: a bad file is one line before any data is loaded
     label = check_name(name if name is not None else file.stem, "--name" if name is not None else "the checkpoint's file stem (give --name)")
 
     def load(data: ImageData) -> nn.Module:
-        model = _build(cfg, data)
-        return _fit(model, state, what=f"--checkpoint {file}",
-                    hint=f"--model {architecture} (width {cfg.width}) on {cfg.dataset.name}, {data.num_classes} classes")
+        model = _fit(_build(cfg, data), state, what=f"--checkpoint {file}",
+                     hint=f"--model {architecture} (width {cfg.width}) on {cfg.dataset.name}, {data.num_classes} classes")
+        if normalize is None:
+            return model
+        mean, std = NORMALIZATIONS[normalize]
+        if data.train_x.shape[1] != len(mean):
+            raise EnergyatError(f"--normalize {normalize} has {len(mean)} channels; {cfg.dataset.name} images have {data.train_x.shape[1]}")
+        return Normalized(model, mean, std).eval()
 
     return Subject(label, "checkpoint", cfg, str(file.resolve()), None, architecture, study, load)
 
