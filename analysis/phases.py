@@ -212,13 +212,14 @@ STOP_PATIENCE = 10
 def should_stop(*, alarm: bool, epoch: int, best_epoch: int | None, patience: int = STOP_PATIENCE) -> bool:
     """The early-stopping rule shared by ``energyat train --stop-on-alarm`` and the study's stopper.
 
-    Stop once the online detector's alarm is raised (phase 3: the energies diverge) and test
-    robust accuracy has not improved for ``patience`` epochs (``best_epoch``: the epoch of the
-    best so far, None if none yet). The alarm alone is not enough: on the real runs, |dE| kept
-    diverging for 15-100 epochs while test robust accuracy still rose (digits SAT). Patience alone is not
-    enough either: before the learning-rate drop accuracy plateaus for many epochs and then
-    jumps. The detector stays training-side only; this rule is where the test metric enters,
-    as in Rice et al.'s early stopping.
+    Stop once the online detector's alarm is raised (phase 3: the energies diverge) and
+    validation robust accuracy has not improved for ``patience`` epochs (``best_epoch``: the
+    epoch of the best so far, None if none yet). The alarm alone is not enough: on the real
+    runs, |dE| kept diverging for 15-100 epochs while robust accuracy still rose (digits SAT).
+    Patience alone is not enough either: before the learning-rate drop accuracy plateaus for
+    many epochs and then jumps. The detector stays training-side only; this rule is where a
+    held-out robust accuracy enters, as in Rice et al.'s early stopping: the validation split's,
+    never the test set's.
     """
     if patience < 0:
         raise ValueError(f"`patience` must be >= 0, got {patience}")
@@ -337,7 +338,7 @@ def ground_truth_onset(
     (relative, 10%) above it. None when neither degrades: the run did not robust-overfit.
     Judging by the end of the run, not by its worst dip, keeps epoch-to-epoch noise at a high
     learning rate from counting as overfitting. Rice et al.'s PreActResNet-18 run
-    (tests/data/reference, from ../shared/reference) gives epoch 106 on both signals with the defaults.
+    (tests/data/reference) gives epoch 106 on both signals with the defaults.
     """
     epoch = _column(epochs, "epoch").astype(int)
     order = np.argsort(epoch, kind="stable")

@@ -249,7 +249,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from trainables.data import load_dataset
     from trainables.engine import device_label
-    from trainables.evaluate import EvalSubject, evaluate, parse_attacks, write_evals
+    from trainables.evaluate import evaluate, parse_attacks, write_evals
 
     attacks = parse_attacks(args.attacks)
     if args.n is not None and args.n < 1:
@@ -265,11 +265,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         _check_pgd_steps(steps, cfg)
         seed = cfg.seed if args.seed is None else args.seed
         data = load_dataset(cfg.dataset).to(device)
-        model = subject.load(data).to(device)
+        model = subject.model(data, device)
         results = evaluate(model, data, cfg, attacks=attacks, n=args.n, autoattack_n=args.n, pgd_steps=steps, seed=seed)
-        who = EvalSubject(study=subject.study, trial_id=subject.name, source=subject.source, checkpoint=subject.weights,
-                          method=subject.method, model=subject.architecture, dataset=cfg.dataset.name)
-        write_evals(out, who, results, cfg, seed=seed, evaluated_by="energyat eval", device=device_label(device))
+        write_evals(out, subject, results, seed=seed, evaluated_by="energyat eval", device=device_label(device))
         printed += [{"trial_id": subject.name, "attack": r.attack, "steps": r.steps, "eps": cfg.attack.eps, "n": r.n,
                      "accuracy": r.accuracy, "seconds": round(r.seconds, 1)} for r in results]
     _print_table(pa.Table.from_pylist(printed))

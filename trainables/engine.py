@@ -46,11 +46,12 @@ from analysis.store import is_uri, provenance, write_epoch_rows, write_trial_row
 from trainables import checkpoint
 from trainables.config import TrialConfig, flatten
 from trainables.data import ImageData, augment, load_dataset, to_float
-from trainables.evaluate import EvalSubject, evaluate, write_evals
+from trainables.evaluate import evaluate, write_evals
 from trainables.methods import METHODS, MethodParams
 from trainables.models import build_model
 from trainables.probe import PROBE_KEYS, ProbeSet, eval_seed, probe, probe_attacks, probe_columns, probe_set, sample_columns, whole_split
 from trainables.schedules import lr_at, momentum_at
+from trainables.subjects import Subject
 
 # Called with each epoch's row and the checkpoint directory once both are written; returns a
 # stop reason (e.g. "scheduler") to end the trial, or None to go on. The trial's last epoch is
@@ -209,9 +210,8 @@ def final_evaluation(model: nn.Module, data: ImageData, cfg: TrialConfig, *, out
     fe = cfg.final_eval
     results = evaluate(model, data, cfg, attacks=("clean", "pgd", "autoattack"), n=fe.n, autoattack_n=fe.autoattack_n,
                        pgd_steps=fe.pgd_steps, seed=cfg.seed)
-    subject = EvalSubject(study=cfg.name, trial_id=trial_id, source="trial", checkpoint=weights, method=cfg.method,
-                          model=cfg.model, dataset=cfg.dataset.name)
-    write_evals(out, subject, results, cfg, seed=cfg.seed, evaluated_by="final_eval", device=device_label(device))
+    subject = Subject(trial_id, "trial", cfg, weights, cfg.method, cfg.model, cfg.name, load=lambda _data: model)
+    write_evals(out, subject, results, seed=cfg.seed, evaluated_by="final_eval", device=device_label(device))
     found = {r.attack: r.accuracy for r in results}
     return {f"final_{name}_acc": found.get(name, math.nan) for name in ("clean", "pgd", "autoattack")}
 

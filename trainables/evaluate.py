@@ -32,6 +32,7 @@ from trainables.attacks import eval_mode, pgd
 from trainables.config import TrialConfig
 from trainables.data import ImageData, to_float
 from trainables.probe import eval_seed, fp32, probe
+from trainables.subjects import Subject
 
 EVAL_ATTACKS = ("clean", "pgd", "autoattack")
 AUTOATTACK_NORMS = {"linf": "Linf", "l2": "L2"}
@@ -136,36 +137,15 @@ def _identity(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tenso
     return x
 
 
-@dataclass(frozen=True)
-class EvalSubject:
-    """Who was evaluated, for the `evals` rows."""
-
-    study: str
-    trial_id: str
-    source: str  # trial | checkpoint | robustbench
-    checkpoint: str
-    method: str | None
-    model: str
-    dataset: str
-
-
-def write_evals(
-    root: str,
-    subject: EvalSubject,
-    results: Sequence[EvalResult],
-    cfg: TrialConfig,
-    *,
-    seed: int,
-    evaluated_by: str,
-    device: str,
-) -> None:
+def write_evals(root: str, subject: Subject, results: Sequence[EvalResult], *, seed: int, evaluated_by: str, device: str) -> None:
     """One `evals` file per result, keyed by what defines it (same evaluation again: same file)."""
     when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    cfg = subject.cfg
     prov = provenance(cfg.to_dict())
     for r in results:
         row: dict[str, Any] = {
-            "study": subject.study, "trial_id": subject.trial_id, "source": subject.source, "checkpoint": subject.checkpoint,
-            "method": subject.method, "model": subject.model, "dataset": subject.dataset, "attack": r.attack, "steps": r.steps,
+            "study": subject.study, "trial_id": subject.name, "source": subject.source, "checkpoint": subject.weights,
+            "method": subject.method, "model": subject.architecture, "dataset": cfg.dataset.name, "attack": r.attack, "steps": r.steps,
             "norm": cfg.attack.norm, "eps": cfg.attack.eps, "n": r.n, "correct": r.correct, "accuracy": r.accuracy,
             "seed": seed, "evaluated_by": evaluated_by, "evaluated_at": when, "seconds": r.seconds, "device": device,
             "git_sha": git_sha(),
@@ -173,4 +153,4 @@ def write_evals(
         defining = {k: row[k] for k in ("source", "checkpoint", "dataset", "attack", "steps", "norm", "eps", "n", "seed")}
         defining["step"] = cfg.attack.step
         key = hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:16]
-        write_eval_rows(root, trial_id=subject.trial_id, key=key, columns={k: [v] for k, v in row.items()}, provenance=prov)
+        write_eval_rows(root, trial_id=subject.name, key=key, columns={k: [v] for k, v in row.items()}, provenance=prov)

@@ -50,7 +50,7 @@ def generate(
     bad = [c for c in wanted if not 0 <= c < data.num_classes]
     if bad:
         raise EnergyatError(f"--classes {bad} are not classes of {subject.cfg.dataset.name} (0..{data.num_classes - 1})")
-    model = subject.load(data)
+    model = subject.model(data, torch.device("cpu"))
     gen = torch.Generator().manual_seed(seed)
     train_x = data.train_x.float() / 255
     x0, y = class_starts(train_x, data.train_y, classes=wanted, n=n, init=init, cfg=sgld_cfg, generator=gen)

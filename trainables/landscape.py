@@ -61,7 +61,7 @@ def subject_landscape(subject: Subject, *, attacks: Sequence[str], seed: int = 0
     """
     cfg = subject.cfg
     data = load_dataset(cfg.dataset)
-    model = subject.load(data).to(device)
+    model = subject.model(data, device)
     test = probe_set("test", data.test_x, data.test_y, cfg.probe.test_size, cfg.dataset.seed + 2, data.num_classes)
     # the same attacks whatever the subject's method: in eval mode, each from its reference start
     params = dataclasses.replace(MethodParams.from_config(cfg), bn="eval")

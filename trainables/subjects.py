@@ -57,6 +57,12 @@ class Subject:
     study: str
     load: Callable[[ImageData], nn.Module]  # the model, fp32, eval mode, on the CPU
 
+    def model(self, data: ImageData, device: torch.device) -> nn.Module:
+        """The model on `device` in the engine's layout (channels_last), eval mode: the same
+        weights then give the same arithmetic, so `energyat eval` reproduces a trial's final
+        evaluation exactly."""
+        return self.load(data).to(device, memory_format=torch.channels_last).eval()
+
     @property
     def label(self) -> str:
         """How figures and tables name it: the method for trials, the source otherwise."""
