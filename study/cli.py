@@ -201,11 +201,14 @@ def _subjects(args: argparse.Namespace, *, n: int | None, eval_steps: int) -> tu
     kinds = [k for k, v in (("--trial", args.trial), ("--checkpoint", args.checkpoint), ("--robustbench", args.robustbench)) if v]
     if len(kinds) > 1:
         raise EnergyatError(f"give one of --trial, --checkpoint, --robustbench, not {' and '.join(kinds)}")
+    kind = kinds[0] if kinds else "--trial"
+    given = {flag for flag, value in _OUTSIDE_FLAGS.items() if getattr(args, value) not in (None, False)}
+    misplaced = sorted(given - _APPLIES[kind])
+    if misplaced:
+        raise EnergyatError(f"{', '.join(misplaced)} {'does' if len(misplaced) == 1 else 'do'} not apply to {kind}: {_WHY[kind]}")
     if args.checkpoint is not None and args.model is None:
         raise EnergyatError("--checkpoint needs --model ARCH (the architecture the state dict is for)")
-    if (not kinds or kinds == ["--trial"]) and (args.name is not None or args.normalize != "none"):
-        raise EnergyatError("--name and --normalize apply to --checkpoint; a trial keeps its id and takes [0, 1] pixels")
-    if not kinds or kinds == ["--trial"]:  # energyat's own trials, in DIR
+    if kind == "--trial":  # energyat's own trials, in DIR: their own dataset, model and threat model
         if args.directory is None:
             raise EnergyatError("give a study or `energyat train --out` directory (with --trial), or --checkpoint / --robustbench")
         found = args.trial or (trial_ids(args.directory) if args.command == "landscape" else [])
@@ -216,22 +219,42 @@ def _subjects(args: argparse.Namespace, *, n: int | None, eval_steps: int) -> tu
     if is_uri(out):
         raise EnergyatError(f"{out}: results of models from outside are written to a local directory")
     eps = None if args.eps is None else parse_number("--eps", args.eps)
-    norm = {"Linf": "linf", "L2": "l2"}[args.threat]
+    norm = {"Linf": "linf", "L2": "l2"}[args.threat or "Linf"]
     study = Path(out).expanduser().resolve().name
-    common = dict(dataset=args.dataset, root=args.data_root, download=args.download, norm=norm, eps=eps, n=n, eval_steps=eval_steps, batch_size=128)
+    common = dict(dataset=args.dataset or "cifar10", root=args.data_root or "~/data", download=args.download, norm=norm, eps=eps, n=n,
+                  eval_steps=eval_steps, batch_size=128)
     if args.checkpoint is not None:
-        cfg = outside_config(**common, model=args.model, width=args.width)  # type: ignore[arg-type]
-        normalize = None if args.normalize == "none" else args.normalize
-        return out, [checkpoint_subject(args.checkpoint, architecture=args.model, cfg=cfg, name=args.name, study=study, normalize=normalize)]
-    if args.name is not None or args.normalize != "none":
-        raise EnergyatError("--name and --normalize apply to --checkpoint; a RobustBench model keeps its own name and normalisation")
+        cfg = outside_config(**common, model=args.model, width=args.width or 1)  # type: ignore[arg-type]
+        return out, [checkpoint_subject(args.checkpoint, architecture=args.model, cfg=cfg, name=args.name, study=study, normalize=args.normalize)]
     cfg = outside_config(**common)  # type: ignore[arg-type]
     names = [n.strip() for n in args.robustbench.split(",") if n.strip()]
-    return out, [robustbench_subject(name, cfg=cfg, models_dir=args.models_dir, study=study) for name in names]
+    return out, [robustbench_subject(name, cfg=cfg, models_dir=args.models_dir or "./models", study=study) for name in names]
+
+
+# The flags that describe a model from outside (flag -> argparse dest), and which source each
+# applies to: a trial brings its own dataset, architecture, threat model and name, so they would
+# do nothing there, and a flag that does nothing is refused rather than ignored.
+_OUTSIDE_FLAGS = {
+    "--model": "model", "--width": "width", "--name": "name", "--normalize": "normalize", "--models-dir": "models_dir",
+    "--dataset": "dataset", "--data-root": "data_root", "--download": "download", "--threat": "threat", "--eps": "eps",
+}
+_COMMON = {"--dataset", "--data-root", "--download", "--threat", "--eps"}
+_APPLIES = {
+    "--trial": set(),
+    "--checkpoint": _COMMON | {"--model", "--width", "--name", "--normalize"},
+    "--robustbench": _COMMON | {"--models-dir"},
+}
+_WHY = {
+    "--trial": "a trial brings its own dataset, architecture, threat model and name (its spec)",
+    "--checkpoint": "--models-dir is where RobustBench weights live",
+    "--robustbench": "a RobustBench model brings its own architecture, name and input normalisation",
+}
 
 
 def _check_pgd_steps(steps: int, cfg: Any) -> None:
-    if steps < 1 or steps * cfg.attack.step < cfg.attack.eps * (1 - 1e-9):
+    from trainables.config import can_reach
+
+    if steps < 1 or not can_reach(steps=steps, step=cfg.attack.step, eps=cfg.attack.eps):
         raise EnergyatError(
             f"--pgd-steps {steps}: {steps} steps of {cfg.attack.step:.6g} cannot reach eps {cfg.attack.eps:.6g}; "
             f"give at least {math.ceil(cfg.attack.eps / cfg.attack.step - 1e-9)}"
@@ -284,6 +307,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         result = generate(
             subject, out=out, classes=_classes(args.classes), n=args.n, init=args.init,
             sgld_cfg=SgldConfig(steps=args.steps, eta=args.eta, momentum=args.momentum), seed=args.seed, inception_weights=args.inception_weights,
+            device=_device(args.device),
         )
         scores, start = result["scores"], result["start_scores"]
         print(
@@ -357,16 +381,17 @@ def _subject_flags(p: argparse.ArgumentParser, *, what: str) -> None:
     g.add_argument("--trial", type=str, action="append", default=[], metavar="ID", help="a trial id of DIR, or `best` (the highest best validation robust accuracy); repeatable")
     g.add_argument("--checkpoint", type=Path, default=None, metavar="FILE", help="a plain state_dict (`module.` prefix stripped) for --model")
     g.add_argument("--model", type=str, choices=MODEL_NAMES, default=None, help="the architecture of --checkpoint (reference parameter names: see docs/evaluation.md)")
-    g.add_argument("--width", type=int, default=1, help="channel multiplier of small_cnn and cnn_fc (with --checkpoint)")
+    # defaults None: given or not is what `_subjects` checks (each flag applies to some sources only)
+    g.add_argument("--width", type=int, default=None, help="channel multiplier of small_cnn and cnn_fc (with --checkpoint; default 1)")
     g.add_argument("--name", type=str, default=None, help="how --checkpoint is named in the tables (default: its file stem)")
-    g.add_argument("--normalize", type=str, choices=("none", "cifar10"), default="none",
-                   help="the input normalisation --checkpoint's training code applied: cifar10 = Rice et al.'s and Wong et al.'s mean and std (default none: [0, 1] pixels)")
+    g.add_argument("--normalize", type=str, choices=("cifar10",), default=None,
+                   help="the input normalisation --checkpoint's training code applied: cifar10 = Rice et al.'s and Wong et al.'s mean and std (default: none, [0, 1] pixels)")
     g.add_argument("--robustbench", type=str, default=None, metavar="NAME[,NAME...]", help="RobustBench model(s), through robustbench's load_model")
-    g.add_argument("--models-dir", type=str, default="./models", help="robustbench's model_dir: weights are read from (or downloaded to) DIR/<dataset>/<threat>/<name>.pt (default ./models)")
-    g.add_argument("--dataset", type=str, default="cifar10", help="dataset of a model from outside (default cifar10)")
-    g.add_argument("--data-root", type=str, default="~/data", help="where that dataset's files live (default ~/data)")
+    g.add_argument("--models-dir", type=str, default=None, help="robustbench's model_dir: weights are read from (or downloaded to) DIR/<dataset>/<threat>/<name>.pt (default ./models)")
+    g.add_argument("--dataset", type=str, default=None, help="dataset of a model from outside (default cifar10)")
+    g.add_argument("--data-root", type=str, default=None, help="where that dataset's files live (default ~/data)")
     g.add_argument("--download", action="store_true", help="let torchvision download the dataset if missing")
-    g.add_argument("--threat", type=str, choices=("Linf", "L2"), default="Linf", help="threat model of a model from outside (default Linf)")
+    g.add_argument("--threat", type=str, choices=("Linf", "L2"), default=None, help="threat model of a model from outside (default Linf)")
     g.add_argument("--eps", type=str, default=None, help="its radius, e.g. 8/255 (default: RobustBench's, 8/255 for Linf and 0.5 for L2)")
     p.add_argument("--device", type=str, choices=("auto", "cpu", "cuda"), default="auto", help="where to run (default: a GPU if one is visible)")
 

@@ -382,15 +382,20 @@ def _check_ranges(cfg: TrialConfig) -> None:
             raise SpecError(f"schedule.milestones[{i}]", f"must be positive; got {m!r}")
 
 
+def can_reach(*, steps: int, step: float, eps: float) -> bool:
+    """Whether `steps` PGD steps of `step` can walk from x to the edge of a ball of radius `eps`."""
+    return steps * step >= eps * (1 - 1e-9)
+
+
 def _check_reach(cfg: TrialConfig) -> None:
-    """PGD must be able to walk from x to the edge of its ball: steps * step >= eps, for the
+    """PGD must be able to walk from x to the edge of its ball (:func:`can_reach`), for the
     training attack and the evaluation attack (which takes `attack.step`). Without this an L2 run
     that kept the L-inf step (2/255 against eps 0.5) would train and evaluate with an attack that
     never leaves the middle of its ball."""
     a = cfg.attack
     assert a.step is not None  # resolved by AttackConfig
     for key, steps in (("attack.steps", a.steps), ("eval_attack.steps", cfg.eval_attack.steps)):
-        if steps * a.step < a.eps * (1 - 1e-9):
+        if not can_reach(steps=steps, step=a.step, eps=a.eps):
             raise SpecError(
                 "attack.step",
                 f"{a.step:.6g} x {key} {steps} = {steps * a.step:.6g} cannot reach eps {a.eps:.6g} ({a.norm}); "

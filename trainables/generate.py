@@ -35,8 +35,10 @@ def generate(
     sgld_cfg: SgldConfig = SgldConfig(),
     seed: int = 0,
     inception_weights: Path | None = None,
+    device: torch.device = torch.device("cpu"),
 ) -> dict[str, Any]:
-    """Generate `n` images per class from `subject`'s model and judge them; files go to ``out/samples``.
+    """Generate `n` images per class from `subject`'s model on `device` and judge them (on the
+    CPU); files go to ``out/samples``.
 
     Returns ``{"png", "npz", "scores", "start_scores", "judge_test_acc", ...}``: ``scores`` for the
     samples, ``start_scores`` for the chains' starting images (what SGLD added is the difference).
@@ -50,11 +52,11 @@ def generate(
     bad = [c for c in wanted if not 0 <= c < data.num_classes]
     if bad:
         raise EnergyatError(f"--classes {bad} are not classes of {subject.cfg.dataset.name} (0..{data.num_classes - 1})")
-    model = subject.model(data, torch.device("cpu"))
-    gen = torch.Generator().manual_seed(seed)
+    model = subject.model(data, device)
+    gen = torch.Generator().manual_seed(seed)  # on the CPU: the same samples on any device, up to arithmetic
     train_x = data.train_x.float() / 255
     x0, y = class_starts(train_x, data.train_y, classes=wanted, n=n, init=init, cfg=sgld_cfg, generator=gen)
-    samples = sgld(model, x0, y, cfg=sgld_cfg, generator=gen)
+    samples = sgld(model, x0.to(device), y.to(device), cfg=sgld_cfg, generator=gen).cpu()
 
     folder = Path(out).expanduser() / "samples"
     judge, judge_acc = load_or_train_judge(data, folder / "judge.pt")
