@@ -44,7 +44,7 @@ def check_schema_version(found: object, *, where: str) -> None:
     """Refuse, in one line that says what to do, a directory another schema version wrote."""
     if found is None or str(found) == str(SCHEMA_VERSION):
         return
-    why = _OLD_VERSIONS.get(int(found), "") if str(found).isdigit() else ""
+    why = _OLD_VERSIONS.get(int(str(found)), "") if str(found).isdigit() else ""
     raise StoreError(
         f"{where} was written with energyat table schema_version {found}; this energyat reads {SCHEMA_VERSION}"
         + (f" ({why})" if why else "")

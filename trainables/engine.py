@@ -49,7 +49,17 @@ from trainables.data import ImageData, augment, load_dataset, to_float
 from trainables.evaluate import evaluate, write_evals
 from trainables.methods import METHODS, MethodParams
 from trainables.models import build_model
-from trainables.probe import PROBE_KEYS, ProbeSet, eval_seed, probe, probe_attacks, probe_columns, probe_set, sample_columns, whole_split
+from trainables.probe import (
+    PROBE_KEYS,
+    ProbeSet,
+    eval_seed,
+    probe,
+    probe_attacks,
+    probe_columns,
+    probe_set,
+    sample_columns,
+    whole_split,
+)
 from trainables.schedules import lr_at, momentum_at
 from trainables.subjects import Subject
 

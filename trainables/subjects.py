@@ -247,7 +247,8 @@ class Normalized(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model((x - self.mean) / self.std)
+        mean, std = self.get_buffer("mean"), self.get_buffer("std")
+        return self.model((x - mean) / std)
 
 
 def checkpoint_subject(path: str | Path, *, architecture: str, cfg: TrialConfig, name: str | None, study: str,
