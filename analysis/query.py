@@ -23,8 +23,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from analysis.errors import QueryError, StoreError, one_line
-from analysis.schema import SCHEMA_VERSION, TABLES
-from analysis.store import is_uri, open_storage
+from analysis.schema import TABLES
+from analysis.store import check_schema_version, is_uri, open_storage
 
 _GLOBS = {
     "epochs": "tables/epochs/trial=*/epoch-*.parquet",
@@ -32,24 +32,7 @@ _GLOBS = {
     "trials": "tables/trials/trial=*.parquet",
     "evals": "tables/evals/trial=*/eval-*.parquet",
 }
-# What a directory written by an older energyat holds, and what to do with it.
-_OLD_VERSIONS = {
-    1: "schema_version 1 chose the best checkpoint on a test subset (best_test_robust_acc); "
-       "schema_version 2 selects on a validation split, so the two cannot be mixed",
-}
 _READERS = 8  # parallel GETs from an object store; each file is small
-
-
-def check_schema_version(found: object, *, where: str) -> None:
-    """Refuse, in one line that says what to do, a directory another schema version wrote."""
-    if found is None or str(found) == str(SCHEMA_VERSION):
-        return
-    why = _OLD_VERSIONS.get(int(str(found)), "") if str(found).isdigit() else ""
-    raise StoreError(
-        f"{where} was written with energyat table schema_version {found}; this energyat reads {SCHEMA_VERSION}"
-        + (f" ({why})" if why else "")
-        + ": run the spec again into a new directory (its spec.yaml holds it), or read this one with the energyat that wrote it"
-    )
 
 
 def _file_version(metadata: dict[bytes, bytes] | None) -> str | None:

@@ -86,6 +86,25 @@ def open_storage(root: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:
     return fs, path
 
 
+# What a directory written by an older energyat holds, and what to do with it.
+_OLD_VERSIONS = {
+    1: "schema_version 1 chose the best checkpoint on a test subset (best_test_robust_acc); "
+       "schema_version 2 selects on a validation split, so the two cannot be mixed",
+}
+
+
+def check_schema_version(found: object, *, where: str) -> None:
+    """Refuse, in one line that says what to do, a directory another schema version wrote."""
+    if found is None or str(found) == str(SCHEMA_VERSION):
+        return
+    why = _OLD_VERSIONS.get(int(str(found)), "") if str(found).isdigit() else ""
+    raise StoreError(
+        f"{where} was written with energyat table schema_version {found}; this energyat reads {SCHEMA_VERSION}"
+        + (f" ({why})" if why else "")
+        + ": run the spec again into a new directory (its spec.yaml holds it), or read this one with the energyat that wrote it"
+    )
+
+
 def epoch_file(root: str, table: str, trial_id: str, epoch: int) -> str:
     return f"{root}/tables/{table}/trial={trial_id}/epoch-{epoch:04d}.parquet"
 
@@ -154,6 +173,20 @@ def _table(table: str, columns: Mapping[str, Sequence[Any] | Any], provenance: M
         raise ValueError(f"columns not in the {table} schema: {sorted(extra)}")
     arrays = [pa.array(columns[name], type=schema.field(name).type) for name in schema.names]
     return _with_metadata(pa.Table.from_arrays(arrays, schema=schema), provenance)
+
+
+def read_trial_rows(root: str, *, table: str, trial_id: str, columns: Sequence[str]) -> dict[str, list[Any]]:
+    """One trial's rows of `epochs` or `samples` (`columns` only), sorted by epoch, read with
+    pyarrow from a local path or a URI: the writer's own reader, which needs no DuckDB."""
+    fs, path = filesystem(root)
+    folder = f"{path}/tables/{table}/trial={trial_id}"
+    found = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+    names = sorted(f.path for f in found if f.type == pafs.FileType.File and f.base_name.startswith("epoch-") and f.path.endswith(".parquet"))
+    tables = [pq.read_table(name, filesystem=fs, columns=list(columns)) for name in names]
+    if not tables:
+        return {c: [] for c in columns}
+    rows = pa.concat_tables(tables).sort_by("epoch") if "epoch" in columns else pa.concat_tables(tables)
+    return rows.to_pydict()
 
 
 def write_trial_row(

@@ -37,9 +37,8 @@ from ray.tune.search.optuna import OptunaSearch
 
 from analysis.errors import EnergyatError, SpecError, StoreError, one_line
 from analysis.phases import DETECTOR_COLUMNS, OnlineDetector, should_stop
-from analysis.query import check_schema_version
 from analysis.schema import SCHEMA_VERSION
-from analysis.store import filesystem, is_uri, join, open_storage
+from analysis.store import check_schema_version, filesystem, is_uri, join, open_storage
 from study.importances import JOURNAL, check_journal, journal_storage
 from study.space import SearchSpace, parse_search
 from study.spec import StudyKeys

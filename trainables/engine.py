@@ -40,9 +40,8 @@ from torch import nn
 
 from analysis.errors import EnergyatError
 from analysis.phases import DETECTOR_COLUMNS, OnlineDetector, PhaseResult, detect, should_stop
-from analysis.query import check_schema_version
 from analysis.schema import SCHEMA_VERSION
-from analysis.store import is_uri, provenance, write_epoch_rows, write_trial_row
+from analysis.store import check_schema_version, is_uri, provenance, read_trial_rows, write_epoch_rows, write_trial_row
 from trainables import checkpoint
 from trainables.config import TrialConfig, flatten
 from trainables.data import ImageData, augment, load_dataset, to_float
@@ -416,17 +415,9 @@ def run_trial(
 
 
 def _offline_phases(out: str | Path, trial_id: str) -> PhaseResult:
-    """Offline phases over every epoch row the trial has written (also those of earlier runs)."""
-    from analysis.query import open_tables
-
-    con = open_tables(out, trial=trial_id)  # only this trial's files: on an object store, far fewer GETs
-    try:
-        table = con.sql(
-            f"select {', '.join(DETECTOR_COLUMNS)} from epochs where trial_id = $id order by epoch", params={"id": trial_id}
-        ).to_arrow_table()
-    finally:
-        con.close()
-    return detect(table)
+    """Offline phases over every epoch row the trial has written (also those of earlier runs),
+    read with pyarrow (no DuckDB: the engine runs where only torch, numpy and pyarrow are)."""
+    return detect(read_trial_rows(str(out), table="epochs", trial_id=trial_id, columns=DETECTOR_COLUMNS))
 
 
 def _checkpoint_state(model: nn.Module, opt: torch.optim.Optimizer, detector: OnlineDetector, progress: _Progress, device: torch.device) -> dict[str, Any]:

@@ -30,7 +30,7 @@ import yaml
 from torch import nn
 
 from analysis.errors import EnergyatError, StoreError, one_line
-from analysis.store import is_uri
+from analysis.store import check_schema_version, is_uri
 from trainables import checkpoint
 from trainables.config import MODEL_NAMES, TrialConfig, parse_trial, trial_spec
 from trainables.data import ImageData
@@ -103,8 +103,6 @@ def _spec_document(spec_file: Path) -> dict[str, Any]:
         raise StoreError(f"{spec_file} is not valid YAML ({one_line(exc)}); restore it from a copy") from exc
     if not isinstance(document, dict):
         raise StoreError(f"{spec_file} is not an energyat spec (not a mapping); restore it from a copy")
-    from analysis.query import check_schema_version
-
     check_schema_version(document.get("schema_version"), where=str(spec_file.parent))
     return document
 
