@@ -8,6 +8,7 @@ keys, YAML-typed values), validates the trial keys through
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -56,7 +57,39 @@ def _check_study_keys(raw: Mapping[str, Any]) -> StudyKeys:
         if key in values and values[key] < 1:
             raise SpecError(key, f"must be at least 1; got {values[key]!r}")
     _check_early_stop(values.get("early_stop", {}))
+    if "resources" in values:
+        values["resources"] = _check_resources(values["resources"], device=raw.get("device", "auto"))
+    elif raw.get("device") == "cuda":
+        _check_resources({}, device="cuda")
     return StudyKeys(**values)
+
+
+# What one trial asks Ray for. A trial trains one model on one device, so at most one GPU; a
+# fraction packs 1/gpu trials on a GPU and must divide it, or the last share sits idle.
+RESOURCE_KEYS = ("cpu", "gpu")
+
+
+def _check_resources(resources: Mapping[str, Any], *, device: object) -> dict[str, float]:
+    unknown = sorted(set(resources) - set(RESOURCE_KEYS))
+    if unknown:
+        raise SpecError(f"resources.{unknown[0]}", f"unknown key; a trial asks for {' and '.join(RESOURCE_KEYS)} (e.g. {{cpu: 2, gpu: 0.25}})")
+    out: dict[str, float] = {}
+    for key, default in (("cpu", 1.0), ("gpu", 0.0)):
+        value = resources.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise SpecError(f"resources.{key}", f"expected a number, got {value!r}")
+        out[key] = float(value)
+    if out["cpu"] <= 0:
+        raise SpecError("resources.cpu", f"must be positive (torch needs a thread); got {out['cpu']!r}")
+    gpu = out["gpu"]
+    if not 0 <= gpu <= 1:
+        raise SpecError("resources.gpu", f"must be in [0, 1]: one trial trains on one GPU at most, a fraction packs several on one; got {gpu!r}")
+    if 0 < gpu < 1 and abs(1 / gpu - round(1 / gpu)) > 1e-6:
+        fits = int(1 / gpu)
+        raise SpecError("resources.gpu", f"{gpu!r} of a GPU packs {fits} trials and leaves {1 - fits * gpu:.2g} idle; use 1/k, e.g. {1 / fits:.4g}")
+    if device == "cuda" and gpu == 0:
+        raise SpecError("resources.gpu", "is 0 with `device: cuda`: Ray gives such a trial no GPU; set resources.gpu (e.g. 1 or 0.25) or `device: auto`")
+    return out
 
 
 def _check_early_stop(early_stop: Mapping[str, Any]) -> None:

@@ -132,6 +132,10 @@ CASES = [
     Case("unknown objective", RUN, "objective", _study_spec(objective="accuracy")),
     Case("zero samples", RUN, "`samples`", _study_spec(samples=0)),
     Case("early_stop not a bool", RUN, "early_stop.energy_divergence", _study_spec(early_stop={"energy_divergence": "maybe"})),
+    Case("misspelt resource", RUN, "resources.gpus", _study_spec(resources={"cpu": 1, "gpus": 1})),
+    Case("two GPUs for one trial", RUN, "resources.gpu", _study_spec(resources={"cpu": 1, "gpu": 2})),
+    Case("a GPU share that does not divide", RUN, "use 1/k", _study_spec(resources={"cpu": 1, "gpu": 0.3})),
+    Case("device cuda without a GPU", RUN, "`device: cuda`", _study_spec(device="cuda")),
     # -- flags ------------------------------------------------------------------------------------
     Case("unknown flag", [*TRAIN, "--fast"], "unrecognized arguments: --fast", _spec()),
     Case("--stop-patience alone", [*TRAIN, "--stop-patience", "3"], "--stop-on-alarm", _spec()),

@@ -251,6 +251,7 @@ def run_trial(
     on_epoch: EpochCallback | None = None,
     stop_patience: int | None = None,
     spec_file: Path | None = None,
+    device: torch.device | None = None,
 ) -> dict[str, Any]:
     """Train one trial, writing its tables under `out` and checkpoints every epoch.
 
@@ -273,6 +274,8 @@ def run_trial(
         spec_file: where the resolved spec is written (``energyat train``: ``out/spec.yaml``); an
             existing file must hold the same spec, so a different trial never continues this one.
             Studies pass None: their trials differ by design and `trials` carries each config.
+        device: where to train; None resolves `cfg.device` (:func:`select_device`). Under Ray the
+            adapter passes the device Ray assigned (its GPU, or the CPU when it assigned none).
 
     Returns:
         The trial's `trials` row (outcome columns) as a dict.
@@ -292,7 +295,7 @@ def run_trial(
     study = cfg.name
 
     started = time.perf_counter()
-    device = select_device(cfg.device)
+    device = select_device(cfg.device) if device is None else device
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)

@@ -9,6 +9,7 @@ module of trainables/ that imports ray.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,7 +17,9 @@ from typing import Any, Mapping
 
 import ray
 import ray.tune as tune
+import torch
 
+from analysis.errors import EnergyatError
 from trainables.config import parse_trial, trial_spec
 from trainables.engine import run_trial
 
@@ -31,6 +34,28 @@ def _finite_metrics(row: Mapping[str, Any], objectives: list[str]) -> dict[str, 
         if not isinstance(value, (int, float)) or not math.isfinite(value):
             metrics[name] = OBJECTIVE_FALLBACK
     return metrics
+
+
+def ray_device(requested: str) -> torch.device:
+    """The device Ray assigned to this trial: its GPU when it reserved one (`resources.gpu` > 0),
+    the CPU when it reserved none, whatever torch can see.
+
+    Ray 2.60 no longer hides the GPUs from an actor that asked for none, so `device: auto` read
+    as "any visible GPU" would put every zero-GPU trial of a GPU node on cuda:0, which Ray does
+    not count. For a trial with a GPU, Ray sets CUDA_VISIBLE_DEVICES to the one it assigned, so
+    torch numbers it 0; where that variable is not set (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES),
+    the assigned id is the physical index.
+    """
+    gpu_ids = [str(g) for g in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]
+    if not gpu_ids:
+        if requested == "cuda":  # the study spec refuses this pairing; a direct caller may not
+            raise EnergyatError("`device: cuda` but Ray assigned this trial no GPU; set resources.gpu")
+        return torch.device("cpu")
+    if requested == "cpu":
+        return torch.device("cpu")
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    index = visible.index(gpu_ids[0]) if gpu_ids[0] in visible else (0 if visible else int(gpu_ids[0]))
+    return torch.device("cuda", index)
 
 
 def energyat_trial(
@@ -56,6 +81,7 @@ def energyat_trial(
         return None
 
     try:
-        run_trial(cfg, out=study_dir, trial_id=trial_id, checkpoint_dir=work, on_epoch=report, stop_patience=stop_patience)
+        run_trial(cfg, out=study_dir, trial_id=trial_id, checkpoint_dir=work, on_epoch=report, stop_patience=stop_patience,
+                  device=ray_device(cfg.device))
     finally:
         shutil.rmtree(work, ignore_errors=True)
