@@ -27,7 +27,8 @@ from trainables.engine import epoch_probes, probe_epoch, run_trial
 from trainables.evaluate import evaluate
 from trainables.methods import MethodParams
 from trainables.models import build_model
-from trainables.probe import fp32, probe, probe_columns
+from trainables.precision import fp32
+from trainables.probe import probe, probe_columns
 
 AA_IMAGES = 32  # AutoAttack in tests: a few dozen digits (about 15 s on 2 CPU cores)
 

@@ -29,7 +29,8 @@ from trainables.config import AttackConfig, DatasetConfig, TrialConfig  # noqa: 
 from trainables.data import load_dataset  # noqa: E402
 from trainables.energy import marginal_energy  # noqa: E402
 from trainables.data import to_float  # noqa: E402
-from trainables.engine import _train_epoch, autocast  # noqa: E402
+from trainables.engine import _train_epoch  # noqa: E402
+from trainables.precision import autocast  # noqa: E402
 from trainables.methods import METHODS, MethodParams  # noqa: E402
 from trainables.models import build_model  # noqa: E402
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainables.energy import kl_per_sample
+from trainables.precision import fp32
 
 Norm = Literal["linf", "l2"]
 Start = Literal["uniform", "gaussian"]
@@ -51,6 +52,27 @@ def bn_mode(model: nn.Module, mode: BnMode) -> Iterator[None]:
 def eval_mode(model: nn.Module) -> ContextManager[None]:
     """Batch norm in eval mode inside (probes, evaluation, sampling)."""
     return bn_mode(model, "eval")
+
+
+@contextmanager
+def input_gradients_only(model: nn.Module) -> Iterator[None]:
+    """The model's parameters do not require gradients inside; they do again on exit.
+
+    Eager autograd already prunes weight gradients from ``autograd.grad(loss, x)``, but a model
+    under ``torch.compile`` runs a backward graph that AOTAutograd traced for every input that
+    requires a gradient, weights included: each attack step would compute and throw away a
+    conv backward per layer. With the parameters frozen the traced backward computes the
+    input's gradient alone (tests/test_compile.py reads the backward graph), and eager autograd
+    keeps fewer activations alive.
+    """
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
 
 
 def _l2(t: torch.Tensor) -> torch.Tensor:
@@ -91,7 +113,7 @@ def _ascend(
     bn: BnMode,
 ) -> torch.Tensor:
     """`steps` of projected steepest ascent on objective(model(x_adv)), input gradients only."""
-    with bn_mode(model, bn):
+    with bn_mode(model, bn), input_gradients_only(model):
         for _ in range(steps):
             x_adv = x_adv.detach().requires_grad_(True)
             (grad,) = torch.autograd.grad(objective(model(x_adv)), x_adv)
@@ -183,7 +205,7 @@ def trades_kl(
     x = x.detach()
     x_adv = _random_start(x, eps, norm, start)
     if steps and torch.is_autocast_enabled(x.device.type):
-        with torch.autocast(x.device.type, enabled=False):
+        with fp32():  # autocast off, and TF32 off on CUDA: a TF32 step would round the same way
             x_adv = _kl_ascent(model, x, x_adv, eps=eps, step_size=step_size, steps=1, norm=norm, bn=bn)
         steps -= 1
     return _kl_ascent(model, x, x_adv, eps=eps, step_size=step_size, steps=steps, norm=norm, bn=bn)

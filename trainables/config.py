@@ -204,6 +204,13 @@ class TrialConfig:
     device: DeviceName = "auto"
     threads: int | None = None  # torch CPU threads; None = torch's default
     compile: bool = False  # torch.compile the model: 77 s to compile small_cnn on the CPU, no gain there (BENCHMARKS.md)
+    # torch.compile's mode (inductor): `reduce-overhead` captures the hot loop in CUDA graphs, which
+    # pays on a GPU when kernel launches, not arithmetic, bound a batch (small models and batches);
+    # `max-autotune` also searches kernel configurations (long compiles). docs/gpu.md says when.
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    # `aot_eager`: AOTAutograd's graphs run without code generation. It compiles in seconds, so it
+    # shows graph breaks, recompiles and the traced backward quickly (tests/test_compile.py); no speed
+    compile_backend: Literal["inductor", "aot_eager"] = "inductor"
     # autocast dtype: auto = bf16 on CUDA, fp32 on the CPU; bf16 on a CPU with AMX (Intel Sapphire
     # Rapids and later) is about 2x faster there (BENCHMARKS.md), within the tolerances of
     # tests/test_fast_path.py, but not bit-comparable with fp32 runs, so it is asked for by name
@@ -356,6 +363,10 @@ def _check_ranges(cfg: TrialConfig) -> None:
         ("schedule.max_momentum", 0 <= cfg.schedule.max_momentum < 1, "must be in [0, 1)"),
         ("schedule.cycle_momentum", not cfg.schedule.cycle_momentum or cfg.schedule.name == "onecycle",
          f"cycles momentum with the onecycle schedule only (schedule.name is {cfg.schedule.name}); set it false"),
+        ("compile_backend", cfg.compile or cfg.compile_backend == "inductor", "applies with `compile: true` only"),
+        ("compile_mode", cfg.compile or cfg.compile_mode == "default", "applies with `compile: true` only"),
+        ("compile_mode", cfg.compile_backend == "inductor" or cfg.compile_mode == "default",
+         f"is inductor's; the {cfg.compile_backend} backend has no modes"),
     ]
     if cfg.final_eval.autoattack_n is not None:
         checks.append(("final_eval.autoattack_n", cfg.final_eval.autoattack_n >= 0, "must be non-negative (0 skips AutoAttack, null takes the whole test set)"))

@@ -28,10 +28,10 @@ from __future__ import annotations
 import copy
 import math
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -48,6 +48,7 @@ from trainables.data import ImageData, augment, load_dataset, to_float
 from trainables.evaluate import evaluate, write_evals
 from trainables.methods import METHODS, MethodParams
 from trainables.models import build_model
+from trainables.precision import autocast
 from trainables.probe import (
     PROBE_KEYS,
     ProbeSet,
@@ -81,18 +82,6 @@ def device_label(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda:{torch.cuda.current_device()} ({torch.cuda.get_device_name()})"
     return "cpu"
-
-
-def autocast(device: torch.device, precision: str) -> ContextManager[Any]:
-    """bf16 autocast for *training* on CUDA (`precision` auto or bf16) and on the CPU when asked
-    (bf16). Evaluation never runs under it (:func:`trainables.probe.fp32`).
-
-    bf16 keeps fp32's exponent range, so energies (logsumexp of logits) do not overflow; the
-    engine turns logits to fp32 before any energy or loss reduction it reports.
-    """
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
 
 
 @dataclass
@@ -242,6 +231,35 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+# Distinct graphs a compiled model needs in a trial, at most (measured with the aot_eager backend
+# on digits, tests/test_compile.py): the attack (input gradient, parameters frozen), the training
+# forward, the clean logits without gradients, times train and eval mode, autocast on and off
+# (TRADES' fp32 step), and once more when the last batch is smaller: 12 for TRADES and WEAT under
+# bf16, 6 for SAT. torch's default limit of 8 recompiles per function would send TRADES back to
+# eager after its first epoch.
+COMPILE_RECOMPILE_LIMIT = 32
+
+
+def compiled(model: nn.Module, cfg: TrialConfig) -> nn.Module:
+    """`model` under ``torch.compile`` when `cfg.compile`, with its backend and mode."""
+    if not cfg.compile:
+        return model
+    mode = None if cfg.compile_mode == "default" else cfg.compile_mode
+    return torch.compile(model, backend=cfg.compile_backend, mode=mode)  # type: ignore[return-value]
+
+
+@contextmanager
+def compile_limits(cfg: TrialConfig) -> Iterator[None]:
+    """Dynamo's recompile limit raised to COMPILE_RECOMPILE_LIMIT while a compiled trial trains."""
+    if not cfg.compile:
+        yield
+        return
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # renamed in torch 2.6
+    with config.patch({name: max(COMPILE_RECOMPILE_LIMIT, getattr(config, name))}):
+        yield
+
+
 def run_trial(
     cfg: TrialConfig,
     *,
@@ -296,6 +314,10 @@ def run_trial(
 
     started = time.perf_counter()
     device = select_device(cfg.device) if device is None else device
+    if device.type == "cuda":
+        # every training batch but the last has one shape: cuDNN may time its algorithms once and
+        # keep the fastest (evaluations stay reproducible on the CPU; on a GPU they never were bit for bit)
+        torch.backends.cudnn.benchmark = True
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -319,7 +341,7 @@ def run_trial(
         detector = OnlineDetector.from_state_dict(state["detector"])
         progress = _Progress(**state["progress"])
         _set_rng_state(state["rng"], device)
-    train_model = torch.compile(model) if cfg.compile else model
+    train_model = compiled(model, cfg)
     seconds_before = progress.seconds
 
     def outcome(status: str) -> dict[str, Any]:
@@ -340,62 +362,63 @@ def run_trial(
 
     rows: list[dict[str, Any]] = []
     phases: PhaseResult | None = None
-    while progress.stop_reason is None and progress.next_epoch < cfg.epochs:
-        epoch = progress.next_epoch
-        # -- train ---------------------------------------------------------------------------
-        t0 = time.perf_counter()
-        train = _train_epoch(train_model, opt, cfg, data, params, epoch, device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        train_seconds = time.perf_counter() - t0
-        finite = math.isfinite(train["train_loss"])
-        # -- evaluate and probe energies -------------------------------------------------------
-        t1 = time.perf_counter()
-        probed = finite and (epoch % cfg.probe.every == 0 or epoch == cfg.epochs - 1)
-        probe_cols = dict.fromkeys(PROBE_KEYS, math.nan)
-        sample_sets: list[tuple[ProbeSet, dict[str, np.ndarray]]] = []
-        if probed:
-            values = probe_epoch(model, probes, cfg, params, epoch)
-            probe_cols = probe_columns(values["train"], values["val"], values["test"])
-            sample_sets = [(ps, v) for ps, v in ((probes.train, values["train"]), (probes.test, values["test"])) if ps is not None and v is not None]
-        probe_seconds = time.perf_counter() - t1
-        # -- detect phase ------------------------------------------------------------------------
-        row: dict[str, Any] = {"study": study, "trial_id": trial_id, "epoch": epoch, "method": cfg.method}
-        row.update({k: v for k, v in train.items() if k != "images"})
-        row.update(probe_cols)
-        phase, alarm = detector.update({k: row.get(k) for k in DETECTOR_COLUMNS})
-        # -- select on the validation split (never on test) ----------------------------------------
-        if probed and probe_cols["val_robust_acc"] > progress.best_acc:
-            progress.best_acc, progress.best_clean, progress.best_epoch = probe_cols["val_robust_acc"], probe_cols["val_clean_acc"], epoch
-            checkpoint.save(best, {"model": model.state_dict(), "epoch": epoch})
-        row.update(
-            phase=phase, alarm=alarm, probed=probed,
-            best_val_robust_acc=progress.best_acc if progress.best_epoch is not None else math.nan,
-            best_val_clean_acc=progress.best_clean,
-            epoch_seconds=train_seconds, probe_seconds=probe_seconds,
-            images_per_second=train["images"] / train_seconds,
-        )
-        # -- report: rows first, then the checkpoint, so a restart rewrites the same files -------
-        write_epoch_rows(str(out), table="epochs", trial_id=trial_id, epoch=epoch, columns={k: [v] for k, v in row.items()}, provenance=prov)
-        # per-sample rows every `samples_every`-th regular probe, and always at the last epoch (the
-        # report's histograms compare first, middle and last), which is probed even off the grid
-        regular = epoch % cfg.probe.every == 0 and (epoch // cfg.probe.every) % max(cfg.probe.samples_every, 1) == 0
-        if sample_sets and cfg.probe.samples_every and (regular or epoch == cfg.epochs - 1):
-            write_epoch_rows(str(out), table="samples", trial_id=trial_id, epoch=epoch, columns=sample_columns(study, trial_id, epoch, sample_sets), provenance=prov)
-        rows.append(row)
-        progress.next_epoch = epoch + 1
-        progress.seconds = seconds_before + time.perf_counter() - started
-        if not finite:
-            progress.stop_reason = f"error: non-finite loss at epoch {epoch}"
-        elif stop_patience is not None and should_stop(alarm=alarm, epoch=epoch, best_epoch=progress.best_epoch, patience=stop_patience):
-            progress.stop_reason = "energy_divergence"
-        checkpoint.save(last, _checkpoint_state(model, opt, detector, progress, device))
-        write_trial_row(str(out), trial_id=trial_id, outcome=outcome("RUNNING"), config=flat_config, provenance=prov)
-        if on_epoch is not None and progress.stop_reason is None and progress.next_epoch < cfg.epochs:
-            reason = on_epoch(row, ckpt_dir)
-            if reason is not None:
-                progress.stop_reason = reason
-                checkpoint.save(last, _checkpoint_state(model, opt, detector, progress, device))
+    with compile_limits(cfg):  # raised for a compiled model, restored after training
+        while progress.stop_reason is None and progress.next_epoch < cfg.epochs:
+            epoch = progress.next_epoch
+            # -- train ---------------------------------------------------------------------------
+            t0 = time.perf_counter()
+            train = _train_epoch(train_model, opt, cfg, data, params, epoch, device)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            train_seconds = time.perf_counter() - t0
+            finite = math.isfinite(train["train_loss"])
+            # -- evaluate and probe energies -------------------------------------------------------
+            t1 = time.perf_counter()
+            probed = finite and (epoch % cfg.probe.every == 0 or epoch == cfg.epochs - 1)
+            probe_cols = dict.fromkeys(PROBE_KEYS, math.nan)
+            sample_sets: list[tuple[ProbeSet, dict[str, np.ndarray]]] = []
+            if probed:
+                values = probe_epoch(model, probes, cfg, params, epoch)
+                probe_cols = probe_columns(values["train"], values["val"], values["test"])
+                sample_sets = [(ps, v) for ps, v in ((probes.train, values["train"]), (probes.test, values["test"])) if ps is not None and v is not None]
+            probe_seconds = time.perf_counter() - t1
+            # -- detect phase ------------------------------------------------------------------------
+            row: dict[str, Any] = {"study": study, "trial_id": trial_id, "epoch": epoch, "method": cfg.method}
+            row.update({k: v for k, v in train.items() if k != "images"})
+            row.update(probe_cols)
+            phase, alarm = detector.update({k: row.get(k) for k in DETECTOR_COLUMNS})
+            # -- select on the validation split (never on test) ----------------------------------------
+            if probed and probe_cols["val_robust_acc"] > progress.best_acc:
+                progress.best_acc, progress.best_clean, progress.best_epoch = probe_cols["val_robust_acc"], probe_cols["val_clean_acc"], epoch
+                checkpoint.save(best, {"model": model.state_dict(), "epoch": epoch})
+            row.update(
+                phase=phase, alarm=alarm, probed=probed,
+                best_val_robust_acc=progress.best_acc if progress.best_epoch is not None else math.nan,
+                best_val_clean_acc=progress.best_clean,
+                epoch_seconds=train_seconds, probe_seconds=probe_seconds,
+                images_per_second=train["images"] / train_seconds,
+            )
+            # -- report: rows first, then the checkpoint, so a restart rewrites the same files -------
+            write_epoch_rows(str(out), table="epochs", trial_id=trial_id, epoch=epoch, columns={k: [v] for k, v in row.items()}, provenance=prov)
+            # per-sample rows every `samples_every`-th regular probe, and always at the last epoch (the
+            # report's histograms compare first, middle and last), which is probed even off the grid
+            regular = epoch % cfg.probe.every == 0 and (epoch // cfg.probe.every) % max(cfg.probe.samples_every, 1) == 0
+            if sample_sets and cfg.probe.samples_every and (regular or epoch == cfg.epochs - 1):
+                write_epoch_rows(str(out), table="samples", trial_id=trial_id, epoch=epoch, columns=sample_columns(study, trial_id, epoch, sample_sets), provenance=prov)
+            rows.append(row)
+            progress.next_epoch = epoch + 1
+            progress.seconds = seconds_before + time.perf_counter() - started
+            if not finite:
+                progress.stop_reason = f"error: non-finite loss at epoch {epoch}"
+            elif stop_patience is not None and should_stop(alarm=alarm, epoch=epoch, best_epoch=progress.best_epoch, patience=stop_patience):
+                progress.stop_reason = "energy_divergence"
+            checkpoint.save(last, _checkpoint_state(model, opt, detector, progress, device))
+            write_trial_row(str(out), trial_id=trial_id, outcome=outcome("RUNNING"), config=flat_config, provenance=prov)
+            if on_epoch is not None and progress.stop_reason is None and progress.next_epoch < cfg.epochs:
+                reason = on_epoch(row, ckpt_dir)
+                if reason is not None:
+                    progress.stop_reason = reason
+                    checkpoint.save(last, _checkpoint_state(model, opt, detector, progress, device))
 
     # -- final evaluation of the best checkpoint, on the test set ---------------------------------
     if not progress.final and best.exists():

@@ -43,6 +43,7 @@ from torch import nn
 from trainables.attacks import eval_mode, pgd, pgd_targeted, random_targets
 from trainables.config import TrialConfig
 from trainables.data import to_float
+from trainables.precision import fp32
 from trainables.energy import joint_energy, marginal_energy
 from trainables.methods import METHODS, Craft, MethodParams
 
@@ -55,45 +56,6 @@ _TARGET_SEED = 1234  # fixed wrong-class targets per probe image, the same every
 SPLITS = {"train": 0, "val": 1, "test": 2, "final": 3, "eval": 4, "landscape": 5}
 
 VALUES = ("E", "E_adv", "Ey", "Ey_adv", "E_tgt", "ce", "ce_adv", "correct", "correct_adv")
-
-
-def _set_tf32(on: bool) -> dict[str, Any]:
-    """Allow (or forbid) TF32 in CUDA convolutions and matmuls; returns the previous settings."""
-    backends = torch.backends
-    if hasattr(backends.cudnn, "conv") and hasattr(backends.cudnn.conv, "fp32_precision"):  # torch >= 2.9
-        before = {"conv": backends.cudnn.conv.fp32_precision, "matmul": backends.cuda.matmul.fp32_precision}
-        backends.cudnn.conv.fp32_precision = "tf32" if on else "ieee"
-        backends.cuda.matmul.fp32_precision = "tf32" if on else "ieee"
-    else:
-        before = {"conv": backends.cudnn.allow_tf32, "matmul": backends.cuda.matmul.allow_tf32}
-        backends.cudnn.allow_tf32 = on
-        backends.cuda.matmul.allow_tf32 = on
-    return before
-
-
-def _restore_tf32(before: dict[str, Any]) -> None:
-    backends = torch.backends
-    if hasattr(backends.cudnn, "conv") and hasattr(backends.cudnn.conv, "fp32_precision"):
-        backends.cudnn.conv.fp32_precision = before["conv"]
-        backends.cuda.matmul.fp32_precision = before["matmul"]
-    else:
-        backends.cudnn.allow_tf32 = before["conv"]
-        backends.cuda.matmul.allow_tf32 = before["matmul"]
-
-
-@contextmanager
-def fp32() -> Iterator[None]:
-    """IEEE fp32 inside, whatever surrounds it: autocast off (CPU and CUDA) and TF32 off.
-
-    torch lets cuDNN convolutions use TF32 by default on Ampere and later GPUs (10 mantissa
-    bits): "fp32" evaluation would not be fp32 there. The settings come back on exit.
-    """
-    before = _set_tf32(False)
-    try:
-        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
-            yield
-    finally:
-        _restore_tf32(before)
 
 
 def eval_seed(seed: int, epoch: int, split: str) -> int:

@@ -1,0 +1,65 @@
+"""Arithmetic precision: bf16 autocast for training, IEEE fp32 for everything that measures.
+
+Training may run under bf16 autocast (:func:`autocast`); every evaluation and every energy runs in
+fp32 (:func:`fp32`), and so does the one TRADES attack step that bf16 would turn into rounding noise.
+"fp32" means IEEE fp32: torch lets cuDNN convolutions use TF32 (10 mantissa bits) by default on
+Ampere and later GPUs, so :func:`fp32` turns TF32 off inside and restores the settings on exit.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from typing import Any, ContextManager, Iterator
+
+import torch
+
+
+def autocast(device: torch.device, precision: str) -> ContextManager[Any]:
+    """bf16 autocast for *training* on CUDA (`precision` auto or bf16) and on the CPU when asked
+    (bf16). Evaluation never runs under it (:func:`fp32`).
+
+    bf16 keeps fp32's exponent range, so energies (logsumexp of logits) do not overflow; the
+    engine turns logits to fp32 before any energy or loss reduction it reports.
+    """
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _set_tf32(on: bool) -> dict[str, Any]:
+    """Allow (or forbid) TF32 in CUDA convolutions and matmuls; returns the previous settings."""
+    backends = torch.backends
+    if hasattr(backends.cudnn, "conv") and hasattr(backends.cudnn.conv, "fp32_precision"):  # torch >= 2.9
+        before = {"conv": backends.cudnn.conv.fp32_precision, "matmul": backends.cuda.matmul.fp32_precision}
+        backends.cudnn.conv.fp32_precision = "tf32" if on else "ieee"
+        backends.cuda.matmul.fp32_precision = "tf32" if on else "ieee"
+    else:
+        before = {"conv": backends.cudnn.allow_tf32, "matmul": backends.cuda.matmul.allow_tf32}
+        backends.cudnn.allow_tf32 = on
+        backends.cuda.matmul.allow_tf32 = on
+    return before
+
+
+def _restore_tf32(before: dict[str, Any]) -> None:
+    backends = torch.backends
+    if hasattr(backends.cudnn, "conv") and hasattr(backends.cudnn.conv, "fp32_precision"):
+        backends.cudnn.conv.fp32_precision = before["conv"]
+        backends.cuda.matmul.fp32_precision = before["matmul"]
+    else:
+        backends.cudnn.allow_tf32 = before["conv"]
+        backends.cuda.matmul.allow_tf32 = before["matmul"]
+
+
+@contextmanager
+def fp32() -> Iterator[None]:
+    """IEEE fp32 inside, whatever surrounds it: autocast off (CPU and CUDA) and TF32 off.
+
+    torch lets cuDNN convolutions use TF32 by default on Ampere and later GPUs (10 mantissa
+    bits): "fp32" evaluation would not be fp32 there. The settings come back on exit.
+    """
+    before = _set_tf32(False)
+    try:
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            yield
+    finally:
+        _restore_tf32(before)
