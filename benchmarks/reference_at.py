@@ -54,9 +54,11 @@ class UInt8Images(Dataset):
 
 
 def loader(x: np.ndarray, y: np.ndarray, *, batch_size: int, crop_pad: int, flip: bool, workers: int) -> DataLoader:
+    # workers persist across epochs (each timed run is one): restarting them every run would
+    # charge the reference a start-up the usual long training run pays once
     return DataLoader(
         UInt8Images(x, y, crop_pad=crop_pad, flip=flip), batch_size=batch_size, shuffle=True,
-        num_workers=workers, pin_memory=torch.cuda.is_available(), drop_last=False,
+        num_workers=workers, pin_memory=torch.cuda.is_available(), drop_last=False, persistent_workers=workers > 0,
     )
 
 

@@ -20,8 +20,9 @@ moves single runs by 5x), so the ratio is steadier than either median.
 case's size (digits 1,400 images, CIFAR 50,000): the probe is timed on one batch per split and
 scaled by image count, the epoch from energyat's measured images per second.
 
-``peak_mem_mb`` is the CUDA allocator's peak during energyat's timed runs (null on the CPU,
-where no per-run peak can be told apart from the process's). On CUDA, ``mfu`` is model FLOP
+``peak_mem_mb`` and ``peak_reserved_mb`` are the CUDA allocator's peaks (allocated, reserved)
+during one more run of energyat's alone, after the timed rounds (null on the CPU, where no
+per-run peak can be told apart from the process's). On CUDA, ``mfu`` is model FLOP
 utilisation against `--peak-tflops` (bf16 dense; default from the device name when known),
 counting a forward pass of preact_resnet18 as 0.555 G multiply-accumulates per image, an
 input-gradient backward as one forward and a weight-updating backward as two.
@@ -163,14 +164,18 @@ def bench(case: Case, method: str, args: argparse.Namespace, device: torch.devic
 
     ours_ips: list[float] = []
     ref_ips: list[float] = []
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     for i in range(args.repeats + 1):  # interleaved; the first round is the warm-up
         o, r = _timed(ours, device), _timed(reference, device)
         if i:
             ours_ips.append(o)
             ref_ips.append(r)
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    peak: dict[str, float] | None = None
+    if device.type == "cuda":  # energyat's own run alone: the interleaved rounds mix in the reference's
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        ours()
+        torch.cuda.synchronize(device)
+        peak = {"allocated": torch.cuda.max_memory_allocated(device) / 2**20, "reserved": torch.cuda.max_memory_reserved(device) / 2**20}
 
     train_s, eval_s = probe_seconds_per_image(ours_model, cfg, sub, device)
     probe_s = train_s * cfg.probe.train_size + eval_s * (case.val_size + cfg.probe.test_size)
@@ -179,7 +184,9 @@ def bench(case: Case, method: str, args: argparse.Namespace, device: torch.devic
     row: dict[str, Any] = {
         "device": device_label(device), "model": case.model, "method": method, "batch": args.batch, "precision": args.precision,
         "ours_ips": round(ours_med, 2), "reference_ips": round(ref_med, 2), "speedup": round(statistics.median(o / r for o, r in zip(ours_ips, ref_ips)), 2),
-        "probe_overhead": round(probe_s / (probe_s + epoch_s), 4), "peak_mem_mb": None if peak is None else round(peak, 1),
+        "probe_overhead": round(probe_s / (probe_s + epoch_s), 4),
+        "peak_mem_mb": None if peak is None else round(peak["allocated"], 1),
+        "peak_reserved_mb": None if peak is None else round(peak["reserved"], 1),
         "ours_runs": [round(v, 2) for v in ours_ips], "reference_runs": [round(v, 2) for v in ref_ips],
     }
     if compile_seconds is not None:

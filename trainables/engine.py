@@ -147,7 +147,8 @@ def _train_epoch(
         )
         w_min = torch.minimum(w_min, w.min())
         w_max = torch.maximum(w_max, w.max())
-    loss_sum, clean, adv, w_sum = sums.tolist()  # the epoch's one host synchronisation
+    # the epoch's one host synchronisation (benchmarks/gpu_check.py counts them)
+    loss_sum, clean, adv, w_sum, lowest, highest = torch.cat([sums, torch.stack([w_min, w_max]).double()]).tolist()
     count = bounds[-1]
     return {
         "lr": lr_sum / batches,
@@ -155,8 +156,8 @@ def _train_epoch(
         "train_clean_acc": clean / count,
         "train_adv_acc": adv / count,
         "weight_mean": w_sum / count,
-        "weight_min": float(w_min),
-        "weight_max": float(w_max),
+        "weight_min": lowest,
+        "weight_max": highest,
         "images": count,
     }
 
