@@ -39,7 +39,6 @@ import json
 import math
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -63,7 +62,7 @@ import throughput  # noqa: E402
 
 from analysis.errors import EnergyatError  # noqa: E402
 from analysis.store import read_trial_rows, versions  # noqa: E402
-from trainables.config import AttackConfig, DatasetConfig, TrialConfig, parse_trial  # noqa: E402
+from trainables.config import AttackConfig, DatasetConfig, TrialConfig  # noqa: E402
 from trainables.data import ImageData, load_dataset, to_float  # noqa: E402
 from trainables.engine import _train_epoch, compiled, compile_limits, device_label, select_device  # noqa: E402
 from trainables.methods import METHODS, MethodParams  # noqa: E402
