@@ -103,6 +103,7 @@ TRIAL_OUTCOME = pa.schema(
         _f("alarm_epoch", pa.int32(), "first epoch the online detector raised its alarm; null if never"),
         _f("seconds", pa.float64(), "wall seconds of the whole trial so far, final evaluation included"),
         _f("device", pa.string(), "device the trial ran on, e.g. cpu or cuda:0 (NVIDIA H100 ...)"),
+        _f("train_precision", pa.string(), "what training computed in: bf16 (autocast) or fp32 (`precision` resolved for the device); evaluations are always fp32"),
         _f("git_sha", pa.string(), "energyat source revision, `unknown` outside a git checkout"),
     ]
 )

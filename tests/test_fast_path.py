@@ -161,3 +161,17 @@ def test_a_bf16_epoch_trains_as_well_as_an_fp32_epoch() -> None:
     assert out["bf16"]["train_loss"] == pytest.approx(out["fp32"]["train_loss"], rel=0.05)
     for key in ("train_clean_acc", "train_adv_acc"):
         assert abs(out["bf16"][key] - out["fp32"][key]) <= 0.05
+
+
+AMX = "processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\n"
+NO_AMX = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16\n"
+
+
+def test_auto_trains_in_bf16_on_cuda_and_on_amx_cpus_and_in_fp32_elsewhere() -> None:
+    from trainables.precision import cpu_has_native_bf16, training_precision
+
+    assert cpu_has_native_bf16(AMX) and not cpu_has_native_bf16(NO_AMX) and not cpu_has_native_bf16("")
+    assert training_precision(torch.device("cuda"), "auto") == "bf16"
+    assert training_precision(CPU, "auto") == ("bf16" if cpu_has_native_bf16() else "fp32")  # this machine's flags
+    assert training_precision(CPU, "fp32") == "fp32" and training_precision(torch.device("cuda"), "fp32") == "fp32"
+    assert training_precision(CPU, "bf16") == "bf16"

@@ -211,9 +211,10 @@ class TrialConfig:
     # `aot_eager`: AOTAutograd's graphs run without code generation. It compiles in seconds, so it
     # shows graph breaks, recompiles and the traced backward quickly (tests/test_compile.py); no speed
     compile_backend: Literal["inductor", "aot_eager"] = "inductor"
-    # autocast dtype: auto = bf16 on CUDA, fp32 on the CPU; bf16 on a CPU with AMX (Intel Sapphire
-    # Rapids and later) is about 2x faster there (BENCHMARKS.md), within the tolerances of
-    # tests/test_fast_path.py, but not bit-comparable with fp32 runs, so it is asked for by name
+    # the *training* arithmetic (every evaluation is fp32): auto = bf16 autocast on CUDA and on
+    # CPUs with AMX (Intel Xeon 4th generation and later: 2-4x faster there, BENCHMARKS.md), fp32
+    # elsewhere (trainables.precision.training_precision; `trials.train_precision` records which).
+    # Runs in bf16 and in fp32 are not bit-comparable: `fp32` pins it across machines
     precision: Literal["auto", "fp32", "bf16"] = "auto"
 
     def to_dict(self) -> dict[str, Any]:

@@ -48,7 +48,7 @@ from trainables.data import ImageData, augment, load_dataset, to_float
 from trainables.evaluate import evaluate, write_evals
 from trainables.methods import METHODS, MethodParams
 from trainables.models import build_model
-from trainables.precision import autocast
+from trainables.precision import autocast, training_precision
 from trainables.probe import (
     PROBE_KEYS,
     ProbeSet,
@@ -358,7 +358,8 @@ def run_trial(
             "phase2_start": phases.phase2_start if phases else detector.phase2_start,
             "phase3_start": phases.phase3_start if phases else None,
             "alarm_epoch": detector.alarm_epoch,
-            "seconds": progress.seconds, "device": device_label(device), "git_sha": prov["git_sha"],
+            "seconds": progress.seconds, "device": device_label(device), "train_precision": training_precision(device, cfg.precision),
+            "git_sha": prov["git_sha"],
         }
 
     rows: list[dict[str, Any]] = []
