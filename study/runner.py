@@ -41,7 +41,7 @@ from analysis.schema import SCHEMA_VERSION
 from analysis.store import check_schema_version, filesystem, is_uri, join, open_storage
 from study.importances import JOURNAL, check_journal, journal_storage
 from study.space import SearchSpace, parse_search
-from study.spec import StudyKeys
+from study.spec import StudyKeys, check_placement
 
 # What the searcher may optimise: validation numbers only. The test set's numbers (final_*,
 # test_*) are reported, never searched on: a study that picked configurations by them would select
@@ -433,6 +433,7 @@ def run_study(raw: dict[str, Any], study: StudyKeys, *, address: str | None, sto
     cfg = parse_trial(raw)
     parse_search(study.search, raw)
     objectives_of(study)
+    check_placement(raw, study)
     study_dir = study_dir_for(storage or study.storage, cfg.name)
     fs, root = open_storage(study_dir)  # a bad scheme, endpoint or bucket: one line, before Ray
     if fs.get_file_info(f"{root}/spec.yaml").type != FileType.NotFound:

@@ -58,10 +58,15 @@ def _check_study_keys(raw: Mapping[str, Any]) -> StudyKeys:
             raise SpecError(key, f"must be at least 1; got {values[key]!r}")
     _check_early_stop(values.get("early_stop", {}))
     if "resources" in values:
-        values["resources"] = _check_resources(values["resources"], device=raw.get("device", "auto"))
-    elif raw.get("device") == "cuda":
-        _check_resources({}, device="cuda")
+        values["resources"] = _check_resources(values["resources"])
     return StudyKeys(**values)
+
+
+def check_placement(raw: Mapping[str, Any], study: StudyKeys) -> None:
+    """For a study (Ray places its trials): `device: cuda` needs a GPU reserved per trial.
+    `energyat train` places nothing, so a trial spec may say cuda without `resources`."""
+    if raw.get("device") == "cuda" and study.resources.get("gpu", 0) == 0:
+        raise SpecError("resources.gpu", "is 0 with `device: cuda`: Ray gives such a trial no GPU; set resources.gpu (e.g. 1 or 0.25) or `device: auto`")
 
 
 # What one trial asks Ray for. A trial trains one model on one device, so at most one GPU; a
@@ -69,7 +74,7 @@ def _check_study_keys(raw: Mapping[str, Any]) -> StudyKeys:
 RESOURCE_KEYS = ("cpu", "gpu")
 
 
-def _check_resources(resources: Mapping[str, Any], *, device: object) -> dict[str, float]:
+def _check_resources(resources: Mapping[str, Any]) -> dict[str, float]:
     unknown = sorted(set(resources) - set(RESOURCE_KEYS))
     if unknown:
         raise SpecError(f"resources.{unknown[0]}", f"unknown key; a trial asks for {' and '.join(RESOURCE_KEYS)} (e.g. {{cpu: 2, gpu: 0.25}})")
@@ -87,8 +92,6 @@ def _check_resources(resources: Mapping[str, Any], *, device: object) -> dict[st
     if 0 < gpu < 1 and abs(1 / gpu - round(1 / gpu)) > 1e-6:
         fits = int(1 / gpu)
         raise SpecError("resources.gpu", f"{gpu!r} of a GPU packs {fits} trials and leaves {1 - fits * gpu:.2g} idle; use 1/k, e.g. {1 / fits:.4g}")
-    if device == "cuda" and gpu == 0:
-        raise SpecError("resources.gpu", "is 0 with `device: cuda`: Ray gives such a trial no GPU; set resources.gpu (e.g. 1 or 0.25) or `device: auto`")
     return out
 
 

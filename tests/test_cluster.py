@@ -62,12 +62,34 @@ def _start_node(args: list[str], temp: Path, log: Path) -> subprocess.Popen[byte
 
 
 def _alive_nodes(address: str, temp: Path) -> list[str]:
-    probe = subprocess.run(
-        [sys.executable, "-c", f"import ray; ray.init(address='{address}', log_to_driver=False); "
-         "print(' '.join(sorted(n['NodeManagerAddress'] for n in ray.nodes() if n['Alive'])))"],
-        capture_output=True, text=True, timeout=120, env=_env(temp),
-    )
+    """The addresses of the cluster's live nodes; none when the head does not answer in 60 s."""
+    try:
+        probe = subprocess.run(
+            [sys.executable, "-c", f"import ray; ray.init(address='{address}', log_to_driver=False); "
+             "print(' '.join(sorted(n['NodeManagerAddress'] for n in ray.nodes() if n['Alive'])))"],
+            capture_output=True, text=True, timeout=60, env=_env(temp),
+        )
+    except subprocess.TimeoutExpired:
+        return []
     return probe.stdout.split()
+
+
+def _start_until_alive(args: list[str], temp: Path, log: Path, address: str, expect: list[str]) -> tuple[subprocess.Popen[bytes], list[str]]:
+    """Start a node and wait until the cluster shows `expect` alive. Ray gives a node 30 s to
+    register with the GCS (a constant in ray._private.node): on a machine whose two cores the
+    other test worker keeps busy that is sometimes too short, and the node exits. It is started
+    again then, at most three times in all."""
+    alive: list[str] = []
+    for _attempt in range(3):
+        node = _start_node(args, temp, log)
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline and node.poll() is None:
+            alive = _alive_nodes(address, temp)
+            if alive == expect:
+                return node, alive
+            time.sleep(3)
+        _stop_node(node)
+    return node, alive
 
 
 def _stop_node(node: subprocess.Popen[bytes]) -> None:
@@ -85,28 +107,18 @@ def test_two_node_cluster_on_loopback_runs_the_smoke_study(tmp_path: Path) -> No
     temp = Path("/tmp") / f"ray-two-node-{os.getpid()}"  # short: Ray's socket paths have a length limit
     common = ["--num-cpus=1", "--object-store-memory=100000000", "--disable-usage-stats"]
     logs = tmp_path / "head.log", tmp_path / "worker.log"
-    head = _start_node(["--head", f"--port={port}", f"--node-ip-address={HEAD_IP}", "--include-dashboard=false", "--node-manager-port=46380",
-                        "--object-manager-port=46381", "--min-worker-port=46400", "--max-worker-port=46499", *common], temp, logs[0])
+    address = f"{HEAD_IP}:{port}"
+    head, alive = _start_until_alive(["--head", f"--port={port}", f"--node-ip-address={HEAD_IP}", "--include-dashboard=false", "--node-manager-port=46380",
+                                      "--object-manager-port=46381", "--min-worker-port=46400", "--max-worker-port=46499", *common],
+                                     temp, logs[0], address, [HEAD_IP])
     worker = None
     try:
-        time.sleep(8)
-        assert head.poll() is None, "the head node did not start: " + logs[0].read_text()[-2000:]
-        address = f"{HEAD_IP}:{port}"
-        alive: list[str] = []
-        # A loaded machine (the other test worker runs Ray too) can make the second node's start
-        # fail on a port taken for a moment: it is started again, at most three times in all.
-        for _attempt in range(3):
-            worker = _start_node([f"--address={address}", f"--node-ip-address={WORKER_IP}", "--node-manager-port=46382", "--object-manager-port=46383",
-                                  "--min-worker-port=46500", "--max-worker-port=46599", *common], temp, logs[1])
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline and worker.poll() is None:
-                alive = _alive_nodes(address, temp)
-                if len(alive) == 2:
-                    break
-                time.sleep(3)
-            if len(alive) == 2:
-                break
-            _stop_node(worker)
+        assert alive == [HEAD_IP], f"the head node did not start: {logs[0].read_text()[-2000:]}"
+        # A loaded machine (the other test worker runs Ray too) can also make the second node's
+        # start fail on a port taken for a moment: the same retries
+        worker, alive = _start_until_alive([f"--address={address}", f"--node-ip-address={WORKER_IP}", "--node-manager-port=46382",
+                                            "--object-manager-port=46383", "--min-worker-port=46500", "--max-worker-port=46599", *common],
+                                           temp, logs[1], address, [HEAD_IP, WORKER_IP])
         assert alive == [HEAD_IP, WORKER_IP], f"nodes alive: {alive}; worker log: {logs[1].read_text()[-3000:]}"
         storage = tmp_path / "studies"
         # two trials at once, one CPU per node: Ray must place them on different nodes

@@ -14,7 +14,7 @@ import pytest
 import ray
 
 from analysis.errors import SpecError
-from study.spec import _check_study_keys
+from study.spec import _check_study_keys, check_placement
 from trainables.tune_adapter import ray_device
 
 
@@ -64,8 +64,13 @@ def test_fractional_trials_share_a_gpu_and_cpu_stays_cpu(ray_with_two_gpus: None
 def test_resources_are_validated_like_every_other_key(resources: dict | None, device: str, named: str, says: str) -> None:
     raw = {"device": device} | ({} if resources is None else {"resources": resources})
     with pytest.raises(SpecError, match=says.replace("[", r"\[").replace("]", r"\]")) as err:
-        _check_study_keys(raw)
+        check_placement(raw, _check_study_keys(raw))
     assert err.value.key == named
+
+
+def test_a_trial_spec_for_energyat_train_may_say_cuda_without_resources() -> None:
+    # `energyat train` places nothing: only a study needs a GPU reserved for `device: cuda`
+    assert _check_study_keys({"device": "cuda"}).resources == {"cpu": 1, "gpu": 0}
 
 
 @pytest.mark.parametrize("gpu", [0, 0.25, 0.2, 0.5, 1])
