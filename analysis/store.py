@@ -214,9 +214,20 @@ def write_trial_row(
     _write_atomic(fs, trial_file(path, trial_id), _with_metadata(data, provenance))
 
 
+SHIPPED_SHA = "ENERGYAT_GIT_SHA"  # the driver's revision, for workers running its shipped code
+
+
 @lru_cache(maxsize=1)
 def git_sha() -> str:
-    """The energyat checkout's revision, with `-dirty` for uncommitted changes; `unknown` if none."""
+    """The energyat checkout's revision, with `-dirty` for uncommitted changes; `unknown` if none.
+
+    On a cluster's worker the code is the driver's, shipped by Ray (study.runner joins a cluster
+    with it as `py_modules`) without its .git: the driver passes its revision in
+    ENERGYAT_GIT_SHA, which is then the answer.
+    """
+    shipped = os.environ.get(SHIPPED_SHA)
+    if shipped:
+        return shipped
     here = Path(__file__).resolve().parent
     try:
         sha = subprocess.run(
@@ -243,8 +254,10 @@ def versions() -> dict[str, str]:
 
 
 def provenance(config: Mapping[str, Any]) -> dict[str, Any]:
-    """What goes with every result: the resolved config, the git SHA, package versions, host."""
-    return {"config": dict(config), "git_sha": git_sha(), "versions": versions(), "host": platform.node()}
+    """What goes with every result: the resolved config, the git SHA, package versions, host, and
+    where the energyat code that ran lives (a checkout, or Ray's copy of the driver's on a worker)."""
+    return {"config": dict(config), "git_sha": git_sha(), "versions": versions(), "host": platform.node(),
+            "code": str(Path(__file__).resolve().parents[1])}
 
 
 def write_table_file(table: pa.Table, path: str | os.PathLike[str], *, config: Mapping[str, Any]) -> None:

@@ -38,7 +38,7 @@ from ray.tune.search.optuna import OptunaSearch
 from analysis.errors import EnergyatError, SpecError, StoreError, one_line
 from analysis.phases import DETECTOR_COLUMNS, OnlineDetector, should_stop
 from analysis.schema import SCHEMA_VERSION
-from analysis.store import check_schema_version, filesystem, is_uri, join, open_storage
+from analysis.store import SHIPPED_SHA, check_schema_version, filesystem, git_sha, is_uri, join, open_storage
 from study.importances import JOURNAL, check_journal, journal_storage
 from study.space import SearchSpace, parse_search
 from study.spec import StudyKeys, check_placement
@@ -350,10 +350,21 @@ def _init_ray(address: str | None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        # The driver's own energyat travels to every worker with the study (Ray's py_modules),
+        # so a node installed from another revision days earlier still runs exactly this code;
+        # the nodes need only energyat's dependencies. Its revision goes along for provenance.
+        import analysis
+        import study
+        import trainables
+
+        runtime_env = {"py_modules": [analysis, study, trainables], "env_vars": {SHIPPED_SHA: git_sha()}}
         try:
-            ray.init(address=address, log_to_driver=False)
+            ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise EnergyatError(f"cannot join the Ray cluster at {address}: {' '.join(str(exc).split())[:200]}") from exc
+            hint = "" if os.environ.get("RAY_AUTH_MODE") == "token" else (
+                "; a cluster with token authentication (energyat's cluster.yaml) also needs RAY_AUTH_MODE=token and its token "
+                "in ~/.ray/auth_token or RAY_AUTH_TOKEN")
+            raise EnergyatError(f"cannot join the Ray cluster at {address}: {' '.join(str(exc).split())[:200]}{hint}") from exc
     else:
         # A local Ray without the dashboard (a web UI that would run jobs for whoever reaches it).
         # Ray 2.60's gRPC servers still listen on every interface, whatever the node address

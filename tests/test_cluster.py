@@ -1,4 +1,5 @@
-"""Clusters: the shipped configs pass Ray's own validation; a real two-node Ray on 127.0.0.1 runs a study."""
+"""Clusters: the shipped configs pass Ray's own validation; a real two-node Ray on 127.0.0.1, with
+token authentication, runs a study on storage the nodes reach only by URI, with the driver's code."""
 
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
+from analysis.store import git_sha
 from conftest import EXAMPLES, ROOT, energyat_cmd
+from test_remote_storage import BUCKET, CREDENTIALS, S3, s3  # noqa: F401  (s3: the S3-protocol server fixture)
 
 RAY = str(Path(sys.executable).with_name("ray"))
 
@@ -102,7 +106,7 @@ def _stop_node(node: subprocess.Popen[bytes]) -> None:
             node.wait()
 
 
-def test_two_node_cluster_on_loopback_runs_the_smoke_study(tmp_path: Path) -> None:
+def test_two_node_cluster_on_loopback_runs_the_smoke_study(tmp_path: Path, s3: S3) -> None:
     port = 46379
     temp = Path("/tmp") / f"ray-two-node-{os.getpid()}"  # short: Ray's socket paths have a length limit
     common = ["--num-cpus=1", "--object-store-memory=100000000", "--disable-usage-stats"]
@@ -120,21 +124,48 @@ def test_two_node_cluster_on_loopback_runs_the_smoke_study(tmp_path: Path) -> No
                                             "--object-manager-port=46383", "--min-worker-port=46500", "--max-worker-port=46599", *common],
                                            temp, logs[1], address, [HEAD_IP, WORKER_IP])
         assert alive == [HEAD_IP, WORKER_IP], f"nodes alive: {alive}; worker log: {logs[1].read_text()[-3000:]}"
-        storage = tmp_path / "studies"
-        # two trials at once, one CPU per node: Ray must place them on different nodes
-        proc = subprocess.run([*energyat_cmd(), "run", str(EXAMPLES / "smoke.yaml"), "--address", address, "--storage", str(storage), "--name", "two",
-                               "--set", "samples=2", "--set", "epochs=2"],
-                              cwd=ROOT, capture_output=True, text=True, timeout=900, env=_env(temp))
+        # a client without the cluster's token can neither join nor submit: no token, a wrong one
+        outsiders = [subprocess.Popen([sys.executable, "-c", f"import ray; ray.init(address='{address}'); print('JOINED', ray.get(ray.remote(lambda: 1).remote()))"],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                     for env in ({k: v for k, v in _env(temp).items() if k != "RAY_AUTH_MODE"}, {**_env(temp), "RAY_AUTH_TOKEN": "not-the-token"})]
+        for outsider in outsiders:
+            out, err = outsider.communicate(timeout=180)
+            assert outsider.returncode != 0 and "JOINED" not in out and "InvalidAuthToken" in err, err[-2000:]
+        # storage the nodes do not share by path (an S3-protocol server): a worker needs only the
+        # URI; two trials at once, one CPU per node, so Ray must place them on different nodes
+        env = {**_env(temp), **CREDENTIALS, "ENERGYAT_JOURNAL_DIR": str(tmp_path / "journals")}
+        # The driver runs outside the checkout: Ray puts the driver's working directory on every
+        # worker's path, and here the workers share this disk, so the checkout would shadow the
+        # code Ray ships (on a real cluster the driver's directory is not on the workers' disks)
+        proc = subprocess.run([*energyat_cmd(), "run", str(EXAMPLES / "smoke.yaml"), "--address", address, "--storage", s3.uri("studies"),
+                               "--name", "two", "--set", "samples=2", "--set", "epochs=2"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
         assert proc.returncode == 0, proc.stderr[-4000:]
         node_ids = set()
-        for result in (storage / "two" / "tune").glob("*/result.json"):
-            for line in result.read_text().splitlines():
-                node_ids.add(json.loads(line)["ray_node_id"])
-        # trials ran on both nodes (each node has one CPU and two trials ran at a time)
-        assert len(node_ids) == 2
+        results = [f for f in s3.files("studies/two/tune") if f.endswith("/result.json")]
+        assert len(results) == 2, s3.files("studies/two")
+        for name in results:
+            with s3.fs.open_input_stream(f"{BUCKET}/studies/two/tune/{name}") as f:
+                node_ids |= {json.loads(line)["ray_node_id"] for line in f.read().decode().splitlines()}
+        assert len(node_ids) == 2  # trials ran on both nodes
+        # the trials ran the driver's code, shipped by Ray, and say so with the driver's revision
+        for name in [f for f in s3.files("studies/two/tables/trials")]:
+            meta = pq.read_schema(f"{BUCKET}/studies/two/tables/trials/{name}", filesystem=s3.fs).metadata
+            prov = json.loads(meta[b"energyat.provenance"])
+            assert "runtime_resources" in prov["code"] and prov["git_sha"] == git_sha(), prov["code"]
     finally:
         for node in (worker, head):
             if node is not None:
                 _stop_node(node)
         shutil.rmtree(temp, ignore_errors=True)
     assert head.poll() is not None and (worker is None or worker.poll() is not None)
+
+
+@pytest.mark.parametrize("name", ["cluster.yaml", "docs/cluster.md (provider: local)"])
+def test_cluster_configs_start_every_node_with_token_authentication_and_a_pinned_revision(name: str) -> None:
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text()) if name == "cluster.yaml" else _local_config()
+    starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+    assert all("RAY_AUTH_MODE=token ray start" in c for c in starts if "ray start" in c)
+    assert config["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}  # one token for every node
+    installs = [c for c in config["setup_commands"] if "pip install" in c and "energyat" in c]
+    assert installs and all("@main" not in c and "@YOUR-COMMIT-SHA" in c for c in installs)
