@@ -106,7 +106,7 @@ def _stop_node(node: subprocess.Popen[bytes]) -> None:
             node.wait()
 
 
-def test_two_node_cluster_on_loopback_runs_the_smoke_study(tmp_path: Path, s3: S3) -> None:
+def test_two_node_cluster_on_loopback_runs_the_smoke_study(tmp_path: Path, s3: S3) -> None:  # noqa: F811  (the imported fixture)
     port = 46379
     temp = Path("/tmp") / f"ray-two-node-{os.getpid()}"  # short: Ray's socket paths have a length limit
     common = ["--num-cpus=1", "--object-store-memory=100000000", "--disable-usage-stats"]
