@@ -380,8 +380,12 @@ def pareto_front(trials: Any, *, path: Path, robust: str = "best_val_robust_acc"
     # the boundary of what the front dominates: a staircase, since points between two front
     # trials are not attainable on a straight line
     ax.step(x[front], y[front], where="pre", color="black", lw=1.2, zorder=2, label="Pareto front")
+    # trials at the same point (a configuration drawn twice) share one label instead of overprinting
+    labels: dict[tuple[float, float], list[str]] = {}
     for i in front:
-        ax.annotate(f"{methods[i]} ({ids[i]})", (x[i], y[i]), xytext=(5, 4), textcoords="offset points", fontsize=8)
+        labels.setdefault((float(x[i]), float(y[i])), []).append(f"{methods[i]} ({ids[i]})")
+    for point, names in labels.items():
+        ax.annotate(", ".join(names), point, xytext=(5, 4), textcoords="offset points", fontsize=8)
     ax.margins(0.1)
     ax.set_xlabel(f"clean accuracy ({clean})")
     ax.set_ylabel(f"robust accuracy ({robust})")
