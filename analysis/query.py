@@ -7,6 +7,10 @@ Parquet file is complete (atomic writes), so a query sees a consistent set of ro
 ``DIR`` may also be a URI (``s3://bucket/studies/NAME?endpoint_override=...``): its files are
 listed and read through pyarrow's filesystem (DuckDB's httpfs extension is a download this
 package does not rely on) and registered with DuckDB, so a query reads from memory.
+
+Every connection is sandboxed (:func:`sandboxed`): it reads files under the directory's `tables/`
+only (nothing at all for a URI), installs and loads no extension, and its configuration is locked,
+so a query, whoever wrote it, cannot read other files, reach the network or change that.
 """
 
 from __future__ import annotations
@@ -48,6 +52,28 @@ def _pattern(view: str, trial: str | None) -> str:
     return _GLOBS[view] if trial is None else _GLOBS[view].replace("trial=*", f"trial={glob.escape(trial)}")
 
 
+def sandboxed(tables: Path | None) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection that may read files under `tables` and nothing else.
+
+    DuckDB's table functions (read_csv, read_text, read_blob, glob, a quoted path after FROM)
+    read any file the process can, and a query naming an https:// or s3:// path would download
+    and load the httpfs extension (into ~/.duckdb) and then reach the network, the cloud's
+    metadata service included. So: no extension is installed or loaded behind our back, file
+    access is limited to `tables` (given twice: as a path, and glob-escaped as the views'
+    patterns spell it, since DuckDB checks the pattern), spilling to disk is off (it would write
+    a .tmp folder), and the configuration is then locked so that no statement can undo it.
+    `tables=None` (a study on object storage, read into memory) allows no file at all.
+    """
+    con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
+    allowed = [] if tables is None else sorted({f"{tables}/", f"{glob.escape(str(tables))}/"})
+    # the order matters: allowed_directories cannot be set once external access is off
+    con.execute("set allowed_directories = $1", [allowed])
+    con.execute("set temp_directory = ''")
+    con.execute("set enable_external_access = false")
+    con.execute("set lock_configuration = true")
+    return con
+
+
 def open_tables(directory: str | os.PathLike[str], *, trial: str | None = None) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with the views `epochs`, `samples` and `trials` of `directory`.
 
@@ -62,10 +88,10 @@ def open_tables(directory: str | os.PathLike[str], *, trial: str | None = None) 
     """
     if is_uri(directory):
         return _open_remote(str(directory), trial)
-    root = Path(directory).expanduser()
+    root = Path(directory).expanduser().resolve()
     if not (root / "tables").is_dir():
         raise _no_tables(directory)
-    con = duckdb.connect(":memory:")
+    con = sandboxed(root / "tables")
     for view in _GLOBS:
         pattern = _pattern(view, trial)
         first = next(root.glob(pattern), None)
@@ -77,8 +103,9 @@ def open_tables(directory: str | os.PathLike[str], *, trial: str | None = None) 
             except StoreError:
                 con.close()
                 raise
+            # the directory's own name may hold glob characters (`exp[1]` would also match `exp1`)
             source = (
-                f"read_parquet({_sql_string(str(root.resolve() / pattern))}, "
+                f"read_parquet({_sql_string(glob.escape(str(root)) + '/' + pattern)}, "
                 "union_by_name = true, hive_partitioning = false)"
             )
         else:  # no file yet: an empty view with the declared columns
@@ -116,7 +143,7 @@ def _open_remote(directory: str, trial: str | None) -> duckdb.DuckDBPyConnection
     fs, root = open_storage(directory)
     if fs.get_file_info(f"{root}/tables").type != pafs.FileType.Directory:
         raise _no_tables(directory)
-    con = duckdb.connect(":memory:")
+    con = sandboxed(None)
     with ThreadPoolExecutor(_READERS) as pool:
         try:
             for view in _GLOBS:
@@ -182,6 +209,11 @@ def run_query(directory: str | os.PathLike[str], sql: str) -> pa.Table:
     con = open_tables(directory)
     try:
         return con.sql(sql).to_arrow_table()
+    except duckdb.PermissionException as exc:
+        raise QueryError(
+            f"query refused: {one_line(exc)}; a query reads the views epochs, samples, trials and evals of {directory}, "
+            "no other file and no network"
+        ) from exc
     except duckdb.Error as exc:
         raise QueryError(f"query failed: {one_line(exc)}") from exc
     finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import sys
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +93,11 @@ def _old_table_file(d: Path) -> None:
     pq.write_table(table.replace_schema_metadata({**table.schema.metadata, b"schema_version": b"1"}), target)
 
 
+def _secret_csv(d: Path) -> None:
+    """A CSV outside the tables: DuckDB reads a quoted `.csv` path after FROM without any function."""
+    (d / "secret.csv").write_text("key,value\naws_secret,abc\n")
+
+
 def _garbage_checkpoint(d: Path) -> None:
     (d / "garbage.pt").write_bytes(b"\x80\x02 not a torch file")
 
@@ -159,6 +165,20 @@ CASES = [
     Case("SQL that deletes", ["query", STUDY, "delete from epochs"], "SELECT"),
     Case("SQL that writes a file", ["query", STUDY, "copy epochs to '{d}/leak.csv'"], "SELECT"),
     Case("two SQL statements", ["query", STUDY, "select 1; select 2"], "exactly one"),
+    # -- queries that try to leave the study's tables (analysis.query.sandboxed) --------------------
+    Case("query reading /etc/passwd as CSV", ["query", STUDY, "select * from read_csv('/etc/passwd')"], "query refused"),
+    Case("query reading a file as text", ["query", STUDY, "select * from read_text('/etc/hostname')"], "query refused"),
+    Case("query reading a file as a blob", ["query", STUDY, "select * from read_blob('/etc/hostname')"], "query refused"),
+    Case("query listing files", ["query", STUDY, "select * from glob('/etc/*')"], "query refused"),
+    Case("query reading a JSON file", ["query", STUDY, "select * from read_json('/etc/hosts')"], "query refused"),
+    Case("query naming a file after FROM", ["query", STUDY, "select * from '{d}/secret.csv'"], "query refused", prepare=_secret_csv),
+    Case("query reading the study's spec", ["query", STUDY, "select * from read_text('{d}/studies/s/spec.yaml')"], "query refused"),
+    Case("query climbing out of tables/", ["query", STUDY, "select * from read_text('{d}/studies/s/tables/../spec.yaml')"], "query refused"),
+    Case("query reading another output's tables", ["query", STUDY, "select * from read_parquet('{d}/train/tables/trials/*.parquet')"],
+         "query refused"),
+    Case("query downloading over https", ["query", STUDY, "select * from read_parquet('https://127.0.0.1:9/x.parquet')"], "query refused"),
+    Case("query reaching a bucket", ["query", STUDY, "select * from 's3://bucket/x.parquet'"], "query refused"),
+    Case("query sniffing a CSV", ["query", STUDY, "select * from sniff_csv('/etc/passwd')"], "query refused"),
     Case("corrupted Parquet, query", ["query", STUDY, "select count(*) from epochs"], "epoch-0000.parquet", prepare=_corrupt_parquet),
     Case("corrupted Parquet, status", ["status", STUDY], "epoch-0000.parquet", prepare=_corrupt_parquet),
     Case("truncated journal, status", ["status", STUDY], "optuna.journal", prepare=_truncate_journal),
@@ -212,9 +232,17 @@ def test_at_least_25_distinct_bad_inputs() -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_bad_input_is_one_line_exit_2_and_changes_nothing(case: Case, pristine: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(
+    case: Case, pristine: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     d = tmp_path / "case"
     shutil.copytree(pristine, d)
+    # the home folder inside the case, so the snapshot sees what lands there (DuckDB's ~/.duckdb
+    # extensions, ~/.energyat journals); Ray's session folder inside it too, to see it never starts
+    (d / "home").mkdir()
+    monkeypatch.setenv("HOME", str(d / "home"))
+    monkeypatch.setenv("RAY_TMPDIR", str(d / "home" / "ray"))
+    monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "matplotlib"))  # matplotlib's font cache, not energyat's
     if isinstance(case.spec, dict):
         (d / "spec.yaml").write_text(yaml.safe_dump(case.spec))
     elif isinstance(case.spec, str):
@@ -235,3 +263,11 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case: Case, pristine: 
     assert case.expect.replace("{d}", str(d)) in lines[0], lines[0]
     assert out == ""
     assert _snapshot(d) == before, "a bad input changed files"
+    assert not _ray_started(), "a bad input started Ray"
+
+
+def _ray_started() -> bool:
+    """Whether this process initialised Ray (the cases run in-process; Ray is never imported
+    by a case that fails before it, and a study would initialise it here)."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()

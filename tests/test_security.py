@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +87,20 @@ def test_no_credentials_in_the_repository() -> None:
     assert found == []
     cluster = yaml.safe_load((ROOT / "cluster.yaml").read_text())
     assert "aws_secret_access_key" not in str(cluster).lower() and "aws_access_key_id" not in str(cluster).lower()
+
+
+def test_a_directory_named_like_a_glob_is_read_as_itself(tmp_path: Path, capfd) -> None:
+    # `exp[1]` as a DuckDB glob matches `exp1`: the directory's own name must be escaped, or a
+    # query of one study reads another's rows (or none)
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(yaml.safe_dump({**TINY, "epochs": 1}))
+    bracketed = tmp_path / "exp[1]"
+    assert main(["train", str(spec), "--out", str(bracketed)]) == 0
+    lookalike = tmp_path / "exp1"
+    shutil.copytree(bracketed, lookalike)
+    for table in ("epochs", "samples", "evals"):
+        shutil.rmtree(lookalike / "tables" / table)
+    capfd.readouterr()
+    sql = "select (select count(*) from epochs), (select count(*) from samples) > 0, (select count(*) from evals) > 0"
+    assert main(["query", str(bracketed), sql, "--format", "csv"]) == 0
+    assert capfd.readouterr().out.splitlines()[1] == "1,true,true"
