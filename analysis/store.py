@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 import uuid
 from functools import lru_cache
@@ -33,8 +34,20 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from analysis.errors import StoreError, one_line
+from analysis.errors import EnergyatError, StoreError, one_line
 from analysis.schema import SCHEMA_VERSION, TABLES, TRIAL_OUTCOME, config_column
+
+# Names that become one folder or file name (study names, trial ids, evaluated models): letters,
+# digits, `_`, `.` and `-`, starting with a letter or a digit. So never a separator, `..`, a glob
+# character, a newline or a query string: a name cannot leave its folder or match another's files.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def check_name(name: object, what: str) -> str:
+    """`name` if it matches :data:`SAFE_NAME`, else one line saying what is allowed."""
+    if not isinstance(name, str) or SAFE_NAME.fullmatch(name) is None:
+        raise EnergyatError(f"{what} {name!r}: use 1-128 letters, digits, `_`, `.` or `-`, starting with a letter or digit (it names a folder)")
+    return name
 
 
 def is_uri(location: str | os.PathLike[str]) -> bool:

@@ -157,6 +157,12 @@ CASES = [
     Case("resume a missing study", ["resume", "{d}/nowhere"], "not a study directory"),
     Case("resume without tune/", ["resume", STUDY], "no restorable Ray Tune experiment", prepare=_drop_tune),
     Case("run into an existing study", ["run", SMOKE, "--storage", "{d}/studies", "--name", "s"], "already holds a study"),
+    Case("a study --name that climbs", ["run", SMOKE, "--storage", "{d}/studies", "--name", "../x"], "`name`"),
+    Case("a study name with glob characters", RUN, "`name`", _study_spec(name="exp[1]")),
+    Case("a study --name that is absolute", ["run", SMOKE, "--storage", "{d}/studies", "--name", "/tmp/x"], "`name`"),
+    Case("a --trial-id that is absolute", [*TRAIN, "--trial-id", "/abs"], "--trial-id", _spec()),
+    Case("a --trial-id with a newline", [*TRAIN, "--trial-id", "a\nb"], "--trial-id", _spec()),
+    Case("a --trial that climbs", ["eval", "{d}/train", "--trial", "../train"], "--trial '../train'"),
     Case("train --out a URI", ["train", SMOKE, "--out", "s3://bucket/out"], "give a local directory"),
     Case("train a different spec into an output", ["train", "{d}/spec.yaml", "--out", "{d}/train"], "different spec", _spec(epochs=1, lr=0.2)),
     # -- stored data ------------------------------------------------------------------------------

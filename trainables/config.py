@@ -19,6 +19,7 @@ from fractions import Fraction
 from typing import Any, Literal, Mapping, get_args, get_type_hints
 
 from analysis.errors import SpecError, unknown_choice
+from analysis.store import SAFE_NAME
 
 Norm = Literal["linf", "l2"]
 MethodName = Literal["standard", "sat", "trades", "weat", "der", "fgsm_rs", "mart"]
@@ -337,6 +338,8 @@ def parse_trial(spec: Mapping[str, Any]) -> TrialConfig:
 def _check_ranges(cfg: TrialConfig) -> None:
     """Value checks that types cannot express. Each names its key."""
     checks: list[tuple[str, bool, str]] = [
+        ("name", SAFE_NAME.fullmatch(cfg.name) is not None,
+         f"{cfg.name!r}: use 1-128 letters, digits, `_`, `.` or `-`, starting with a letter or digit (it names the study's folder)"),
         ("epochs", cfg.epochs >= 1, "must be at least 1"),
         ("batch_size", cfg.batch_size >= 2, "must be at least 2 (batch norm needs 2 samples)"),
         ("lr", cfg.lr > 0, "must be positive"),

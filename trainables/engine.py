@@ -41,7 +41,15 @@ from torch import nn
 from analysis.errors import EnergyatError
 from analysis.phases import DETECTOR_COLUMNS, OnlineDetector, PhaseResult, detect, should_stop
 from analysis.schema import SCHEMA_VERSION
-from analysis.store import check_schema_version, is_uri, provenance, read_trial_rows, write_epoch_rows, write_trial_row
+from analysis.store import (
+    check_name,
+    check_schema_version,
+    is_uri,
+    provenance,
+    read_trial_rows,
+    write_epoch_rows,
+    write_trial_row,
+)
 from trainables import checkpoint
 from trainables.config import TrialConfig, flatten
 from trainables.data import ImageData, augment, load_dataset, to_float
@@ -299,6 +307,7 @@ def run_trial(
     Returns:
         The trial's `trials` row (outcome columns) as a dict.
     """
+    check_name(trial_id, "trial id (--trial-id)")  # it names the trial's folders and files
     if is_uri(out):  # kept a string: Path would fold s3://bucket into s3:/bucket
         if checkpoint_dir is None:
             raise EnergyatError(f"out={out} is a URI: give a local checkpoint_dir (checkpoints are written locally)")

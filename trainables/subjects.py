@@ -20,7 +20,6 @@ from __future__ import annotations
 import difflib
 import json
 import pickle
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping
@@ -30,7 +29,7 @@ import yaml
 from torch import nn
 
 from analysis.errors import EnergyatError, StoreError, one_line
-from analysis.store import check_schema_version, is_uri
+from analysis.store import check_name, check_schema_version, is_uri
 from trainables import checkpoint
 from trainables.config import MODEL_NAMES, TrialConfig, parse_trial, trial_spec
 from trainables.data import ImageData
@@ -41,7 +40,6 @@ Source = Literal["trial", "checkpoint", "robustbench"]
 # what RobustBench evaluates at, per threat model, when --eps is not given
 ROBUSTBENCH_EPS = {"linf": 8 / 255, "l2": 0.5}
 ROBUSTBENCH_DATASETS = ("cifar10", "cifar100")  # the zoo's datasets that energyat can load
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 @dataclass(frozen=True)
@@ -67,13 +65,6 @@ class Subject:
     def label(self) -> str:
         """How figures and tables name it: the method for trials, the source otherwise."""
         return self.method if self.method is not None else self.source
-
-
-def check_name(name: str, what: str = "--name") -> str:
-    """A name that becomes a folder of the tables (`trial=<name>`): letters, digits, `_.-`."""
-    if not _NAME.match(name):
-        raise EnergyatError(f"{what} {name!r}: use 1-128 letters, digits, `_`, `.` or `-` (it names a folder of the tables)")
-    return name
 
 
 # -- energyat's own trials ------------------------------------------------------------------------
@@ -110,8 +101,7 @@ def _spec_document(spec_file: Path) -> dict[str, Any]:
 def trial_subject(directory: str | Path, trial_id: str) -> Subject:
     """The spec and best checkpoint of `trial_id` in a local study or train-output directory
     (``best``: the trial with the highest best validation robust accuracy)."""
-    if trial_id == "best":
-        trial_id = best_trial(directory)
+    trial_id = best_trial(directory) if trial_id == "best" else check_name(trial_id, "--trial")
     if is_uri(directory):
         raise EnergyatError(f"{directory}: checkpoints are read from a local directory; copy the study (spec.yaml, tune/<trial>) to disk first")
     root = Path(directory).expanduser()
