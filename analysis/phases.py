@@ -45,7 +45,9 @@ import numpy as np
 
 # The columns the online rule reads: training-side only, never test metrics (DESIGN.md 6).
 # Whoever feeds an OnlineDetector (engine, stopper, replay) passes exactly these.
-DETECTOR_COLUMNS = ("epoch", "lr", "probe_train_dE", "probe_train_E")
+# `probed` tells an epoch without a probe (dE missing: keep the label) from a probed epoch whose
+# energies came back NaN or infinite (the divergence the alarm exists for).
+DETECTOR_COLUMNS = ("epoch", "lr", "probe_train_dE", "probe_train_E", "probed")
 
 
 def _finite(value: Any) -> bool:
@@ -67,6 +69,7 @@ class _State:
     gated: bool = False  # lr has fallen to lr_gate * max_lr (or the rows carry no lr)
     gate_epoch: int | None = None  # the first gated epoch
     floor: float | None = None  # the floor in force from phase 2 on
+    nonfinite_epoch: int | None = None  # a probed epoch whose energies were NaN or infinite
 
 
 class OnlineDetector:
@@ -117,7 +120,10 @@ class OnlineDetector:
     def update(self, row: Mapping[str, Any]) -> tuple[int, bool]:
         """Feed one epoch; returns (phase, alarm) as of this epoch.
 
-        Epochs without a probe (``probe_train_dE`` NaN or missing) keep the current label.
+        Epochs without a probe (``probe_train_dE`` NaN or missing) keep the current label. A
+        probed epoch (``probed`` true) whose energies are NaN or infinite raises the alarm at
+        once, in any phase and whatever the learning rate: the energies have diverged beyond
+        measure, and the rule's |dE| statistics cannot see it.
         """
         s, p = self._s, self.params
         epoch = int(row["epoch"])
@@ -133,9 +139,14 @@ class OnlineDetector:
         if s.gated and s.gate_epoch is None:
             s.gate_epoch = epoch
         value = row.get("probe_train_dE") if hasattr(row, "get") else row["probe_train_dE"]
+        energy = row.get("probe_train_E") if hasattr(row, "get") else None
+        probed = row.get("probed") if hasattr(row, "get") else None
+        if probed is not None and bool(probed) and not (_finite(value) and (energy is None or _finite(energy))):
+            if s.alarm_epoch is None:
+                s.phase, s.alarm_epoch, s.nonfinite_epoch = 3, epoch, epoch
+            return s.phase, True
         if not _finite(value):
             return s.phase, s.alarm_epoch is not None
-        energy = row.get("probe_train_E") if hasattr(row, "get") else None
         if _finite(energy):
             s.energy = abs(float(energy))
         s.mags.append(abs(float(value)))
@@ -176,12 +187,27 @@ class OnlineDetector:
         return self._s.last_epoch
 
     @property
+    def nonfinite_epoch(self) -> int | None:
+        """The first probed epoch whose energies were NaN or infinite, if it raised the alarm."""
+        return self._s.nonfinite_epoch
+
+    @property
     def phase2_start(self) -> int | None:
         return self._s.phase2_start
 
     @property
     def alarm_epoch(self) -> int | None:
         return self._s.alarm_epoch
+
+    @property
+    def alarm_reason(self) -> str | None:
+        """Why the alarm fired, in words (None before it has)."""
+        s, p = self._s, self.params
+        if s.alarm_epoch is None:
+            return None
+        if s.nonfinite_epoch == s.alarm_epoch:
+            return f"non-finite probe energies at epoch {s.alarm_epoch}"
+        return f"|dE| at least {p['ratio']}x its phase-2 baseline for {p['patience']} probed epochs, at epoch {s.alarm_epoch}"
 
     @property
     def gate_epoch(self) -> int | None:
@@ -262,11 +288,19 @@ def detect(epochs: Any, **detector_params: Any) -> PhaseResult:
     nan = np.full(len(epoch), np.nan)
     energy = _column(epochs, "probe_train_E")[order] if _has_column(epochs, "probe_train_E") else nan
     lr = _column(epochs, "lr")[order] if _has_column(epochs, "lr") else nan
+    probed = _column(epochs, "probed")[order] if _has_column(epochs, "probed") else nan
     det = OnlineDetector(**detector_params)
-    for e, v, en, r in zip(epoch, d_e, energy, lr):
-        det.update({"epoch": int(e), "probe_train_dE": float(v), "probe_train_E": float(en), "lr": float(r)})
+    for e, v, en, r, p in zip(epoch, d_e, energy, lr, probed):
+        det.update({"epoch": int(e), "probe_train_dE": float(v), "probe_train_E": float(en), "lr": float(r),
+                    "probed": None if math.isnan(p) else bool(p)})
     labels = np.ones(len(epoch), dtype=int)
     p2 = det.phase2_start
+    if det.nonfinite_epoch is not None and det.nonfinite_epoch == det.alarm_epoch:
+        # no |dE| to fit a change point to: the onset is the epoch the energies stopped being numbers
+        labels[epoch >= det.alarm_epoch] = 3
+        if p2 is not None:
+            labels[(epoch >= p2) & (epoch < det.alarm_epoch)] = 2
+        return PhaseResult(epoch, labels, p2, det.alarm_epoch, det.alarm_epoch)
     if p2 is None:
         return PhaseResult(epoch, labels, None, None, None)
     labels[epoch >= p2] = 2

@@ -55,6 +55,7 @@ EPOCHS = pa.schema(
         _f("weight_max", pa.float64(), "largest per-sample loss weight of the epoch"),
         _f("phase", pa.int8(), "online phase label (1, 2, 3) as the detector saw it this epoch"),
         _f("alarm", pa.bool_(), "the online detector's energy-divergence alarm (robust-overfitting onset)"),
+        _f("alarm_reason", pa.string(), "why the alarm fired (|dE| growth, or non-finite probe energies), with its epoch; null without an alarm"),
         _f("best_val_robust_acc", pa.float64(), "running best of val_robust_acc up to this epoch (what the searcher optimises); NaN before the first probe"),
         _f("best_val_clean_acc", pa.float64(), "val_clean_acc at the epoch of best_val_robust_acc; NaN before the first probe"),
         _f("probed", pa.bool_(), "whether the energy probe and test evaluation ran this epoch"),

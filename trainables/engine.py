@@ -396,14 +396,14 @@ def run_trial(
             # -- detect phase ------------------------------------------------------------------------
             row: dict[str, Any] = {"study": study, "trial_id": trial_id, "epoch": epoch, "method": cfg.method}
             row.update({k: v for k, v in train.items() if k != "images"})
-            row.update(probe_cols)
+            row.update(probe_cols, probed=probed)
             phase, alarm = detector.update({k: row.get(k) for k in DETECTOR_COLUMNS})
             # -- select on the validation split (never on test) ----------------------------------------
             if probed and probe_cols["val_robust_acc"] > progress.best_acc:
                 progress.best_acc, progress.best_clean, progress.best_epoch = probe_cols["val_robust_acc"], probe_cols["val_clean_acc"], epoch
                 checkpoint.save(best, {"model": model.state_dict(), "epoch": epoch})
             row.update(
-                phase=phase, alarm=alarm, probed=probed,
+                phase=phase, alarm=alarm, alarm_reason=detector.alarm_reason,
                 best_val_robust_acc=progress.best_acc if progress.best_epoch is not None else math.nan,
                 best_val_clean_acc=progress.best_clean,
                 epoch_seconds=train_seconds, probe_seconds=probe_seconds,
