@@ -130,6 +130,23 @@ def trial_file(root: str, trial_id: str) -> str:
     return f"{root}/tables/trials/trial={trial_id}.parquet"
 
 
+def durable_replace(tmp: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
+    """Rename the finished file `tmp` to `path`, durably: the data reaches the disk before the
+    rename (else a power loss can leave the new name on an empty file, as ext4 and XFS allow),
+    and the rename reaches it before we go on (the directory is synced too)."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_atomic(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
     parent = path.rsplit("/", 1)[0]
     fs.create_dir(parent, recursive=True)
@@ -137,7 +154,7 @@ def _write_atomic(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
         name = path.rsplit("/", 1)[1]
         tmp = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp"
         pq.write_table(table, tmp, filesystem=fs)
-        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
+        durable_replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
         # a writer killed mid-write (a trial's worker, the test_kills way) left its temporary file;
         # the restarted trial rewrites the same file, and this is the moment it is certainly stale
         for stale in Path(parent).glob(f".{name}.*.tmp"):

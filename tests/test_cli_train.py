@@ -38,7 +38,7 @@ def test_train_writes_three_complete_finite_epoch_rows(sat_run: Path) -> None:
     assert [r["epoch"] for r in rows] == [0, 1, 2]
     for row in rows:
         assert set(EPOCHS.names) <= set(row)
-        for name in EPOCHS.names:
+        for name in set(EPOCHS.names) - {"alarm_reason"}:  # null without an alarm
             assert row[name] is not None, name
             if isinstance(row[name], float):
                 assert math.isfinite(row[name]), name

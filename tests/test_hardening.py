@@ -50,3 +50,118 @@ def test_the_study_stopper_stops_a_trial_whose_energies_went_non_finite(tmp_path
     stopper = EnergyDivergenceStopper(str(tmp_path), patience=0)
     decisions = [stopper("t1", {**r, "best_val_robust_acc": 0.5}) for r in _rows(10, nan_at=4, probed_nan=True)]
     assert decisions.index(True) == 4
+
+
+# -- damaged checkpoints and durable writes (issue 14, item 5) ------------------------------------
+
+import os  # noqa: E402
+import shutil  # noqa: E402
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+from analysis.store import read_trial_rows  # noqa: E402
+from conftest import TINY  # noqa: E402
+from study.cli import main  # noqa: E402
+from trainables import checkpoint  # noqa: E402
+
+
+class _Crash(Exception):
+    pass
+
+
+def _crash_after_epoch_1(row: dict, _ckpt: Path) -> None:
+    if row["epoch"] == 1:
+        raise _Crash  # after epoch 1's rows and checkpoints: a process that died there
+    return None
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An `energyat train` output of 4 epochs, probed at 0, 2 and 3, that died after epoch 1:
+    best.pt holds epoch 0, last.pt epoch 1."""
+    from study.spec import load_spec
+    from trainables.engine import run_trial
+
+    base = tmp_path_factory.mktemp("finished")
+    (base / "spec.yaml").write_text(yaml.safe_dump({**TINY, "epochs": 4, "probe": {**TINY["probe"], "every": 2}}))
+    _raw, cfg, _study = load_spec(str(base / "spec.yaml"), [])
+    with pytest.raises(_Crash):
+        run_trial(cfg, out=base / "out", on_epoch=_crash_after_epoch_1, spec_file=base / "out" / "spec.yaml")
+    return base
+
+
+DAMAGE = {
+    "truncated": lambda b: b[: len(b) // 2],
+    "empty": lambda b: b"",
+    "garbage": lambda b: os.urandom(len(b)),
+}
+
+
+@pytest.mark.parametrize("kind", DAMAGE)
+def test_a_damaged_last_checkpoint_is_named_and_the_trial_continues_from_best(kind: str, finished: Path, tmp_path: Path, capfd) -> None:
+    case = tmp_path / "case"
+    shutil.copytree(finished, case)
+    ckpt = case / "out" / "checkpoints" / "train"
+    assert checkpoint.load(ckpt / "best.pt")["epoch"] == 0 and checkpoint.load(ckpt / "last.pt")["progress"]["next_epoch"] == 2
+    last = ckpt / "last.pt"
+    last.write_bytes(DAMAGE[kind](last.read_bytes()))
+    rows = case / "out" / "tables" / "epochs" / "trial=train"
+    before = {p.name: p.stat().st_mtime_ns for p in rows.iterdir()}
+    capfd.readouterr()
+    assert main(["train", str(case / "spec.yaml"), "--out", str(case / "out")]) == 0
+    err = capfd.readouterr().err
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and str(last) in warnings[0] and "damaged" in warnings[0] and "best.pt" in warnings[0], err
+    # the epochs after the best one ran again and rewrote their own files; the ones up to it were kept
+    after = {p.name: p.stat().st_mtime_ns for p in rows.iterdir()}
+    assert sorted(before) == ["epoch-0000.parquet", "epoch-0001.parquet"]
+    assert sorted(after) == [f"epoch-{e:04d}.parquet" for e in range(4)]
+    assert after["epoch-0000.parquet"] == before["epoch-0000.parquet"] and after["epoch-0001.parquet"] != before["epoch-0001.parquet"]
+    epochs = read_trial_rows(str(case / "out"), table="epochs", trial_id="train", columns=["epoch"])["epoch"]
+    assert epochs == [0, 1, 2, 3]
+    state = checkpoint.load(last)  # whole again
+    assert state["progress"]["next_epoch"] == 4 and state["progress"]["stop_reason"] == "completed"
+
+
+def test_with_both_checkpoints_damaged_the_trial_starts_afresh(finished: Path, tmp_path: Path, capfd) -> None:
+    case = tmp_path / "case"
+    shutil.copytree(finished, case)
+    ckpt = case / "out" / "checkpoints" / "train"
+    for name in ("last.pt", "best.pt"):
+        (ckpt / name).write_bytes(b"")
+    capfd.readouterr()
+    assert main(["train", str(case / "spec.yaml"), "--out", str(case / "out")]) == 0
+    warnings = [line for line in capfd.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 2 and "last.pt" in warnings[0] and "best.pt" in warnings[1] and "epoch 0" in warnings[1]
+    assert checkpoint.load(ckpt / "last.pt")["progress"]["next_epoch"] == 4
+    assert read_trial_rows(str(case / "out"), table="epochs", trial_id="train", columns=["epoch"])["epoch"] == [0, 1, 2, 3]
+
+
+def test_checkpoints_and_table_files_reach_the_disk_before_their_rename(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # os.fsync still syncs; it also records what it synced, and os.replace when it renamed
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src: str, dst: str) -> None:
+        events.append(("replace", str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    import torch
+
+    from analysis.store import write_epoch_rows
+    from analysis.schema import EPOCHS
+
+    checkpoint.save(tmp_path / "ck" / "last.pt", {"w": torch.zeros(3)})
+    write_epoch_rows(str(tmp_path), table="epochs", trial_id="t", epoch=0,
+                     columns={name: [None] for name in EPOCHS.names}, provenance={})
+    for target in (tmp_path / "ck" / "last.pt", tmp_path / "tables/epochs/trial=t/epoch-0000.parquet"):
+        i = events.index(("replace", str(target)))
+        assert events[i - 1][0] == "fsync" and events[i - 1][1].startswith(str(target.parent / f".{target.name}.")), events
+        assert events[i + 1] == ("fsync", str(target.parent)), events

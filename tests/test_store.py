@@ -18,7 +18,7 @@ from analysis.store import write_epoch_rows, write_trial_row
 
 def _row(trial: str, epoch: int, loss: float) -> dict[str, list[object]]:
     row: dict[str, object] = {name: 0.5 for name in EPOCHS.names}
-    row.update(study="s", trial_id=trial, epoch=epoch, method="sat", phase=1, alarm=False, probed=True, train_loss=loss)
+    row.update(study="s", trial_id=trial, epoch=epoch, method="sat", phase=1, alarm=False, alarm_reason=None, probed=True, train_loss=loss)
     return {k: [v] for k, v in row.items()}
 
 

@@ -174,7 +174,7 @@ def test_stopper_waits_for_alarm_and_patience_and_rebuilds_after_restart(tmp_pat
     (tmp_path / "tables").mkdir(exist_ok=True)
     for r in rows[:first]:
         full = {name: [0.5] for name in EPOCHS.names} | {k: [v] for k, v in r.items()}
-        full.update(study=["s"], trial_id=["t1"], method=["sat"], phase=[1], alarm=[False], probed=[True])
+        full.update(study=["s"], trial_id=["t1"], method=["sat"], phase=[1], alarm=[False], alarm_reason=[None], probed=[True])
         write_epoch_rows(str(tmp_path), table="epochs", trial_id="t1", epoch=r["epoch"], columns=full, provenance={})
     restarted = EnergyDivergenceStopper(str(tmp_path), patience=10)
     assert restarted("t1", rows[first]) is True

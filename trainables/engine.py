@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -344,8 +345,8 @@ def run_trial(
     progress = _Progress()
 
     last, best = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
-    if last.exists():
-        state = checkpoint.load(last)
+    state = _resume_state(last, best)
+    if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         detector = OnlineDetector.from_state_dict(state["detector"])
@@ -399,9 +400,9 @@ def run_trial(
             row.update(probe_cols, probed=probed)
             phase, alarm = detector.update({k: row.get(k) for k in DETECTOR_COLUMNS})
             # -- select on the validation split (never on test) ----------------------------------------
-            if probed and probe_cols["val_robust_acc"] > progress.best_acc:
+            new_best = probed and probe_cols["val_robust_acc"] > progress.best_acc
+            if new_best:
                 progress.best_acc, progress.best_clean, progress.best_epoch = probe_cols["val_robust_acc"], probe_cols["val_clean_acc"], epoch
-                checkpoint.save(best, {"model": model.state_dict(), "epoch": epoch})
             row.update(
                 phase=phase, alarm=alarm, alarm_reason=detector.alarm_reason,
                 best_val_robust_acc=progress.best_acc if progress.best_epoch is not None else math.nan,
@@ -423,7 +424,10 @@ def run_trial(
                 progress.stop_reason = f"error: non-finite loss at epoch {epoch}"
             elif stop_patience is not None and should_stop(alarm=alarm, epoch=epoch, best_epoch=progress.best_epoch, patience=stop_patience):
                 progress.stop_reason = "energy_divergence"
-            checkpoint.save(last, _checkpoint_state(model, opt, detector, progress, device))
+            state = _checkpoint_state(model, opt, detector, progress, device)
+            checkpoint.save(last, state)
+            if new_best:  # the whole state, not only the weights: a damaged last.pt falls back to it
+                checkpoint.save(best, {**state, "epoch": epoch})
             write_trial_row(str(out), trial_id=trial_id, outcome=outcome("RUNNING"), config=flat_config, provenance=prov)
             if on_epoch is not None and progress.stop_reason is None and progress.next_epoch < cfg.epochs:
                 reason = on_epoch(row, ckpt_dir)
@@ -455,6 +459,25 @@ def _offline_phases(out: str | Path, trial_id: str) -> PhaseResult:
     """Offline phases over every epoch row the trial has written (also those of earlier runs),
     read with pyarrow (no DuckDB: the engine runs where only torch, numpy and pyarrow are)."""
     return detect(read_trial_rows(str(out), table="epochs", trial_id=trial_id, columns=DETECTOR_COLUMNS))
+
+
+def _resume_state(last: Path, best: Path) -> dict[str, Any] | None:
+    """The state to continue from: last.pt; when it is damaged (a full disk, a lost node, a bad
+    copy), best.pt, the whole state as of the best epoch, an earlier point of the same run whose
+    later epochs then run again and rewrite their own rows; None to start afresh. Each damaged
+    file is named in one warning line; a refused one (code inside) still stops the trial."""
+    for path in (last, best):
+        if not path.exists():
+            continue
+        try:
+            state = checkpoint.load(path)
+        except checkpoint.DamagedCheckpointError as exc:
+            then = "best.pt" if path == last and best.exists() else "epoch 0"
+            print(f"energyat: warning: {exc}; continuing from {then}", file=sys.stderr, flush=True)
+            continue
+        if "progress" in state:  # an older energyat's best.pt held the weights only
+            return state
+    return None
 
 
 def _checkpoint_state(model: nn.Module, opt: torch.optim.Optimizer, detector: OnlineDetector, progress: _Progress, device: torch.device) -> dict[str, Any]:
