@@ -14,7 +14,8 @@ from analysis.query import open_tables
 from analysis.schema import EPOCHS
 from trainables.config import DerConfig, WeatConfig, parse_trial
 from trainables.engine import run_trial
-from trainables.methods import METHODS, MethodParams, delta_energy_penalty
+from trainables.methods import METHODS, MethodParams, delta_energy_penalty, weat_weights
+from trainables.models import build_model
 from conftest import TINY
 
 
@@ -58,13 +59,75 @@ def test_der_penalty_is_zero_inside_gamma_and_euclidean_outside() -> None:
     assert delta_energy_penalty(nat, adv, y, gamma=10.0)[1] == 0
 
 
-def test_single_step_der_gates_on_abnormal_examples(trained_cnn, digits_batch) -> None:
-    # the reported DER weights are the AAE gate: 0 or 1, CE(x*) < CE(x)
+def _ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy per sample in float64, written out (not F.cross_entropy)."""
+    logits = logits.double()
+    return torch.logsumexp(logits, 1) - logits.gather(1, y[:, None]).squeeze(1)
+
+
+def test_single_step_der_gate_is_ce_after_the_step_below_ce_before(digits_batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+    # DER's single-step gate (arXiv 2505.22486): the penalty applies to abnormal adversarial
+    # examples only, those whose loss after the FGSM-RS step is *lower* than before,
+    # CE(x*, y) < CE(x, y). A trained model has none at eps 0.15 (every gate 0, so any rule
+    # passes); a freshly initialised CNN (seed 3) with a large ball (eps 0.5, step 1.0) has 17
+    # of 64, so a flipped comparison, a gate of ones or an ungated penalty each change the numbers.
     x, y = digits_batch
-    trained_cnn.train()
-    _, parts = METHODS["der"].loss(trained_cnn, x, y, params=_params(der=DerConfig(single_step=True)))
-    trained_cnn.eval()
-    assert set(parts.weights.unique().tolist()) <= {0.0, 1.0}
+    torch.manual_seed(3)
+    model = build_model("small_cnn", in_channels=1, num_classes=10, image_size=8).train()
+    params = _params(eps=0.5, fgsm_step=1.0, der=DerConfig(single_step=True, gamma=0.0))
+    loss, parts = METHODS["der"].loss(model, x, y, params=params)
+    ce, ce_adv = _ce(parts.logits, y), _ce(parts.logits_adv, y)
+    gate = (ce_adv < ce).double()
+    assert 10 <= int(gate.sum()) <= len(y) - 10  # both kinds present (measured: 17 abnormal)
+    assert parts.weights.tolist() == gate.tolist()
+    # and the loss applies it: mean(CE(x*) + beta * gate * ||[dE(x), dE(x, y)]||), gamma 0
+    logits, logits_adv = parts.logits.double(), parts.logits_adv.double()
+    d_marginal = torch.logsumexp(logits_adv, 1) - torch.logsumexp(logits, 1)  # E(x) - E(x*)
+    d_joint = logits_adv.gather(1, y[:, None]).squeeze(1) - logits.gather(1, y[:, None]).squeeze(1)  # E(x,y) - E(x*,y)
+    penalty = torch.hypot(d_marginal, d_joint)
+    expected = (ce_adv + params.beta * gate * penalty).mean()
+    assert loss.item() == pytest.approx(float(expected), rel=1e-5)
+    ungated = (ce_adv + params.beta * penalty).mean()
+    assert abs(float(ungated) - float(expected)) > 1e-3 * float(expected)  # the gate is visible in the loss
+
+
+@pytest.mark.parametrize(
+    "weat",
+    [
+        WeatConfig(tau=2.5, power=1.5, energy="adversarial"),  # the `energy: adversarial` branch, tau != 1
+        WeatConfig(tau=0.5, power=2.0, energy="natural", normalize=True),
+    ],
+    ids=["adversarial-tau2.5", "natural-tau0.5-normalized"],
+)
+def test_weat_weights_are_the_closed_form_of_the_chosen_energy_over_tau(
+    weat: WeatConfig, trained_cnn: torch.nn.Module, digits_batch: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    # PAPER.md section 3: w_i = log(1 + exp(|E_i| / tau)) ** (-power), E = -logsumexp of the
+    # natural (`energy: natural`) or the adversarial (`energy: adversarial`) logits, divided by
+    # the batch mean with `normalize`; the loss is mean(w * (CE(x*) + beta * KL(p(x) || p(x*)))).
+    # Computed here in float64 from the logits the method returns.
+    x, y = digits_batch
+    model = copy.deepcopy(trained_cnn).train()  # a copy: a train-mode forward moves batch-norm statistics
+    loss, parts = METHODS["weat"].loss(model, x, y, params=_params(weat=weat))
+
+    def closed_form(logits: torch.Tensor) -> torch.Tensor:
+        energy = -torch.logsumexp(logits.double(), 1)
+        w = torch.log1p(torch.exp(energy.abs() / weat.tau)) ** (-weat.power)
+        return w / w.mean() if weat.normalize else w
+
+    chosen, other = (parts.logits_adv, parts.logits) if weat.energy == "adversarial" else (parts.logits, parts.logits_adv)
+    expected = closed_form(chosen)
+    assert parts.weights.double().tolist() == pytest.approx(expected.tolist(), rel=1e-5)
+    # the other energy gives other weights (measured: |E(x) - E(x*)| is about 3 on average), so
+    # the branch is seen; and so does tau 1 without normalisation (with it, tau nearly cancels:
+    # |E| / tau is 14-22 here, where softplus is linear)
+    assert (closed_form(other) - expected).abs().max() > 0.05 * expected.abs().max()
+    if not weat.normalize:
+        tau_one = replace(weat, tau=1.0)
+        assert not torch.allclose(weat_weights(-torch.logsumexp(chosen, 1), tau_one).double(), expected, rtol=1e-2)
+    log_p, log_q = torch.log_softmax(parts.logits.double(), 1), torch.log_softmax(parts.logits_adv.double(), 1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(1)
+    assert loss.item() == pytest.approx(float((expected * (_ce(parts.logits_adv, y) + 6.0 * kl)).mean()), rel=1e-5)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

@@ -172,3 +172,28 @@ def test_offline_onset_is_not_placed_before_the_lr_drop() -> None:
     result = detect(data)
     assert result.alarm_epoch is not None and result.alarm_epoch >= 60
     assert result.phase3_start is not None and 60 <= result.phase3_start <= result.alarm_epoch
+
+
+@pytest.mark.parametrize("onset", [40, 60, 77])
+@pytest.mark.parametrize(("sign", "scale"), [(-1.0, 0.3), (1.0, 1.0), (-1.0, 5.0)])
+def test_a_noise_free_divergence_alarms_six_epochs_after_its_onset(onset: int, sign: float, scale: float) -> None:
+    # The exact epochs of the default rule on curve(noise=0), worked out by hand (m_t: the median
+    # of the last 3 |dE|, which on a rising curve is |dE| one epoch back):
+    # - phase 2 starts at 9, the first epoch where m moved by under 15% over 3 probed epochs:
+    #   (m_t - m_{t-3}) / m_{t-3} = 0.569 u / (1 - 0.9 u), u = exp(-(t - 4) / 3), is 0.197 at 8 and
+    #   0.129 at 9; scale and sign drop out (|dE| relative to itself, far above the 0.05 floor);
+    # - the baseline has crept to 0.985-0.998 by the onset (adapt 0.05) and keeps adapting while
+    #   m is under 1.3 x baseline: 1.013-1.023 at onset + 4; m = 1 + 0.085 (t - 1 - onset) is 0.24-0.26
+    #   above it at onset + 4 and first reaches 1.3 x it at onset + 5 (growth 0.31-0.32), again at
+    #   onset + 6: patience 2, so the alarm fires at onset + 6 (the lr dropped at onset - 2: the
+    #   gate is open);
+    # - the offline onset is onset + 1, where the smoothed (one-epoch-late) |dE| starts to rise.
+    # An off-by-one in patience or smoothing, or another ratio, moves one of these.
+    data = curve(sign=sign, scale=scale, onset=onset, noise=0.0)
+    det = OnlineDetector()
+    alarms = [det.update({k: data[k][i] for k in data})[1] for i in range(100)]
+    assert det.phase2_start == 9 and det.alarm_epoch == onset + 6
+    assert alarms.index(True) == onset + 6 and all(alarms[onset + 6 :])
+    result = detect(data)
+    assert (result.phase2_start, result.alarm_epoch, result.phase3_start) == (9, onset + 6, onset + 1)
+    assert result.labels.tolist() == [1] * 9 + [2] * (onset + 1 - 9) + [3] * (100 - onset - 1)
