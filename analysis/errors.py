@@ -9,7 +9,21 @@ from __future__ import annotations
 
 
 class EnergyatError(Exception):
-    """Bad input: a spec, a flag, a path or stored data the user can fix. Exit code 2."""
+    """Bad input: a spec, a flag, a path or stored data the user can fix. Exit code 2.
+
+    Picklable as its message, whatever a subclass's constructor takes: Ray ships a trial's
+    exception to the driver by pickling it, and an error that cannot be rebuilt there arrives
+    as a TypeError about constructor arguments instead of its own message.
+    """
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild, (type(self), str(self)), dict(self.__dict__))
+
+
+def _rebuild(cls: type[EnergyatError], message: str) -> EnergyatError:
+    error = EnergyatError.__new__(cls)
+    Exception.__init__(error, message)
+    return error
 
 
 class SpecError(EnergyatError):

@@ -244,6 +244,17 @@ def write_trial_row(
     _write_atomic(fs, trial_file(path, trial_id), _with_metadata(data, provenance))
 
 
+def read_trial_outcome(root: str, trial_id: str) -> dict[str, Any] | None:
+    """The outcome columns of a trial's `trials` row, or None when it has none (or it is unreadable)."""
+    fs, path = filesystem(root)
+    try:
+        table = pq.read_table(trial_file(path, trial_id), filesystem=fs, columns=TRIAL_OUTCOME.names)
+    except (OSError, pa.ArrowInvalid, KeyError):
+        return None
+    rows = table.to_pylist()
+    return rows[0] if rows else None
+
+
 SHIPPED_SHA = "ENERGYAT_GIT_SHA"  # the driver's revision, for workers running its shipped code
 
 

@@ -70,7 +70,7 @@ def study_wall(spec_path: str, overrides: list[str], storage: Path, name: str) -
     """(wall, trials, sum of trial seconds, trial-epochs) of one study run."""
     raw, _, keys = load_spec(spec_path, overrides)
     t0 = time.perf_counter()
-    study_dir = run_study(raw, keys, address=None, storage=str(storage), name=name)
+    study_dir, _failed = run_study(raw, keys, address=None, storage=str(storage), name=name)
     wall = time.perf_counter() - t0
     con = open_tables(study_dir)
     n, seconds, epochs = con.execute("select count(*), sum(seconds), sum(epochs_run) from trials").fetchone()

@@ -130,21 +130,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     raw, _cfg, study = load_spec(args.spec, args.set)
     from study.runner import run_study  # imports ray: only once the spec is valid
 
-    study_dir = run_study(raw, study, address=args.address, storage=args.storage, name=args.name)
-    return _finish(study_dir)
+    study_dir, failed = run_study(raw, study, address=args.address, storage=args.storage, name=args.name)
+    return _finish(study_dir, failed)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from study.runner import load_study, resume_study
 
     load_study(args.directory)  # a clear error before Ray starts
-    return _finish(resume_study(args.directory, address=args.address))
+    study_dir, failed = resume_study(args.directory, address=args.address, retry_errored=args.retry_errored)
+    return _finish(study_dir, failed)
 
 
-def _finish(study_dir: str) -> int:
+# The exit status of a study with failed trials: not 2, which means bad input and nothing done.
+TRIALS_FAILED = 1
+
+
+def _finish(study_dir: str, failed: Sequence[Any]) -> int:
+    """The study's status; with failed trials, one line naming them on stderr and exit 1."""
     print(_status_text(study_dir))
     print(f"study: {study_dir}  (energyat status|query|phases|report {study_dir})")
-    return 0
+    if not failed:
+        return 0
+    named = "; ".join(f"{f.trial_id} ({f.reason})" for f in failed)
+    sys.stderr.write(f"energyat: {len(failed)} trial{'s' if len(failed) > 1 else ''} failed: {named}; "
+                     f"`energyat resume {study_dir} --retry-errored` runs {'them' if len(failed) > 1 else 'it'} again from epoch 0\n")
+    return TRIALS_FAILED
 
 
 def _status_text(study_dir: str) -> str:
@@ -439,6 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     resume = sub.add_parser("resume", help="continue an interrupted study (Tuner.restore + the same Optuna study)")
     resume.add_argument("directory", type=str, help="study directory (local path or URI)")
     resume.add_argument("--address", type=str, default=None, help="join this Ray cluster (default: RAY_ADDRESS, else a local Ray)")
+    resume.add_argument("--retry-errored", action="store_true",
+                        help="run the trials that ended as ERROR (their restarts spent) again from epoch 0, as new Optuna trials with the same parameters")
     resume.set_defaults(func=cmd_resume)
 
     evaluate = sub.add_parser("eval", help="test-set accuracy of a model (clean, PGD, the original AutoAttack) in fp32, into the `evals` table")

@@ -33,6 +33,7 @@ from typing import Any, Mapping, NamedTuple
 import yaml
 from pyarrow.fs import FileSelector, FileSystem, FileType
 from ray import tune
+from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from analysis.errors import EnergyatError, SpecError, StoreError, one_line
@@ -155,9 +156,75 @@ class StudySearch(OptunaSearch):
             self.upload.send()
         super().save(checkpoint_path)
 
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self._second_life(trial_id, result)
+        if trial_id in self._ot_trials:
+            super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self._second_life(trial_id, result)
+        if trial_id not in self._ot_trials:  # a retried trial that failed before its first result
+            print(f"energyat: warning: trial {trial_id} failed before its first result; Optuna has no trial for it",
+                  file=sys.stderr, flush=True)
+            return
+        super().on_trial_complete(trial_id, result, error)
+
+    def _second_life(self, trial_id: str, result: Mapping[str, Any] | None) -> None:
+        """A trial Ray Tune runs again after it ended as ERROR (`resume --retry-errored`) gets a
+        new Optuna trial with the same parameters (user attribute `energyat_retry_of`: the failed
+        trial's number), which its results then go to. OptunaSearch alone would drop them, or fail:
+        Tune restarts such a trial under a new id, which the searcher never suggested.
+
+        Also re-attaches a trial the searcher's saved state predates (Tune saves it every few
+        seconds; the journal, written at once, knows the trial by its Tune id, see `suggest`)."""
+        import optuna
+
+        if trial_id in self._ot_trials:
+            return
+        trials = self._ot_study.get_trials(deepcopy=False)
+        mine = [t for t in trials if t.user_attrs.get(TUNE_ID_ATTR) == trial_id]
+        if mine:
+            if mine[-1].state == optuna.trial.TrialState.RUNNING:
+                self._ot_trials[trial_id] = optuna.Trial(self._ot_study, mine[-1]._trial_id)
+            return
+        # Tune's restart: the failed trial is the one with these parameters no retry has taken yet
+        params = {k.removeprefix("config/"): v for k, v in (result or {}).items() if k.startswith("config/")}
+        taken = {t.user_attrs.get(RETRY_ATTR) for t in trials}
+        failed = next((t for t in trials if t.state == optuna.trial.TrialState.FAIL and LOST_ATTR not in t.user_attrs
+                       and t.number not in taken and params and t.params == params), None)
+        if failed is None:
+            return
+        self._ot_study.enqueue_trial(failed.params, user_attrs={TUNE_ID_ATTR: trial_id, RETRY_ATTR: failed.number}, skip_if_exists=False)
+        self._ot_trials[trial_id] = self._ot_study.ask(fixed_distributions=failed.distributions)
+
+
+class StudyLimiter(ConcurrencyLimiter):
+    """Tune's ConcurrencyLimiter, which also counts and completes the trials it did not suggest.
+
+    Tune restarts a trial under a new id (`resume --retry-errored`), and restores trials its
+    saved limiter state may predate. ConcurrencyLimiter drops the completion of a trial it does
+    not know, so its Optuna trial would stay RUNNING for ever, and does not count it against
+    `max_concurrent`. Such a trial is adopted at its first result or completion.
+    """
+
+    def _adopt(self, trial_id: str) -> None:
+        if self._limit_concurrency and trial_id not in self.live_trials:
+            self.live_trials.add(trial_id)
+            self.num_unfinished_live_trials += 1
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self._adopt(trial_id)
+        super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self._adopt(trial_id)
+        super().on_trial_complete(trial_id, result, error)
+
 
 TUNE_ID_ATTR = "tune_trial_id"
 LOST_ATTR = "energyat_lost"
+RETRY_ATTR = "energyat_retry_of"
+RETRIED = "retried"  # STUDY_DIR/retried/: the rows of a trial's failed life, before its retry
 LOST = "lost"  # STUDY_DIR/lost/: what trials Tune never recorded left in the study
 
 
@@ -293,6 +360,47 @@ def _stored_epochs(study_dir: str, trial_id: str, *, before: int) -> list[dict[s
     return table.to_pylist()
 
 
+class TrialErrors(tune.Callback):
+    """Ends the `trials` row of a trial Ray Tune gave up on (its restarts spent) as ERROR, with
+    the reason: the last line of the trial's error, or the reason a hung trial's watchdog wrote.
+
+    Without it the row a trial writes each epoch would say RUNNING for ever. A row that cannot be
+    written (the storage is what failed) is reported in one warning line; the study goes on.
+    """
+
+    def __init__(self, base_spec: dict[str, Any], study_dir: str) -> None:
+        self.base_spec = base_spec
+        self.study_dir = study_dir
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        from analysis.store import read_trial_outcome
+        from trainables.config import parse_trial, trial_spec
+        from trainables.engine import write_error_row
+
+        trial_id = _trial_id(trial)
+        recorded = read_trial_outcome(self.study_dir, trial_id) or {}
+        if str(recorded.get("stop_reason") or "").startswith("error: hung"):
+            reason = str(recorded["stop_reason"])  # the watchdog's: the lost worker says less
+        else:
+            reason = f"error: {_last_line(trial)} (after {trial.run_metadata.num_failures} failures, max_failures)"
+        try:
+            write_error_row(parse_trial(trial_spec(self.base_spec, trial.config)), out=self.study_dir, trial_id=trial_id, reason=reason)
+        except (EnergyatError, OSError) as exc:
+            print(f"energyat: warning: cannot record trial {trial_id} as ERROR: {one_line(exc)}", file=sys.stderr, flush=True)
+
+
+def _last_line(trial: Any) -> str:
+    """The last line of a failed trial's error (its exception), at most 200 characters."""
+    # Tune appends each failure's traceback to the trial's local error file, and copies it to the
+    # storage only later (Trial.get_error reads that copy, still missing when this runs)
+    try:
+        error = Path(trial.error_file).read_text() if trial.error_file else ""
+    except OSError as exc:
+        return f"unknown (its error file could not be read: {one_line(exc)[:100]})"
+    lines = [line.strip() for line in error.splitlines() if line.strip()]
+    return (lines[-1] if lines else "unknown")[:200]
+
+
 class Progress:
     """A ``ray.tune.Callback`` printing one line per reported epoch: trials done / running."""
 
@@ -383,8 +491,6 @@ def _tune_storage(study_dir: str) -> tuple[str, FileSystem | None]:
 
 def _tuner_parts(raw: dict[str, Any], study: StudyKeys, study_dir: str, study_name: str, journal: Path) -> tuple[Any, Any, Any]:
     """(trainable with resources, tune_config, run_config) for a new or restored study."""
-    from ray.tune.search import ConcurrencyLimiter
-
     from trainables.tune_adapter import energyat_trial
 
     dims = tuple(parse_search(study.search, raw))
@@ -393,7 +499,8 @@ def _tuner_parts(raw: dict[str, Any], study: StudyKeys, study_dir: str, study_na
     cpus = float(study.resources.get("cpu", 1))
     gpus = float(study.resources.get("gpu", 0))
     trainable = tune.with_resources(
-        tune.with_parameters(energyat_trial, base_spec=raw, study_dir=study_dir, objectives=objectives, cpus=max(1, int(cpus)), stop_patience=study.stop_patience),
+        tune.with_parameters(energyat_trial, base_spec=raw, study_dir=study_dir, objectives=objectives, cpus=max(1, int(cpus)),
+                             stop_patience=study.stop_patience, hang_timeout=study.hang_timeout),
         {"cpu": cpus, "gpu": gpus},
     )
     upload = JournalUpload(journal, study_dir) if is_uri(study_dir) else None
@@ -407,12 +514,12 @@ def _tuner_parts(raw: dict[str, Any], study: StudyKeys, study_dir: str, study_na
         seed=int(raw.get("seed", 0)),
     )
     tune_config = tune.TuneConfig(
-        search_alg=ConcurrencyLimiter(searcher, max_concurrent=study.max_concurrent),
+        search_alg=StudyLimiter(searcher, max_concurrent=study.max_concurrent),
         num_samples=study.samples,
         trial_dirname_creator=_trial_id,
         trial_name_creator=_trial_id,
     )
-    callbacks: list[tune.Callback] = [ProgressCallback(Progress(study.samples))]
+    callbacks: list[tune.Callback] = [ProgressCallback(Progress(study.samples)), TrialErrors(raw, study_dir)]
     if upload is not None:
         callbacks.append(upload)
     storage_path, storage_fs = _tune_storage(study_dir)
@@ -421,7 +528,7 @@ def _tuner_parts(raw: dict[str, Any], study: StudyKeys, study_dir: str, study_na
         storage_path=storage_path,
         storage_filesystem=storage_fs,
         stop=EnergyDivergenceStopper(study_dir, patience=study.stop_patience),
-        failure_config=tune.FailureConfig(max_failures=3),
+        failure_config=tune.FailureConfig(max_failures=study.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         callbacks=callbacks,
         verbose=0,
@@ -435,8 +542,28 @@ def _journal_file(study_dir: str, document: Mapping[str, Any]) -> Path:
     return Path(document["journal"]) if is_uri(study_dir) else Path(study_dir) / JOURNAL
 
 
-def run_study(raw: dict[str, Any], study: StudyKeys, *, address: str | None, storage: str | None, name: str | None) -> str:
-    """Launch a study; returns its directory (a local path or a URI). Validation happens before Ray starts."""
+class Failed(NamedTuple):
+    """A trial Ray Tune ended as ERROR, its restarts spent, and the reason in its `trials` row."""
+
+    trial_id: str
+    reason: str
+
+
+def _failed(results: Any, study_dir: str) -> list[Failed]:
+    from analysis.store import read_trial_outcome
+
+    failed = []
+    for result in results:
+        if result.error is not None:
+            trial_id = result.path.rstrip("/").rsplit("/", 1)[-1]
+            recorded = read_trial_outcome(study_dir, trial_id) or {}
+            failed.append(Failed(trial_id, str(recorded.get("stop_reason") or f"error: {one_line(result.error)[:200]}")))
+    return sorted(failed)
+
+
+def run_study(raw: dict[str, Any], study: StudyKeys, *, address: str | None, storage: str | None, name: str | None) -> tuple[str, list[Failed]]:
+    """Launch a study; returns its directory (a local path or a URI) and the trials that failed
+    (their restarts spent). Validation happens before Ray starts."""
     from trainables.config import parse_trial
 
     if name is not None:
@@ -469,10 +596,10 @@ def run_study(raw: dict[str, Any], study: StudyKeys, *, address: str | None, sto
     if is_uri(study_dir):
         upload_journal(journal, study_dir)  # the empty study: a resume anywhere finds a journal
     tuner = tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
-    tuner.fit()
+    results = tuner.fit()
     if is_uri(study_dir):
         upload_journal(journal, study_dir)  # the final state; JournalUpload sent the ones before
-    return study_dir
+    return study_dir, _failed(results, study_dir)
 
 
 class LoadedStudy(NamedTuple):
@@ -504,8 +631,12 @@ def load_study(study_dir: str | Path) -> LoadedStudy:
     return LoadedStudy(location, raw, _check_study_keys(raw), document["study_name"], _journal_file(location, document))
 
 
-def resume_study(study_dir: str | Path, *, address: str | None) -> str:
-    """Continue an interrupted study: Tuner.restore with the same trainable and searcher."""
+def resume_study(study_dir: str | Path, *, address: str | None, retry_errored: bool = False) -> tuple[str, list[Failed]]:
+    """Continue an interrupted study: Tuner.restore with the same trainable and searcher. Trials
+    that ended as ERROR stay so, unless `retry_errored`: then each starts again from epoch 0
+    (a fresh second life: the rows of the failed one move to ``STUDY_DIR/retried/``, its Optuna
+    trial stays FAIL and a new one with the same parameters receives its results). Returns the
+    study directory and the trials that failed."""
     loaded = load_study(study_dir)
     location = loaded.directory
     remote = is_uri(location)
@@ -517,10 +648,39 @@ def resume_study(study_dir: str | Path, *, address: str | None) -> str:
     if not tune.Tuner.can_restore(tune_dir, storage_filesystem=storage_fs):
         raise EnergyatError(f"{study_dir} has no restorable Ray Tune experiment under tune/")
     reconcile_lost_trials(location, loaded.journal, tune_dir, storage_fs)
+    if retry_errored:
+        set_aside_errored(location, tune_dir, storage_fs)
     _init_ray(address)
     trainable, _tune_config, _run_config = _tuner_parts(loaded.raw, loaded.keys, location, loaded.study_name, loaded.journal)
-    tuner = tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=storage_fs)
-    tuner.fit()
+    tuner = tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=retry_errored,
+                               storage_filesystem=storage_fs)
+    results = tuner.fit()
     if remote:
         upload_journal(loaded.journal, location)
-    return location
+    return location, _failed(results, location)
+
+
+def set_aside_errored(location: str, tune_dir: str, storage_fs: FileSystem | None) -> list[str]:
+    """Before `resume --retry-errored`: move the table files and the Tune folder of every trial
+    Tune ended as ERROR to ``STUDY_DIR/retried/<trial>/<time>/`` (kept for inspection, out of
+    every view). Tune restarts such a trial from epoch 0 under a new trial id, so nothing of the
+    failed life may stay among the study's rows. Returns their ids."""
+    from ray.tune import ExperimentAnalysis
+
+    errored = sorted(t.trial_id for t in ExperimentAnalysis(tune_dir, storage_filesystem=storage_fs).trials if t.status == "ERROR")
+    fs, root = filesystem(location)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    for trial in errored:
+        for folder in ("tables/epochs", "tables/samples", "tables/evals"):
+            info = fs.get_file_info(f"{root}/{folder}/trial={trial}")
+            if info.type == FileType.Directory:
+                _move_tree(fs, info, f"{root}/{RETRIED}/{trial}/{stamp}/{folder}/trial={trial}")
+        info = fs.get_file_info(f"{root}/tables/trials/trial={trial}.parquet")
+        if info.type == FileType.File:
+            _move_tree(fs, info, f"{root}/{RETRIED}/{trial}/{stamp}/tables/trials/trial={trial}.parquet")
+        info = fs.get_file_info(f"{root}/tune/{trial}")
+        if info.type == FileType.Directory:  # or the next resume would take it for a lost trial's
+            _move_tree(fs, info, f"{root}/{RETRIED}/{trial}/{stamp}/tune/{trial}")
+        print(f"energyat: retrying trial {trial} from epoch 0 under a new trial id; its failed run moved to {join(location, RETRIED, trial, stamp)}",
+              file=sys.stderr, flush=True)
+    return errored

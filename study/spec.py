@@ -31,6 +31,8 @@ class StudyKeys:
     resources: dict[str, Any] = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
     max_concurrent: int = 2
     storage: str = "./studies"
+    max_failures: int = 3  # restarts of a failed trial from its last checkpoint (Ray Tune's FailureConfig)
+    hang_timeout: float | None = None  # seconds without a finished epoch after which a trial is ended as hung
 
     @property
     def stop_patience(self) -> int | None:
@@ -43,7 +45,8 @@ class StudyKeys:
 def _check_study_keys(raw: Mapping[str, Any]) -> StudyKeys:
     kinds: dict[str, tuple[type, ...]] = {
         "samples": (int,), "search": (dict,), "objective": (str, list), "early_stop": (dict,),
-        "resources": (dict,), "max_concurrent": (int,), "storage": (str,),
+        "resources": (dict,), "max_concurrent": (int,), "storage": (str,), "max_failures": (int,),
+        "hang_timeout": (int, float, type(None)),
     }
     values: dict[str, Any] = {}
     for key, types in kinds.items():
@@ -56,6 +59,11 @@ def _check_study_keys(raw: Mapping[str, Any]) -> StudyKeys:
     for key in ("samples", "max_concurrent"):
         if key in values and values[key] < 1:
             raise SpecError(key, f"must be at least 1; got {values[key]!r}")
+    if values.get("max_failures", 0) < 0:
+        raise SpecError("max_failures", f"must be at least 0 (restarts of a failed trial); got {values['max_failures']!r}")
+    timeout = values.get("hang_timeout")
+    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+        raise SpecError("hang_timeout", f"must be a positive number of seconds or null (off); got {timeout!r}")
     _check_early_stop(values.get("early_stop", {}))
     if "resources" in values:
         values["resources"] = _check_resources(values["resources"])

@@ -165,3 +165,15 @@ def test_checkpoints_and_table_files_reach_the_disk_before_their_rename(tmp_path
         i = events.index(("replace", str(target)))
         assert events[i - 1][0] == "fsync" and events[i - 1][1].startswith(str(target.parent / f".{target.name}.")), events
         assert events[i + 1] == ("fsync", str(target.parent)), events
+
+
+def test_energyat_errors_survive_the_pickling_that_carries_them_from_a_ray_worker() -> None:
+    # Ray pickles a trial's exception to the driver; SpecError once arrived as a TypeError about its
+    # constructor, and the trial's ERROR row said that instead of what was wrong
+    import pickle
+
+    from analysis.errors import DataNotFoundError, SpecError
+
+    for error in (SpecError("dataset.root", "x.npz is not a readable .npz file"), DataNotFoundError("npz", "/d", "an .npz file")):
+        back = pickle.loads(pickle.dumps(error))
+        assert type(back) is type(error) and str(back) == str(error) and back.__dict__ == error.__dict__

@@ -140,7 +140,7 @@ def test_every_method_trains_two_epochs_with_finite_rows(method: str, tmp_path: 
     rows = con.sql("select * from epochs order by epoch").to_arrow_table().to_pylist()
     assert [r["epoch"] for r in rows] == [0, 1]
     for row in rows:
-        for column in EPOCHS.names:
+        for column in set(EPOCHS.names) - {"alarm_reason"}:  # null without an alarm
             value = row[column]
             assert value is not None, column
             if isinstance(value, float):

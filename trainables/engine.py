@@ -47,6 +47,7 @@ from analysis.store import (
     check_schema_version,
     is_uri,
     provenance,
+    read_trial_outcome,
     read_trial_rows,
     write_epoch_rows,
     write_trial_row,
@@ -453,6 +454,23 @@ def run_trial(
     if on_epoch is not None and rows:
         on_epoch({**rows[-1], **{k: v for k, v in result.items() if k not in rows[-1]}, "done": True}, ckpt_dir)
     return result
+
+
+def write_error_row(cfg: TrialConfig, *, out: str, trial_id: str, reason: str) -> dict[str, Any]:
+    """End a trial's `trials` row as ERROR with `reason` (one line, starting "error: "), keeping
+    what it had recorded (epochs run, best validation accuracy, alarm); a trial that died before
+    its first epoch gets a row of its own. For failures outside the trial's loop: Ray Tune giving
+    up after its restarts (study.runner), or a hang (trainables.tune_adapter)."""
+    resolved = cfg.to_dict()
+    outcome = read_trial_outcome(out, trial_id) or {
+        "study": cfg.name, "trial_id": trial_id, "epochs_run": 0, "best_val_robust_acc": math.nan, "best_val_clean_acc": math.nan,
+        "final_clean_acc": math.nan, "final_pgd_acc": math.nan, "final_autoattack_acc": math.nan, "seconds": 0.0,
+    }
+    outcome = {**outcome, "status": "ERROR", "stop_reason": reason}
+    prov = provenance(resolved)
+    outcome.setdefault("git_sha", prov["git_sha"])
+    write_trial_row(out, trial_id=trial_id, outcome=outcome, config=flatten(resolved), provenance=prov)
+    return outcome
 
 
 def _offline_phases(out: str | Path, trial_id: str) -> PhaseResult:

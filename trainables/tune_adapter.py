@@ -11,7 +11,10 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -21,7 +24,7 @@ import torch
 
 from analysis.errors import EnergyatError
 from trainables.config import parse_trial, trial_spec
-from trainables.engine import run_trial
+from trainables.engine import run_trial, write_error_row
 
 # Reported values the searcher may optimise: never NaN, or Optuna drops the trial's result.
 OBJECTIVE_FALLBACK = 0.0
@@ -58,8 +61,46 @@ def ray_device(requested: str) -> torch.device:
     return torch.device("cuda", index)
 
 
+HANG_EXIT = 75  # the exit status of a worker ended by its watchdog (EX_TEMPFAIL)
+
+
+class Watchdog:
+    """Ends this worker process when no epoch finishes within `seconds` (`hang_timeout`).
+
+    A hung trial (a stale network mount, a deadlocked collective, a data loader stuck on a pipe)
+    reports nothing, so nothing on the driver's side ever sees it; it would hold its resources
+    for ever. The watchdog, a daemon thread, first records the reason as the trial's `trials`
+    row (`on_hang`), then exits the process: an exception could not interrupt a thread stuck in
+    a system call. Ray Tune then restarts the trial from its checkpoint like any lost worker
+    (`max_failures`), and ends it as ERROR when the hang persists; the study goes on.
+    """
+
+    def __init__(self, seconds: float, on_hang: Any) -> None:
+        self.seconds = seconds
+        self.on_hang = on_hang
+        self.last = time.monotonic()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="energyat-watchdog", daemon=True)
+        self.thread.start()
+
+    def beat(self) -> None:
+        self.last = time.monotonic()
+
+    def stop(self) -> None:
+        self.done.set()
+
+    def _watch(self) -> None:
+        while not self.done.wait(min(self.seconds / 4, 10.0)):
+            if time.monotonic() - self.last > self.seconds:
+                try:
+                    self.on_hang()
+                finally:
+                    os._exit(HANG_EXIT)
+
+
 def energyat_trial(
-    config: dict[str, Any], *, base_spec: dict[str, Any], study_dir: str, objectives: list[str], cpus: int, stop_patience: int | None
+    config: dict[str, Any], *, base_spec: dict[str, Any], study_dir: str, objectives: list[str], cpus: int, stop_patience: int | None,
+    hang_timeout: float | None = None,
 ) -> None:
     """Run one trial of a study under Ray Tune (see ``tune.with_parameters``)."""
     spec = trial_spec(base_spec, config)  # Optuna's flat suggestions: {"weat.power": 1.5}
@@ -67,7 +108,20 @@ def energyat_trial(
         spec["threads"] = max(1, cpus)  # one torch thread per reserved CPU: no oversubscription
     cfg = parse_trial(spec)
     trial_id = tune.get_context().get_trial_id()
-    work = Path(tempfile.mkdtemp(prefix=f"energyat-{trial_id}-"))
+    # one folder per trial, emptied first: a worker killed by SIGKILL cannot clean up after itself,
+    # and its restart here takes the folder over instead of leaving one more behind
+    work = Path(tempfile.gettempdir()) / f"energyat-{trial_id}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    watchdog = None
+    if hang_timeout is not None:
+        reason = f"error: hung: no epoch finished within {hang_timeout:g} s (hang_timeout)"
+
+        def on_hang() -> None:
+            print(f"energyat: trial {trial_id} {reason}; ending its worker", file=sys.stderr, flush=True)
+            write_error_row(cfg, out=study_dir, trial_id=trial_id, reason=reason)
+
+        watchdog = Watchdog(hang_timeout, on_hang)
     restored = tune.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as folder:
@@ -76,6 +130,8 @@ def energyat_trial(
     node_id = ray.get_runtime_context().get_node_id()  # which cluster node ran the trial
 
     def report(row: dict[str, Any], ckpt_dir: Path) -> None:
+        if watchdog is not None:
+            watchdog.beat()
         metrics = _finite_metrics(row, objectives) | {"ray_node_id": node_id}
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
         return None
@@ -84,4 +140,6 @@ def energyat_trial(
         run_trial(cfg, out=study_dir, trial_id=trial_id, checkpoint_dir=work, on_epoch=report, stop_patience=stop_patience,
                   device=ray_device(cfg.device))
     finally:
+        if watchdog is not None:
+            watchdog.stop()
         shutil.rmtree(work, ignore_errors=True)
