@@ -28,7 +28,7 @@ from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping, Sequence
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -73,10 +73,32 @@ def _from_uri(uri: str) -> tuple[pafs.FileSystem, str]:
         raise StoreError(f"cannot open storage {uri}: {one_line(exc)}") from exc
 
 
+# Query parameters of pyarrow's filesystem URIs that carry a secret.
+_SECRET_PARAMETERS = ("access_key", "secret_key", "session_token", "credential")
+
+
+def _check_no_credentials(uri: str) -> None:
+    """Refuse a URI carrying credentials (``s3://KEY:SECRET@bucket``, ``?secret_key=``): energyat
+    writes study URIs into spec.yaml, provenance and Ray Tune's pickled experiment, all in the
+    bucket. The message names the URI without them."""
+    url = urlsplit(uri)
+    secret = url.password is not None or url.username is not None or any(
+        name.lower().startswith(_SECRET_PARAMETERS) for name, _value in parse_qsl(url.query, keep_blank_values=True)
+    )
+    if secret:
+        shown = urlunsplit(url._replace(netloc=url.hostname or "", query="&".join(
+            f"{n}=..." if n.lower().startswith(_SECRET_PARAMETERS) else f"{n}={v}" for n, v in parse_qsl(url.query, keep_blank_values=True))))
+        raise StoreError(
+            f"storage {shown} carries credentials in the URI, which energyat would write into the study's files; "
+            "give them in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or use an instance role"
+        )
+
+
 def filesystem(root: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or a URI such as s3://bucket/studies."""
     text = str(root)
     if is_uri(text):
+        _check_no_credentials(text)
         return _from_uri(text)
     return pafs.LocalFileSystem(), str(Path(text).expanduser().resolve())
 

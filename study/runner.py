@@ -16,8 +16,8 @@ URI the journal therefore lives on the driver's disk (:func:`journal_dir`), the 
 writes it (OptunaSearch runs in the Tune driver), and a copy is uploaded to
 ``STUDY_DIR/optuna.journal`` when the study is created, whenever a trial starts or ends
 (:class:`JournalUpload`), before each save of the searcher's state (:class:`StudySearch`), and
-at the end. `energyat resume` takes the uploaded copy when it is
-longer than the driver's (a journal only grows), for instance on another machine.
+at the end. `energyat resume` takes the uploaded copy when it continues the driver's (a journal
+only grows by appends; :func:`reconcile_journals`), for instance on another machine.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from ray.tune.search.optuna import OptunaSearch
 from analysis.errors import EnergyatError, SpecError, StoreError, one_line
 from analysis.phases import DETECTOR_COLUMNS, OnlineDetector, should_stop
 from analysis.schema import SCHEMA_VERSION
-from analysis.store import SHIPPED_SHA, check_schema_version, filesystem, git_sha, is_uri, join, open_storage
+from analysis.store import SHIPPED_SHA, check_name, check_schema_version, durable_replace, filesystem, git_sha, is_uri, join, open_storage
 from study.importances import JOURNAL, check_journal, journal_storage
 from study.space import SearchSpace, parse_search
 from study.spec import StudyKeys, check_placement
@@ -82,17 +82,35 @@ def upload_journal(local: Path, study_dir: str) -> None:
         raise StoreError(f"cannot upload the Optuna journal {local} to {study_dir}: {one_line(exc)}") from exc
 
 
-def _download_newer_journal(study_dir: str, local: Path) -> None:
-    """Before a resume: fetch the uploaded journal when it is longer than the driver's copy (or
-    there is none here). A journal only grows, so the longer copy holds the other one."""
+def reconcile_journals(study_dir: str, local: Path) -> str:
+    """Before a resume of a study on object storage: make the driver's journal the newest of the
+    two copies. A journal only grows by appends, so one copy must be a prefix of the other: the
+    longer one is kept, and the bucket's replaces this machine's only then. Copies that disagree
+    (a journal of another study, or one edited in the bucket) are refused in one line, and
+    neither is changed. Returns which copy won: "local", "uploaded" or "same"."""
     import pyarrow.fs as pafs
 
     fs, root = open_storage(study_dir)
     info = fs.get_file_info(f"{root}/{JOURNAL}")
-    have = local.stat().st_size if local.exists() else -1
-    if info.type == pafs.FileType.File and info.size > have:
-        local.parent.mkdir(parents=True, exist_ok=True)
-        pafs.copy_files(f"{root}/{JOURNAL}", str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    if info.type != pafs.FileType.File:
+        return "local"
+    with fs.open_input_stream(f"{root}/{JOURNAL}") as f:
+        uploaded = f.read()
+    have = local.read_bytes() if local.exists() else b""
+    if uploaded == have:
+        return "same"
+    if have.startswith(uploaded):
+        return "local"  # the uploads lag the driver: its own copy is newer
+    if not uploaded.startswith(have):
+        raise StoreError(
+            f"the Optuna journal {join(study_dir, JOURNAL)} and this machine's copy {local} disagree (neither continues the "
+            "other): they are not the same study's; move the local copy aside to resume from the bucket's, or restore the bucket's"
+        )
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.with_name(f".{local.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_bytes(uploaded)
+    durable_replace(tmp, local)
+    return "uploaded"
 
 
 class JournalUpload(tune.Callback):
@@ -105,9 +123,15 @@ class JournalUpload(tune.Callback):
     fails the command instead.
     """
 
-    def __init__(self, local: Path, study_dir: str) -> None:
-        self.local = local
+    def __init__(self, study_name: str, study_dir: str) -> None:
+        self.study_name = study_name
         self.study_dir = study_dir
+
+    @property
+    def local(self) -> Path:
+        """The journal on the machine this runs on (a resume elsewhere unpickles this callback
+        from the study's Tune experiment, written by the driver that started it)."""
+        return _journal_file(self.study_dir, self.study_name)
 
     def send(self) -> None:
         try:
@@ -137,9 +161,24 @@ class StudySearch(OptunaSearch):
     checkpoint. A failed upload warns, as JournalUpload's do: the study goes on.
     """
 
-    def __init__(self, *, upload: JournalUpload | None, **kwargs: Any) -> None:
+    def __init__(self, *, upload: JournalUpload | None, study_dir: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.upload = upload
+        self.study_dir = study_dir
+
+    def restore(self, checkpoint_path: str) -> None:
+        """OptunaSearch's restore, then the Optuna study reopened on this machine's journal.
+
+        The saved state holds the journal storage of the driver that saved it, its file path
+        included: on another machine (another ENERGYAT_JOURNAL_DIR, another home) that path is
+        not where this driver keeps the journal (:func:`_journal_file`, from local settings)."""
+        import optuna
+
+        super().restore(checkpoint_path)
+        storage = journal_storage(_journal_file(self.study_dir, self._study_name))
+        self._storage = storage
+        self._ot_study = optuna.load_study(study_name=self._study_name, storage=storage, sampler=self._ot_study.sampler)
+        self._ot_trials = {tid: optuna.Trial(self._ot_study, t._trial_id) for tid, t in self._ot_trials.items()}
 
     def suggest(self, trial_id: str) -> dict | None:
         """OptunaSearch's suggestion, with the Tune trial id kept on the Optuna trial
@@ -503,9 +542,10 @@ def _tuner_parts(raw: dict[str, Any], study: StudyKeys, study_dir: str, study_na
                              stop_patience=study.stop_patience, hang_timeout=study.hang_timeout),
         {"cpu": cpus, "gpu": gpus},
     )
-    upload = JournalUpload(journal, study_dir) if is_uri(study_dir) else None
+    upload = JournalUpload(study_name, study_dir) if is_uri(study_dir) else None
     searcher = StudySearch(
         upload=upload,
+        study_dir=study_dir,
         space=SearchSpace(dims, base_method),
         metric=objectives if len(objectives) > 1 else objectives[0],
         mode=["max"] * len(objectives) if len(objectives) > 1 else "max",
@@ -536,10 +576,15 @@ def _tuner_parts(raw: dict[str, Any], study: StudyKeys, study_dir: str, study_na
     return trainable, tune_config, run_config
 
 
-def _journal_file(study_dir: str, document: Mapping[str, Any]) -> Path:
-    """The journal the driver writes: ``STUDY_DIR/optuna.journal`` on a local study; on a URI the
-    local file named in spec.yaml (the path Tune's pickled searcher reopens on resume)."""
-    return Path(document["journal"]) if is_uri(study_dir) else Path(study_dir) / JOURNAL
+def _journal_file(study_dir: str, study_name: str) -> Path:
+    """The journal the driver writes: ``STUDY_DIR/optuna.journal`` on a local study; on a URI
+    ``<journal_dir()>/<study name>.journal`` on this machine. The path derives from local settings
+    and a name checked to be one path component: nothing read from a bucket chooses where the
+    driver writes (spec.yaml once named the path, and a resume wrote wherever it said)."""
+    if not is_uri(study_dir):
+        return Path(study_dir) / JOURNAL
+    name = check_name(study_name, "the Optuna study name in " + join(study_dir, "spec.yaml"))
+    return journal_dir() / f"{name}.journal"
 
 
 class Failed(NamedTuple):
@@ -579,12 +624,11 @@ def run_study(raw: dict[str, Any], study: StudyKeys, *, address: str | None, sto
     study_name = f"{cfg.name}-{uuid.uuid4().hex[:8]}"
     document = {"schema_version": SCHEMA_VERSION, "study_name": study_name, "spec": raw, "resolved": cfg.to_dict()}
     if is_uri(study_dir):
-        document["journal"] = str(journal_dir() / f"{study_name}.journal")
         try:
             journal_dir().mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise EnergyatError(f"cannot create the journal folder {journal_dir()}: {one_line(exc)}; set ENERGYAT_JOURNAL_DIR") from exc
-    journal = _journal_file(study_dir, document)
+    journal = _journal_file(study_dir, study_name)
     try:
         fs.create_dir(root, recursive=True)
         with fs.open_output_stream(f"{root}/spec.yaml") as f:
@@ -628,7 +672,7 @@ def load_study(study_dir: str | Path) -> LoadedStudy:
         raise StoreError(f"{join(location, 'spec.yaml')} is not an energyat study spec (no `spec` and `study_name` keys); restore it from a copy")
     check_schema_version(document.get("schema_version"), where=location)
     raw = document["spec"]
-    return LoadedStudy(location, raw, _check_study_keys(raw), document["study_name"], _journal_file(location, document))
+    return LoadedStudy(location, raw, _check_study_keys(raw), document["study_name"], _journal_file(location, str(document["study_name"])))
 
 
 def resume_study(study_dir: str | Path, *, address: str | None, retry_errored: bool = False) -> tuple[str, list[Failed]]:
@@ -641,7 +685,7 @@ def resume_study(study_dir: str | Path, *, address: str | None, retry_errored: b
     location = loaded.directory
     remote = is_uri(location)
     if remote:
-        _download_newer_journal(location, loaded.journal)
+        reconcile_journals(location, loaded.journal)
     check_journal(loaded.journal, where=join(location, JOURNAL))
     storage_path, storage_fs = _tune_storage(location)
     tune_dir = f"{storage_path}/tune"

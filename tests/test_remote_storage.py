@@ -26,15 +26,18 @@ from analysis.query import open_tables
 from analysis.store import write_epoch_rows, write_trial_row
 from conftest import EXAMPLES, energyat_cmd
 from test_store import _row
-from test_study import assert_tables_consistent
+from test_study import assert_journal_matches_tune, assert_tables_consistent
 
 pytest.importorskip("moto.server", reason="needs moto[server] (the `test` extra)")
 
 BUCKET = "bucket"
-# moto accepts any credentials; they live in the environment only, never in a file
+# moto accepts any credentials; they live in the environment only, never in a file. Distinctive
+# values, so that a scan of every file a study wrote can tell whether one leaked.
+SECRET = "energyat-test-secret-q7Zr2"
+KEY_ID = "EATKEYID4Q9TESTONLY"
 CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_ACCESS_KEY_ID": KEY_ID,
+    "AWS_SECRET_ACCESS_KEY": SECRET,
     "AWS_DEFAULT_REGION": "us-east-1",
     "AWS_EC2_METADATA_DISABLED": "true",  # no instance-metadata lookups on a laptop or CI
 }
@@ -125,13 +128,15 @@ def test_open_tables_reads_a_uri_like_a_local_directory(s3: S3) -> None:
         ("ftp://bucket/studies", "cannot open storage"),
         ("s3://nobucket/studies?endpoint_override={endpoint}&scheme=http", "bucket `nobucket` does not exist"),
         ("s3://bucket/studies?endpoint_override=127.0.0.1:{closed}&scheme=http", "cannot reach storage"),
+        ("s3://EATKEY:hunter2@bucket/studies?endpoint_override={endpoint}&scheme=http", "carries credentials"),
+        ("s3://bucket/studies?endpoint_override={endpoint}&scheme=http&secret_key=hunter2&access_key=EATKEY", "carries credentials"),
     ],
 )
 def test_a_bad_storage_uri_exits_2_with_one_line_before_ray_starts(s3: S3, uri: str, says: str, tmp_path: Path) -> None:
     uri = uri.format(endpoint=s3.endpoint, closed=_free_port())
     proc = energyat("run", str(EXAMPLES / "smoke.yaml"), "--storage", uri, cwd=tmp_path, env=os.environ.copy(), timeout=180)
     assert proc.returncode == 2 and says in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert "Traceback" not in proc.stderr and not any(tmp_path.iterdir())
+    assert "Traceback" not in proc.stderr and not any(tmp_path.iterdir()) and "hunter2" not in proc.stderr
 
 
 def test_query_of_a_missing_study_on_s3_exits_2_with_one_line(s3: S3, tmp_path: Path) -> None:
@@ -192,6 +197,43 @@ def test_the_uploaded_journal_loads_with_plain_optuna_and_matches_the_trials_tab
     assert sorted(round(t.values[0], 6) for t in optuna_trials) == sorted(round(r[0], 6) for r in rows)
 
 
+def test_no_credential_reaches_any_file_a_study_on_s3_wrote(s3: S3, s3_study: tuple[str, Path, Path, dict[str, str]], tmp_path: Path) -> None:
+    # the driver and its trials had the key id and the secret in their environment: no file in the
+    # bucket (tables, spec.yaml, Tune's pickled experiment and checkpoints, the journal, the report)
+    # nor on the driver's disk holds either
+    _study, cwd, journals, _env = s3_study
+    scanned = 0
+    for name in s3.files("studies/remote"):
+        with s3.fs.open_input_stream(f"{BUCKET}/studies/remote/{name}") as f:
+            data = f.read()
+        assert SECRET.encode() not in data and KEY_ID.encode() not in data, name
+        scanned += 1
+    for path in [*cwd.rglob("*"), *journals.rglob("*")]:
+        if path.is_file():
+            data = path.read_bytes()
+            assert SECRET.encode() not in data and KEY_ID.encode() not in data, path
+            scanned += 1
+    assert scanned >= 20  # tables, checkpoints, Tune's files, the journal copies
+
+
+def test_journals_that_disagree_are_refused_in_one_line_and_neither_changes(s3: S3, s3_study: tuple[str, Path, Path, dict[str, str]]) -> None:
+    study, cwd, journals, env = s3_study
+    (local,) = [p for p in journals.iterdir() if p.suffix == ".journal"]
+    mine = local.read_bytes()
+    with s3.fs.open_input_stream(f"{BUCKET}/studies/remote/optuna.journal") as f:
+        uploaded = f.read()
+    other = mine[:-40] + b'{"op_code": 0, "worker_id": "not this study"}\n'  # diverges 40 bytes before the end
+    local.write_bytes(other)
+    try:
+        proc = energyat("resume", study, cwd=cwd, env=env, timeout=300)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "disagree" in proc.stderr, proc.stderr
+        assert local.read_bytes() == other
+        with s3.fs.open_input_stream(f"{BUCKET}/studies/remote/optuna.journal") as f:
+            assert f.read() == uploaded
+    finally:
+        local.write_bytes(mine)
+
+
 def test_status_query_and_report_read_a_study_on_s3(s3: S3, s3_study: tuple[str, Path, Path, dict[str, str]]) -> None:
     study, cwd, _journals, env = s3_study
     status = energyat("status", study, cwd=cwd, env=env, timeout=300)
@@ -235,17 +277,27 @@ def test_driver_killed_then_resumed_elsewhere_takes_the_uploaded_journal(s3: S3,
         proc.wait()
     shutil.rmtree(journals)  # another machine: only the bucket's copy is left
     _assert_uploaded_journal_holds_the_checkpointed_searcher(s3, "studies/killed", tmp_path)
+    # whoever can write the bucket names a file for the driver to overwrite (spec.yaml's `journal`
+    # key, which energyat once followed): the other machine keeps its journal where its own
+    # settings say, and writes nothing there
+    planted = tmp_path / "chosen-by-the-bucket.journal"
+    with s3.fs.open_input_stream(f"{BUCKET}/studies/killed/spec.yaml") as f:
+        spec = f.read().decode()
+    with s3.fs.open_output_stream(f"{BUCKET}/studies/killed/spec.yaml") as f:
+        f.write((spec + f"journal: {planted}\n").encode())
+    elsewhere = tmp_path / "elsewhere"
     study = s3.uri("studies/killed")
-    resumed = energyat("resume", study, cwd=tmp_path, env=env)
+    resumed = energyat("resume", study, cwd=tmp_path, env=env | {"ENERGYAT_JOURNAL_DIR": str(elsewhere)})
     assert resumed.returncode == 0, f"{resumed.stdout[-3000:]}\n{resumed.stderr[-5000:]}"
+    assert not planted.exists() and not journals.exists() and [p.suffix for p in elsewhere.iterdir() if p.suffix == ".journal"] == [".journal"]
     assert_tables_consistent(study)
     con = open_tables(study)
     assert con.execute("select count(*), min(epochs_run) from trials").fetchall() == [(2, 3)]
+    # the full match the local kill studies check: every Tune trial once in Optuna, with its value
     local = _download(s3, "studies/killed/optuna.journal", tmp_path / "copy.journal")
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(local)))
-    (name,) = optuna.study.get_all_study_names(storage)
-    states = [t.state for t in optuna.load_study(study_name=name, storage=storage).get_trials()]
-    assert states == [optuna.trial.TrialState.COMPLETE] * 2
+    (mine,) = [p for p in elsewhere.iterdir() if p.suffix == ".journal"]
+    assert mine.read_bytes() == local.read_bytes()
+    assert_journal_matches_tune(study, journal=local, tune_dir=f"{BUCKET}/studies/killed/tune", fs=s3.fs)
 
 
 def _checkpointed_searcher(s3: S3, prefix: str, tmp_path: Path) -> dict:
@@ -279,14 +331,15 @@ def _assert_uploaded_journal_holds_the_checkpointed_searcher(s3: S3, prefix: str
         assert ot_trial._cached_frozen_trial.intermediate_values.items() <= uploaded[ot_trial._trial_id].intermediate_values.items()
 
 
-def test_the_searcher_uploads_the_journal_before_it_saves_its_state(s3: S3, tmp_path: Path) -> None:
+def test_the_searcher_uploads_the_journal_before_it_saves_its_state(s3: S3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from study.importances import journal_storage
     from study.runner import JournalUpload, StudySearch
 
+    monkeypatch.setenv("ENERGYAT_JOURNAL_DIR", str(tmp_path))
     journal = tmp_path / "driver.journal"
     searcher = StudySearch(
-        upload=JournalUpload(journal, s3.uri("studies/searcher")), space={"lr": optuna.distributions.FloatDistribution(0.01, 0.1)},
-        metric="acc", mode="max", storage=journal_storage(journal), study_name="s",
+        upload=JournalUpload("driver", s3.uri("studies/searcher")), study_dir=s3.uri("studies/searcher"),
+        space={"lr": optuna.distributions.FloatDistribution(0.01, 0.1)}, metric="acc", mode="max", storage=journal_storage(journal), study_name="s",
     )
     searcher.suggest("t1")
     searcher.on_trial_result("t1", {"acc": 0.5, "training_iteration": 1})  # a report: no callback uploads it

@@ -25,9 +25,10 @@ def energyat(*args: str, timeout: float = 900, check: bool = True, env: dict[str
     return proc
 
 
-def journal_trials(study_dir: Path) -> list[optuna.trial.FrozenTrial]:
+def journal_trials(study_dir: Path, *, journal: Path | None = None) -> list[optuna.trial.FrozenTrial]:
     # plain optuna, nothing of energyat: the journal is a standard JournalStorage file
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(study_dir / "optuna.journal")))
+    path = journal if journal is not None else study_dir / "optuna.journal"
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
     (name,) = optuna.study.get_all_study_names(storage)
     return optuna.load_study(study_name=name, storage=storage).get_trials()
 
@@ -56,24 +57,27 @@ def assert_tables_consistent(study_dir: Path) -> list[tuple]:
     return trials
 
 
-def assert_journal_matches_tune(study_dir: Path) -> None:
+def assert_journal_matches_tune(study_dir: Path | str, *, journal: Path | None = None, tune_dir: str | None = None, fs: object = None) -> None:
     """Every trial of Tune's experiment appears once in the Optuna journal, COMPLETE where Tune's is
     TERMINATED, with the objective its `trials` row holds (0.0 for a NaN, as reported to Optuna).
 
     Tune's trial ids are not in the journal, so trials are matched by their suggested parameters;
     trials with equal parameters (every `sat` trial suggests only `method`) as a group, by values.
+    A study on object storage: `study_dir` its URI, `journal` a local copy, `tune_dir` and `fs`
+    its Tune experiment's path in the bucket and the pyarrow filesystem to read it.
     """
     from ray.tune import ExperimentAnalysis
 
-    tune_trials = ExperimentAnalysis(str(study_dir / "tune")).trials  # reads files, no Ray
+    tune_trials = ExperimentAnalysis(tune_dir or str(Path(study_dir) / "tune"), storage_filesystem=fs).trials  # reads files, no Ray
     objective = dict(open_tables(study_dir).execute("select trial_id, best_val_robust_acc from trials").fetchall())
+    in_journal = journal_trials(Path(str(study_dir)), journal=journal)
     # trials a killed driver started after Tune's last snapshot were marked lost by `resume`
     # (study.runner.reconcile_lost_trials): FAIL, with the Tune id Tune never recorded, and no rows
-    lost = [t for t in journal_trials(study_dir) if LOST_ATTR in t.user_attrs]
+    lost = [t for t in in_journal if LOST_ATTR in t.user_attrs]
     known = {t.trial_id for t in tune_trials}
     assert all(t.state == optuna.trial.TrialState.FAIL and t.user_attrs[TUNE_ID_ATTR] not in known for t in lost), lost
     assert not {t.user_attrs[TUNE_ID_ATTR] for t in lost} & set(objective)
-    optuna_trials = [t for t in journal_trials(study_dir) if LOST_ATTR not in t.user_attrs]
+    optuna_trials = [t for t in in_journal if LOST_ATTR not in t.user_attrs]
     assert len(optuna_trials) == len(tune_trials) == len(objective)
     def key(params: dict) -> str:
         return json.dumps(params, sort_keys=True)
