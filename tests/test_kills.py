@@ -11,6 +11,7 @@ docs/reliability.md quotes the number of kills.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -67,12 +68,21 @@ def _trial_workers(study_dir: Path) -> dict[str, int]:
     return found
 
 
+def _checkpoints(study_dir: Path, trial: str) -> int:
+    """How many epochs the trial has reported to Tune with a checkpoint (Tune numbers them from 0
+    and keeps the newest two)."""
+    found = [int(p.name.removeprefix("checkpoint_")) for p in (study_dir / "tune" / trial).glob("checkpoint_*")]
+    return max(found) + 1 if found else 0
+
+
 def _killable(study_dir: Path) -> dict[str, int]:
-    """The running trial workers with a whole epoch left after the one they are in. A worker in
-    its trial's last epoch may end the trial before the kill lands, and Tune then records no
-    failure for it (CI saw that once)."""
+    """The running trial workers with a checkpoint to restart from and a whole epoch left after
+    the one they are in. A worker in its trial's last epoch may end the trial before the kill
+    lands, and Tune then records no failure for it (CI saw that once); one without a checkpoint
+    would restart from epoch 0, which is right but shows nothing."""
     epochs_dir = study_dir / "tables" / "epochs"
-    return {t: pid for t, pid in _trial_workers(study_dir).items() if len(list((epochs_dir / f"trial={t}").glob("epoch-*.parquet"))) <= EPOCHS - 2}
+    return {t: pid for t, pid in _trial_workers(study_dir).items()
+            if len(list((epochs_dir / f"trial={t}").glob("epoch-*.parquet"))) <= EPOCHS - 2 and _checkpoints(study_dir, t) >= 1}
 
 
 def _study_args(storage: Path, name: str) -> list[str]:
@@ -85,7 +95,7 @@ def test_trial_workers_killed_mid_epoch_restart_from_their_checkpoints(tmp_path:
     rng = random.Random(KILL_SEED)
     study_dir = tmp_path / "studies" / "workers"
     proc = subprocess.Popen(_study_args(tmp_path / "studies", "workers"), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    killed: list[str] = []
+    killed: dict[str, int] = {}  # trial id -> epochs it had checkpointed when killed
     try:
         for point in sorted(rng.sample(range(1, 10), WORKER_KILLS)):
             _wait_for(lambda: _epoch_files(study_dir) >= point and len(_killable(study_dir)) > 0, proc, f"{point} epochs")
@@ -95,8 +105,8 @@ def test_trial_workers_killed_mid_epoch_restart_from_their_checkpoints(tmp_path:
                 _wait_for(lambda: len(_killable(study_dir)) > 0, proc, "a running trial with an epoch left")
                 workers = _killable(study_dir)
             trial = rng.choice(sorted(workers))
+            killed[trial] = _checkpoints(study_dir, trial)
             os.kill(workers[trial], signal.SIGKILL)
-            killed.append(trial)
         _, err = proc.communicate(timeout=900)
     finally:
         if proc.poll() is None:
@@ -107,8 +117,13 @@ def test_trial_workers_killed_mid_epoch_restart_from_their_checkpoints(tmp_path:
     from ray.tune import ExperimentAnalysis
 
     failures = {t.trial_id: t.run_metadata.num_failures for t in ExperimentAnalysis(str(study_dir / "tune")).trials}
-    for trial in killed:  # Tune saw each kill and restarted the trial (not a fresh one)
-        assert failures[trial] >= 1, failures
+    for trial, checkpointed in killed.items():  # Tune saw each kill and restarted the trial (not a fresh one)
+        assert failures[trial] >= 1 and checkpointed >= 1, (failures, killed)
+        # from its checkpoint, not from epoch 0: Tune's log of the trial's reports (its result.json,
+        # appended by the driver across restarts) holds every epoch once, in order; a restart from
+        # scratch would report epoch 0 to checkpointed - 1 again
+        reported = [json.loads(line)["epoch"] for line in (study_dir / "tune" / trial / "result.json").read_text().splitlines()]
+        assert reported == list(range(EPOCHS)), (trial, checkpointed, reported)
 
 
 def test_driver_killed_three_times_then_resumed_completes_every_trial_once(tmp_path: Path) -> None:
