@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator, NamedTuple
 
 import pyarrow.parquet as pq
 import pytest
@@ -106,11 +107,23 @@ def _stop_node(node: subprocess.Popen[bytes]) -> None:
             node.wait()
 
 
-def test_two_node_cluster_on_loopback_runs_the_smoke_study(tmp_path: Path, s3: S3) -> None:  # noqa: F811  (the imported fixture)
+class Cluster(NamedTuple):
+    address: str
+    temp: Path
+    logs: tuple[Path, Path]
+    head: subprocess.Popen[bytes]
+    worker: subprocess.Popen[bytes]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A head node on 127.0.0.2 and a second node on 127.0.0.3, one CPU each, token authentication
+    on; stopped by their `ray start --block` processes at the end of the module."""
     port = 46379
     temp = Path("/tmp") / f"ray-two-node-{os.getpid()}"  # short: Ray's socket paths have a length limit
     common = ["--num-cpus=1", "--object-store-memory=100000000", "--disable-usage-stats"]
-    logs = tmp_path / "head.log", tmp_path / "worker.log"
+    folder = tmp_path_factory.mktemp("cluster")
+    logs = folder / "head.log", folder / "worker.log"
     address = f"{HEAD_IP}:{port}"
     head, alive = _start_until_alive(["--head", f"--port={port}", f"--node-ip-address={HEAD_IP}", "--include-dashboard=false", "--node-manager-port=46380",
                                       "--object-manager-port=46381", "--min-worker-port=46400", "--max-worker-port=46499", *common],
@@ -124,41 +137,117 @@ def test_two_node_cluster_on_loopback_runs_the_smoke_study(tmp_path: Path, s3: S
                                             "--object-manager-port=46383", "--min-worker-port=46500", "--max-worker-port=46599", *common],
                                            temp, logs[1], address, [HEAD_IP, WORKER_IP])
         assert alive == [HEAD_IP, WORKER_IP], f"nodes alive: {alive}; worker log: {logs[1].read_text()[-3000:]}"
-        # a client without the cluster's token can neither join nor submit: no token, a wrong one
-        outsiders = [subprocess.Popen([sys.executable, "-c", f"import ray; ray.init(address='{address}'); print('JOINED', ray.get(ray.remote(lambda: 1).remote()))"],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                     for env in ({k: v for k, v in _env(temp).items() if k != "RAY_AUTH_MODE"}, {**_env(temp), "RAY_AUTH_TOKEN": "not-the-token"})]
-        for outsider in outsiders:
-            out, err = outsider.communicate(timeout=180)
-            assert outsider.returncode != 0 and "JOINED" not in out and "InvalidAuthToken" in err, err[-2000:]
-        # storage the nodes do not share by path (an S3-protocol server): a worker needs only the
-        # URI; two trials at once, one CPU per node, so Ray must place them on different nodes
-        env = {**_env(temp), **CREDENTIALS, "ENERGYAT_JOURNAL_DIR": str(tmp_path / "journals")}
-        # The driver runs outside the checkout: Ray puts the driver's working directory on every
-        # worker's path, and here the workers share this disk, so the checkout would shadow the
-        # code Ray ships (on a real cluster the driver's directory is not on the workers' disks)
-        proc = subprocess.run([*energyat_cmd(), "run", str(EXAMPLES / "smoke.yaml"), "--address", address, "--storage", s3.uri("studies"),
-                               "--name", "two", "--set", "samples=2", "--set", "epochs=2"],
-                              cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        node_ids = set()
-        results = [f for f in s3.files("studies/two/tune") if f.endswith("/result.json")]
-        assert len(results) == 2, s3.files("studies/two")
-        for name in results:
-            with s3.fs.open_input_stream(f"{BUCKET}/studies/two/tune/{name}") as f:
-                node_ids |= {json.loads(line)["ray_node_id"] for line in f.read().decode().splitlines()}
-        assert len(node_ids) == 2  # trials ran on both nodes
-        # the trials ran the driver's code, shipped by Ray, and say so with the driver's revision
-        for name in [f for f in s3.files("studies/two/tables/trials")]:
-            meta = pq.read_schema(f"{BUCKET}/studies/two/tables/trials/{name}", filesystem=s3.fs).metadata
-            prov = json.loads(meta[b"energyat.provenance"])
-            assert "runtime_resources" in prov["code"] and prov["git_sha"] == git_sha(), prov["code"]
+        yield Cluster(address, temp, logs, head, worker)
     finally:
         for node in (worker, head):
             if node is not None:
                 _stop_node(node)
         shutil.rmtree(temp, ignore_errors=True)
     assert head.poll() is not None and (worker is None or worker.poll() is not None)
+
+
+def _study_env(cluster: Cluster, tmp_path: Path) -> dict[str, str]:
+    return {**_env(cluster.temp), **CREDENTIALS, "ENERGYAT_JOURNAL_DIR": str(tmp_path / "journals")}
+
+
+def test_two_node_cluster_on_loopback_runs_the_smoke_study(cluster: Cluster, tmp_path: Path, s3: S3) -> None:  # noqa: F811  (the imported fixture)
+    address, temp = cluster.address, cluster.temp
+    # a client without the cluster's token can neither join nor submit: no token, a wrong one
+    outsiders = [subprocess.Popen([sys.executable, "-c", f"import ray; ray.init(address='{address}'); print('JOINED', ray.get(ray.remote(lambda: 1).remote()))"],
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for env in ({k: v for k, v in _env(temp).items() if k != "RAY_AUTH_MODE"}, {**_env(temp), "RAY_AUTH_TOKEN": "not-the-token"})]
+    for outsider in outsiders:
+        out, err = outsider.communicate(timeout=180)
+        assert outsider.returncode != 0 and "JOINED" not in out and "InvalidAuthToken" in err, err[-2000:]
+    # storage the nodes do not share by path (an S3-protocol server): a worker needs only the
+    # URI; two trials at once, one CPU per node, so Ray must place them on different nodes.
+    # The driver runs outside the checkout: Ray puts the driver's working directory on every
+    # worker's path, and here the workers share this disk, so the checkout would shadow the
+    # code Ray ships (on a real cluster the driver's directory is not on the workers' disks)
+    proc = subprocess.run([*energyat_cmd(), "run", str(EXAMPLES / "smoke.yaml"), "--address", address, "--storage", s3.uri("studies"),
+                           "--name", "two", "--set", "samples=2", "--set", "epochs=2"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=900, env=_study_env(cluster, tmp_path))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    node_ids = set()
+    results = [f for f in s3.files("studies/two/tune") if f.endswith("/result.json")]
+    assert len(results) == 2, s3.files("studies/two")
+    for name in results:
+        node_ids |= {r["ray_node_id"] for r in _reports(s3, f"studies/two/tune/{name}")}
+    assert len(node_ids) == 2  # trials ran on both nodes
+    # the trials ran the driver's code, shipped by Ray, and say so with the driver's revision
+    for name in [f for f in s3.files("studies/two/tables/trials")]:
+        meta = pq.read_schema(f"{BUCKET}/studies/two/tables/trials/{name}", filesystem=s3.fs).metadata
+        prov = json.loads(meta[b"energyat.provenance"])
+        assert "runtime_resources" in prov["code"] and prov["git_sha"] == git_sha(), prov["code"]
+
+
+def _reports(store: S3, key: str) -> list[dict]:
+    """The reports Tune logged for a trial (its result.json in the bucket)."""
+    with store.fs.open_input_stream(f"{BUCKET}/{key}") as f:
+        return [json.loads(line) for line in f.read().decode().splitlines()]
+
+
+def _raylet(ip: str) -> int | None:
+    """The pid of the raylet of the node at `ip` (its command line names the address)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if args and args[0].endswith(b"/raylet") and any(a == f"--node_ip_address={ip}".encode() for a in args):
+            return int(pid)
+    return None
+
+
+LOST_EPOCHS = 5
+
+
+def test_a_lost_node_s_trials_finish_on_the_other_node_from_their_checkpoints(cluster: Cluster, tmp_path: Path, s3: S3) -> None:  # noqa: F811
+    # Runs last: it takes the second node down. Two trials, one per node; once both have a
+    # checkpoint and epochs left, the second node's raylet is SIGKILLed (its trial's worker dies
+    # with it, as when a spot instance is reclaimed). Tune restarts that trial on the head from its
+    # checkpoint in the bucket: every (trial, epoch) stored once, the journal matching Tune.
+    from test_study import assert_journal_matches_tune, assert_tables_consistent
+
+    study = s3.uri("studies/lost")
+    log = tmp_path / "run.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([*energyat_cmd(), "run", str(EXAMPLES / "smoke.yaml"), "--address", cluster.address, "--storage", s3.uri("studies"),
+                                 "--name", "lost", "--set", "samples=2", "--set", f"epochs={LOST_EPOCHS}"],
+                                cwd=tmp_path, stdout=out, stderr=out, env=_study_env(cluster, tmp_path), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while True:  # both trials running, each with an epoch reported and two still to run
+            done = [len(s3.files(f"studies/lost/tables/epochs/{t}")) for t in {f.split("/")[0] for f in s3.files("studies/lost/tables/epochs")}]
+            if len(done) == 2 and all(1 <= n <= LOST_EPOCHS - 2 for n in done) and len(s3.files("studies/lost/tables/trials")) == 2:
+                break
+            assert proc.poll() is None, f"the study ended before the node could be lost:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no moment to lose the node within 600 s: {done}"
+            time.sleep(0.5)
+        raylet = _raylet(WORKER_IP)
+        assert raylet is not None, "no raylet of the second node"
+        os.kill(raylet, signal.SIGKILL)
+        proc.wait(timeout=900)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, log.read_text()[-4000:]
+    assert cluster.worker.wait(timeout=120) is not None  # the second node is gone for good
+    trials = assert_tables_consistent(study)
+    assert len(trials) == 2 and all(t[1] == "TERMINATED" and t[3] == LOST_EPOCHS for t in trials), trials
+    journal = tmp_path / "copy.journal"
+    with s3.fs.open_input_stream(f"{BUCKET}/studies/lost/optuna.journal") as f:
+        journal.write_bytes(f.read())
+    assert_journal_matches_tune(study, journal=journal, tune_dir=f"{BUCKET}/studies/lost/tune", fs=s3.fs)
+    # the lost node's trial: reported on both nodes, every epoch once (a restart from its checkpoint)
+    moved = []
+    for name in [f for f in s3.files("studies/lost/tune") if f.endswith("/result.json")]:
+        reports = _reports(s3, f"studies/lost/tune/{name}")
+        assert [r["epoch"] for r in reports] == list(range(LOST_EPOCHS)), (name, [r["epoch"] for r in reports])
+        if len({r["ray_node_id"] for r in reports}) == 2:
+            moved.append(name)
+    assert len(moved) == 1, moved
 
 
 @pytest.mark.parametrize("name", ["cluster.yaml", "docs/cluster.md (provider: local)"])
