@@ -1,8 +1,10 @@
-"""The README documents every table column and every spec key that the code declares."""
+"""The README documents every table column and every spec key that the code declares; the
+reliability doc quotes the suite's own figures and names, per guarantee, tests that exist."""
 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from analysis.schema import TABLES
 from conftest import ROOT
@@ -35,3 +37,17 @@ def test_reliability_doc_quotes_the_suites_own_figures() -> None:
     assert f"**{len(CASES)} bad inputs**" in text
     assert f"**{WORKER_KILLS + DRIVER_KILLS + 1} kills**" in text  # + the S3 driver kill
     assert f"{SAMPLES * EPOCHS} `epochs` rows, {SAMPLES * EPOCHS * PROBE_ROWS:,} `samples` rows" in text
+
+
+def test_every_reliability_guarantee_names_tests_that_exist() -> None:
+    text = (ROOT / "docs" / "reliability.md").read_text()
+    guarantees = re.findall(r"^\*\*(\d+)\. ", text, re.M)
+    table = text.split("## Guarantees and the tests that break them", 1)[1].split("\n## ", 1)[0]
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| (\d+)\. [^|]+\| (.+) \|$", table, re.M)}
+    assert len(guarantees) >= 8 and sorted(rows, key=int) == guarantees, (guarantees, sorted(rows))
+    for number, cell in rows.items():
+        refs = re.findall(r"`(tests/\w+\.py)(?:::(\w+))?`", cell)
+        assert refs, f"guarantee {number} names no test"
+        for path, name in refs:
+            source = (ROOT / path).read_text()
+            assert not name or re.search(rf"^def {name}\(", source, re.M), f"guarantee {number}: {path}::{name} does not exist"

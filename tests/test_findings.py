@@ -72,10 +72,9 @@ def test_untargeted_attacks_lower_and_targeted_attacks_raise_the_energy_of_a_sta
     #   E(x)   -7.48 / -7.51 / -7.48
     #   E(x*)  -9.59 / -10.39 / -8.76   (untargeted PGD-10, eps 0.25)
     #   E_tgt  -5.98 / -5.75 / -5.55    (targeted PGD-10 to a random wrong class)
-    # Each epoch's weights, read from last.pt when the epoch is reported. The last epoch's cannot
-    # be had that way: once training ends, the final evaluation loads the best checkpoint (here
-    # epoch 0's, the only one with nonzero robust accuracy) and last.pt is saved with those
-    # weights, before the last epoch is reported. So the recomputation below uses epoch 8.
+    # Each epoch's weights, read from last.pt when the epoch is reported. The recomputation below
+    # uses epoch 8, the last one reported from inside the training loop: the last epoch (9) is
+    # reported only after the final evaluation of the best checkpoint.
     weights: dict[int, dict[str, torch.Tensor]] = {}
 
     def keep_weights(row: dict[str, Any], ckpt_dir: Path) -> None:
