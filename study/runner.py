@@ -175,7 +175,10 @@ class StudySearch(OptunaSearch):
         import optuna
 
         super().restore(checkpoint_path)
-        storage = journal_storage(_journal_file(self.study_dir, self._study_name))
+        study_dir = getattr(self, "study_dir", None)
+        if study_dir is None:  # saved by an energyat that kept the journal's path in spec.yaml
+            return
+        storage = journal_storage(_journal_file(study_dir, self._study_name))
         self._storage = storage
         self._ot_study = optuna.load_study(study_name=self._study_name, storage=storage, sampler=self._ot_study.sampler)
         self._ot_trials = {tid: optuna.Trial(self._ot_study, t._trial_id) for tid, t in self._ot_trials.items()}

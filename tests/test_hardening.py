@@ -177,3 +177,28 @@ def test_energyat_errors_survive_the_pickling_that_carries_them_from_a_ray_worke
     for error in (SpecError("dataset.root", "x.npz is not a readable .npz file"), DataNotFoundError("npz", "/d", "an .npz file")):
         back = pickle.loads(pickle.dumps(error))
         assert type(back) is type(error) and str(back) == str(error) and back.__dict__ == error.__dict__
+
+
+def test_an_attempt_removes_the_scratch_folders_of_dead_attempts_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a SIGKILLed worker leaves its folder; a worker still winding down (its node lost) keeps it
+    import subprocess
+    import tempfile
+
+    from trainables.tune_adapter import scratch_folder
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    alive = subprocess.Popen(["sleep", "30"])
+    try:
+        (tmp_path / f"energyat-t1-{dead.pid}").mkdir()
+        (tmp_path / f"energyat-t1-{alive.pid}" / "last.pt").parent.mkdir()
+        (tmp_path / f"energyat-t1-{alive.pid}" / "last.pt").write_bytes(b"x")
+        (tmp_path / f"energyat-t10-{dead.pid}").mkdir()  # another trial's
+        work = scratch_folder("t1")
+        assert work == tmp_path / f"energyat-t1-{os.getpid()}" and work.is_dir()
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            [work.name, f"energyat-t1-{alive.pid}", f"energyat-t10-{dead.pid}"])
+    finally:
+        alive.kill()
+        alive.wait()

@@ -8,6 +8,7 @@ module of trainables/ that imports ray.
 
 from __future__ import annotations
 
+import glob
 import math
 import os
 import shutil
@@ -98,6 +99,37 @@ class Watchdog:
                     os._exit(HANG_EXIT)
 
 
+def scratch_folder(trial_id: str) -> Path:
+    """This attempt's checkpoint folder, ``<tmp>/energyat-<trial id>-<pid>``.
+
+    A worker killed by SIGKILL cannot remove its folder, so each attempt first removes the folders
+    of earlier attempts of the same trial whose process is gone. A folder whose process still runs
+    is left alone: the worker of a lost node can outlive its raylet for a while, and the restarted
+    attempt may run on the same machine (two nodes on one host, as in tests/test_cluster.py); when
+    the attempts shared one folder, the old one's clean-up deleted the new one's restored checkpoint
+    and the trial started again from epoch 0.
+    """
+    root = Path(tempfile.gettempdir())
+    for old in root.glob(f"energyat-{glob.escape(trial_id)}-*"):
+        pid = old.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    work = root / f"energyat-{trial_id}-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    return work
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: running
+        return True
+    return True
+
+
 def energyat_trial(
     config: dict[str, Any], *, base_spec: dict[str, Any], study_dir: str, objectives: list[str], cpus: int, stop_patience: int | None,
     hang_timeout: float | None = None,
@@ -108,11 +140,7 @@ def energyat_trial(
         spec["threads"] = max(1, cpus)  # one torch thread per reserved CPU: no oversubscription
     cfg = parse_trial(spec)
     trial_id = tune.get_context().get_trial_id()
-    # one folder per trial, emptied first: a worker killed by SIGKILL cannot clean up after itself,
-    # and its restart here takes the folder over instead of leaving one more behind
-    work = Path(tempfile.gettempdir()) / f"energyat-{trial_id}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    work = scratch_folder(trial_id)
     watchdog = None
     if hang_timeout is not None:
         reason = f"error: hung: no epoch finished within {hang_timeout:g} s (hang_timeout)"
