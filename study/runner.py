@@ -180,8 +180,16 @@ class StudySearch(OptunaSearch):
             return
         storage = journal_storage(_journal_file(study_dir, self._study_name))
         self._storage = storage
-        self._ot_study = optuna.load_study(study_name=self._study_name, storage=storage, sampler=self._ot_study.sampler)
-        self._ot_trials = {tid: optuna.Trial(self._ot_study, t._trial_id) for tid, t in self._ot_trials.items()}
+        study = optuna.load_study(study_name=self._study_name, storage=storage, sampler=self._study().sampler)
+        # OptunaSearch declares the attribute None until set up
+        self._ot_study = study  # type: ignore[assignment]
+        self._ot_trials = {tid: optuna.Trial(study, t._trial_id) for tid, t in self._ot_trials.items()}
+
+    def _study(self) -> Any:
+        """The Optuna study (an optuna.Study; OptunaSearch declares the attribute None until set up)."""
+        if self._ot_study is None:
+            raise RuntimeError("StudySearch used before Tune set it up")
+        return self._ot_study
 
     def suggest(self, trial_id: str) -> dict | None:
         """OptunaSearch's suggestion, with the Tune trial id kept on the Optuna trial
@@ -223,11 +231,12 @@ class StudySearch(OptunaSearch):
 
         if trial_id in self._ot_trials:
             return
-        trials = self._ot_study.get_trials(deepcopy=False)
+        study = self._study()
+        trials = study.get_trials(deepcopy=False)
         mine = [t for t in trials if t.user_attrs.get(TUNE_ID_ATTR) == trial_id]
         if mine:
             if mine[-1].state == optuna.trial.TrialState.RUNNING:
-                self._ot_trials[trial_id] = optuna.Trial(self._ot_study, mine[-1]._trial_id)
+                self._ot_trials[trial_id] = optuna.Trial(study, mine[-1]._trial_id)
             return
         # Tune's restart: the failed trial is the one with these parameters no retry has taken yet
         params = {k.removeprefix("config/"): v for k, v in (result or {}).items() if k.startswith("config/")}
@@ -236,8 +245,8 @@ class StudySearch(OptunaSearch):
                        and t.number not in taken and params and t.params == params), None)
         if failed is None:
             return
-        self._ot_study.enqueue_trial(failed.params, user_attrs={TUNE_ID_ATTR: trial_id, RETRY_ATTR: failed.number}, skip_if_exists=False)
-        self._ot_trials[trial_id] = self._ot_study.ask(fixed_distributions=failed.distributions)
+        study.enqueue_trial(failed.params, user_attrs={TUNE_ID_ATTR: trial_id, RETRY_ATTR: failed.number}, skip_if_exists=False)
+        self._ot_trials[trial_id] = study.ask(fixed_distributions=failed.distributions)
 
 
 class StudyLimiter(ConcurrencyLimiter):
