@@ -104,3 +104,23 @@ def test_a_directory_named_like_a_glob_is_read_as_itself(tmp_path: Path, capfd) 
     sql = "select (select count(*) from epochs), (select count(*) from samples) > 0, (select count(*) from evals) > 0"
     assert main(["query", str(bracketed), sql, "--format", "csv"]) == 0
     assert capfd.readouterr().out.splitlines()[1] == "1,true,true"
+
+
+def test_a_symbolic_link_in_tables_cannot_lead_a_query_outside(tmp_path: Path) -> None:
+    # DuckDB checks a link's target against the allowed folder, not only its name: a link planted
+    # in tables/ (by whoever can write the study's folder) reads nothing outside it
+    from analysis.errors import QueryError
+    from analysis.query import run_query
+
+    (tmp_path / "secret.txt").write_text("not for queries\n")
+    tables = tmp_path / "study" / "tables"
+    tables.mkdir(parents=True)
+    (tables / "inside.txt").write_text("a file of the study\n")
+    (tables / "link.txt").symlink_to(tmp_path / "secret.txt")
+    assert run_query(tmp_path / "study", f"select content from read_text('{tables / 'inside.txt'}')").to_pylist() == [{"content": "a file of the study\n"}]
+    try:
+        run_query(tmp_path / "study", f"select content from read_text('{tables / 'link.txt'}')")
+    except QueryError as exc:
+        assert "query refused" in str(exc) and "not for queries" not in str(exc)
+    else:
+        raise AssertionError("a link out of tables/ was followed")
