@@ -119,12 +119,15 @@ def _importances(path: Path, *, where: str) -> tuple[dict[str, float] | None, st
 
 
 def optuna_trial_states(path: Path) -> dict[str, int]:
-    """How many trials of the journal's study are in each Optuna state (COMPLETE, RUNNING, ...)."""
+    """How many trials of the journal's study are in each Optuna state (COMPLETE, RUNNING, ...);
+    suggestions that repeated a configuration already run, and were not trained (user attribute
+    `energyat_duplicate_of`, see study.runner.StudySearch.suggest), count as `duplicate`."""
     import optuna
 
     storage = journal_storage(path)
     counts: dict[str, int] = {}
     for name in optuna.study.get_all_study_names(storage):
         for trial in optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False):
-            counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
+            state = "duplicate" if "energyat_duplicate_of" in trial.user_attrs else trial.state.name
+            counts[state] = counts.get(state, 0) + 1
     return counts

@@ -1,10 +1,13 @@
-"""Optuna's journal file backend as energyat opens it (a module of its own because it imports
-optuna at import time, which the CLI's light commands never need)."""
+"""Optuna objects as energyat hands them to Ray Tune, which pickles them into its experiment: the
+journal file backend and the NSGA-II sampler. A module of its own because it imports optuna at
+import time, which the CLI's light commands never need."""
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
+from optuna.samplers import NSGAIISampler
 from optuna.storages.journal import JournalFileBackend
 
 
@@ -21,3 +24,18 @@ class JournalFile(JournalFileBackend):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._log_number_offset = {0: 0}
+
+
+class PicklableNSGAII(NSGAIISampler):
+    """Optuna's NSGAIISampler, which pickles: Optuna 5.1's holds a threading.Lock, so Ray Tune
+    could not save a study that uses it (`TypeError: cannot pickle '_thread.lock'`). The lock
+    is left out of the pickle and made anew when unpickled."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_thread_lock", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._thread_lock = threading.Lock()

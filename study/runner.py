@@ -33,7 +33,7 @@ from typing import Any, Mapping, NamedTuple
 import yaml
 from pyarrow.fs import FileSelector, FileSystem, FileType
 from ray import tune
-from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from analysis.errors import EnergyatError, SpecError, StoreError, one_line
@@ -41,6 +41,7 @@ from analysis.phases import DETECTOR_COLUMNS, OnlineDetector, should_stop
 from analysis.schema import SCHEMA_VERSION
 from analysis.store import SHIPPED_SHA, check_name, check_schema_version, durable_replace, filesystem, git_sha, is_uri, join, open_storage
 from study.importances import JOURNAL, check_journal, journal_storage
+from study.sampler import build_sampler, check_sampler_for
 from study.space import SearchSpace, parse_search
 from study.spec import StudyKeys, check_placement
 
@@ -191,15 +192,47 @@ class StudySearch(OptunaSearch):
             raise RuntimeError("StudySearch used before Tune set it up")
         return self._ot_study
 
-    def suggest(self, trial_id: str) -> dict | None:
-        """OptunaSearch's suggestion, with the Tune trial id kept on the Optuna trial
-        (user attribute `tune_trial_id`): after a killed driver, :func:`reconcile_lost_trials`
-        tells from it which Optuna trials Tune never recorded."""
-        params = super().suggest(trial_id)
-        trial = self._ot_trials[trial_id]
-        if trial.user_attrs.get(TUNE_ID_ATTR) != trial_id:
-            trial.set_user_attr(TUNE_ID_ATTR, trial_id)
-        return params
+    def suggest(self, trial_id: str) -> dict | str | None:
+        """OptunaSearch's suggestion, never a configuration already run, with the Tune trial id
+        kept on the Optuna trial (user attribute `tune_trial_id`: after a killed driver,
+        :func:`reconcile_lost_trials` tells from it which Optuna trials Tune never recorded).
+
+        A suggestion equal to an earlier trial's parameters (a `sat` trial searches `method`
+        only, so every one is the same configuration with the same seed, and trains to the same
+        numbers) is not trained again. Following Optuna's own advice for duplicates, its Optuna
+        trial is told the earlier trial's values (FAIL while that one still runs), marked
+        `energyat_duplicate_of`, and the sampler is asked again. When DUPLICATE_ASKS asks in a
+        row give nothing new, the space is taken as exhausted and the study ends early."""
+        for _ask in range(DUPLICATE_ASKS):
+            params = super().suggest(trial_id)
+            trial = self._ot_trials[trial_id]
+            twin = self._twin(trial)
+            if twin is None:
+                if trial.user_attrs.get(TUNE_ID_ATTR) != trial_id:
+                    trial.set_user_attr(TUNE_ID_ATTR, trial_id)
+                return params
+            import optuna
+
+            del self._ot_trials[trial_id]
+            trial.set_user_attr(DUPLICATE_ATTR, twin.number)
+            if twin.state == optuna.trial.TrialState.COMPLETE:
+                self._study().tell(trial, twin.values)
+            else:
+                self._study().tell(trial, state=optuna.trial.TrialState.FAIL)
+        print(f"energyat: {DUPLICATE_ASKS} suggestions in a row repeated configurations already run: the search space "
+              "looks exhausted, so the study ends here (raise `samples` only with a larger `search`)", file=sys.stderr, flush=True)
+        return Searcher.FINISHED
+
+    def _twin(self, trial: Any) -> Any:
+        """An earlier trial (COMPLETE or RUNNING, not lost, not itself a duplicate) with `trial`'s parameters."""
+        import optuna
+
+        alive = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
+        for other in self._study().get_trials(deepcopy=False, states=alive):
+            if (other.number != trial.number and other.params == trial.params
+                    and LOST_ATTR not in other.user_attrs and DUPLICATE_ATTR not in other.user_attrs):
+                return other
+        return None
 
     def save(self, checkpoint_path: str) -> None:
         if self.upload is not None:
@@ -242,7 +275,7 @@ class StudySearch(OptunaSearch):
         params = {k.removeprefix("config/"): v for k, v in (result or {}).items() if k.startswith("config/")}
         taken = {t.user_attrs.get(RETRY_ATTR) for t in trials}
         failed = next((t for t in trials if t.state == optuna.trial.TrialState.FAIL and LOST_ATTR not in t.user_attrs
-                       and t.number not in taken and params and t.params == params), None)
+                       and DUPLICATE_ATTR not in t.user_attrs and t.number not in taken and params and t.params == params), None)
         if failed is None:
             return
         study.enqueue_trial(failed.params, user_attrs={TUNE_ID_ATTR: trial_id, RETRY_ATTR: failed.number}, skip_if_exists=False)
@@ -275,6 +308,8 @@ class StudyLimiter(ConcurrencyLimiter):
 TUNE_ID_ATTR = "tune_trial_id"
 LOST_ATTR = "energyat_lost"
 RETRY_ATTR = "energyat_retry_of"
+DUPLICATE_ATTR = "energyat_duplicate_of"
+DUPLICATE_ASKS = 20  # suggestions in a row that repeat a configuration before the space counts as exhausted
 RETRIED = "retried"  # STUDY_DIR/retried/: the rows of a trial's failed life, before its retry
 LOST = "lost"  # STUDY_DIR/lost/: what trials Tune never recorded left in the study
 
@@ -563,7 +598,8 @@ def _tuner_parts(raw: dict[str, Any], study: StudyKeys, study_dir: str, study_na
         mode=["max"] * len(objectives) if len(objectives) > 1 else "max",
         storage=journal_storage(journal),
         study_name=study_name,
-        seed=int(raw.get("seed", 0)),
+        sampler=build_sampler(study.sampler, objectives=len(objectives), seed=int(raw.get("seed", 0))),
+        points_to_evaluate=study.points_to_evaluate or None,
     )
     tune_config = tune.TuneConfig(
         search_alg=StudyLimiter(searcher, max_concurrent=study.max_concurrent),
@@ -627,7 +663,7 @@ def run_study(raw: dict[str, Any], study: StudyKeys, *, address: str | None, sto
         raw = {**raw, "name": name}
     cfg = parse_trial(raw)
     parse_search(study.search, raw)
-    objectives_of(study)
+    check_sampler_for(study.sampler, objectives=len(objectives_of(study)))
     check_placement(raw, study)
     study_dir = study_dir_for(storage or study.storage, cfg.name)
     fs, root = open_storage(study_dir)  # a bad scheme, endpoint or bucket: one line, before Ray

@@ -41,6 +41,19 @@ class Dimension:
     log: bool = False
     choices: tuple[Any, ...] = ()
 
+    def contains(self, value: Any) -> bool:
+        """Whether `value` is one this dimension can suggest."""
+        if self.kind == "categorical":
+            return any(value == c and type(value) is type(c) for c in self.choices)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (self.kind == "int" and not isinstance(value, int)):
+            return False
+        return self.low <= value <= self.high
+
+    def describe(self) -> str:
+        if self.kind == "categorical":
+            return f"choices {list(self.choices)}"
+        return f"{self.kind} in [{self.low:g}, {self.high:g}]{' log' if self.log else ''}"
+
     def used_by(self, method: str) -> bool:
         for prefix, methods in USED_BY.items():
             if self.key == prefix or (prefix.endswith(".") and self.key.startswith(prefix)):
@@ -97,6 +110,16 @@ def parse_search(search: Mapping[str, Any], base: Mapping[str, Any]) -> list[Dim
             except SpecError as exc:
                 raise SpecError(f"search.{dim.key}", f"value {value!r} is not valid: {exc}") from exc
     return dims
+
+
+def point_spec(base: Mapping[str, Any], point: Mapping[str, Any]) -> dict[str, Any]:
+    """The trial spec of one point of the search: `base` with the point's dotted keys set."""
+    from trainables.config import set_value
+
+    spec = copy.deepcopy(dict(base))
+    for key, value in point.items():
+        set_value(spec, str(key), value)
+    return spec
 
 
 @dataclass(frozen=True)

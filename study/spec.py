@@ -17,6 +17,7 @@ import yaml
 
 from analysis.errors import EnergyatError, SpecError
 from analysis.phases import STOP_PATIENCE
+from study.sampler import SamplerKeys, check_points, check_sampler
 from trainables.config import TrialConfig, parse_trial, set_value
 
 
@@ -33,6 +34,8 @@ class StudyKeys:
     storage: str = "./studies"
     max_failures: int = 3  # restarts of a failed trial from its last checkpoint (Ray Tune's FailureConfig)
     hang_timeout: float | None = None  # seconds without a finished epoch after which a trial is ended as hung
+    sampler: SamplerKeys = field(default_factory=SamplerKeys)  # Optuna's sampler (study.sampler)
+    points_to_evaluate: list[dict[str, Any]] = field(default_factory=list)  # the first trials' parameters
 
     @property
     def stop_patience(self) -> int | None:
@@ -46,7 +49,7 @@ def _check_study_keys(raw: Mapping[str, Any]) -> StudyKeys:
     kinds: dict[str, tuple[type, ...]] = {
         "samples": (int,), "search": (dict,), "objective": (str, list), "early_stop": (dict,),
         "resources": (dict,), "max_concurrent": (int,), "storage": (str,), "max_failures": (int,),
-        "hang_timeout": (int, float, type(None)),
+        "hang_timeout": (int, float, type(None)), "sampler": (dict,), "points_to_evaluate": (list,),
     }
     values: dict[str, Any] = {}
     for key, types in kinds.items():
@@ -65,6 +68,12 @@ def _check_study_keys(raw: Mapping[str, Any]) -> StudyKeys:
     if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
         raise SpecError("hang_timeout", f"must be a positive number of seconds or null (off); got {timeout!r}")
     _check_early_stop(values.get("early_stop", {}))
+    if "sampler" in values:
+        values["sampler"] = check_sampler(values["sampler"])
+    if "points_to_evaluate" in values:  # against the search space
+        from study.space import parse_search
+
+        values["points_to_evaluate"] = check_points(values["points_to_evaluate"], parse_search(values.get("search", {}), raw), raw)
     if "resources" in values:
         values["resources"] = _check_resources(values["resources"])
     return StudyKeys(**values)

@@ -142,6 +142,11 @@ CASES = [
     Case("two GPUs for one trial", RUN, "resources.gpu", _study_spec(resources={"cpu": 1, "gpu": 2})),
     Case("a GPU share that does not divide", RUN, "use 1/k", _study_spec(resources={"cpu": 1, "gpu": 0.3})),
     Case("device cuda without a GPU", RUN, "`device: cuda`", _study_spec(device="cuda")),
+    Case("an unknown sampler", RUN, "`sampler.name`", _study_spec(sampler={"name": "anneal"})),
+    Case("a sampler option that is a callable", RUN, "`sampler.gamma`", _study_spec(sampler={"name": "tpe", "gamma": 0.1})),
+    Case("cmaes for two objectives", RUN, "`sampler.name`", _study_spec(sampler={"name": "cmaes"}, objective=["best_val_robust_acc", "best_val_clean_acc"])),
+    Case("a first point outside the search", RUN, "outside search.beta", _study_spec(points_to_evaluate=[{"method": "trades", "beta": 50.0}])),
+    Case("a first point with a parameter its method ignores", RUN, "not used by method sat", _study_spec(points_to_evaluate=[{"method": "sat", "beta": 6.0}])),
     # -- flags ------------------------------------------------------------------------------------
     Case("unknown flag", [*TRAIN, "--fast"], "unrecognized arguments: --fast", _spec()),
     Case("--stop-patience alone", [*TRAIN, "--stop-patience", "3"], "--stop-on-alarm", _spec()),

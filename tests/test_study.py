@@ -12,7 +12,7 @@ import pytest
 
 from analysis.query import open_tables
 from conftest import EXAMPLES, ROOT, energyat_cmd
-from study.runner import LOST_ATTR, TUNE_ID_ATTR
+from study.runner import DUPLICATE_ATTR, LOST_ATTR, TUNE_ID_ATTR
 from study.space import SearchSpace, parse_search
 
 SMOKE = str(EXAMPLES / "smoke.yaml")
@@ -77,7 +77,15 @@ def assert_journal_matches_tune(study_dir: Path | str, *, journal: Path | None =
     known = {t.trial_id for t in tune_trials}
     assert all(t.state == optuna.trial.TrialState.FAIL and t.user_attrs[TUNE_ID_ATTR] not in known for t in lost), lost
     assert not {t.user_attrs[TUNE_ID_ATTR] for t in lost} & set(objective)
-    optuna_trials = [t for t in in_journal if LOST_ATTR not in t.user_attrs]
+    # suggestions that repeated a configuration were told its twin's values (FAIL while it ran)
+    # and never trained (study.runner.StudySearch.suggest)
+    duplicates = [t for t in in_journal if DUPLICATE_ATTR in t.user_attrs]
+    by_number = {t.number: t for t in in_journal}
+    for dup in duplicates:
+        twin = by_number[dup.user_attrs[DUPLICATE_ATTR]]
+        assert twin.params == dup.params and DUPLICATE_ATTR not in twin.user_attrs
+        assert (dup.state, dup.values) in ((optuna.trial.TrialState.COMPLETE, twin.values), (optuna.trial.TrialState.FAIL, None)), (dup, twin)
+    optuna_trials = [t for t in in_journal if LOST_ATTR not in t.user_attrs and DUPLICATE_ATTR not in t.user_attrs]
     assert len(optuna_trials) == len(tune_trials) == len(objective)
     def key(params: dict) -> str:
         return json.dumps(params, sort_keys=True)
@@ -189,7 +197,7 @@ def test_multi_objective_study_keeps_a_pareto_front_in_the_journal(tmp_path: Pat
     # objective: [robust, clean] -> an Optuna study with two maximised values per trial
     energyat("run", SMOKE, "--storage", str(tmp_path), "--name", "pareto", "--set", "samples=2", "--set", "epochs=1",
              "--set", "objective=[best_val_robust_acc, best_val_clean_acc]")
-    trials = journal_trials(tmp_path / "pareto")
+    trials = [t for t in journal_trials(tmp_path / "pareto") if DUPLICATE_ATTR not in t.user_attrs]
     assert len(trials) == 2 and all(t.state == optuna.trial.TrialState.COMPLETE and len(t.values) == 2 for t in trials)
     con = open_tables(tmp_path / "pareto")
     rows = {round(a, 6): round(c, 6) for a, c in con.execute("select best_val_robust_acc, best_val_clean_acc from trials").fetchall()}
@@ -198,8 +206,10 @@ def test_multi_objective_study_keeps_a_pareto_front_in_the_journal(tmp_path: Pat
 
 def test_a_diverging_trial_ends_with_its_reason_and_a_finite_bad_value_and_the_study_goes_on(tmp_path: Path) -> None:
     # lr 1e20 makes the loss non-finite within an epoch: that trial ends with its reason, Optuna
-    # gets 0.0 (a NaN would drop the trial from the search), and the other trials run on
-    energyat("run", SMOKE, "--storage", str(tmp_path), "--name", "nan", "--set", "samples=3", "--set", "epochs=2",
+    # gets 0.0 (a NaN would drop the trial from the search), and the other trials run on. The
+    # search holds two configurations: a third suggestion repeats one, is not trained, and the
+    # study ends there (StudySearch.suggest)
+    proc = energyat("run", SMOKE, "--storage", str(tmp_path), "--name", "nan", "--set", "samples=3", "--set", "epochs=2",
              "--set", "search={lr: {choices: [0.05, 1.0e+20]}}", "--set", "weight_decay=0.0")
     study_dir = tmp_path / "nan"
     trials = assert_tables_consistent(study_dir)
@@ -213,9 +223,9 @@ def test_a_diverging_trial_ends_with_its_reason_and_a_finite_bad_value_and_the_s
     for _t, reason, status, epochs_run, _acc, _lr in diverged:
         assert reason == f"error: non-finite loss at epoch {epochs_run - 1}" and status == "ERROR"
     assert all(reason in ("completed", "energy_divergence") and status == "TERMINATED" for _t, reason, status, *_ in healthy)
-    values = [t.values[0] for t in journal_trials(study_dir)]
+    values = [t.values[0] for t in journal_trials(study_dir) if DUPLICATE_ATTR not in t.user_attrs]
     assert all(math.isfinite(v) for v in values) and values.count(0.0) >= len(diverged)
-    assert len(trials) == 3
+    assert len(trials) == 2 and "looks exhausted" in proc.stderr
 
 
 def test_sample_and_landscape_read_a_studys_trials_from_their_tune_checkpoints(smoke_study: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
