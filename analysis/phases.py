@@ -1,6 +1,6 @@
 """The three phases of adversarial training and the onset of robust overfitting.
 
-PAPER.md section 2.2: phase 1, the energies change fast; phase 2, the training-probe delta
+docs/science.md, section 2, finding 2: phase 1, the energies change fast; phase 2, the training-probe delta
 energy dE is roughly flat; phase 3, |dE| diverges (SAT) while test robustness turns down.
 The paper gives no rule; this module's rule works on magnitudes relative to a phase-2
 baseline, because the sign and the scale of dE differ between setups.
@@ -24,7 +24,7 @@ Rule (every threshold is a keyword of :class:`OnlineDetector`):
    consecutive probed epochs. Phase 3 starts there and the alarm stays raised.
 4. Learning-rate gate: the alarm counts only epochs whose lr is at most ``lr_gate`` times the
    largest lr seen so far (piecewise: after the first drop; onecycle and cosine: past the
-   middle of the decay). Robust overfitting follows a drop (Rice et al.; PAPER.md 2.2); before
+   middle of the decay). Robust overfitting follows a drop (Rice et al.; docs/science.md, finding 2); before
    it, |dE| drift on small probes is noise and trials still gain (digits quickstart: alarms at
    epoch 13 of 30, two epochs before the first drop, cost 6-13 points of robust accuracy).
    Rows without ``lr`` are not gated.
@@ -43,7 +43,7 @@ from typing import Any, Mapping
 import numpy as np
 
 
-# The columns the online rule reads: training-side only, never test metrics (DESIGN.md 6).
+# The columns the online rule reads: training-side only, never test metrics (docs/design.md section 6).
 # Whoever feeds an OnlineDetector (engine, stopper, replay) passes exactly these.
 # `probed` tells an epoch without a probe (dE missing: keep the label) from a probed epoch whose
 # energies came back NaN or infinite (the divergence the alarm exists for).
@@ -340,7 +340,7 @@ def _change_point(epoch: np.ndarray, d_e: np.ndarray, start: int, alarm: int, sm
 
 @dataclass(frozen=True)
 class OnsetTruth:
-    """Ground truth for judging a detector on a real run (DESIGN.md section 6)."""
+    """Ground truth for judging a detector on a real run (docs/design.md section 6)."""
 
     epoch: int | None  # onset: the last epoch before test robustness only gets worse; None if it never degrades
     signal: str | None  # "test_robust_acc" or "test_robust_loss": which one showed the degradation

@@ -9,7 +9,7 @@ and from a library.
 A figure whose input holds nothing to draw raises :class:`NoData` (its message says what was
 missing); the report turns that into a note instead of an image.
 
-Energies follow PAPER.md section 1: E(x) = -logsumexp f(x), E(x,y) = -f(x)[y],
+Energies follow docs/science.md section 1: E(x) = -logsumexp f(x), E(x,y) = -f(x)[y],
 dE(x) = E(x) - E(x*).
 """
 
@@ -133,7 +133,7 @@ def _plot_finite(ax: Axes, x: np.ndarray, y: np.ndarray, **kwargs: Any) -> bool:
 
 
 def phase_figure(epochs: Any, phases: PhaseResult, *, path: Path) -> Path:
-    """The phases of one trial (PAPER.md section 2.2), in three panels over epochs.
+    """The phases of one trial (docs/science.md, section 2, finding 2), in three panels over epochs.
 
     Top: mean E(x), E(x*) (the method's attack) and E(x*) under a targeted attack on the
     training probe. Middle: mean dE(x) and dE(x,y), with the band between the median and the
@@ -243,7 +243,7 @@ def _train_split(cols: Mapping[str, np.ndarray]) -> np.ndarray:
 def energy_histograms(samples: Any, *, epochs: Sequence[int], path: Path) -> Path:
     """Per chosen epoch, histograms of per-sample E(x), E(x*) untargeted and E(x*) targeted.
 
-    The training probe only (``split == "train"``). PAPER.md finding 1: an untargeted attack
+    The training probe only (``split == "train"``). docs/science.md finding 1: an untargeted attack
     moves E(x*) below E(x), a targeted one above it.
 
     Args:
@@ -410,7 +410,7 @@ def _final_abs_delta_energy(epochs: Mapping[str, np.ndarray]) -> dict[str, float
 def delta_energy_vs_robust(epochs: Any, trials: Any, *, path: Path) -> Path:
     """Final abs(dE(x)) on the training probe against best validation robust accuracy, per trial.
 
-    PAPER.md findings 2 and 4: methods whose delta energy grows (SAT) overfit, those that keep
+    docs/science.md findings 2 and 4: methods whose delta energy grows (SAT) overfit, those that keep
     it near 0 (TRADES) stay robust.
 
     Args:
@@ -513,7 +513,7 @@ def _half_violin(ax: Axes, values: np.ndarray, pos: float, *, left: bool, colour
 
 def landscape_violins(rows: Any, *, path: Path) -> Path:
     """Per-sample dE(x) (left halves) and dE(x,y) (right halves) of the test probe, one panel per
-    attack, one split violin per trial: the paper's smoothness comparison (PAPER.md section 2).
+    attack, one split violin per trial: the paper's smoothness comparison (docs/science.md section 2).
 
     Input: rows of ``analysis.schema.LANDSCAPE`` (``energyat landscape``).
     """

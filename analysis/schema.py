@@ -4,7 +4,7 @@ Writer (``trainables/engine.py`` through ``analysis/store.py``), reader (``analy
 and docs (the README's column list, checked by a test) all use these schemas. Each field's
 ``doc`` metadata says what the value means and what NaN means there.
 
-Energies follow PAPER.md section 1: E(x) = -logsumexp f(x), E(x,y) = -f(x)[y], and the delta
+Energies follow docs/science.md section 1: E(x) = -logsumexp f(x), E(x,y) = -f(x)[y], and the delta
 energy dE(x) = E(x) - E(x*), x* the adversarial example.
 """
 

@@ -1,6 +1,6 @@
 """The Parquet store: one file per (table, trial, epoch), written atomically.
 
-Layout (DESIGN.md section 3), under a study or train-output directory ``root``::
+Layout (docs/design.md section 3), under a study or train-output directory ``root``::
 
     tables/epochs/trial=<id>/epoch-<NNNN>.parquet
     tables/samples/trial=<id>/epoch-<NNNN>.parquet

@@ -9,7 +9,7 @@ Each entry names a spec key (dotted) and its range:
       attack.steps: [3, 10]                # two whole numbers: an integer range
       weat.normalize: {choices: [true, false]}   # explicit categorical
 
-Parameters exist only for the methods that use them (DESIGN.md section 5): `beta` for
+Parameters exist only for the methods that use them (docs/design.md section 5): `beta` for
 trades, weat, der and mart; `weat.*` for weat; `der.*` for der. A trial of `sat` therefore
 carries no `beta` in Optuna, and TPE models each method's parameters separately.
 """

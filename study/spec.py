@@ -23,7 +23,7 @@ from trainables.config import TrialConfig, parse_trial, set_value
 
 @dataclass(frozen=True)
 class StudyKeys:
-    """The study-only keys of a spec (DESIGN.md section 2); `energyat train` ignores them."""
+    """The study-only keys of a spec (docs/design.md section 2); `energyat train` ignores them."""
 
     samples: int = 16  # Optuna trials
     search: dict[str, Any] = field(default_factory=dict)

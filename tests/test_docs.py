@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from pathlib import Path
 
 from analysis.schema import TABLES
 from conftest import ROOT
@@ -51,3 +52,54 @@ def test_every_reliability_guarantee_names_tests_that_exist() -> None:
         for path, name in refs:
             source = (ROOT / path).read_text()
             assert not name or re.search(rf"^def {name}\(", source, re.M), f"guarantee {number}: {path}::{name} does not exist"
+
+
+# What a user's clone holds is all the docs may point at: the team's notes beside the project are
+# not in it (these names are spelled in pieces so that this file does not mention them itself)
+_OUTSIDE = ("PAPER" + ".md", "DESIGN" + ".md", ".." + "/shared")
+_LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+_PATH = re.compile(r"(?<![\w/.])((?:docs|tests|examples|benchmarks|analysis|study|trainables)/[\w./-]+\.(?:md|py|yaml|png|csv))")
+
+
+def _help_texts() -> str:
+    import argparse
+
+    from study.cli import build_parser
+
+    parser = build_parser()
+    texts = [parser.format_help()]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            texts += [sub.format_help() for sub in action.choices.values()]
+    return "\n".join(texts)
+
+
+def test_no_link_in_readme_docs_or_help_leaves_the_repository_or_points_at_a_missing_file() -> None:
+    sources = {ROOT / "README.md": README, **{p: p.read_text() for p in sorted((ROOT / "docs").glob("*.md"))}, ROOT / "--help": _help_texts()}
+    checked = 0
+    for source, text in sources.items():
+        base = source.parent
+        for target in _LINK.findall(text):
+            if target.startswith(("http://", "https://", "mailto:", "#")):
+                continue
+            path = (base / target.split("#", 1)[0]).resolve()
+            assert path.is_relative_to(ROOT) and path.exists(), f"{source.name}: link to {target}"
+            checked += 1
+        for target in _PATH.findall(text):
+            assert (ROOT / target).exists(), f"{source.name}: {target} does not exist"
+            checked += 1
+    assert checked > 20
+
+
+def test_nothing_in_the_repository_points_at_the_teams_own_notes() -> None:
+    import subprocess
+
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    here = Path(__file__).relative_to(ROOT).as_posix()
+    for name in tracked:
+        path = ROOT / name
+        if name == here or not path.is_file() or path.suffix in (".png", ".parquet", ".npz", ".gz"):
+            continue
+        text = path.read_text(errors="replace")
+        for marker in _OUTSIDE:
+            assert marker not in text, f"{name} mentions {marker}"

@@ -1,4 +1,4 @@
-"""Energy identities of PAPER.md sections 1 and 2.3, and the WEAT weighting family."""
+"""Energy identities of docs/science.md, section 1 and finding 3, and the WEAT weighting family."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def test_ce_shift_equals_difference_of_delta_energies() -> None:
 
 
 def test_trades_kl_equals_its_energy_decomposition() -> None:
-    # KL(p(.|x) || p(.|x*)) = E_{k~p(.|x)}[E(x*,k) - E(x,k)] + (E(x) - E(x*))   (PAPER.md 2.3)
+    # KL(p(.|x) || p(.|x*)) = E_{k~p(.|x)}[E(x*,k) - E(x,k)] + (E(x) - E(x*))   (docs/science.md, finding 3)
     nat, adv = _logits(5), _logits(6)
     p = nat.softmax(1)
     expected_joint_shift = (p * ((-adv) - (-nat))).sum(1)  # E(x,k) = -f(x)[k]

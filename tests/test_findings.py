@@ -67,7 +67,7 @@ def _probed_epochs(out: Path) -> list[dict[str, Any]]:
 
 
 def test_untargeted_attacks_lower_and_targeted_attacks_raise_the_energy_of_a_standard_model(tmp_path: Path) -> None:
-    # PAPER.md section 2, finding 1. Seeds 0 / 1 / 2 (seed and dataset.seed), last epoch (9),
+    # docs/science.md section 2, finding 1. Seeds 0 / 1 / 2 (seed and dataset.seed), last epoch (9),
     # training probe of 256 images:
     #   E(x)   -7.48 / -7.51 / -7.48
     #   E(x*)  -9.59 / -10.39 / -8.76   (untargeted PGD-10, eps 0.25)
@@ -132,7 +132,7 @@ def test_untargeted_attacks_lower_and_targeted_attacks_raise_the_energy_of_a_sta
 
 
 def test_sat_delta_energy_grows_while_trades_stays_near_zero(tmp_path: Path) -> None:
-    # PAPER.md section 2, findings 2 and 3 (and its own digits check, where SAT's dE went from
+    # docs/science.md section 2, findings 2 and 3 (and its own digits check, where SAT's dE went from
     # about -0.4 to -5.6 in 100 epochs while TRADES stayed near -0.45). Here, 15 epochs,
     # |probe_train_dE| at epochs 0 / 5 / 10 / 14 (SAT's dE is negative: E(x*) above E(x)):
     #   seed 0: SAT 0.001 / 2.18 / 2.55 / 2.71   TRADES 0.001 / 0.08 / 0.13 / 0.15

@@ -1,4 +1,4 @@
-"""Robust classifiers as generators (PAPER.md section 5): the sampler's parts, then the finding
+"""Robust classifiers as generators (docs/science.md section 5): the sampler's parts, then the finding
 on digits, judged by an independently trained standard classifier."""
 
 from __future__ import annotations

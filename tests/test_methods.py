@@ -102,7 +102,7 @@ def test_single_step_der_gate_is_ce_after_the_step_below_ce_before(digits_batch:
 def test_weat_weights_are_the_closed_form_of_the_chosen_energy_over_tau(
     weat: WeatConfig, trained_cnn: torch.nn.Module, digits_batch: tuple[torch.Tensor, torch.Tensor]
 ) -> None:
-    # PAPER.md section 3: w_i = log(1 + exp(|E_i| / tau)) ** (-power), E = -logsumexp of the
+    # docs/science.md section 3: w_i = log(1 + exp(|E_i| / tau)) ** (-power), E = -logsumexp of the
     # natural (`energy: natural`) or the adversarial (`energy: adversarial`) logits, divided by
     # the batch mean with `normalize`; the loss is mean(w * (CE(x*) + beta * KL(p(x) || p(x*)))).
     # Computed here in float64 from the logits the method returns.

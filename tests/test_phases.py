@@ -84,8 +84,8 @@ def test_bad_thresholds_are_refused_at_construction() -> None:
         OnlineDetector(ratio=0.9)
 
 
-# Rice et al. (2020)'s per-epoch logs (PreActResNet-18, CIFAR-10), copied from the team's
-# ../shared/reference so that the ground-truth tests run wherever the repository is checked out.
+# Rice et al. (2020)'s real per-epoch logs (PreActResNet-18, CIFAR-10; docs/science.md section 6),
+# kept in the repository so that the ground-truth tests run wherever it is checked out.
 REFERENCE = Path(__file__).resolve().parent / "data" / "reference"
 
 

@@ -225,7 +225,7 @@ def standard_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_landscape_de_is_positive_under_untargeted_and_negative_under_targeted_pgd_on_a_standard_model(
     standard_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # PAPER.md finding 1, and the definition dE = E(x) - E(x*), E = -logsumexp f: on a standard
+    # docs/science.md finding 1, and the definition dE = E(x) - E(x*), E = -logsumexp f: on a standard
     # model untargeted PGD overshoots into a confident wrong class (E(x*) below E(x): dE > 0) and
     # targeted PGD to a random wrong class leaves it less confident (dE < 0). At eps 0.25 (PGD-20,
     # step 0.0625) on the 64-image test probe: mean dE 4.7 and -1.4, 88% and 75% of the images

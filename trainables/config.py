@@ -117,7 +117,7 @@ class ProbeConfig:
 
 @dataclass(frozen=True)
 class WeatConfig:
-    """WEAT's weighting family: w = softplus(|E| / tau) ** (-power) (PAPER.md section 3)."""
+    """WEAT's weighting family: w = softplus(|E| / tau) ** (-power) (docs/science.md section 3)."""
 
     tau: float = 1.0
     power: float = 1.0  # 0 gives plain TRADES
@@ -169,11 +169,11 @@ class FinalEvalConfig:
 
 @dataclass(frozen=True)
 class SgldConfig:
-    """SGLD on the joint energy (`energyat sample`, trainables/sampling.py; PAPER.md section 5)."""
+    """SGLD on the joint energy (`energyat sample`, trainables/sampling.py; docs/science.md section 5)."""
 
     steps: int = 50
     eta: float = 0.8  # step size on grad_x E(x, y)
-    momentum: float = 0.9  # zeta; PAPER.md gives none: 0.9 as in SGD with momentum
+    momentum: float = 0.9  # zeta; the authors' code gives none: 0.9 as in SGD with momentum
     noise: float = 0.001  # sigma, std of the Gaussian noise added each step
     pca_sigma: float = 0.005
     pca_variance: float = 0.95  # fraction of the class's variance its principal directions keep

@@ -1,4 +1,4 @@
-"""Energies of a classifier read as an energy-based model (PAPER.md section 1).
+"""Energies of a classifier read as an energy-based model (docs/science.md section 1).
 
 Temperature 1, raw logits. Low energy = "in distribution" for the model.
 """

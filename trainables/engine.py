@@ -11,7 +11,7 @@ images held out of the training set). The test set is read by the final evaluati
 per-epoch test curve kept for the paper's figures, which selects nothing. Every evaluation runs in
 fp32 (:mod:`trainables.probe`), whatever the training precision.
 
-Where speed comes from (DESIGN.md section 7), each with the reason it is safe:
+Where speed comes from (docs/design.md section 7), each with the reason it is safe:
 - the whole dataset sits on the device as uint8 and is augmented there in batches: equivalent
   results to a per-sample CPU DataLoader, but no host-to-device copy per batch;
 - attacks take input gradients only (``torch.autograd.grad``): no weight gradients computed;

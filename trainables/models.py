@@ -1,6 +1,6 @@
 """Classifiers, one registry. Inputs are images in [0, 1] with no normalisation layer.
 
-The paper's recipe feeds raw [0, 1] pixels (PAPER.md section 3), so the eps-ball lives in the
+The paper's recipe feeds raw [0, 1] pixels (docs/science.md section 3), so the eps-ball lives in the
 same scale as the model input and no mean/std constant is needed anywhere.
 
 The three reference architectures (resnet18, preact_resnet18, wrn34_10) copy their reference

@@ -1,4 +1,4 @@
-"""Robust classifiers as generators (PAPER.md section 5): SGLD with momentum on the joint energy.
+"""Robust classifiers as generators (docs/science.md section 5): SGLD with momentum on the joint energy.
 
     v_{n+1} = zeta * v_n - (eta / 2) * grad_x E(x_n, y),   v_0 = 0
     x_{n+1} = clip_[0,1]( x_n + v_{n+1} + sigma * N(0, I) )
