@@ -41,6 +41,7 @@ from analysis.phases import DETECTOR_COLUMNS, OnlineDetector, should_stop
 from analysis.schema import SCHEMA_VERSION
 from analysis.store import SHIPPED_SHA, check_name, check_schema_version, durable_replace, filesystem, git_sha, is_uri, join, open_storage
 from study.importances import JOURNAL, check_journal, journal_storage
+from study.loggers import logger_callbacks
 from study.sampler import build_sampler, check_sampler_for
 from study.space import SearchSpace, parse_search
 from study.spec import StudyKeys, check_placement
@@ -610,6 +611,7 @@ def _tuner_parts(raw: dict[str, Any], study: StudyKeys, study_dir: str, study_na
     callbacks: list[tune.Callback] = [ProgressCallback(Progress(study.samples)), TrialErrors(raw, study_dir)]
     if upload is not None:
         callbacks.append(upload)
+    callbacks += logger_callbacks(study.loggers, study_dir=study_dir, name=str(raw.get("name", study_name)))
     storage_path, storage_fs = _tune_storage(study_dir)
     run_config = tune.RunConfig(
         name="tune",

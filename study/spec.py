@@ -17,6 +17,7 @@ import yaml
 
 from analysis.errors import EnergyatError, SpecError
 from analysis.phases import STOP_PATIENCE
+from study.loggers import check_loggers
 from study.sampler import SamplerKeys, check_points, check_sampler
 from trainables.config import TrialConfig, parse_trial, set_value
 
@@ -36,6 +37,7 @@ class StudyKeys:
     hang_timeout: float | None = None  # seconds without a finished epoch after which a trial is ended as hung
     sampler: SamplerKeys = field(default_factory=SamplerKeys)  # Optuna's sampler (study.sampler)
     points_to_evaluate: list[dict[str, Any]] = field(default_factory=list)  # the first trials' parameters
+    loggers: dict[str, dict[str, str]] = field(default_factory=dict)  # experiment trackers (study.loggers)
 
     @property
     def stop_patience(self) -> int | None:
@@ -49,7 +51,7 @@ def _check_study_keys(raw: Mapping[str, Any]) -> StudyKeys:
     kinds: dict[str, tuple[type, ...]] = {
         "samples": (int,), "search": (dict,), "objective": (str, list), "early_stop": (dict,),
         "resources": (dict,), "max_concurrent": (int,), "storage": (str,), "max_failures": (int,),
-        "hang_timeout": (int, float, type(None)), "sampler": (dict,), "points_to_evaluate": (list,),
+        "hang_timeout": (int, float, type(None)), "sampler": (dict,), "points_to_evaluate": (list,), "loggers": (list, dict),
     }
     values: dict[str, Any] = {}
     for key, types in kinds.items():
@@ -70,6 +72,8 @@ def _check_study_keys(raw: Mapping[str, Any]) -> StudyKeys:
     _check_early_stop(values.get("early_stop", {}))
     if "sampler" in values:
         values["sampler"] = check_sampler(values["sampler"])
+    if "loggers" in values:
+        values["loggers"] = check_loggers(values["loggers"])
     if "points_to_evaluate" in values:  # against the search space
         from study.space import parse_search
 

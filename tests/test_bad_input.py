@@ -143,6 +143,8 @@ CASES = [
     Case("a GPU share that does not divide", RUN, "use 1/k", _study_spec(resources={"cpu": 1, "gpu": 0.3})),
     Case("device cuda without a GPU", RUN, "`device: cuda`", _study_spec(device="cuda")),
     Case("an unknown sampler", RUN, "`sampler.name`", _study_spec(sampler={"name": "anneal"})),
+    Case("an unknown logger", RUN, "`loggers`", _study_spec(loggers=["neptune"])),
+    Case("a logger option it does not take", RUN, "`loggers.mlflow.project`", _study_spec(loggers={"mlflow": {"project": "x"}})),
     Case("a sampler option that is a callable", RUN, "`sampler.gamma`", _study_spec(sampler={"name": "tpe", "gamma": 0.1})),
     Case("cmaes for two objectives", RUN, "`sampler.name`", _study_spec(sampler={"name": "cmaes"}, objective=["best_val_robust_acc", "best_val_clean_acc"])),
     Case("a first point outside the search", RUN, "outside search.beta", _study_spec(points_to_evaluate=[{"method": "trades", "beta": 50.0}])),
