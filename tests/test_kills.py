@@ -27,6 +27,7 @@ SMOKE = str(EXAMPLES / "smoke.yaml")
 KILL_SEED = 2026
 EPOCHS, SAMPLES = 4, 4  # 16 trial-epochs per study
 WORKER_KILLS, DRIVER_KILLS = 2, 3  # with the S3 driver kill in test_remote_storage.py: docs/reliability.md's count
+TUNE_LOST_CHECKPOINT = "Could not recover from checkpoint as it does not exist on storage anymore"  # Ray Tune's words
 PROBE_ROWS = 64 + 128  # smoke.yaml's probe: 64 training and 128 test images per probed epoch
 
 
@@ -143,6 +144,13 @@ def test_driver_killed_three_times_then_resumed_completes_every_trial_once(tmp_p
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         command = [*energyat_cmd(), "resume", str(study_dir)]
-    energyat("resume", str(study_dir))
+    final = energyat("resume", str(study_dir), check=False)
+    if final.returncode == 1 and TUNE_LOST_CHECKPOINT in final.stderr:
+        # Tune's last snapshot named a checkpoint its num_to_keep had already deleted (the driver
+        # died between the two; docs/reliability.md, "What is not guaranteed", seen once in CI):
+        # the trial ends as ERROR, and the command exits 1 telling the user to do this
+        energyat("resume", str(study_dir), "--retry-errored")
+    else:
+        assert final.returncode == 0, final.stderr[-4000:]
     _assert_complete(study_dir)
 

@@ -12,7 +12,7 @@ import pytest
 
 from analysis.query import open_tables
 from conftest import EXAMPLES, ROOT, energyat_cmd
-from study.runner import DUPLICATE_ATTR, LOST_ATTR, TUNE_ID_ATTR
+from study.runner import DUPLICATE_ATTR, LOST_ATTR, RETRY_ATTR, TUNE_ID_ATTR
 from study.space import SearchSpace, parse_search
 
 SMOKE = str(EXAMPLES / "smoke.yaml")
@@ -85,7 +85,11 @@ def assert_journal_matches_tune(study_dir: Path | str, *, journal: Path | None =
         twin = by_number[dup.user_attrs[DUPLICATE_ATTR]]
         assert twin.params == dup.params and DUPLICATE_ATTR not in twin.user_attrs
         assert (dup.state, dup.values) in ((optuna.trial.TrialState.COMPLETE, twin.values), (optuna.trial.TrialState.FAIL, None)), (dup, twin)
-    optuna_trials = [t for t in in_journal if LOST_ATTR not in t.user_attrs and DUPLICATE_ATTR not in t.user_attrs]
+    # a trial `resume --retry-errored` restarted: its failed life stays FAIL, its second life (a new
+    # Tune id) is the one Tune knows
+    superseded = {t.user_attrs[RETRY_ATTR] for t in in_journal if RETRY_ATTR in t.user_attrs}
+    assert all(by_number[n].state == optuna.trial.TrialState.FAIL for n in superseded)
+    optuna_trials = [t for t in in_journal if LOST_ATTR not in t.user_attrs and DUPLICATE_ATTR not in t.user_attrs and t.number not in superseded]
     assert len(optuna_trials) == len(tune_trials) == len(objective)
     def key(params: dict) -> str:
         return json.dumps(params, sort_keys=True)
