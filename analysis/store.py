@@ -82,12 +82,11 @@ def _check_no_credentials(uri: str) -> None:
     writes study URIs into spec.yaml, provenance and Ray Tune's pickled experiment, all in the
     bucket. The message names the URI without them."""
     url = urlsplit(uri)
-    secret = url.password is not None or url.username is not None or any(
-        name.lower().startswith(_SECRET_PARAMETERS) for name, _value in parse_qsl(url.query, keep_blank_values=True)
-    )
-    if secret:
+    query = parse_qsl(url.query, keep_blank_values=True)
+    hidden = [name.lower().startswith(_SECRET_PARAMETERS) for name, _value in query]
+    if url.password is not None or url.username is not None or any(hidden):
         shown = urlunsplit(url._replace(netloc=url.hostname or "", query="&".join(
-            f"{n}=..." if n.lower().startswith(_SECRET_PARAMETERS) else f"{n}={v}" for n, v in parse_qsl(url.query, keep_blank_values=True))))
+            f"{n}=..." if secret else f"{n}={v}" for (n, v), secret in zip(query, hidden))))
         raise StoreError(
             f"storage {shown} carries credentials in the URI, which energyat would write into the study's files; "
             "give them in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or use an instance role"
@@ -156,13 +155,13 @@ def durable_replace(tmp: str | os.PathLike[str], path: str | os.PathLike[str]) -
     """Rename the finished file `tmp` to `path`, durably: the data reaches the disk before the
     rename (else a power loss can leave the new name on an empty file, as ext4 and XFS allow),
     and the rename reaches it before we go on (the directory is synced too)."""
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync(tmp)
     os.replace(tmp, path)
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    _fsync(os.path.dirname(os.path.abspath(path)))
+
+
+def _fsync(path: str | os.PathLike[str]) -> None:
+    fd = os.open(path, os.O_RDONLY)  # a file or a folder: both sync through a read-only descriptor
     try:
         os.fsync(fd)
     finally:

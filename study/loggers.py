@@ -96,10 +96,10 @@ def logger_callbacks(loggers: Mapping[str, Mapping[str, str]], *, study_dir: str
     if "wandb" in loggers:
         from ray.air.integrations.wandb import WandbLoggerCallback
 
-        options = dict(loggers["wandb"])
-        if options.get("mode") in ("offline", "disabled"):
+        wandb: dict[str, Any] = dict(loggers["wandb"])  # what is not Ray's goes to wandb.init
+        if wandb.get("mode") in ("offline", "disabled"):
             # Ray's callback asks for an API key unless WANDB_MODE (W&B's own variable) says
             # offline, so the driver, which runs this study only, takes the spec's mode
-            os.environ["WANDB_MODE"] = options["mode"]
-        callbacks.append(WandbLoggerCallback(project=options.pop("project", name), dir=options.pop("dir", str(_home(study_dir))), **options))
+            os.environ["WANDB_MODE"] = wandb["mode"]
+        callbacks.append(WandbLoggerCallback(project=wandb.pop("project", name), dir=wandb.pop("dir", str(_home(study_dir))), **wandb))
     return callbacks

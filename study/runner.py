@@ -193,7 +193,7 @@ class StudySearch(OptunaSearch):
             raise RuntimeError("StudySearch used before Tune set it up")
         return self._ot_study
 
-    def suggest(self, trial_id: str) -> dict | str | None:
+    def suggest(self, trial_id: str) -> dict | None:
         """OptunaSearch's suggestion, never a configuration already run, with the Tune trial id
         kept on the Optuna trial (user attribute `tune_trial_id`: after a killed driver,
         :func:`reconcile_lost_trials` tells from it which Optuna trials Tune never recorded).
@@ -222,7 +222,8 @@ class StudySearch(OptunaSearch):
                 self._study().tell(trial, state=optuna.trial.TrialState.FAIL)
         print(f"energyat: {DUPLICATE_ASKS} suggestions in a row repeated configurations already run: the search space "
               "looks exhausted, so the study ends here (raise `samples` only with a larger `search`)", file=sys.stderr, flush=True)
-        return Searcher.FINISHED
+        # how Tune's searchers end a study (the annotation OptunaSearch declares lacks it)
+        return Searcher.FINISHED  # type: ignore[return-value]
 
     def _twin(self, trial: Any) -> Any:
         """An earlier trial (COMPLETE or RUNNING, not lost, not itself a duplicate) with `trial`'s parameters."""
@@ -335,16 +336,15 @@ def reconcile_lost_trials(location: str, journal: Path, tune_dir: str, storage_f
     def listing(folder: str) -> list[Any]:
         return fs.get_file_info(FileSelector(f"{root}/{folder}", recursive=False, allow_not_found=True))
 
-    for folder in ("tables/epochs", "tables/samples", "tables/evals", "tables/trials"):
+    for folder in (*_TRIAL_TABLES, "tables/trials"):
         for info in listing(folder):  # trial=<id>/ folders, and tables/trials/trial=<id>.parquet
-            trial = info.base_name.removeprefix("trial=").removesuffix(".parquet")
-            if trial not in known:
-                lost.add(trial)
-                _move_tree(fs, info, f"{root}/{LOST}/{folder}/{info.base_name}")
+            lost.add(info.base_name.removeprefix("trial=").removesuffix(".parquet"))
     for info in listing("tune"):  # a trial's folder holds params.json; Tune's own files stay
-        if info.type == FileType.Directory and info.base_name not in known and fs.get_file_info(f"{info.path}/params.json").type == FileType.File:
+        if info.type == FileType.Directory and fs.get_file_info(f"{info.path}/params.json").type == FileType.File:
             lost.add(info.base_name)
-            _move_tree(fs, info, f"{root}/{LOST}/tune/{info.base_name}")
+    lost -= known
+    for trial in lost:
+        _move_trial(fs, root, trial, f"{root}/{LOST}")
     storage = journal_storage(journal)
     for name in optuna.study.get_all_study_names(storage):
         for t in optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False):
@@ -357,6 +357,21 @@ def reconcile_lost_trials(location: str, journal: Path, tune_dir: str, storage_f
         print(f"energyat: trial {trial} was started by a driver killed before Ray Tune recorded it: Tune will not resume it; "
               f"its files moved to {join(location, LOST)}, its Optuna trial marked FAIL", file=sys.stderr, flush=True)
     return sorted(lost)
+
+
+# A trial's places in a study, besides its Tune folder: one folder per table of per-epoch or
+# per-evaluation rows, and its `trials` row
+_TRIAL_TABLES = ("tables/epochs", "tables/samples", "tables/evals")
+
+
+def _move_trial(fs: FileSystem, root: str, trial: str, target: str) -> None:
+    """Move every file of `trial` in the study at `root` (its table files and its Tune folder)
+    under `target`, keeping their paths inside the study (`lost/` or `retried/...`)."""
+    places = [f"{folder}/trial={trial}" for folder in _TRIAL_TABLES] + [f"tables/trials/trial={trial}.parquet", f"tune/{trial}"]
+    for place in places:
+        info = fs.get_file_info(f"{root}/{place}")
+        if info.type != FileType.NotFound:
+            _move_tree(fs, info, f"{target}/{place}")
 
 
 def _move_tree(fs: FileSystem, info: Any, target: str) -> None:
@@ -765,16 +780,8 @@ def set_aside_errored(location: str, tune_dir: str, storage_fs: FileSystem | Non
     fs, root = filesystem(location)
     stamp = time.strftime("%Y%m%dT%H%M%S")
     for trial in errored:
-        for folder in ("tables/epochs", "tables/samples", "tables/evals"):
-            info = fs.get_file_info(f"{root}/{folder}/trial={trial}")
-            if info.type == FileType.Directory:
-                _move_tree(fs, info, f"{root}/{RETRIED}/{trial}/{stamp}/{folder}/trial={trial}")
-        info = fs.get_file_info(f"{root}/tables/trials/trial={trial}.parquet")
-        if info.type == FileType.File:
-            _move_tree(fs, info, f"{root}/{RETRIED}/{trial}/{stamp}/tables/trials/trial={trial}.parquet")
-        info = fs.get_file_info(f"{root}/tune/{trial}")
-        if info.type == FileType.Directory:  # or the next resume would take it for a lost trial's
-            _move_tree(fs, info, f"{root}/{RETRIED}/{trial}/{stamp}/tune/{trial}")
+        # its Tune folder too, or the next resume would take it for a lost trial's
+        _move_trial(fs, root, trial, f"{root}/{RETRIED}/{trial}/{stamp}")
         print(f"energyat: retrying trial {trial} from epoch 0 under a new trial id; its failed run moved to {join(location, RETRIED, trial, stamp)}",
               file=sys.stderr, flush=True)
     return errored

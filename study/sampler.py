@@ -74,9 +74,9 @@ def check_sampler(value: Any) -> SamplerKeys:
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise SpecError("sampler.seed", f"expected an int, got {seed!r}")
     options = {k: v for k, v in value.items() if k not in ("name", "seed")}
-    if options and name is None:
-        raise SpecError(f"sampler.{next(iter(options))}", "sampler options need the sampler's `name` (they differ between samplers)")
     if options:
+        if name is None:
+            raise SpecError(f"sampler.{next(iter(options))}", "sampler options need the sampler's `name` (they differ between samplers)")
         takes = OPTIONS[name] & set(inspect.signature(_sampler_class(name)).parameters)
         for key, option in options.items():
             if key not in takes:
@@ -103,8 +103,7 @@ def check_points(points: Any, dims: Sequence[Dimension], base: Mapping[str, Any]
     """`points_to_evaluate`, validated against the search: each point names searched keys only,
     with values inside their ranges or choices, only keys its method uses, and makes a valid
     trial. Keys a point leaves out are drawn by the sampler."""
-    from study.space import point_spec
-    from trainables.config import parse_trial
+    from trainables.config import parse_trial, trial_spec
 
     if not isinstance(points, list) or not all(isinstance(p, Mapping) for p in points):
         raise SpecError("points_to_evaluate", f"expected a list of mappings such as [{{method: weat, beta: 6.0}}], got {points!r}")
@@ -122,7 +121,7 @@ def check_points(points: Any, dims: Sequence[Dimension], base: Mapping[str, Any]
             if not dim.contains(value):
                 raise SpecError(f"{where}.{key}", f"{value!r} is outside search.{key} ({dim.describe()})")
         try:
-            parse_trial(point_spec(base, point))
+            parse_trial(trial_spec(base, {str(k): v for k, v in point.items()}))
         except SpecError as exc:
             raise SpecError(where, f"is not a valid trial: {exc}") from exc
         out.append(dict(point))

@@ -16,13 +16,12 @@ carries no `beta` in Optuna, and TPE models each method's parameters separately.
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 from analysis.errors import SpecError
-from trainables.config import parse_trial
+from trainables.config import parse_trial, trial_spec
 
 # Which methods read a parameter; keys not listed here apply to every method.
 USED_BY: dict[str, frozenset[str]] = {
@@ -98,28 +97,14 @@ def parse_search(search: Mapping[str, Any], base: Mapping[str, Any]) -> list[Dim
     dims = [parse_dimension(str(k), v) for k, v in search.items()]
     dims.sort(key=lambda d: d.key != "method")
     # every value of every dimension must make a valid trial on its own
-    from trainables.config import set_value
-
     for dim in dims:
         probes = dim.choices if dim.kind == "categorical" else (dim.low, dim.high)
         for value in probes:
-            trial_spec = copy.deepcopy(dict(base))
-            set_value(trial_spec, dim.key, int(value) if dim.kind == "int" else value)
             try:
-                parse_trial(trial_spec)
+                parse_trial(trial_spec(base, {dim.key: int(value) if dim.kind == "int" else value}))
             except SpecError as exc:
                 raise SpecError(f"search.{dim.key}", f"value {value!r} is not valid: {exc}") from exc
     return dims
-
-
-def point_spec(base: Mapping[str, Any], point: Mapping[str, Any]) -> dict[str, Any]:
-    """The trial spec of one point of the search: `base` with the point's dotted keys set."""
-    from trainables.config import set_value
-
-    spec = copy.deepcopy(dict(base))
-    for key, value in point.items():
-        set_value(spec, str(key), value)
-    return spec
 
 
 @dataclass(frozen=True)

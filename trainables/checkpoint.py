@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import uuid
 import zipfile
 from pathlib import Path
@@ -33,10 +34,22 @@ class DamagedCheckpointError(StoreError):
 def save(path: Path, state: dict[str, Any]) -> None:
     """Write `state` to `path` through a temporary file, fsynced before the rename: after a
     crash or power loss the file is the old checkpoint or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp = _temporary(path)
     torch.save(state, tmp)
     durable_replace(tmp, path)
+
+
+def copy(source: Path, path: Path) -> None:
+    """`source`'s bytes at `path`, as durably as :func:`save` (a second checkpoint of a state
+    already saved costs a file copy, not a second serialisation and device-to-host transfer)."""
+    tmp = _temporary(path)
+    shutil.copyfile(source, tmp)
+    durable_replace(tmp, path)
+
+
+def _temporary(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
 
 
 def load(path: Path) -> dict[str, Any]:

@@ -425,10 +425,9 @@ def run_trial(
                 progress.stop_reason = f"error: non-finite loss at epoch {epoch}"
             elif stop_patience is not None and should_stop(alarm=alarm, epoch=epoch, best_epoch=progress.best_epoch, patience=stop_patience):
                 progress.stop_reason = "energy_divergence"
-            state = _checkpoint_state(model, opt, detector, progress, device)
-            checkpoint.save(last, state)
+            checkpoint.save(last, {**_checkpoint_state(model, opt, detector, progress, device), "epoch": epoch})
             if new_best:  # the whole state, not only the weights: a damaged last.pt falls back to it
-                checkpoint.save(best, {**state, "epoch": epoch})
+                checkpoint.copy(last, best)
             write_trial_row(str(out), trial_id=trial_id, outcome=outcome("RUNNING"), config=flat_config, provenance=prov)
             if on_epoch is not None and progress.stop_reason is None and progress.next_epoch < cfg.epochs:
                 reason = on_epoch(row, ckpt_dir)
