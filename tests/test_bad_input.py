@@ -144,6 +144,8 @@ CASES = [
     Case("device cuda without a GPU", RUN, "`device: cuda`", _study_spec(device="cuda")),
     Case("an unknown sampler", RUN, "`sampler.name`", _study_spec(sampler={"name": "anneal"})),
     Case("an unknown logger", RUN, "`loggers`", _study_spec(loggers=["neptune"])),
+    Case("negative max_failures", RUN, "`max_failures`", _study_spec(max_failures=-1)),
+    Case("a hang_timeout of zero", RUN, "`hang_timeout`", _study_spec(hang_timeout=0)),
     Case("a logger option it does not take", RUN, "`loggers.mlflow.project`", _study_spec(loggers={"mlflow": {"project": "x"}})),
     Case("a sampler option that is a callable", RUN, "`sampler.gamma`", _study_spec(sampler={"name": "tpe", "gamma": 0.1})),
     Case("cmaes for two objectives", RUN, "`sampler.name`", _study_spec(sampler={"name": "cmaes"}, objective=["best_val_robust_acc", "best_val_clean_acc"])),
