@@ -91,7 +91,7 @@ TRIAL_OUTCOME = pa.schema(
         _f("study", pa.string(), "study name"),
         _f("trial_id", pa.string(), "trial id"),
         _f("status", pa.string(), "RUNNING while training, TERMINATED when done, ERROR after a failure"),
-        _f("stop_reason", pa.string(), "completed, energy_divergence, scheduler or `error: ...`; null while running"),
+        _f("stop_reason", pa.string(), "completed, energy_divergence, val_patience, `scheduler: asha`, `scheduler: median` or `error: ...`; null while running"),
         _f("epochs_run", pa.int32(), "epochs completed"),
         _f("best_epoch", pa.int32(), "epoch of the best validation robust accuracy (the best checkpoint); null before the first probe"),
         _f("best_val_robust_acc", pa.float64(), "best per-epoch validation robust accuracy (eval PGD); NaN before the first probe"),

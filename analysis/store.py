@@ -23,6 +23,7 @@ import os
 import platform
 import re
 import subprocess
+import sys
 import uuid
 from functools import lru_cache
 from importlib import metadata
@@ -327,3 +328,44 @@ def write_table_file(table: pa.Table, path: str | os.PathLike[str], *, config: M
     with ``schema_version`` and the provenance of `config` in its metadata."""
     fs, resolved = filesystem(path)
     _write_atomic(fs, resolved, _with_metadata(table, provenance(config)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Stop requests: how a Ray Tune scheduler (ASHA, median stopping) tells a trial to finish.
+#
+# Tune stops a function trainable by ending its worker, which would skip the trial's final
+# evaluation and `trials` row. energyat's schedulers instead write STUDY_DIR/stops/<trial id>
+# (the reason, one line) and let the trial go on; the trial reads it after each reported epoch
+# and finishes like any other stopped trial. A file, not an actor: it outlives a driver restart,
+# reaches every node that reaches the tables, and says afterwards who stopped the trial.
+STOPS = "stops"
+SCHEDULER_STOP_REASONS = ("scheduler: asha", "scheduler: median")
+
+
+def stop_file(root: str, trial_id: str) -> str:
+    return f"{root}/{STOPS}/{trial_id}"
+
+
+def request_stop(study_dir: str, trial_id: str, reason: str) -> None:
+    """Ask trial `trial_id` of the study to finish after its current epoch, for `reason`."""
+    if reason not in SCHEDULER_STOP_REASONS:
+        raise ValueError(f"unknown stop reason {reason!r}")
+    fs, root = filesystem(study_dir)
+    fs.create_dir(f"{root}/{STOPS}", recursive=True)
+    with fs.open_output_stream(stop_file(root, check_name(trial_id, "trial id"))) as f:
+        f.write(reason.encode())
+
+
+def stop_request(study_dir: str, trial_id: str) -> str | None:
+    """The reason a scheduler asked trial `trial_id` to stop, or None. The file comes from the
+    study's storage: anything but a known reason is refused in one line and ignored."""
+    fs, root = filesystem(study_dir)
+    path = stop_file(root, trial_id)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        text = f.read(64).decode(errors="replace").strip()
+    if text not in SCHEDULER_STOP_REASONS:
+        print(f"energyat: warning: ignoring {path}: not a stop request energyat writes ({text[:40]!r})", file=sys.stderr, flush=True)
+        return None
+    return text

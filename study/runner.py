@@ -39,10 +39,11 @@ from ray.tune.search.optuna import OptunaSearch
 from analysis.errors import EnergyatError, SpecError, StoreError, one_line
 from analysis.phases import DETECTOR_COLUMNS, OnlineDetector, should_stop
 from analysis.schema import SCHEMA_VERSION
-from analysis.store import SHIPPED_SHA, check_name, check_schema_version, durable_replace, filesystem, git_sha, is_uri, join, open_storage
+from analysis.store import SHIPPED_SHA, STOPS, check_name, check_schema_version, durable_replace, filesystem, git_sha, is_uri, join, open_storage
 from study.importances import JOURNAL, check_journal, journal_storage
 from study.loggers import logger_callbacks
 from study.sampler import build_sampler, check_sampler_for
+from study.scheduler import build_scheduler, check_scheduler_for
 from study.space import SearchSpace, parse_search
 from study.spec import StudyKeys, check_placement
 
@@ -367,7 +368,7 @@ _TRIAL_TABLES = ("tables/epochs", "tables/samples", "tables/evals")
 def _move_trial(fs: FileSystem, root: str, trial: str, target: str) -> None:
     """Move every file of `trial` in the study at `root` (its table files and its Tune folder)
     under `target`, keeping their paths inside the study (`lost/` or `retried/...`)."""
-    places = [f"{folder}/trial={trial}" for folder in _TRIAL_TABLES] + [f"tables/trials/trial={trial}.parquet", f"tune/{trial}"]
+    places = [f"{folder}/trial={trial}" for folder in _TRIAL_TABLES] + [f"tables/trials/trial={trial}.parquet", f"tune/{trial}", f"{STOPS}/{trial}"]
     for place in places:
         info = fs.get_file_info(f"{root}/{place}")
         if info.type != FileType.NotFound:
@@ -593,6 +594,7 @@ def _tune_storage(study_dir: str) -> tuple[str, FileSystem | None]:
 
 def _tuner_parts(raw: dict[str, Any], study: StudyKeys, study_dir: str, study_name: str, journal: Path) -> tuple[Any, Any, Any]:
     """(trainable with resources, tune_config, run_config) for a new or restored study."""
+    from trainables.config import parse_trial
     from trainables.tune_adapter import energyat_trial
 
     dims = tuple(parse_search(study.search, raw))
@@ -602,7 +604,8 @@ def _tuner_parts(raw: dict[str, Any], study: StudyKeys, study_dir: str, study_na
     gpus = float(study.resources.get("gpu", 0))
     trainable = tune.with_resources(
         tune.with_parameters(energyat_trial, base_spec=raw, study_dir=study_dir, objectives=objectives, cpus=max(1, int(cpus)),
-                             stop_patience=study.stop_patience, hang_timeout=study.hang_timeout),
+                             stop_patience=study.stop_patience, hang_timeout=study.hang_timeout, val_patience=study.val_patience,
+                             scheduled=study.scheduler.name != "none"),
         {"cpu": cpus, "gpu": gpus},
     )
     upload = JournalUpload(study_name, study_dir) if is_uri(study_dir) else None
@@ -619,6 +622,7 @@ def _tuner_parts(raw: dict[str, Any], study: StudyKeys, study_dir: str, study_na
     )
     tune_config = tune.TuneConfig(
         search_alg=StudyLimiter(searcher, max_concurrent=study.max_concurrent),
+        scheduler=build_scheduler(study.scheduler, study_dir=study_dir, metric=objectives[0], epochs=parse_trial(raw).epochs),
         num_samples=study.samples,
         trial_dirname_creator=_trial_id,
         trial_name_creator=_trial_id,
@@ -681,6 +685,7 @@ def run_study(raw: dict[str, Any], study: StudyKeys, *, address: str | None, sto
     cfg = parse_trial(raw)
     parse_search(study.search, raw)
     check_sampler_for(study.sampler, objectives=len(objectives_of(study)))
+    check_scheduler_for(study.scheduler, epochs=cfg.epochs)
     check_placement(raw, study)
     study_dir = study_dir_for(storage or study.storage, cfg.name)
     fs, root = open_storage(study_dir)  # a bad scheme, endpoint or bucket: one line, before Ray

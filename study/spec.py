@@ -19,6 +19,7 @@ from analysis.errors import EnergyatError, SpecError
 from analysis.phases import STOP_PATIENCE
 from study.loggers import check_loggers
 from study.sampler import SamplerKeys, check_points, check_sampler
+from study.scheduler import SchedulerKeys, check_scheduler
 from trainables.config import TrialConfig, parse_trial, set_value
 
 
@@ -38,6 +39,7 @@ class StudyKeys:
     sampler: SamplerKeys = field(default_factory=SamplerKeys)  # Optuna's sampler (study.sampler)
     points_to_evaluate: list[dict[str, Any]] = field(default_factory=list)  # the first trials' parameters
     loggers: dict[str, dict[str, str]] = field(default_factory=dict)  # experiment trackers (study.loggers)
+    scheduler: SchedulerKeys = field(default_factory=SchedulerKeys)  # Ray Tune's scheduler (study.scheduler)
 
     @property
     def stop_patience(self) -> int | None:
@@ -46,12 +48,20 @@ class StudyKeys:
             return None
         return int(self.early_stop.get("patience", STOP_PATIENCE))
 
+    @property
+    def val_patience(self) -> int | None:
+        """None, or epochs without a new best validation robust accuracy after which a trial
+        stops (`early_stop.val_patience`: plain patience, no energies)."""
+        value = self.early_stop.get("val_patience")
+        return None if value is None else int(value)
+
 
 def _check_study_keys(raw: Mapping[str, Any]) -> StudyKeys:
     kinds: dict[str, tuple[type, ...]] = {
         "samples": (int,), "search": (dict,), "objective": (str, list), "early_stop": (dict,),
         "resources": (dict,), "max_concurrent": (int,), "storage": (str,), "max_failures": (int,),
         "hang_timeout": (int, float, type(None)), "sampler": (dict,), "points_to_evaluate": (list,), "loggers": (list, dict),
+        "scheduler": (dict, str),
     }
     values: dict[str, Any] = {}
     for key, types in kinds.items():
@@ -74,6 +84,8 @@ def _check_study_keys(raw: Mapping[str, Any]) -> StudyKeys:
         values["sampler"] = check_sampler(values["sampler"])
     if "loggers" in values:
         values["loggers"] = check_loggers(values["loggers"])
+    if "scheduler" in values:
+        values["scheduler"] = check_scheduler(values["scheduler"])
     if "points_to_evaluate" in values:  # against the search space
         from study.space import parse_search
 
@@ -124,8 +136,11 @@ def _check_early_stop(early_stop: Mapping[str, Any]) -> None:
         elif key == "patience":
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise SpecError("early_stop.patience", f"expected an int >= 0 (epochs without a new best after the alarm), got {value!r}")
+        elif key == "val_patience":
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise SpecError("early_stop.val_patience", f"expected an int >= 1 (epochs without a new best validation robust accuracy) or null, got {value!r}")
         else:
-            raise SpecError(f"early_stop.{key}", "unknown key; early_stop takes energy_divergence and patience")
+            raise SpecError(f"early_stop.{key}", "unknown key; early_stop takes energy_divergence, patience and val_patience")
 
 
 def set_dotted(spec: dict[str, Any], assignment: str) -> None:

@@ -149,6 +149,10 @@ CASES = [
     Case("a logger option it does not take", RUN, "`loggers.mlflow.project`", _study_spec(loggers={"mlflow": {"project": "x"}})),
     Case("a sampler option that is a callable", RUN, "`sampler.gamma`", _study_spec(sampler={"name": "tpe", "gamma": 0.1})),
     Case("cmaes for two objectives", RUN, "`sampler.name`", _study_spec(sampler={"name": "cmaes"}, objective=["best_val_robust_acc", "best_val_clean_acc"])),
+    Case("PBT beside the Optuna search", RUN, "`scheduler.name`", _study_spec(scheduler="pbt")),
+    Case("a scheduler option it does not take", RUN, "`scheduler.max_t`", _study_spec(scheduler={"name": "asha", "max_t": 5})),
+    Case("a grace period no trial reaches", RUN, "`scheduler.grace_period`", _study_spec(scheduler={"name": "asha", "grace_period": 500})),
+    Case("a val_patience of zero", RUN, "`early_stop.val_patience`", _study_spec(early_stop={"val_patience": 0})),
     Case("a first point outside the search", RUN, "outside search.beta", _study_spec(points_to_evaluate=[{"method": "trades", "beta": 50.0}])),
     Case("a first point with a parameter its method ignores", RUN, "not used by method sat", _study_spec(points_to_evaluate=[{"method": "sat", "beta": 6.0}])),
     # -- flags ------------------------------------------------------------------------------------

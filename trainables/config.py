@@ -32,7 +32,7 @@ DeviceName = Literal["auto", "cpu", "cuda"]
 # Keys a study spec may carry that one trial does not use (validated by study/spec.py).
 STUDY_KEYS = frozenset(
     {"samples", "search", "objective", "early_stop", "resources", "max_concurrent", "storage", "max_failures", "hang_timeout",
-     "sampler", "points_to_evaluate", "loggers"}
+     "sampler", "points_to_evaluate", "loggers", "scheduler"}
 )
 
 

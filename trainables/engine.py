@@ -279,6 +279,7 @@ def run_trial(
     checkpoint_dir: Path | None = None,
     on_epoch: EpochCallback | None = None,
     stop_patience: int | None = None,
+    val_patience: int | None = None,
     spec_file: Path | None = None,
     device: torch.device | None = None,
 ) -> dict[str, Any]:
@@ -300,6 +301,9 @@ def run_trial(
         stop_patience: None runs every epoch; an int stops the trial with ``energy_divergence``
             once the online detector alarms and validation robust accuracy has not improved for
             that many epochs (:func:`analysis.phases.should_stop`; 0 stops at the alarm).
+        val_patience: None, or stop the trial with ``val_patience`` once validation robust
+            accuracy has not improved for that many epochs, alarm or not: plain patience, the
+            baseline the energy stopper is measured against (benchmarks/stoppers.py).
         spec_file: where the resolved spec is written (``energyat train``: ``out/spec.yaml``); an
             existing file must hold the same spec, so a different trial never continues this one.
             Studies pass None: their trials differ by design and `trials` carries each config.
@@ -425,6 +429,8 @@ def run_trial(
                 progress.stop_reason = f"error: non-finite loss at epoch {epoch}"
             elif stop_patience is not None and should_stop(alarm=alarm, epoch=epoch, best_epoch=progress.best_epoch, patience=stop_patience):
                 progress.stop_reason = "energy_divergence"
+            elif val_patience is not None and progress.best_epoch is not None and epoch - progress.best_epoch >= val_patience:
+                progress.stop_reason = "val_patience"
             checkpoint.save(last, {**_checkpoint_state(model, opt, detector, progress, device), "epoch": epoch})
             if new_best:  # the whole state, not only the weights: a damaged last.pt falls back to it
                 checkpoint.copy(last, best)

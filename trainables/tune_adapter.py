@@ -24,6 +24,7 @@ import ray.tune as tune
 import torch
 
 from analysis.errors import EnergyatError
+from analysis.store import stop_request
 from trainables.config import parse_trial, trial_spec
 from trainables.engine import run_trial, write_error_row
 
@@ -132,7 +133,7 @@ def _running(pid: int) -> bool:
 
 def energyat_trial(
     config: dict[str, Any], *, base_spec: dict[str, Any], study_dir: str, objectives: list[str], cpus: int, stop_patience: int | None,
-    hang_timeout: float | None = None,
+    hang_timeout: float | None = None, val_patience: int | None = None, scheduled: bool = False,
 ) -> None:
     """Run one trial of a study under Ray Tune (see ``tune.with_parameters``)."""
     spec = trial_spec(base_spec, config)  # Optuna's flat suggestions: {"weat.power": 1.5}
@@ -157,15 +158,17 @@ def energyat_trial(
 
     node_id = ray.get_runtime_context().get_node_id()  # which cluster node ran the trial
 
-    def report(row: dict[str, Any], ckpt_dir: Path) -> None:
+    def report(row: dict[str, Any], ckpt_dir: Path) -> str | None:
         if watchdog is not None:
             watchdog.beat()
         metrics = _finite_metrics(row, objectives) | {"ray_node_id": node_id}
+        # returns once the driver has decided about this epoch (a function trainable reports
+        # synchronously), so a scheduler's stop request for it is already written
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
-        return None
+        return stop_request(study_dir, trial_id) if scheduled and not row.get("done") else None
 
     try:
-        run_trial(cfg, out=study_dir, trial_id=trial_id, checkpoint_dir=work, on_epoch=report, stop_patience=stop_patience,
+        run_trial(cfg, out=study_dir, trial_id=trial_id, checkpoint_dir=work, on_epoch=report, stop_patience=stop_patience, val_patience=val_patience,
                   device=ray_device(cfg.device))
     finally:
         if watchdog is not None:

@@ -1,0 +1,125 @@
+"""Ray Tune's schedulers in a study (`scheduler:`) and plain patience (`early_stop.val_patience`):
+a trial any of them stops still gets its final evaluation, its `trials` row saying who stopped it,
+and its value in Optuna. Real Ray Tune, real Optuna journal, digits."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from analysis.errors import SpecError
+from analysis.query import open_tables
+from study.scheduler import Asha, Median, build_scheduler, check_scheduler, check_scheduler_for
+from test_study import assert_journal_matches_tune, assert_tables_consistent, energyat, journal_trials
+
+SPEC = {
+    "name": "sched", "dataset": {"name": "digits", "train_size": 200, "val_size": 200}, "model": "small_cnn", "method": "sat",
+    "epochs": 4, "batch_size": 64, "attack": {"eps": 0.15, "steps": 2}, "eval_attack": {"steps": 3},
+    "probe": {"train_size": 32, "test_size": 32}, "final_eval": {"n": 64, "pgd_steps": 3, "autoattack_n": 0}, "device": "cpu",
+    "seed": 0, "max_concurrent": 2, "search": {"lr": [0.001, 0.3, "log"]}, "sampler": {"name": "random", "seed": 1},
+}
+
+
+@pytest.mark.parametrize(("block", "key"), [
+    ({"name": "hyperband"}, "scheduler.name"),
+    ({"name": "pbt"}, "scheduler.name"),
+    ({"name": "asha", "max_t": 10}, "scheduler.max_t"),  # the study's epochs
+    ({"name": "asha", "metric": "val_robust_acc"}, "scheduler.metric"),  # the study's objective
+    ({"name": "asha", "reduction_factor": 1}, "scheduler.reduction_factor"),
+    ({"name": "asha", "grace_period": 0}, "scheduler.grace_period"),
+    ({"name": "asha", "grace_period": 1.5}, "scheduler.grace_period"),
+    ({"name": "median", "hard_stop": False}, "scheduler.hard_stop"),
+    ({"name": "median", "min_samples_required": True}, "scheduler.min_samples_required"),
+    (["asha"], "scheduler"),
+])
+def test_a_bad_scheduler_block_names_its_key(block: object, key: str) -> None:
+    with pytest.raises(SpecError, match=f"`{key}`"):
+        check_scheduler(block)
+
+
+def test_pbt_is_refused_with_the_reason() -> None:
+    with pytest.raises(SpecError, match="search algorithm"):
+        check_scheduler("pbt")
+
+
+def test_a_grace_period_no_trial_reaches_is_refused() -> None:
+    check_scheduler_for(check_scheduler({"name": "asha", "grace_period": 3}), epochs=4)
+    with pytest.raises(SpecError, match="grace_period"):
+        check_scheduler_for(check_scheduler({"name": "asha", "grace_period": 4}), epochs=4)
+
+
+def test_each_scheduler_is_tunes_own_counted_in_epochs_on_the_objective() -> None:
+    asha = build_scheduler(check_scheduler({"name": "asha", "grace_period": 2, "reduction_factor": 3}), study_dir="/s",
+                           metric="best_val_robust_acc", epochs=30)
+    assert isinstance(asha, Asha) and asha._time_attr == "training_iteration" and asha.metric == "best_val_robust_acc"
+    assert asha._max_t == 30 and [m for m, _ in asha._brackets[0]._rungs] == [18, 6, 2]
+    median = build_scheduler(check_scheduler("median"), study_dir="/s", metric="best_val_clean_acc", epochs=30)
+    assert isinstance(median, Median) and median._grace_period == 1 and median._hard_stop
+    assert type(build_scheduler(check_scheduler("none"), study_dir="/s", metric="m", epochs=3)).__name__ == "FIFOScheduler"
+
+
+def _run(tmp_path: Path, **keys: object) -> Path:
+    spec = {**SPEC, **keys}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    energyat("run", str(tmp_path / "spec.yaml"), "--storage", str(tmp_path / "studies"))
+    return tmp_path / "studies" / "sched"
+
+
+def _stopped(study: Path, reason: str) -> list[tuple]:
+    con = open_tables(study)
+    return con.execute(
+        "select trial_id, status, epochs_run, final_clean_acc, final_pgd_acc, best_val_robust_acc from trials where stop_reason = $r",
+        {"r": reason},
+    ).fetchall()
+
+
+def test_a_trial_asha_stops_is_evaluated_recorded_and_told_to_optuna(tmp_path: Path) -> None:
+    study = _run(tmp_path, samples=6, scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 2})
+    assert_tables_consistent(study)
+    stopped = _stopped(study, "scheduler: asha")
+    assert stopped, "ASHA stopped no trial of 6 (rungs at epochs 1 and 2 of 4)"
+    for trial_id, status, epochs_run, clean, pgd, best in stopped:
+        assert status == "TERMINATED" and epochs_run in (1, 2)  # at a rung: where Tune would have stopped it
+        assert math.isfinite(clean) and math.isfinite(pgd) and math.isfinite(best)  # its final evaluation ran
+        assert (study / "stops" / trial_id).read_text() == "scheduler: asha"
+        evals = open_tables(study).execute("select count(*) from evals where trial_id = $t", {"t": trial_id}).fetchone()
+        assert evals == (2,)  # clean and PGD rows of the final evaluation
+    # Optuna has every trial, the stopped ones COMPLETE with their rows' objective
+    assert_journal_matches_tune(study)
+    assert len(journal_trials(study)) == 6
+
+
+def test_a_trial_median_stopping_stops_is_evaluated_and_recorded(tmp_path: Path) -> None:
+    study = _run(tmp_path, samples=5, max_concurrent=1, scheduler={"name": "median", "grace_period": 1, "min_samples_required": 1},
+                 early_stop={"energy_divergence": True, "patience": 0})
+    assert_tables_consistent(study)
+    stopped = _stopped(study, "scheduler: median")
+    assert stopped, "the median rule stopped no trial of 5"
+    for trial_id, status, epochs_run, clean, pgd, _best in stopped:
+        assert status == "TERMINATED" and 1 <= epochs_run < 4 and math.isfinite(clean) and math.isfinite(pgd)
+    assert_journal_matches_tune(study)
+
+
+def test_val_patience_stops_after_that_many_epochs_without_a_new_best(tmp_path: Path) -> None:
+    from trainables.config import parse_trial
+    from trainables.engine import run_trial
+
+    cfg = parse_trial({k: v for k, v in SPEC.items() if k not in ("search", "sampler", "max_concurrent")} | {"epochs": 8, "lr": 0.002})
+    result = run_trial(cfg, out=tmp_path, val_patience=2)
+    acc = [a for (a,) in open_tables(tmp_path).execute("select val_robust_acc from epochs order by epoch").fetchall()]
+    # the rule replayed on the stored curve: the first epoch two epochs past the running best
+    best_epoch, expected = 0, None
+    for epoch, value in enumerate(acc):
+        if value > acc[best_epoch]:
+            best_epoch = epoch
+        if epoch - best_epoch >= 2:
+            expected = epoch
+            break
+    if expected is None:
+        assert result["stop_reason"] == "completed" and len(acc) == 8
+    else:
+        assert result["stop_reason"] == "val_patience" and result["epochs_run"] == expected + 1 == len(acc)
+        assert math.isfinite(result["final_pgd_acc"])
