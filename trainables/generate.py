@@ -72,7 +72,7 @@ def generate(
     stem = f"{subject.name}-{init}"
     png = sample_grid(
         samples.numpy(), y.numpy(), path=folder / f"{stem}.png",
-        title=f"{subject.name} ({subject.label}), SGLD {sgld_cfg.steps} steps from {init}: judge acc {scores['judge_acc']:.2f}",
+        title=f"{subject.name} ({subject.label}), SGLD {sgld_cfg.steps} steps from {init}: judge acc {scores['judge_acc']:.3f}",
     )
     record = {"trial_id": subject.name, "method": subject.label, "init": init, "seed": seed, "checkpoint": subject.weights,
               "sgld": asdict(sgld_cfg), "scores": scores, "start_scores": start_scores, "judge_test_acc": judge_acc}
