@@ -26,20 +26,6 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _print_epoch(row: dict[str, Any], _ckpt: Path) -> None:
-    def f(key: str) -> str:
-        v = row.get(key)
-        return "   -  " if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:6.3f}"
-
-    print(
-        f"epoch {row['epoch']:4d}  loss {f('train_loss')}  train adv {f('train_adv_acc')}  "
-        f"val clean {f('val_clean_acc')}  robust {f('val_robust_acc')}  test robust {f('test_robust_acc')}  dE {f('probe_train_dE')}  "
-        f"phase {row['phase']}{' ALARM' if row['alarm'] else ''}  {row['epoch_seconds']:.1f}s+{row['probe_seconds']:.1f}s",
-        file=sys.stderr, flush=True,
-    )
-    return None
-
-
 def _stop_patience(args: argparse.Namespace) -> int | None:
     if args.stop_patience is not None and not args.stop_on_alarm:
         raise EnergyatError("--stop-patience only applies with --stop-on-alarm; add --stop-on-alarm or drop --stop-patience")
@@ -62,7 +48,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     _raw, cfg, _study = load_spec(args.spec, args.set)
     out = Path(args.out)
-    result = run_trial(cfg, out=out, trial_id=args.trial_id, on_epoch=_print_epoch, stop_patience=_stop_patience(args), spec_file=out / "spec.yaml")
+    from study.live import TrainProgress
+
+    progress = TrainProgress(cfg.epochs)
+    result = run_trial(cfg, out=out, trial_id=args.trial_id, on_epoch=progress, stop_patience=_stop_patience(args), spec_file=out / "spec.yaml")
     print(
         f"{result['status']} ({result['stop_reason']}): {result['epochs_run']} epochs, best validation robust acc "
         f"{result['best_val_robust_acc']:.4f} at epoch {result['best_epoch']}; its test accuracy: clean {result['final_clean_acc']:.4f}, "
@@ -130,15 +119,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     raw, _cfg, study = load_spec(args.spec, args.set)
     from study.runner import run_study  # imports ray: only once the spec is valid
 
-    study_dir, failed = run_study(raw, study, address=args.address, storage=args.storage, name=args.name)
+    study_dir, failed = run_study(raw, study, address=args.address, storage=args.storage, name=args.name, dashboard_port=_dashboard(args))
     return _finish(study_dir, failed)
+
+
+def _dashboard(args: argparse.Namespace) -> int | None:
+    """The Ray dashboard's port when `--dashboard` asked for one, else None."""
+    if args.dashboard_port is not None and not args.dashboard:
+        raise EnergyatError("--dashboard-port only applies with --dashboard; add --dashboard")
+    return (args.dashboard_port or DASHBOARD_PORT) if args.dashboard else None
+
+
+DASHBOARD_PORT = 8265  # Ray's own default
+
+
+def _dashboard_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dashboard", action="store_true",
+                        help=f"serve Ray's dashboard of the local Ray on 127.0.0.1 (port {DASHBOARD_PORT}) while the study runs; needs energyat[dashboard]")
+    parser.add_argument("--dashboard-port", type=int, default=None, metavar="PORT", help=f"its port (default {DASHBOARD_PORT})")
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from study.runner import load_study, resume_study
 
     load_study(args.directory)  # a clear error before Ray starts
-    study_dir, failed = resume_study(args.directory, address=args.address, retry_errored=args.retry_errored)
+    study_dir, failed = resume_study(args.directory, address=args.address, retry_errored=args.retry_errored, dashboard_port=_dashboard(args))
     return _finish(study_dir, failed)
 
 
@@ -445,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--address", type=str, default=None, help="join this Ray cluster (default: RAY_ADDRESS, else a local Ray)")
     run.add_argument("--storage", type=str, default=None, help="where study directories live: a local path or a pyarrow URI, e.g. s3://bucket/studies (default: the spec's `storage`)")
     run.add_argument("--name", type=str, default=None, help="study name (default: the spec's `name`)")
+    _dashboard_flags(run)
     run.set_defaults(func=cmd_run)
 
     resume = sub.add_parser("resume", help="continue an interrupted study (Tuner.restore + the same Optuna study)")
@@ -452,6 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--address", type=str, default=None, help="join this Ray cluster (default: RAY_ADDRESS, else a local Ray)")
     resume.add_argument("--retry-errored", action="store_true",
                         help="run the trials that ended as ERROR (their restarts spent) again from epoch 0, as new Optuna trials with the same parameters")
+    _dashboard_flags(resume)
     resume.set_defaults(func=cmd_resume)
 
     evaluate = sub.add_parser("eval", help="test-set accuracy of a model (clean, PGD, the original AutoAttack) in fp32, into the `evals` table")

@@ -41,6 +41,7 @@ from analysis.phases import DETECTOR_COLUMNS, OnlineDetector, should_stop
 from analysis.schema import SCHEMA_VERSION
 from analysis.store import SHIPPED_SHA, STOPS, check_name, check_schema_version, durable_replace, filesystem, git_sha, is_uri, join, open_storage
 from study.importances import JOURNAL, check_journal, journal_storage
+from study.live import Board
 from study.loggers import logger_callbacks
 from study.sampler import build_sampler, check_sampler_for
 from study.scheduler import build_scheduler, check_scheduler_for
@@ -253,6 +254,12 @@ class StudySearch(OptunaSearch):
             print(f"energyat: warning: trial {trial_id} failed before its first result; Optuna has no trial for it",
                   file=sys.stderr, flush=True)
             return
+        if result:  # before the value: a dashboard watching the study sees both at once
+            trial = self._ot_trials[trial_id]
+            for key in OUTCOME_ATTRS:
+                value = result.get(key)
+                if value is not None and not (isinstance(value, float) and not math.isfinite(value)):
+                    trial.set_user_attr(f"energyat_{key}", value)
         super().on_trial_complete(trial_id, result, error)
 
     def _second_life(self, trial_id: str, result: Mapping[str, Any] | None) -> None:
@@ -308,6 +315,10 @@ class StudyLimiter(ConcurrencyLimiter):
         super().on_trial_complete(trial_id, result, error)
 
 
+# The energy outcomes each Optuna trial carries as user attributes (`energyat_<column>`, the
+# `trials` table's values), so that optuna-dashboard and plain Optuna show why a trial ended and
+# where its phases fell beside its objective.
+OUTCOME_ATTRS = ("stop_reason", "epochs_run", "best_epoch", "alarm_epoch", "phase2_start", "phase3_start", "final_pgd_acc")
 TUNE_ID_ATTR = "tune_trial_id"
 LOST_ATTR = "energyat_lost"
 RETRY_ATTR = "energyat_retry_of"
@@ -504,44 +515,31 @@ def _last_line(trial: Any) -> str:
     return (lines[-1] if lines else "unknown")[:200]
 
 
-class Progress:
-    """A ``ray.tune.Callback`` printing one line per reported epoch: trials done / running."""
+class LiveView(tune.Callback):
+    """Feeds Ray Tune's trial events to a :class:`study.live.Board` (Tune's own status table is off:
+    `verbose=0`)."""
 
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.done: set[str] = set()
-        self.running: set[str] = set()
-        self.epochs = 0
+    def __init__(self, board: Board, base_method: str) -> None:
+        self.board = board
+        self.base_method = base_method
 
-    def line(self, trial_id: str, result: Mapping[str, Any]) -> str:
-        acc = result.get("best_val_robust_acc")
-        acc_text = f"{acc:.3f}" if isinstance(acc, float) and math.isfinite(acc) else "-"
-        return (
-            f"[{time.strftime('%H:%M:%S')}] trials {len(self.done)}/{self.total} done, {len(self.running)} running, "
-            f"{self.epochs} epochs | {trial_id} epoch {result.get('epoch')} {result.get('method')} "
-            f"best robust {acc_text} phase {result.get('phase')}{' ALARM' if result.get('alarm') else ''}"
-        )
-
-
-class ProgressCallback(tune.Callback):
-    """Prints :class:`Progress` lines as Tune reports results."""
-
-    def __init__(self, progress: Progress) -> None:
-        self.progress = progress
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.board.started(_trial_id(trial), str(trial.config.get("method", self.base_method)))
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        self.progress.running.add(trial.trial_id)
-        self.progress.epochs += 1
-        print(self.progress.line(trial.trial_id, result), file=sys.stderr, flush=True)
+        self.board.result(_trial_id(trial), result)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.progress.running.discard(trial.trial_id)
-        self.progress.done.add(trial.trial_id)
+        self.board.finished(_trial_id(trial), trial.last_result)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.progress.running.discard(trial.trial_id)
-        self.progress.done.add(trial.trial_id)
-        print(f"trial {trial.trial_id} failed: {trial.error_file}", file=sys.stderr, flush=True)
+        self.board.finished(_trial_id(trial), trial.last_result, error=f"error: {_last_line(trial)}")
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        self.board.tick()
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self.board.close()
 
 
 def _trial_id(trial: Any) -> str:
@@ -554,7 +552,22 @@ def study_dir_for(storage: str, name: str) -> str:
     return join(storage if is_uri(storage) else Path(storage).expanduser().resolve(), name)
 
 
-def _init_ray(address: str | None) -> None:
+def check_dashboard(address: str | None, dashboard_port: int | None) -> None:
+    """`--dashboard` starts a local Ray's dashboard; a cluster has its head node's (refused before Ray starts)."""
+    if dashboard_port is None:
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
+        raise EnergyatError("--dashboard starts the dashboard of a local Ray; a cluster's is its head node's "
+                            "(`ray start --head --include-dashboard=true --dashboard-host=127.0.0.1`, then an SSH tunnel)")
+    if not 1024 <= dashboard_port <= 65535:
+        raise EnergyatError(f"--dashboard-port must be in 1024-65535, got {dashboard_port}")
+    import importlib.util
+
+    if importlib.util.find_spec("aiohttp") is None:  # Ray's dashboard server, in ray[default]
+        raise EnergyatError("--dashboard needs Ray's dashboard packages: pip install 'energyat[dashboard]'")
+
+
+def _init_ray(address: str | None, dashboard_port: int | None = None) -> None:
     import ray
 
     if ray.is_initialized():
@@ -577,10 +590,16 @@ def _init_ray(address: str | None) -> None:
                 "in ~/.ray/auth_token or RAY_AUTH_TOKEN")
             raise EnergyatError(f"cannot join the Ray cluster at {address}: {' '.join(str(exc).split())[:200]}{hint}") from exc
     else:
-        # A local Ray without the dashboard (a web UI that would run jobs for whoever reaches it).
-        # Ray 2.60's gRPC servers still listen on every interface, whatever the node address
-        # (ray-project/ray#59852 moves them to the node's): docs/reliability.md says what to do.
-        ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+        # A local Ray without the dashboard unless asked for (`--dashboard`), and then on loopback
+        # only: it is a web UI that runs jobs for whoever reaches it. Ray 2.60's gRPC servers still
+        # listen on every interface, whatever the node address (ray-project/ray#59852 moves them
+        # to the node's): docs/reliability.md says what to do.
+        if dashboard_port is None:
+            ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+            return
+        context = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port, log_to_driver=False,
+                           _node_ip_address="127.0.0.1")
+        print(f"energyat: Ray dashboard at http://{context.dashboard_url} (this machine only; it stops with the study)", file=sys.stderr, flush=True)
 
 
 def _tune_storage(study_dir: str) -> tuple[str, FileSystem | None]:
@@ -627,7 +646,8 @@ def _tuner_parts(raw: dict[str, Any], study: StudyKeys, study_dir: str, study_na
         trial_dirname_creator=_trial_id,
         trial_name_creator=_trial_id,
     )
-    callbacks: list[tune.Callback] = [ProgressCallback(Progress(study.samples)), TrialErrors(raw, study_dir)]
+    board = Board(name=str(raw.get("name", study_name)), total=study.samples, epochs=parse_trial(raw).epochs)
+    callbacks: list[tune.Callback] = [LiveView(board, base_method), TrialErrors(raw, study_dir)]
     if upload is not None:
         callbacks.append(upload)
     callbacks += logger_callbacks(study.loggers, study_dir=study_dir, name=str(raw.get("name", study_name)))
@@ -675,7 +695,8 @@ def _failed(results: Any, study_dir: str) -> list[Failed]:
     return sorted(failed)
 
 
-def run_study(raw: dict[str, Any], study: StudyKeys, *, address: str | None, storage: str | None, name: str | None) -> tuple[str, list[Failed]]:
+def run_study(raw: dict[str, Any], study: StudyKeys, *, address: str | None, storage: str | None, name: str | None,
+              dashboard_port: int | None = None) -> tuple[str, list[Failed]]:
     """Launch a study; returns its directory (a local path or a URI) and the trials that failed
     (their restarts spent). Validation happens before Ray starts."""
     from trainables.config import parse_trial
@@ -687,6 +708,7 @@ def run_study(raw: dict[str, Any], study: StudyKeys, *, address: str | None, sto
     check_sampler_for(study.sampler, objectives=len(objectives_of(study)))
     check_scheduler_for(study.scheduler, epochs=cfg.epochs)
     check_placement(raw, study)
+    check_dashboard(address, dashboard_port)
     study_dir = study_dir_for(storage or study.storage, cfg.name)
     fs, root = open_storage(study_dir)  # a bad scheme, endpoint or bucket: one line, before Ray
     if fs.get_file_info(f"{root}/spec.yaml").type != FileType.NotFound:
@@ -705,7 +727,7 @@ def run_study(raw: dict[str, Any], study: StudyKeys, *, address: str | None, sto
             f.write(yaml.safe_dump(document, sort_keys=False).encode())
     except OSError as exc:
         raise StoreError(f"cannot create the study directory {study_dir}: {one_line(exc)}; choose a writable --storage") from exc
-    _init_ray(address)
+    _init_ray(address, dashboard_port)
     trainable, tune_config, run_config = _tuner_parts(raw, study, study_dir, study_name, journal)
     if is_uri(study_dir):
         upload_journal(journal, study_dir)  # the empty study: a resume anywhere finds a journal
@@ -745,12 +767,14 @@ def load_study(study_dir: str | Path) -> LoadedStudy:
     return LoadedStudy(location, raw, _check_study_keys(raw), document["study_name"], _journal_file(location, str(document["study_name"])))
 
 
-def resume_study(study_dir: str | Path, *, address: str | None, retry_errored: bool = False) -> tuple[str, list[Failed]]:
+def resume_study(study_dir: str | Path, *, address: str | None, retry_errored: bool = False,
+                 dashboard_port: int | None = None) -> tuple[str, list[Failed]]:
     """Continue an interrupted study: Tuner.restore with the same trainable and searcher. Trials
     that ended as ERROR stay so, unless `retry_errored`: then each starts again from epoch 0
     (a fresh second life: the rows of the failed one move to ``STUDY_DIR/retried/``, its Optuna
     trial stays FAIL and a new one with the same parameters receives its results). Returns the
     study directory and the trials that failed."""
+    check_dashboard(address, dashboard_port)
     loaded = load_study(study_dir)
     location = loaded.directory
     remote = is_uri(location)
@@ -764,7 +788,7 @@ def resume_study(study_dir: str | Path, *, address: str | None, retry_errored: b
     reconcile_lost_trials(location, loaded.journal, tune_dir, storage_fs)
     if retry_errored:
         set_aside_errored(location, tune_dir, storage_fs)
-    _init_ray(address)
+    _init_ray(address, dashboard_port)
     trainable, _tune_config, _run_config = _tuner_parts(loaded.raw, loaded.keys, location, loaded.study_name, loaded.journal)
     tuner = tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=retry_errored,
                                storage_filesystem=storage_fs)

@@ -69,10 +69,18 @@ def _trial_workers(study_dir: Path) -> dict[str, int]:
 
 
 def _checkpoints(study_dir: Path, trial: str) -> int:
-    """How many epochs the trial has reported to Tune with a checkpoint (Tune numbers them from 0
-    and keeps the newest two)."""
-    found = [int(p.name.removeprefix("checkpoint_")) for p in (study_dir / "tune" / trial).glob("checkpoint_*")]
-    return max(found) + 1 if found else 0
+    """How many epochs the newest checkpoint the trial handed Ray Tune covers (a trial checkpoints
+    at its first epoch, then every CHECKPOINT_SECONDS; Tune keeps the newest two). One Tune is
+    still copying is skipped."""
+    from trainables import checkpoint
+
+    found = sorted((study_dir / "tune" / trial).glob("checkpoint_*"), key=lambda p: int(p.name.removeprefix("checkpoint_")), reverse=True)
+    for folder in found:
+        try:
+            return int(checkpoint.load(folder / "last.pt")["progress"]["next_epoch"])
+        except (OSError, KeyError, checkpoint.DamagedCheckpointError):
+            continue
+    return 0
 
 
 def _killable(study_dir: Path) -> dict[str, int]:

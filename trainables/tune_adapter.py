@@ -63,6 +63,15 @@ def ray_device(requested: str) -> torch.device:
     return torch.device("cuda", index)
 
 
+# A trial hands Ray Tune a checkpoint at its first epoch, then at most every CHECKPOINT_SECONDS,
+# and with its last result. Tune keeps the newest two (num_to_keep=2) and forces a snapshot of
+# the experiment whenever a trial has checkpointed twice since the last one, so that no snapshot
+# names a deleted checkpoint. With a checkpoint every epoch, a 2-second digits epoch forced a
+# snapshot every few seconds, and Tune printed its three-line "snapshotting has been triggered
+# multiple times" warning every 1-2 s (35 times in make demo's first two minutes). A restarted
+# trial now re-runs at most this many seconds of epochs (its rows are rewritten, the same).
+CHECKPOINT_SECONDS = 10.0
+
 HANG_EXIT = 75  # the exit status of a worker ended by its watchdog (EX_TEMPFAIL)
 
 
@@ -158,13 +167,20 @@ def energyat_trial(
 
     node_id = ray.get_runtime_context().get_node_id()  # which cluster node ran the trial
 
+    last_checkpoint = -math.inf
+
     def report(row: dict[str, Any], ckpt_dir: Path) -> str | None:
+        nonlocal last_checkpoint
         if watchdog is not None:
             watchdog.beat()
         metrics = _finite_metrics(row, objectives) | {"ray_node_id": node_id}
+        checkpoint = None
+        if row.get("done") or time.monotonic() - last_checkpoint >= CHECKPOINT_SECONDS:
+            checkpoint = tune.Checkpoint.from_directory(str(ckpt_dir))
+            last_checkpoint = time.monotonic()
         # returns once the driver has decided about this epoch (a function trainable reports
         # synchronously), so a scheduler's stop request for it is already written
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
+        tune.report(metrics, checkpoint=checkpoint)
         return stop_request(study_dir, trial_id) if scheduled and not row.get("done") else None
 
     try:
