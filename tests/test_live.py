@@ -20,7 +20,6 @@ import yaml
 
 from conftest import ROOT, energyat_cmd
 from study.live import Board, TrainProgress
-from test_study import energyat
 
 ROW = {"method": "weat", "train_loss": 0.5, "val_robust_acc": 0.6, "probe_train_dE": 0.1, "alarm": False, "alarm_reason": None}
 
