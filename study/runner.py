@@ -44,7 +44,8 @@ from study.importances import JOURNAL, check_journal, journal_storage
 from study.live import Board
 from study.loggers import logger_callbacks
 from study.sampler import build_sampler, check_sampler_for
-from study.scheduler import build_scheduler, check_scheduler_for
+from study.scheduler import check_scheduler_for
+from study.tune_scheduler import build_scheduler
 from study.space import SearchSpace, parse_search
 from study.spec import StudyKeys, check_placement
 
@@ -254,12 +255,16 @@ class StudySearch(OptunaSearch):
             print(f"energyat: warning: trial {trial_id} failed before its first result; Optuna has no trial for it",
                   file=sys.stderr, flush=True)
             return
-        if result:  # before the value: a dashboard watching the study sees both at once
-            trial = self._ot_trials[trial_id]
-            for key in OUTCOME_ATTRS:
-                value = result.get(key)
-                if value is not None and not (isinstance(value, float) and not math.isfinite(value)):
-                    trial.set_user_attr(f"energyat_{key}", value)
+        trial = self._ot_trials[trial_id]
+        # before the value: a dashboard watching the study sees both at once. A trial the journal
+        # already has finished (its end reached the journal before a killed driver's last
+        # searcher checkpoint) got them then; Optuna refuses to update it
+        import optuna
+
+        running = self._study()._storage.get_trial(trial._trial_id).state == optuna.trial.TrialState.RUNNING
+        if result and running:
+            for key, value in _outcome_attrs(result).items():
+                trial.set_user_attr(key, value)
         super().on_trial_complete(trial_id, result, error)
 
     def _second_life(self, trial_id: str, result: Mapping[str, Any] | None) -> None:
@@ -611,45 +616,71 @@ def _tune_storage(study_dir: str) -> tuple[str, FileSystem | None]:
     return root, fs
 
 
-def _tuner_parts(raw: dict[str, Any], study: StudyKeys, study_dir: str, study_name: str, journal: Path) -> tuple[Any, Any, Any]:
-    """(trainable with resources, tune_config, run_config) for a new or restored study."""
+class TunerParts(NamedTuple):
+    trainable: Any  # the adapter with its parameters and resources
+    tune_config: Any
+    run_config: Any
+    param_space: dict[str, Any]  # PBT's starting distributions; empty under Optuna (its searcher suggests)
+
+
+def _tuner_parts(raw: dict[str, Any], study: StudyKeys, study_dir: str, study_name: str, journal: Path) -> TunerParts:
+    """The trainable, tune_config, run_config and param_space of a new or restored study."""
     from trainables.config import parse_trial
     from trainables.tune_adapter import energyat_trial
 
     dims = tuple(parse_search(study.search, raw))
     objectives = objectives_of(study)
     base_method = str(raw.get("method", "sat"))
+    epochs = parse_trial(raw).epochs
+    pbt = study.scheduler.name == "pbt"
+    scheduler = build_scheduler(study.scheduler, study_dir=study_dir, metric=objectives[0], epochs=epochs, dims=dims)
     cpus = float(study.resources.get("cpu", 1))
     gpus = float(study.resources.get("gpu", 0))
     trainable = tune.with_resources(
         tune.with_parameters(energyat_trial, base_spec=raw, study_dir=study_dir, objectives=objectives, cpus=max(1, int(cpus)),
                              stop_patience=study.stop_patience, hang_timeout=study.hang_timeout, val_patience=study.val_patience,
-                             scheduled=study.scheduler.name != "none"),
+                             scheduled=study.scheduler.name in ("asha", "median"),
+                             # PBT clones a top trial's checkpoint at each perturbation: one must exist there
+                             checkpoint_every=getattr(scheduler, "_perturbation_interval", None) if pbt else None),
         {"cpu": cpus, "gpu": gpus},
     )
     upload = JournalUpload(study_name, study_dir) if is_uri(study_dir) else None
-    searcher = StudySearch(
-        upload=upload,
-        study_dir=study_dir,
-        space=SearchSpace(dims, base_method),
-        metric=objectives if len(objectives) > 1 else objectives[0],
-        mode=["max"] * len(objectives) if len(objectives) > 1 else "max",
-        storage=journal_storage(journal),
-        study_name=study_name,
-        sampler=build_sampler(study.sampler, objectives=len(objectives), seed=int(raw.get("seed", 0))),
-        points_to_evaluate=study.points_to_evaluate or None,
-    )
+    search_alg: Any
+    param_space: dict[str, Any] = {}
+    if pbt:  # Tune refuses a searcher beside PBT: random starting points, recorded in Optuna by OptunaRecord
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        from study.tune_scheduler import domain
+
+        param_space = {d.key: domain(d) for d in dims}
+        search_alg = BasicVariantGenerator(points_to_evaluate=study.points_to_evaluate or None, max_concurrent=study.max_concurrent,
+                                           random_state=int(raw.get("seed", 0)))
+    else:
+        searcher = StudySearch(
+            upload=upload,
+            study_dir=study_dir,
+            space=SearchSpace(dims, base_method),
+            metric=objectives if len(objectives) > 1 else objectives[0],
+            mode=["max"] * len(objectives) if len(objectives) > 1 else "max",
+            storage=journal_storage(journal),
+            study_name=study_name,
+            sampler=build_sampler(study.sampler, objectives=len(objectives), seed=int(raw.get("seed", 0))),
+            points_to_evaluate=study.points_to_evaluate or None,
+        )
+        search_alg = StudyLimiter(searcher, max_concurrent=study.max_concurrent)
     tune_config = tune.TuneConfig(
-        search_alg=StudyLimiter(searcher, max_concurrent=study.max_concurrent),
-        scheduler=build_scheduler(study.scheduler, study_dir=study_dir, metric=objectives[0], epochs=parse_trial(raw).epochs),
+        search_alg=search_alg,
+        scheduler=scheduler,
         num_samples=study.samples,
         trial_dirname_creator=_trial_id,
         trial_name_creator=_trial_id,
     )
-    board = Board(name=str(raw.get("name", study_name)), total=study.samples, epochs=parse_trial(raw).epochs)
+    board = Board(name=str(raw.get("name", study_name)), total=study.samples, epochs=epochs)
     callbacks: list[tune.Callback] = [LiveView(board, base_method), TrialErrors(raw, study_dir)]
+    if pbt:
+        callbacks.append(OptunaRecord(study_dir, study_name, objectives[0], dims))
     if upload is not None:
-        callbacks.append(upload)
+        callbacks.append(upload)  # after OptunaRecord: it uploads what that wrote
     callbacks += logger_callbacks(study.loggers, study_dir=study_dir, name=str(raw.get("name", study_name)))
     storage_path, storage_fs = _tune_storage(study_dir)
     run_config = tune.RunConfig(
@@ -658,11 +689,73 @@ def _tuner_parts(raw: dict[str, Any], study: StudyKeys, study_dir: str, study_na
         storage_filesystem=storage_fs,
         stop=EnergyDivergenceStopper(study_dir, patience=study.stop_patience),
         failure_config=tune.FailureConfig(max_failures=study.max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        # PBT restores a bottom trial from a top trial's checkpoint of some epochs ago, which a
+        # num_to_keep would have deleted meanwhile: under PBT a trial keeps its checkpoints, one per
+        # perturbation_interval epochs (CI saw "Could not recover from checkpoint" with 2)
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=None if pbt else 2),
         callbacks=callbacks,
         verbose=0,
     )
-    return trainable, tune_config, run_config
+    return TunerParts(trainable, tune_config, run_config, param_space)
+
+
+def _outcome_attrs(result: Mapping[str, Any]) -> dict[str, Any]:
+    """The energy outcomes of a trial's final result as Optuna user attributes (OUTCOME_ATTRS)."""
+    attrs = {}
+    for key in OUTCOME_ATTRS:
+        value = result.get(key)
+        if value is not None and not (isinstance(value, float) and not math.isfinite(value)):
+            attrs[f"energyat_{key}"] = value
+    return attrs
+
+
+class OptunaRecord(tune.Callback):
+    """For a PBT study, which has no Optuna searcher: each trial that ends is added to the study's
+    Optuna journal with its final configuration (PBT's perturbations included), its objective and
+    the energy outcomes, so that `status`, the report's importances and optuna-dashboard read it
+    like any study's. A trial already recorded (a resumed driver sees its end again) is skipped."""
+
+    def __init__(self, study_dir: str, study_name: str, objective: str, dims: tuple[Any, ...]) -> None:
+        self.study_dir = study_dir
+        self.study_name = study_name
+        self.objective = objective
+        self.dims = dims
+
+    def _record(self, trial: Any, *, failed: bool) -> None:
+        import optuna
+
+        storage = journal_storage(_journal_file(self.study_dir, self.study_name))  # this machine's (a resume elsewhere)
+        study = optuna.create_study(study_name=self.study_name, storage=storage, direction="maximize", load_if_exists=True)
+        trial_id = _trial_id(trial)
+        if any(t.user_attrs.get(TUNE_ID_ATTR) == trial_id for t in study.get_trials(deepcopy=False)):
+            return
+        result = trial.last_result or {}
+        value = result.get(self.objective)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            value = 0.0  # as the adapter reports it (tune_adapter.OBJECTIVE_FALLBACK)
+        dists = {d.key: _distribution(d) for d in self.dims}
+        study.add_trial(optuna.trial.create_trial(
+            params={k: trial.config[k] for k in dists if k in trial.config}, distributions=dists,
+            value=None if failed else float(value),
+            state=optuna.trial.TrialState.FAIL if failed else optuna.trial.TrialState.COMPLETE,
+            user_attrs={TUNE_ID_ATTR: trial_id, **_outcome_attrs(result)},
+        ))
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._record(trial, failed=False)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._record(trial, failed=True)
+
+
+def _distribution(dim: Any) -> Any:
+    import optuna
+
+    if dim.kind == "categorical":
+        return optuna.distributions.CategoricalDistribution(list(dim.choices))
+    if dim.kind == "int":
+        return optuna.distributions.IntDistribution(int(dim.low), int(dim.high), log=dim.log)
+    return optuna.distributions.FloatDistribution(dim.low, dim.high, log=dim.log)
 
 
 def _journal_file(study_dir: str, study_name: str) -> Path:
@@ -706,7 +799,8 @@ def run_study(raw: dict[str, Any], study: StudyKeys, *, address: str | None, sto
     cfg = parse_trial(raw)
     parse_search(study.search, raw)
     check_sampler_for(study.sampler, objectives=len(objectives_of(study)))
-    check_scheduler_for(study.scheduler, epochs=cfg.epochs)
+    check_scheduler_for(study.scheduler, epochs=cfg.epochs, dims=parse_search(study.search, raw), base_method=cfg.method,
+                        objectives=len(objectives_of(study)), sampler=study.sampler)
     check_placement(raw, study)
     check_dashboard(address, dashboard_port)
     study_dir = study_dir_for(storage or study.storage, cfg.name)
@@ -728,10 +822,14 @@ def run_study(raw: dict[str, Any], study: StudyKeys, *, address: str | None, sto
     except OSError as exc:
         raise StoreError(f"cannot create the study directory {study_dir}: {one_line(exc)}; choose a writable --storage") from exc
     _init_ray(address, dashboard_port)
-    trainable, tune_config, run_config = _tuner_parts(raw, study, study_dir, study_name, journal)
+    parts = _tuner_parts(raw, study, study_dir, study_name, journal)
+    if parts.param_space:  # PBT: no searcher creates the Optuna study, so it is created here
+        import optuna
+
+        optuna.create_study(study_name=study_name, storage=journal_storage(journal), direction="maximize")
     if is_uri(study_dir):
         upload_journal(journal, study_dir)  # the empty study: a resume anywhere finds a journal
-    tuner = tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
+    tuner = tune.Tuner(parts.trainable, param_space=parts.param_space, tune_config=parts.tune_config, run_config=parts.run_config)
     results = tuner.fit()
     if is_uri(study_dir):
         upload_journal(journal, study_dir)  # the final state; JournalUpload sent the ones before
@@ -789,7 +887,7 @@ def resume_study(study_dir: str | Path, *, address: str | None, retry_errored: b
     if retry_errored:
         set_aside_errored(location, tune_dir, storage_fs)
     _init_ray(address, dashboard_port)
-    trainable, _tune_config, _run_config = _tuner_parts(loaded.raw, loaded.keys, location, loaded.study_name, loaded.journal)
+    trainable = _tuner_parts(loaded.raw, loaded.keys, location, loaded.study_name, loaded.journal).trainable
     tuner = tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=retry_errored,
                                storage_filesystem=storage_fs)
     results = tuner.fit()

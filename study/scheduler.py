@@ -18,23 +18,36 @@ row with `stop_reason` "scheduler: asha" (or "scheduler: median"), and its value
 The energy stopper (`early_stop`) works beside any of them; whichever rule fires first names
 the stop.
 
-PBT is not offered: Ray Tune refuses a search algorithm alongside it ("Search algorithms cannot
-be used with PopulationBasedTraining schedulers"), and an energyat study is an Optuna search.
+    scheduler: {name: pbt, perturbation_interval: 5, quantile_fraction: 0.25, resample_probability: 0.25}
+
+PBT (Ray Tune's PopulationBasedTraining) is a search of its own: Tune refuses a search algorithm
+beside it, so a PBT study draws its `samples` starting configurations from `search:` at random
+(Tune's BasicVariantGenerator, seeded by `seed`, `points_to_evaluate` first) and every
+`perturbation_interval` epochs lets the bottom quantile of trials continue from a top trial's
+checkpoint with perturbed hyperparameters (x0.8 or x1.2, or redrawn, kept inside `search:`). The
+AT method cannot change under a running model, so `search.method` is refused with PBT, as are a
+`sampler` (there is none) and several objectives. Each trial still ends with its final
+evaluation and `trials` row, and is recorded in the study's Optuna journal with its final
+configuration and value (:class:`study.runner.OptunaRecord`), so `status`, the report and
+optuna-dashboard read a PBT study like any other. A trial that exploited another continues that
+trial's epochs: its `epochs` rows jump to (or re-run from) the donor's epoch, as Tune's own
+`training_iteration` does, and Tune's `pbt_policy_<trial>.txt` files in `tune/` record each step.
+
+This module reads and checks the keys (no Ray: `energyat train` reads spec files too); Ray Tune's
+classes are built in :mod:`study.tune_scheduler`.
 """
 
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
-from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, MedianStoppingRule, TrialScheduler
+from analysis.errors import SpecError, unknown_choice
+from study.sampler import SamplerKeys
+from study.space import Dimension
 
-from analysis.errors import EnergyatError, SpecError, unknown_choice
-from analysis.store import request_stop
-
-SCHEDULERS = ("none", "asha", "median")
+SCHEDULERS = ("none", "asha", "median", "pbt")
 # The constructor arguments a spec may set, each with its type and lower bound. time_attr, metric,
 # mode and max_t come from the study (epochs, objective); median's hard_stop stays True (False
 # pauses trials, which then hold their checkpoint without an end).
@@ -42,11 +55,10 @@ OPTIONS: dict[str, dict[str, tuple[type, float]]] = {
     "none": {},
     "asha": {"grace_period": (int, 1), "reduction_factor": (float, 1.0001), "brackets": (int, 1)},
     "median": {"grace_period": (int, 0), "min_samples_required": (int, 1), "min_time_slice": (int, 0)},
+    "pbt": {"perturbation_interval": (int, 1), "burn_in_period": (int, 0), "quantile_fraction": (float, 0.0),
+            "resample_probability": (float, 0.0)},
 }
-REFUSED = {
-    "pbt": "Ray Tune refuses a search algorithm beside PopulationBasedTraining, and an energyat study is an Optuna "
-           "search; choose asha or median, or search with Optuna's samplers (`sampler:`)",
-}
+_FRACTIONS = {"quantile_fraction": 0.5, "resample_probability": 1.0}  # upper bounds of PBT's fractions
 
 
 @dataclass(frozen=True)
@@ -64,8 +76,6 @@ def check_scheduler(value: Any) -> SchedulerKeys:
     name = value.get("name", "none")
     if name is None:
         name = "none"
-    if name in REFUSED:
-        raise SpecError("scheduler.name", f"{name}: {REFUSED[name]}")
     if name not in SCHEDULERS:
         raise unknown_choice("scheduler.name", name, SCHEDULERS)
     takes = OPTIONS[name]
@@ -80,76 +90,31 @@ def check_scheduler(value: Any) -> SchedulerKeys:
         if not number or not math.isfinite(option) or option < lowest:
             noun = "an int" if kind is int else "a number"
             raise SpecError(f"scheduler.{key}", f"expected {noun} >= {lowest:g}, got {option!r}")
+        if key in _FRACTIONS and option > _FRACTIONS[key]:
+            raise SpecError(f"scheduler.{key}", f"expected at most {_FRACTIONS[key]:g} (Ray Tune's bound), got {option!r}")
         options[key] = option
     return SchedulerKeys(name, options)
 
 
-def check_scheduler_for(keys: SchedulerKeys, *, epochs: int) -> None:
-    """Refuse a grace period no trial reaches: the scheduler would never act."""
-    grace = keys.options.get("grace_period")
-    if keys.name != "none" and grace is not None and grace >= epochs:
-        raise SpecError("scheduler.grace_period", f"{grace} epochs is not below the trial's epochs ({epochs}): the scheduler would never stop a trial")
-
-
-class FinishOnStop:
-    """Mixed into a Tune scheduler: its STOP becomes a stop request the trial finishes on.
-
-    The trial reads the request after the epoch whose result the decision was about (Tune's
-    function trainables report synchronously: the trial waits in ``tune.report`` until the driver
-    has decided), so it stops at the same epoch Tune would have stopped it. The trial's later
-    results (its final one) are not shown to the scheduler: it has already decided about it,
-    and Tune's median rule asserts it never sees a stopped trial again.
-    """
-
-    reason: str  # the trial's stop_reason
-    study_dir: str
-
-    def _asked(self) -> set[str]:
-        if not hasattr(self, "_asked_ids"):  # not in __init__: Tune's own __init__ runs through super()
-            self._asked_ids: set[str] = set()
-        return self._asked_ids
-
-    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
-        if trial.trial_id in self._asked():
-            return TrialScheduler.CONTINUE
-        decision = super().on_trial_result(tune_controller, trial, result)  # type: ignore[misc]
-        if decision != TrialScheduler.STOP or result.get("done"):
-            return decision
-        try:
-            request_stop(self.study_dir, trial.trial_id, self.reason)
-        except OSError as exc:  # the storage failed: Tune's own stop still ends the trial
-            print(f"energyat: warning: cannot ask trial {trial.trial_id} to stop ({exc}); Ray Tune ends it without its final "
-                  "evaluation", file=sys.stderr, flush=True)
-            return decision
-        self._asked().add(trial.trial_id)
-        return TrialScheduler.CONTINUE
-
-
-class Asha(FinishOnStop, AsyncHyperBandScheduler):
-    reason = "scheduler: asha"
-
-    def __init__(self, *, study_dir: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.study_dir = study_dir
-
-
-class Median(FinishOnStop, MedianStoppingRule):
-    reason = "scheduler: median"
-
-    def __init__(self, *, study_dir: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.study_dir = study_dir
-
-
-def build_scheduler(keys: SchedulerKeys, *, study_dir: str, metric: str, epochs: int) -> TrialScheduler:
-    """Tune's scheduler for the study; FIFO (every trial runs to its end) for `none`."""
-    common = {"study_dir": study_dir, "time_attr": "training_iteration", "metric": metric, "mode": "max"}
-    if keys.name == "none":
-        return FIFOScheduler()
-    if keys.name == "asha":
-        options = {"grace_period": 1, "reduction_factor": 4, **keys.options}
-        return Asha(max_t=epochs, **common, **options)
-    if keys.name == "median":
-        # Tune's default grace period is 60 *seconds* of its default time_attr; in epochs, 1
-        return Median(**{"grace_period": 1, **keys.options}, **common)
-    raise EnergyatError(f"unknown scheduler {keys.name!r}")  # check_scheduler refused it already
+def check_scheduler_for(keys: SchedulerKeys, *, epochs: int, dims: Sequence[Dimension] = (), base_method: str = "sat",
+                        objectives: int = 1, sampler: Any = None) -> None:
+    """Refuse what the scheduler cannot do with this study: a grace period or perturbation
+    interval no trial reaches; for PBT, a searched method, a sampler, several objectives."""
+    for key in ("grace_period", "perturbation_interval"):
+        value = keys.options.get(key)
+        if value is not None and value >= epochs:
+            raise SpecError(f"scheduler.{key}", f"{value} epochs is not below the trial's epochs ({epochs}): the scheduler would never act")
+    if keys.name != "pbt":
+        return
+    if any(d.key == "method" for d in dims):
+        raise SpecError("search.method", "PBT perturbs the hyperparameters of running trials, and a model cannot change its AT method "
+                                         "mid-run: fix `method`, or search it with asha, median or none")
+    if not dims:
+        raise SpecError("search", "PBT perturbs searched hyperparameters: give `search` at least one (e.g. lr: [0.01, 0.2, log])")
+    for dim in dims:
+        if not dim.used_by(base_method):
+            raise SpecError(f"search.{dim.key}", f"is not used by method {base_method}, so PBT would perturb nothing")
+    if objectives > 1:
+        raise SpecError("objective", "PBT ranks trials by one metric; give one objective")
+    if sampler is not None and sampler != SamplerKeys():
+        raise SpecError("sampler", "PBT draws its starting configurations at random (Ray Tune refuses a search algorithm beside it); remove `sampler`")

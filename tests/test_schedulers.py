@@ -12,7 +12,9 @@ import yaml
 
 from analysis.errors import SpecError
 from analysis.query import open_tables
-from study.scheduler import Asha, Median, build_scheduler, check_scheduler, check_scheduler_for
+from study.sampler import check_sampler
+from study.scheduler import check_scheduler, check_scheduler_for
+from study.tune_scheduler import Asha, KeepInSearch, Median, build_scheduler
 from test_study import assert_journal_matches_tune, assert_tables_consistent, energyat, journal_trials
 
 SPEC = {
@@ -25,7 +27,8 @@ SPEC = {
 
 @pytest.mark.parametrize(("block", "key"), [
     ({"name": "hyperband"}, "scheduler.name"),
-    ({"name": "pbt"}, "scheduler.name"),
+    ({"name": "pbt", "quantile_fraction": 0.7}, "scheduler.quantile_fraction"),
+    ({"name": "pbt", "perturbation_interval": 0}, "scheduler.perturbation_interval"),
     ({"name": "asha", "max_t": 10}, "scheduler.max_t"),  # the study's epochs
     ({"name": "asha", "metric": "val_robust_acc"}, "scheduler.metric"),  # the study's objective
     ({"name": "asha", "reduction_factor": 1}, "scheduler.reduction_factor"),
@@ -40,9 +43,19 @@ def test_a_bad_scheduler_block_names_its_key(block: object, key: str) -> None:
         check_scheduler(block)
 
 
-def test_pbt_is_refused_with_the_reason() -> None:
-    with pytest.raises(SpecError, match="search algorithm"):
-        check_scheduler("pbt")
+@pytest.mark.parametrize(("search", "extra", "key"), [
+    ({"method": ["sat", "trades"], "lr": [0.01, 0.1]}, {}, "search.method"),  # a model cannot change its method mid-run
+    ({"beta": [1.0, 6.0]}, {}, "search.beta"),  # sat does not read beta: nothing to perturb
+    ({}, {}, "search"),
+    ({"lr": [0.01, 0.1]}, {"objectives": 2}, "objective"),
+    ({"lr": [0.01, 0.1]}, {"sampler": check_sampler({"name": "tpe"})}, "sampler"),
+])
+def test_pbt_refuses_what_it_cannot_search(search: dict, extra: dict, key: str) -> None:
+    from study.space import parse_search
+
+    dims = parse_search(search, {"method": "sat", "dataset": {"name": "digits"}})
+    with pytest.raises(SpecError, match=f"`{key}`"):
+        check_scheduler_for(check_scheduler("pbt"), epochs=10, dims=dims, base_method="sat", **extra)
 
 
 def test_a_grace_period_no_trial_reaches_is_refused() -> None:
@@ -62,7 +75,7 @@ def test_each_scheduler_is_tunes_own_counted_in_epochs_on_the_objective() -> Non
 
 
 def _run(tmp_path: Path, **keys: object) -> Path:
-    spec = {**SPEC, **keys}
+    spec = {k: v for k, v in {**SPEC, **keys}.items() if v is not None}  # a key given as None is left out
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     energyat("run", str(tmp_path / "spec.yaml"), "--storage", str(tmp_path / "studies"))
     return tmp_path / "studies" / "sched"
@@ -123,3 +136,42 @@ def test_val_patience_stops_after_that_many_epochs_without_a_new_best(tmp_path: 
     else:
         assert result["stop_reason"] == "val_patience" and result["epochs_run"] == expected + 1 == len(acc)
         assert math.isfinite(result["final_pgd_acc"])
+
+
+def test_pbt_perturbations_stay_inside_the_search() -> None:
+    from study.space import parse_search
+
+    dims = tuple(parse_search({"lr": [0.01, 0.1, "log"], "attack.steps": [2, 6]}, {"method": "sat", "dataset": {"name": "digits"}}))
+    assert KeepInSearch(dims)({"lr": 0.12, "attack.steps": 1.6}) == {"lr": 0.1, "attack.steps": 2}
+    assert KeepInSearch(dims)({"lr": 0.05, "attack.steps": 4}) == {"lr": 0.05, "attack.steps": 4}
+
+
+def test_a_pbt_study_exploits_records_every_trial_in_optuna_and_evaluates_each(tmp_path: Path) -> None:
+    """Four trials of 6 epochs, perturbed every 2: the bottom quarter continues from a top trial's
+    checkpoint with a perturbed lr; every trial still ends with its final evaluation and `trials`
+    row, and the journal holds each with its final lr and its row's objective."""
+    import json
+
+    spec = {
+        "sampler": None, "epochs": 6, "samples": 4, "max_concurrent": 4, "search": {"lr": [0.002, 0.3, "log"]},
+        "scheduler": {"name": "pbt", "perturbation_interval": 2, "quantile_fraction": 0.25}}
+    study = _run(tmp_path, **spec)
+    rows = open_tables(study).execute(
+        "select trial_id, status, stop_reason, epochs_run, final_pgd_acc, best_val_robust_acc, lr from trials").fetchall()
+    assert len(rows) == 4 and all(status == "TERMINATED" and epochs == 6 and math.isfinite(pgd) for _t, status, _r, epochs, pgd, _b, _lr in rows)
+    # at least one exploit, in Tune's PBT log: [old tag, new tag, old step, new step, old config,
+    # new config] per line; the exploited trial's row holds its last new config, inside the search
+    lr_of = {t: lr for t, *_r, lr in rows}
+    policies = list((study / "tune").glob("pbt_policy_*.txt"))
+    assert policies, "PBT exploited no trial"
+    for policy in policies:
+        steps = [json.loads(line) for line in policy.read_text().splitlines()]
+        trial = policy.stem.removeprefix("pbt_policy_")
+        assert lr_of[trial] == pytest.approx(steps[-1][5]["lr"]) and 0.002 <= lr_of[trial] <= 0.3
+        assert steps[-1][4]["lr"] != steps[-1][5]["lr"]  # perturbed, not copied
+        # its rows train with the new lr from the epoch after the exploit (the schedule's 0.1 after epoch 3)
+        epoch_lr = dict(open_tables(study).execute("select epoch, lr from epochs where trial_id = $t", {"t": trial}).fetchall())
+        assert epoch_lr[5] == pytest.approx(lr_of[trial] * 0.1 * 0.1) or epoch_lr[5] == pytest.approx(lr_of[trial] * 0.1)
+    recorded = {t.user_attrs["tune_trial_id"]: (t.state.name, t.values, t.params["lr"], t.user_attrs["energyat_stop_reason"])
+                for t in journal_trials(study)}
+    assert recorded == {t: ("COMPLETE", [pytest.approx(best)], pytest.approx(lr), reason) for t, _s, reason, _e, _p, best, lr in rows}

@@ -142,7 +142,7 @@ def _running(pid: int) -> bool:
 
 def energyat_trial(
     config: dict[str, Any], *, base_spec: dict[str, Any], study_dir: str, objectives: list[str], cpus: int, stop_patience: int | None,
-    hang_timeout: float | None = None, val_patience: int | None = None, scheduled: bool = False,
+    hang_timeout: float | None = None, val_patience: int | None = None, scheduled: bool = False, checkpoint_every: int | None = None,
 ) -> None:
     """Run one trial of a study under Ray Tune (see ``tune.with_parameters``)."""
     spec = trial_spec(base_spec, config)  # Optuna's flat suggestions: {"weat.power": 1.5}
@@ -175,7 +175,11 @@ def energyat_trial(
             watchdog.beat()
         metrics = _finite_metrics(row, objectives) | {"ray_node_id": node_id}
         checkpoint = None
-        if row.get("done") or time.monotonic() - last_checkpoint >= CHECKPOINT_SECONDS:
+        if checkpoint_every is not None:  # PBT: at its perturbation epochs, where it clones a top trial's checkpoint
+            due = (int(row["epoch"]) + 1) % checkpoint_every == 0
+        else:
+            due = time.monotonic() - last_checkpoint >= CHECKPOINT_SECONDS
+        if row.get("done") or due:
             checkpoint = tune.Checkpoint.from_directory(str(ckpt_dir))
             last_checkpoint = time.monotonic()
         # returns once the driver has decided about this epoch (a function trainable reports

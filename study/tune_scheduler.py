@@ -1,0 +1,115 @@
+"""Ray Tune's schedulers for a study (`scheduler:`, checked by :mod:`study.scheduler`).
+
+Each is Tune's own class. ASHA and the median rule get one change (:class:`FinishOnStop`): a STOP
+becomes a stop request the trial finishes on, with its final evaluation and `trials` row. PBT is
+Tune's PopulationBasedTraining with its perturbations kept inside `search:` (:class:`KeepInSearch`).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from ray import tune
+from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, MedianStoppingRule, PopulationBasedTraining, TrialScheduler
+
+from analysis.errors import EnergyatError
+from analysis.store import request_stop
+from study.scheduler import SchedulerKeys
+from study.space import Dimension
+
+
+def domain(dim: Dimension) -> Any:
+    """A search dimension as a Ray Tune domain (PBT's starting draws and its resamples)."""
+    if dim.kind == "categorical":
+        return tune.choice(list(dim.choices))
+    if dim.kind == "int":
+        return (tune.lograndint if dim.log else tune.randint)(int(dim.low), int(dim.high) + 1)
+    return (tune.loguniform if dim.log else tune.uniform)(dim.low, dim.high)
+
+
+@dataclass(frozen=True)
+class KeepInSearch:
+    """PBT's custom_explore_fn: a perturbed value (x1.2 of the top of a range) is brought back
+    inside its `search:` range, where every value was checked to make a valid trial. A plain
+    object, not a closure: Tune pickles the scheduler into its experiment state."""
+
+    dims: tuple[Dimension, ...]
+
+    def __call__(self, config: dict[str, Any]) -> dict[str, Any]:
+        for dim in self.dims:
+            value = config.get(dim.key)
+            if dim.kind != "categorical" and isinstance(value, (int, float)):
+                clipped = min(max(value, dim.low), dim.high)
+                config[dim.key] = int(round(clipped)) if dim.kind == "int" else float(clipped)
+        return config
+
+
+class FinishOnStop:
+    """Mixed into a Tune scheduler: its STOP becomes a stop request the trial finishes on.
+
+    The trial reads the request after the epoch whose result the decision was about (Tune's
+    function trainables report synchronously: the trial waits in ``tune.report`` until the driver
+    has decided), so it stops at the same epoch Tune would have stopped it. The trial's later
+    results (its final one) are not shown to the scheduler: it has already decided about it,
+    and Tune's median rule asserts it never sees a stopped trial again.
+    """
+
+    reason: str  # the trial's stop_reason
+    study_dir: str
+
+    def _asked(self) -> set[str]:
+        if not hasattr(self, "_asked_ids"):  # not in __init__: Tune's own __init__ runs through super()
+            self._asked_ids: set[str] = set()
+        return self._asked_ids
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        if trial.trial_id in self._asked():
+            return TrialScheduler.CONTINUE
+        decision = super().on_trial_result(tune_controller, trial, result)  # type: ignore[misc]
+        if decision != TrialScheduler.STOP or result.get("done"):
+            return decision
+        try:
+            request_stop(self.study_dir, trial.trial_id, self.reason)
+        except OSError as exc:  # the storage failed: Tune's own stop still ends the trial
+            print(f"energyat: warning: cannot ask trial {trial.trial_id} to stop ({exc}); Ray Tune ends it without its final "
+                  "evaluation", file=sys.stderr, flush=True)
+            return decision
+        self._asked().add(trial.trial_id)
+        return TrialScheduler.CONTINUE
+
+
+class Asha(FinishOnStop, AsyncHyperBandScheduler):
+    reason = "scheduler: asha"
+
+    def __init__(self, *, study_dir: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.study_dir = study_dir
+
+
+class Median(FinishOnStop, MedianStoppingRule):
+    reason = "scheduler: median"
+
+    def __init__(self, *, study_dir: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.study_dir = study_dir
+
+
+def build_scheduler(keys: SchedulerKeys, *, study_dir: str, metric: str, epochs: int, dims: Sequence[Dimension] = ()) -> TrialScheduler:
+    """Tune's scheduler for the study; FIFO (every trial runs to its end) for `none`."""
+    common: dict[str, Any] = {"study_dir": study_dir, "time_attr": "training_iteration", "metric": metric, "mode": "max"}
+    if keys.name == "none":
+        return FIFOScheduler()
+    if keys.name == "asha":
+        options = {"grace_period": 1, "reduction_factor": 4, **keys.options}
+        return Asha(max_t=epochs, **common, **options)
+    if keys.name == "median":
+        # Tune's default grace period is 60 *seconds* of its default time_attr; in epochs, 1
+        return Median(**{"grace_period": 1, **keys.options}, **common)
+    if keys.name == "pbt":  # never stops a trial: it pauses and restarts it from another's checkpoint
+        common.pop("study_dir")
+        options = {"perturbation_interval": max(1, epochs // 5), **keys.options}
+        return PopulationBasedTraining(**common, **options, hyperparam_mutations={d.key: domain(d) for d in dims},
+                                       custom_explore_fn=KeepInSearch(tuple(dims)))
+    raise EnergyatError(f"unknown scheduler {keys.name!r}")  # check_scheduler refused it already
