@@ -27,8 +27,9 @@ import os
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Iterator, Mapping, NamedTuple
 
 import yaml
 from pyarrow.fs import FileSelector, FileSystem, FileType
@@ -758,6 +759,26 @@ def _distribution(dim: Any) -> Any:
     return optuna.distributions.FloatDistribution(dim.low, dim.high, log=dim.log)
 
 
+@contextmanager
+def _tune_output_off() -> Iterator[None]:
+    """Ray Tune's console output off while a study runs (energyat's own is study.live's Board).
+
+    At `verbose=0` Tune's newer output engine still prints its start and end blocks on stdout,
+    among them "To visualize your results with TensorBoard, run: tensorboard --logdir
+    /tmp/ray/session_.../driver_artifacts", a folder that is not the study's (its event files are
+    in STUDY_DIR/tune/<trial>/). RAY_AIR_NEW_OUTPUT=0 selects Tune's older engine, which prints
+    nothing at verbose 0; the variable is restored afterwards."""
+    before = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = before
+
+
 def _journal_file(study_dir: str, study_name: str) -> Path:
     """The journal the driver writes: ``STUDY_DIR/optuna.journal`` on a local study; on a URI
     ``<journal_dir()>/<study name>.journal`` on this machine. The path derives from local settings
@@ -830,7 +851,8 @@ def run_study(raw: dict[str, Any], study: StudyKeys, *, address: str | None, sto
     if is_uri(study_dir):
         upload_journal(journal, study_dir)  # the empty study: a resume anywhere finds a journal
     tuner = tune.Tuner(parts.trainable, param_space=parts.param_space, tune_config=parts.tune_config, run_config=parts.run_config)
-    results = tuner.fit()
+    with _tune_output_off():
+        results = tuner.fit()
     if is_uri(study_dir):
         upload_journal(journal, study_dir)  # the final state; JournalUpload sent the ones before
     return study_dir, _failed(results, study_dir)
@@ -890,7 +912,8 @@ def resume_study(study_dir: str | Path, *, address: str | None, retry_errored: b
     trainable = _tuner_parts(loaded.raw, loaded.keys, location, loaded.study_name, loaded.journal).trainable
     tuner = tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=retry_errored,
                                storage_filesystem=storage_fs)
-    results = tuner.fit()
+    with _tune_output_off():
+        results = tuner.fit()
     if remote:
         upload_journal(loaded.journal, location)
     return location, _failed(results, location)

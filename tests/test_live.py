@@ -166,7 +166,7 @@ def watched(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, set[st
             time.sleep(1)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
-    return base / "watched", err, listening, version
+    return base / "watched", out + err, listening, version
 
 
 def test_the_ray_dashboard_serves_on_loopback_only_while_the_study_runs(watched: tuple[Path, str, set[str], object]) -> None:
@@ -179,7 +179,7 @@ def test_the_ray_dashboard_serves_on_loopback_only_while_the_study_runs(watched:
 def test_study_output_has_events_and_no_repeated_warnings(watched: tuple[Path, str, set[str], object]) -> None:
     _study, err, _listening, _version = watched
     # Tune's snapshot warning (fixed at its cause: a checkpoint every CHECKPOINT_SECONDS, not every
-    # epoch) and its TensorBoard hint into Ray's temporary folder are gone
+    # epoch) and its TensorBoard hint into Ray's temporary folder (stdout) are gone
     assert "snapshotting has been triggered" not in err and "To visualize your results with TensorBoard" not in err
     events = [line for line in err.splitlines() if "] trials " in line]
     assert len(events) <= 2 * 4 and sum("finished:" in line for line in events) == 2, events  # start, phase, alarm, end per trial
