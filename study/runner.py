@@ -693,7 +693,8 @@ def _tuner_parts(raw: dict[str, Any], study: StudyKeys, study_dir: str, study_na
         # PBT restores a bottom trial from a top trial's checkpoint of some epochs ago, which a
         # num_to_keep would have deleted meanwhile: under PBT a trial keeps its checkpoints, one per
         # perturbation_interval epochs (CI saw "Could not recover from checkpoint" with 2)
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=None if pbt else 2),
+        # otherwise three: see trainables.tune_adapter.CHECKPOINT_SECONDS for why not two
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=None if pbt else 3),
         callbacks=callbacks,
         verbose=0,
     )

@@ -70,7 +70,7 @@ def _trial_workers(study_dir: Path) -> dict[str, int]:
 
 def _checkpoints(study_dir: Path, trial: str) -> int:
     """How many epochs the newest checkpoint the trial handed Ray Tune covers (a trial checkpoints
-    at its first epoch, then every CHECKPOINT_SECONDS; Tune keeps the newest two). One Tune is
+    at its first epoch, then every CHECKPOINT_SECONDS; Tune keeps the newest three). One Tune is
     still copying is skipped."""
     from trainables import checkpoint
 
