@@ -67,13 +67,14 @@ def ray_device(requested: str) -> torch.device:
 # and with its last result. Tune keeps the newest three (study.runner: num_to_keep=3) and forces
 # a snapshot of the experiment whenever a trial has checkpointed num_to_keep times since the last
 # one, so that no snapshot names a deleted checkpoint; it snapshots every 10 s anyway, and warns
-# when a forced snapshot comes within 5 s of another. With a checkpoint every epoch and
+# when a forced snapshot comes within 5 s of the previous one. With a checkpoint every epoch and
 # num_to_keep=2, a 2-second digits epoch forced a snapshot every few seconds, and Tune printed its
 # three-line "snapshotting has been triggered multiple times" warning every 1-2 s (35 times in
 # make demo's first two minutes). Now three checkpoints within one 10-s snapshot period cannot
-# happen (the second comes 10 s after the first), so nothing forces a snapshot. (With two, a
-# short trial's first and last checkpoint forced one, and CI saw the warning once.) A restarted
-# trial re-runs at most this many seconds of epochs (its rows are rewritten, the same).
+# happen (the second comes 10 s after the first, and a snapshot falls in between), so nothing
+# forces one. (With two, a short trial's first and last checkpoint forced one, and CI saw the
+# warning once.) A restarted trial re-runs at most this many seconds of epochs (its rows are
+# rewritten, the same).
 CHECKPOINT_SECONDS = 10.0
 
 HANG_EXIT = 75  # the exit status of a worker ended by its watchdog (EX_TEMPFAIL)
