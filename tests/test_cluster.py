@@ -240,14 +240,15 @@ def test_a_lost_node_s_trials_finish_on_the_other_node_from_their_checkpoints(cl
     with s3.fs.open_input_stream(f"{BUCKET}/studies/lost/optuna.journal") as f:
         journal.write_bytes(f.read())
     assert_journal_matches_tune(study, journal=journal, tune_dir=f"{BUCKET}/studies/lost/tune", fs=s3.fs)
-    # the lost node's trial: reported on both nodes, up to its last epoch (every epoch's row once is
-    # checked on the tables above: Tune's own log of the reports, result.json, is rewritten on a
-    # restart and CI saw it lose its first line, [1, 2, 3, 4])
+    # the lost node's trial: reported on both nodes, up to its last epoch. Every epoch's row once is
+    # checked on the tables above; Tune's own log of the reports (result.json) may repeat the epochs
+    # re-run since the checkpoint (a trial checkpoints every CHECKPOINT_SECONDS, not every epoch:
+    # CI saw [0, 1, 1, 2, ...]) and once lost its first line across a restart ([1, 2, 3, 4])
     moved = []
     for name in [f for f in s3.files("studies/lost/tune") if f.endswith("/result.json")]:
         reports = _reports(s3, f"studies/lost/tune/{name}")
         epochs = [r["epoch"] for r in reports]
-        assert epochs == sorted(set(epochs)) and epochs[-1] == LOST_EPOCHS - 1, (name, epochs)
+        assert epochs[-1] == LOST_EPOCHS - 1 and set(epochs) >= set(range(1, LOST_EPOCHS)), (name, epochs)
         if len({r["ray_node_id"] for r in reports}) == 2:
             moved.append(name)
     assert len(moved) == 1, moved
