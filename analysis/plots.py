@@ -117,7 +117,8 @@ def _shade_phases(ax: Axes, epochs: np.ndarray, labels: np.ndarray) -> None:
             start = i
 
 
-def _lr_drops(epoch: np.ndarray, lr: np.ndarray) -> list[int]:
+def lr_drops(epoch: np.ndarray, lr: np.ndarray) -> list[int]:
+    """The epochs whose lr is at most half the previous epoch's (`epoch` in order): where the phase figure draws 'lr drop'."""
     ok = np.isfinite(lr) & (lr > 0)
     e, v = epoch[ok], lr[ok]
     return [int(e[i]) for i in range(1, len(v)) if v[i] <= _LR_DROP * v[i - 1]]
@@ -204,7 +205,7 @@ def phase_figure(epochs: Any, phases: PhaseResult, *, path: Path) -> Path:
     bottom.set_title("test and validation accuracy, test robust loss")
 
     # vertical markers on every panel
-    drops = _lr_drops(epoch, f("lr"))
+    drops = lr_drops(epoch, f("lr"))
     for ax in (top, mid, bottom):
         for e in drops:
             ax.axvline(e - 0.5, color="dimgray", ls=(0, (2, 2)), lw=1.0)

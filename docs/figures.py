@@ -46,7 +46,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from analysis.phases import detect
-from analysis.plots import columns, online_alarm_epoch, phase_figure
+from analysis.plots import columns, lr_drops, online_alarm_epoch, phase_figure
 
 DATA = ROOT / "tests" / "data" / "phases"
 EXAMPLES = ROOT / "examples"
@@ -105,14 +105,11 @@ def store_rows(run: Path, name: str, data: Path = DATA) -> Path:
 
 
 def first_lr_drop(rows: pa.Table) -> int | None:
-    """The first epoch whose lr is at most half the previous epoch's (where phase_figure draws 'lr drop')."""
+    """The first epoch where phase_figure draws 'lr drop' (analysis.plots.lr_drops)."""
     cols = columns(rows)
     order = np.argsort(cols["epoch"], kind="stable")
-    epoch, lr = cols["epoch"][order], cols["lr"][order]
-    for i in range(1, len(lr)):
-        if lr[i] <= 0.5 * lr[i - 1]:
-            return int(epoch[i])
-    return None
+    drops = lr_drops(cols["epoch"][order], cols["lr"][order])
+    return drops[0] if drops else None
 
 
 def draw_phases(out: Path, data: Path = DATA) -> dict[str, dict[str, Any]]:

@@ -123,14 +123,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _finish(study_dir, failed)
 
 
+DASHBOARD_PORT = 8265  # Ray's own default
+
+
 def _dashboard(args: argparse.Namespace) -> int | None:
     """The Ray dashboard's port when `--dashboard` asked for one, else None."""
     if args.dashboard_port is not None and not args.dashboard:
         raise EnergyatError("--dashboard-port only applies with --dashboard; add --dashboard")
     return (args.dashboard_port or DASHBOARD_PORT) if args.dashboard else None
-
-
-DASHBOARD_PORT = 8265  # Ray's own default
 
 
 def _dashboard_flags(parser: argparse.ArgumentParser) -> None:

@@ -45,7 +45,7 @@ from study.importances import JOURNAL, check_journal, journal_storage
 from study.live import Board
 from study.loggers import logger_callbacks
 from study.sampler import build_sampler, check_sampler_for
-from study.scheduler import check_scheduler_for
+from study.scheduler import check_scheduler_for, perturbation_interval
 from study.tune_scheduler import build_scheduler
 from study.space import SearchSpace, parse_search
 from study.spec import StudyKeys, check_placement
@@ -642,7 +642,7 @@ def _tuner_parts(raw: dict[str, Any], study: StudyKeys, study_dir: str, study_na
                              stop_patience=study.stop_patience, hang_timeout=study.hang_timeout, val_patience=study.val_patience,
                              scheduled=study.scheduler.name in ("asha", "median"),
                              # PBT clones a top trial's checkpoint at each perturbation: one must exist there
-                             checkpoint_every=getattr(scheduler, "_perturbation_interval", None) if pbt else None),
+                             checkpoint_every=perturbation_interval(study.scheduler, epochs=epochs) if pbt else None),
         {"cpu": cpus, "gpu": gpus},
     )
     upload = JournalUpload(study_name, study_dir) if is_uri(study_dir) else None
@@ -819,10 +819,10 @@ def run_study(raw: dict[str, Any], study: StudyKeys, *, address: str | None, sto
     if name is not None:
         raw = {**raw, "name": name}
     cfg = parse_trial(raw)
-    parse_search(study.search, raw)
-    check_sampler_for(study.sampler, objectives=len(objectives_of(study)))
-    check_scheduler_for(study.scheduler, epochs=cfg.epochs, dims=parse_search(study.search, raw), base_method=cfg.method,
-                        objectives=len(objectives_of(study)), sampler=study.sampler)
+    dims = parse_search(study.search, raw)
+    objectives = len(objectives_of(study))
+    check_sampler_for(study.sampler, objectives=objectives)
+    check_scheduler_for(study.scheduler, epochs=cfg.epochs, dims=dims, base_method=cfg.method, objectives=objectives, sampler=study.sampler)
     check_placement(raw, study)
     check_dashboard(address, dashboard_port)
     study_dir = study_dir_for(storage or study.storage, cfg.name)

@@ -96,6 +96,12 @@ def check_scheduler(value: Any) -> SchedulerKeys:
     return SchedulerKeys(name, options)
 
 
+def perturbation_interval(keys: SchedulerKeys, *, epochs: int) -> int:
+    """PBT's perturbation interval in epochs: `scheduler.perturbation_interval`, else a fifth of
+    the epochs. The trials checkpoint at these epochs (PBT clones those checkpoints)."""
+    return int(keys.options.get("perturbation_interval", max(1, epochs // 5)))
+
+
 def check_scheduler_for(keys: SchedulerKeys, *, epochs: int, dims: Sequence[Dimension] = (), base_method: str = "sat",
                         objectives: int = 1, sampler: Any = None) -> None:
     """Refuse what the scheduler cannot do with this study: a grace period or perturbation

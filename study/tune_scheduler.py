@@ -16,7 +16,7 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, MedianSt
 
 from analysis.errors import EnergyatError
 from analysis.store import request_stop
-from study.scheduler import SchedulerKeys
+from study.scheduler import SchedulerKeys, perturbation_interval
 from study.space import Dimension
 
 
@@ -57,15 +57,14 @@ class FinishOnStop:
     """
 
     reason: str  # the trial's stop_reason
-    study_dir: str
 
-    def _asked(self) -> set[str]:
-        if not hasattr(self, "_asked_ids"):  # not in __init__: Tune's own __init__ runs through super()
-            self._asked_ids: set[str] = set()
-        return self._asked_ids
+    def __init__(self, *, study_dir: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)  # Tune's scheduler, next in the MRO
+        self.study_dir = study_dir
+        self.asked: set[str] = set()  # trials asked to stop: their later results are not shown
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
-        if trial.trial_id in self._asked():
+        if trial.trial_id in self.asked:
             return TrialScheduler.CONTINUE
         decision = super().on_trial_result(tune_controller, trial, result)  # type: ignore[misc]
         if decision != TrialScheduler.STOP or result.get("done"):
@@ -76,24 +75,16 @@ class FinishOnStop:
             print(f"energyat: warning: cannot ask trial {trial.trial_id} to stop ({exc}); Ray Tune ends it without its final "
                   "evaluation", file=sys.stderr, flush=True)
             return decision
-        self._asked().add(trial.trial_id)
+        self.asked.add(trial.trial_id)
         return TrialScheduler.CONTINUE
 
 
 class Asha(FinishOnStop, AsyncHyperBandScheduler):
     reason = "scheduler: asha"
 
-    def __init__(self, *, study_dir: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.study_dir = study_dir
-
 
 class Median(FinishOnStop, MedianStoppingRule):
     reason = "scheduler: median"
-
-    def __init__(self, *, study_dir: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.study_dir = study_dir
 
 
 def build_scheduler(keys: SchedulerKeys, *, study_dir: str, metric: str, epochs: int, dims: Sequence[Dimension] = ()) -> TrialScheduler:
@@ -109,7 +100,7 @@ def build_scheduler(keys: SchedulerKeys, *, study_dir: str, metric: str, epochs:
         return Median(**{"grace_period": 1, **keys.options}, **common)
     if keys.name == "pbt":  # never stops a trial: it pauses and restarts it from another's checkpoint
         common.pop("study_dir")
-        options = {"perturbation_interval": max(1, epochs // 5), **keys.options}
+        options = {**keys.options, "perturbation_interval": perturbation_interval(keys, epochs=epochs)}
         return PopulationBasedTraining(**common, **options, hyperparam_mutations={d.key: domain(d) for d in dims},
                                        custom_explore_fn=KeepInSearch(tuple(dims)))
     raise EnergyatError(f"unknown scheduler {keys.name!r}")  # check_scheduler refused it already
