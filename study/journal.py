@@ -1,5 +1,5 @@
 """Optuna objects as energyat hands them to Ray Tune, which pickles them into its experiment: the
-journal file backend and the NSGA-II sampler. A module of its own because it imports optuna at
+journal file backend, the NSGA-II and grid samplers. A module of its own because it imports optuna at
 import time, which the CLI's light commands never need."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from optuna.samplers import NSGAIISampler
+from optuna.samplers import GridSampler, NSGAIISampler
 from optuna.storages.journal import JournalFileBackend
 
 
@@ -39,3 +39,15 @@ class PicklableNSGAII(NSGAIISampler):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._thread_lock = threading.Lock()
+
+
+class StudyGrid(GridSampler):
+    """Optuna's GridSampler for a study that asks and tells, as Ray Tune's searcher does.
+
+    GridSampler ends a study by calling ``study.stop()`` once its last point is told, which
+    Optuna allows only inside ``study.optimize``: under Ray Tune it raises in the middle of the
+    trial's completion. An energyat study ends its own way, after `samples` trials or when every
+    suggestion repeats a configuration already run (study.runner.StudySearch)."""
+
+    def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
+        return None

@@ -665,7 +665,7 @@ def _tuner_parts(raw: dict[str, Any], study: StudyKeys, study_dir: str, study_na
             mode=["max"] * len(objectives) if len(objectives) > 1 else "max",
             storage=journal_storage(journal),
             study_name=study_name,
-            sampler=build_sampler(study.sampler, objectives=len(objectives), seed=int(raw.get("seed", 0))),
+            sampler=build_sampler(study.sampler, objectives=len(objectives), seed=int(raw.get("seed", 0)), dims=dims),
             points_to_evaluate=study.points_to_evaluate or None,
         )
         search_alg = StudyLimiter(searcher, max_concurrent=study.max_concurrent)
@@ -821,7 +821,7 @@ def run_study(raw: dict[str, Any], study: StudyKeys, *, address: str | None, sto
     cfg = parse_trial(raw)
     dims = parse_search(study.search, raw)
     objectives = len(objectives_of(study))
-    check_sampler_for(study.sampler, objectives=objectives)
+    check_sampler_for(study.sampler, objectives=objectives, dims=dims, points=study.points_to_evaluate or ())
     check_scheduler_for(study.scheduler, epochs=cfg.epochs, dims=dims, base_method=cfg.method, objectives=objectives, sampler=study.sampler)
     check_placement(raw, study)
     check_dashboard(address, dashboard_port)

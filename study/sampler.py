@@ -6,12 +6,22 @@
       - {method: trades, beta: 6.0}
 
 `name` is one of :data:`SAMPLERS` (Optuna's TPESampler, RandomSampler, CmaEsSampler,
-NSGAIISampler, GPSampler, QMCSampler). Without a name a study gets what ``optuna.create_study``
+NSGAIISampler, GPSampler, QMCSampler, GridSampler). Without a name a study gets what ``optuna.create_study``
 gives: TPE for one objective, NSGA-II for several. `seed` defaults to the spec's `seed`; the
 other keys are passed to the sampler's constructor: those of :data:`OPTIONS`, the constructor
 arguments that take a plain value (a number, a string or a bool). Callables and objects
 (`gamma`, `constraints_func`, `mutation`, ...) are not settable from a spec file. Everything is
 checked before Ray starts.
+
+`grid` enumerates every combination of the searched choices, for studies that compare fixed
+arms over seeds rather than search (examples/paper_fashion_cpu.yaml):
+
+    sampler: {name: grid}
+    search: {method: [sat, trades, weat], weat.variant: [adv, nat], seed: {choices: [0, 1, 2]}}
+
+Every searched key must then be a list of choices. A combination whose method ignores a key
+(`sat` with `weat.variant: nat`) repeats a configuration already run and is skipped as any
+duplicate is (study.runner.StudySearch), so `samples` counts the distinct configurations.
 """
 
 from __future__ import annotations
@@ -25,7 +35,8 @@ from analysis.errors import SpecError, unknown_choice
 from study.space import Dimension
 
 # spec name -> Optuna's class name
-SAMPLERS = {"tpe": "TPESampler", "random": "RandomSampler", "cmaes": "CmaEsSampler", "nsga2": "NSGAIISampler", "gp": "GPSampler", "qmc": "QMCSampler"}
+SAMPLERS = {"tpe": "TPESampler", "random": "RandomSampler", "cmaes": "CmaEsSampler", "nsga2": "NSGAIISampler", "gp": "GPSampler", "qmc": "QMCSampler",
+            "grid": "GridSampler"}
 SINGLE_OBJECTIVE_ONLY = frozenset({"cmaes"})  # CmaEsSampler refuses multi-objective studies
 # The constructor arguments of each sampler that take plain values (Optuna 5's signatures default
 # most of them to None, so the signature alone cannot tell them from callables)
@@ -38,6 +49,7 @@ OPTIONS: dict[str, frozenset[str]] = {
     "nsga2": frozenset({"population_size", "mutation_prob", "crossover_prob", "swapping_prob"}),
     "gp": frozenset({"n_startup_trials", "deterministic_objective", "warn_independent_sampling"}),
     "qmc": frozenset({"qmc_type", "scramble", "warn_asynchronous_seeding", "warn_independent_sampling"}),
+    "grid": frozenset(),  # its one argument, the grid, is the `search:` block
 }
 _PLAIN = (bool, int, float, str)
 
@@ -60,6 +72,10 @@ def _sampler_class(name: str) -> Any:
         from study.journal import PicklableNSGAII
 
         return PicklableNSGAII
+    if name == "grid":
+        from study.journal import StudyGrid
+
+        return StudyGrid
     return getattr(optuna.samplers, SAMPLERS[name])
 
 
@@ -86,17 +102,35 @@ def check_sampler(value: Any) -> SamplerKeys:
     return SamplerKeys(name, seed, options)
 
 
-def check_sampler_for(keys: SamplerKeys, *, objectives: int) -> None:
-    """Refuse a sampler that cannot optimise this many objectives."""
+def check_sampler_for(keys: SamplerKeys, *, objectives: int, dims: Sequence[Dimension], points: Sequence[Any] = ()) -> None:
+    """Refuse a sampler that cannot optimise this many objectives, and a grid over ranges."""
     if objectives > 1 and keys.resolved(objectives) in SINGLE_OBJECTIVE_ONLY:
         raise SpecError("sampler.name", f"{keys.name} optimises one objective; this study has {objectives}: use nsga2, tpe, gp, qmc or random")
+    if keys.name != "grid":
+        return
+    if not dims:
+        raise SpecError("sampler.name", "grid enumerates the `search:` block's choices, and this study searches nothing")
+    for dim in dims:
+        if dim.kind != "categorical":
+            raise SpecError(f"search.{dim.key}", f"a grid needs a list of choices for every searched key, not a {dim.describe()}; "
+                                                 f"write the values to try, such as {{choices: [{dim.low:g}, {dim.high:g}]}}")
+    if points:
+        raise SpecError("points_to_evaluate", "a grid enumerates its points itself; drop points_to_evaluate or use another sampler")
 
 
-def build_sampler(keys: SamplerKeys, *, objectives: int, seed: int) -> Any:
+def grid_of(dims: Sequence[Dimension]) -> dict[str, list[Any]]:
+    """The grid of a `search:` block of choices: every combination is one point."""
+    return {d.key: list(d.choices) for d in dims}
+
+
+def build_sampler(keys: SamplerKeys, *, objectives: int, seed: int, dims: Sequence[Dimension] = ()) -> Any:
     """Optuna's sampler for the study, seeded (`sampler.seed`, else the spec's `seed`)."""
-    check_sampler_for(keys, objectives=objectives)
+    check_sampler_for(keys, objectives=objectives, dims=dims)
     cls = _sampler_class(keys.resolved(objectives))
-    return cls(seed=keys.seed if keys.seed is not None else seed, **keys.options)
+    seed = keys.seed if keys.seed is not None else seed
+    if keys.name == "grid":
+        return cls(grid_of(dims), seed=seed)
+    return cls(seed=seed, **keys.options)
 
 
 def check_points(points: Any, dims: Sequence[Dimension], base: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -126,3 +160,4 @@ def check_points(points: Any, dims: Sequence[Dimension], base: Mapping[str, Any]
             raise SpecError(where, f"is not a valid trial: {exc}") from exc
         out.append(dict(point))
     return out
+

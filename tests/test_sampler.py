@@ -63,8 +63,8 @@ def test_a_bad_sampler_block_names_its_key(block: object, key: str) -> None:
 
 def test_cmaes_is_refused_for_several_objectives() -> None:
     with pytest.raises(SpecError, match="sampler.name"):
-        check_sampler_for(check_sampler({"name": "cmaes"}), objectives=2)
-    check_sampler_for(check_sampler({"name": "cmaes"}), objectives=1)
+        check_sampler_for(check_sampler({"name": "cmaes"}), objectives=2, dims=[])
+    check_sampler_for(check_sampler({"name": "cmaes"}), objectives=1, dims=[])
 
 
 @pytest.mark.parametrize(("point", "says"), [
@@ -79,10 +79,10 @@ def test_a_bad_point_names_its_key(point: dict, says: str) -> None:
         check_points([point], parse_search(SEARCH, BASE), BASE)
 
 
-def _searcher(tmp_path: Path, dims: dict, **kwargs: object) -> StudySearch:
+def _searcher(tmp_path: Path, dims: dict, sampler: object = None, **kwargs: object) -> StudySearch:
     journal = tmp_path / "j.journal"
     return StudySearch(upload=None, study_dir=str(tmp_path), space=SearchSpace(tuple(parse_search(dims, BASE)), "sat"), metric="acc", mode="max",
-                       storage=journal_storage(journal), study_name="s", sampler=optuna.samplers.RandomSampler(seed=0), **kwargs)
+                       storage=journal_storage(journal), study_name="s", sampler=sampler or optuna.samplers.RandomSampler(seed=0), **kwargs)
 
 
 def test_the_first_trials_are_the_points_to_evaluate(tmp_path: Path) -> None:
@@ -113,3 +113,37 @@ def test_a_configuration_already_run_is_not_suggested_again(tmp_path: Path, capf
             assert dup.state == optuna.trial.TrialState.COMPLETE and dup.values == [0.5]
         else:
             assert dup.state == optuna.trial.TrialState.FAIL
+
+
+GRID = {"method": ["sat", "trades", "weat"], "weat.variant": ["adv", "nat"], "seed": {"choices": [0, 1, 2]}}
+
+
+def test_a_grid_runs_every_distinct_configuration_once_then_ends(tmp_path: Path, capfd) -> None:
+    import pickle
+
+    dims = parse_search(GRID, BASE)
+    sampler = build_sampler(check_sampler({"name": "grid"}), objectives=1, seed=0, dims=dims)
+    assert isinstance(sampler, optuna.samplers.GridSampler)
+    searcher = _searcher(tmp_path, GRID, sampler=pickle.loads(pickle.dumps(sampler)))  # Ray Tune pickles it
+    suggested = []
+    for i in range(12):  # 18 grid points; sat and trades ignore weat.variant: 12 configurations
+        params = searcher.suggest(f"t{i}")
+        assert isinstance(params, dict), f"suggestion {i} was {params!r}"
+        suggested.append(params)
+        # every point told, the last one included: Optuna's own GridSampler would call
+        # study.stop() there, which raises outside study.optimize
+        searcher.on_trial_complete(f"t{i}", {"acc": 0.1 * i, "training_iteration": 1})
+    arms = {(p["method"], p.get("weat.variant"), p["seed"]) for p in suggested}
+    expected = {(m, v, s) for m in ("sat", "trades") for v in (None,) for s in (0, 1, 2)} | {("weat", v, s) for v in ("adv", "nat") for s in (0, 1, 2)}
+    assert arms == expected and len(suggested) == 12
+    assert searcher.suggest("t12") == "FINISHED" and "looks exhausted" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize(("search", "points", "says"), [
+    ({"method": ["sat", "trades"], "beta": [1.0, 12.0]}, [], "search.beta.*list of choices"),
+    ({}, [], "searches nothing"),
+    ({"method": ["sat", "trades"]}, [{"method": "sat"}], "points_to_evaluate"),
+])
+def test_a_grid_needs_choices_and_no_points(search: dict, points: list, says: str) -> None:
+    with pytest.raises(SpecError, match=says):
+        check_sampler_for(check_sampler({"name": "grid"}), objectives=1, dims=parse_search(search, BASE), points=points)
