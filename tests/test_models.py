@@ -27,6 +27,14 @@ def test_small_cnn_handles_each_dataset_geometry(channels: int, size: int) -> No
         assert model(torch.rand(3, channels, size, size)).shape == (3, 7)
 
 
+def test_tiny_cnn_is_small_cnn_at_half_the_channels() -> None:
+    tiny = build_model("tiny_cnn", in_channels=1, num_classes=10, image_size=14)
+    small = build_model("small_cnn", in_channels=1, num_classes=10, image_size=14)
+    assert [m.out_channels for m in tiny.modules() if isinstance(m, nn.Conv2d)] == [16, 32, 64]
+    assert [m.out_channels for m in small.modules() if isinstance(m, nn.Conv2d)] == [32, 64, 128]
+    assert tiny.head.in_features == 64
+
+
 def test_parameter_counts_match_the_literature() -> None:
     # ResNet-18 (CIFAR layout) has about 11.2M parameters, WRN-34-10 about 46.2M
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731

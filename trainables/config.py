@@ -23,7 +23,7 @@ from analysis.store import SAFE_NAME
 
 Norm = Literal["linf", "l2"]
 MethodName = Literal["standard", "sat", "trades", "weat", "der", "fgsm_rs", "mart"]
-ModelName = Literal["small_cnn", "cnn_fc", "preact_resnet18", "resnet18", "wrn34_10"]
+ModelName = Literal["small_cnn", "tiny_cnn", "cnn_fc", "preact_resnet18", "resnet18", "wrn34_10"]
 MODEL_NAMES: tuple[str, ...] = get_args(ModelName)
 DatasetName = Literal["digits", "fashion_mnist", "cifar10", "cifar100", "svhn", "npz"]
 ScheduleName = Literal["piecewise", "onecycle", "cosine"]
