@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   := studies/quickstart
 
-.PHONY: demo test setup clean
+.PHONY: demo test reproduce setup clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,13 @@ demo: $(STAMP)
 	$(BIN)/energyat sample $(DEMO) --trial best --init noise --eta 0.05 --momentum 0
 	$(BIN)/energyat landscape $(DEMO)
 	$(BIN)/energyat report $(DEMO)
+
+# The paper's comparison at CPU scale (docs/reproduction.md): examples/paper_fashion_cpu.yaml,
+# 5 arms x 3 seeds on Fashion-MNIST, then samples, the report and report/reproduction.md.
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist or ~/data (REPRODUCE_SET="--set
+# dataset.download=true" fetches it); a previous run is moved aside.
+reproduce: $(STAMP)
+	$(BIN)/python examples/reproduce.py --storage studies $(REPRODUCE_SET)
 
 clean:
 	rm -rf runs .pytest_cache

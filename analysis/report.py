@@ -30,8 +30,8 @@ import numpy as np
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from analysis import plots
-from analysis.errors import StoreError, one_line
+from analysis import plots, seeds
+from analysis.errors import EnergyatError, StoreError, one_line
 from analysis.phases import DETECTOR_COLUMNS, PhaseResult, detect
 from analysis.query import open_tables
 from analysis.store import filesystem, is_uri, join
@@ -193,6 +193,30 @@ def _trials_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+_SEED_METRICS = ("best_val_robust_acc", *seeds.FINAL_METRICS)
+
+
+def _seeds(page: _Page, trials: Sequence[dict[str, Any]]) -> None:
+    """Arms run under several seeds: mean and 95% t interval over seeds (analysis.seeds)."""
+    finished = [r for r in trials if r.get("status") == "TERMINATED"]
+    try:
+        rows = seeds.summarize(finished, metrics=_SEED_METRICS)
+    except EnergyatError as exc:  # two trials of one arm with one seed: no summary, and why
+        page.add(f'<p class="note">arms over seeds: skipped, {html.escape(str(exc))}</p>')
+        return
+    if not any(len(r["seeds"]) > 1 for r in rows):
+        return
+    lines = ["<h2>Arms over seeds</h2>",
+             "<p>Each arm (a configuration but for its seed): mean over its finished seeds and, in brackets, the 95% "
+             "Student t interval. The validation column selected; the final_* columns are the test set's.</p>", "<table>",
+             "<tr><th>arm</th><th>seeds</th>" + "".join(f"<th>{html.escape(m)}</th>" for m in _SEED_METRICS) + "</tr>"]
+    for r in rows:
+        cells = "".join(f"<td>{html.escape(str(r[m]))}</td>" for m in _SEED_METRICS)
+        lines.append(f"<tr><td>{html.escape(r['arm'])}</td><td>{html.escape(', '.join(map(str, r['seeds'])))}</td>{cells}</tr>")
+    lines.append("</table>")
+    page.add("\n".join(lines))
+
+
 _EVAL_COLUMNS = ("trial_id", "source", "model", "attack", "steps", "norm", "eps", "n", "accuracy", "evaluated_by", "evaluated_at")
 
 
@@ -332,6 +356,7 @@ def _render(
             page.add('<p class="note">no trials yet: nothing to show.</p>')
         else:
             page.add(_trials_table(trials))
+            _seeds(page, trials)
         _evals(page, con)
 
         page.add("<h2>Study</h2>")

@@ -1,0 +1,81 @@
+"""analysis.seeds: arms over seeds, their intervals, paired differences and the seeds a
+difference needs, checked against textbook values and a direct simulation."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from analysis.errors import EnergyatError
+from analysis.seeds import arm_of, arms, interval, paired, seeds_needed, summarize
+
+
+def _row(method: str, seed: int, pgd: float, **config: object) -> dict:
+    return {"trial_id": f"{method}-{seed}-{config.get('weat_variant', '')}", "status": "TERMINATED", "method": method, "seed": seed,
+            "weat_variant": "adv", "beta": 6.0, "final_pgd_acc": pgd, "final_clean_acc": 0.8, "seconds": 10.0 + seed, **config}
+
+
+ROWS = [
+    _row("sat", 0, 0.50), _row("sat", 1, 0.52), _row("sat", 2, 0.51),
+    _row("trades", 0, 0.55), _row("trades", 1, 0.56), _row("trades", 2, 0.58),
+    _row("weat", 0, 0.57), _row("weat", 1, 0.55), _row("weat", 2, 0.58),
+    _row("weat", 0, 0.53, weat_variant="nat"), _row("weat", 1, 0.54, weat_variant="nat"), _row("weat", 2, 0.52, weat_variant="nat"),
+]
+
+
+def test_the_interval_is_students_t() -> None:
+    # mean 2, sd 1, n 3: half width t(0.975, 2) / sqrt(3) = 4.302653 / 1.732051 = 2.484138
+    got = interval([1.0, 2.0, 3.0])
+    assert (got.mean, got.n, got.sd) == (2.0, 3, 1.0)
+    assert got.low == pytest.approx(2 - 2.484138, abs=1e-6) and got.high == pytest.approx(2 + 2.484138, abs=1e-6)
+    one = interval([0.4, math.nan])  # a run without the number is left out; one seed has no interval
+    assert one.n == 1 and one.mean == 0.4 and math.isnan(one.low) and "1 seed" in str(one)
+
+
+def test_seeds_needed_matches_the_noncentral_t_power() -> None:
+    # textbook paired t-test sample sizes (power 0.8, two-sided 5%): effect size 1 -> 10, 0.5 -> 34
+    assert seeds_needed(1.0, 1.0) == 10
+    assert seeds_needed(-0.5, 1.0) == 34  # the sign of the difference does not matter
+    assert seeds_needed(0.0, 1.0) is None
+    # and the power it promises is what a simulation of that many seeds sees
+    rng = random.Random(0)
+    n = seeds_needed(0.02, 0.03)
+    assert n is not None and n > 3
+    hits = 0
+    for _ in range(2000):
+        diffs = [rng.gauss(0.02, 0.03) for _ in range(n)]
+        iv = interval(diffs)
+        hits += iv.low > 0 or iv.high < 0
+    assert 0.77 < hits / 2000 < 0.9
+    fewer = seeds_needed(0.02, 0.03, power=0.5)
+    assert fewer is not None and fewer < n
+
+
+def test_arms_are_named_by_what_varies_within_a_method() -> None:
+    assert arm_of(ROWS[0], ROWS) == "sat"  # sat's weat_variant never varies: not part of its name
+    assert arm_of(ROWS[6], ROWS) == "weat (weat_variant=adv)" and arm_of(ROWS[9], ROWS) == "weat (weat_variant=nat)"
+    grouped = arms(ROWS)
+    assert list(grouped) == ["sat", "trades", "weat (weat_variant=adv)", "weat (weat_variant=nat)"]
+    assert all([m["seed"] for m in members] == [0, 1, 2] for members in grouped.values())
+    # outcome columns (seconds differ by seed here) never split an arm
+    with pytest.raises(EnergyatError, match="same seed"):
+        arms([*ROWS, _row("sat", 0, 0.49)])
+
+
+def test_summary_and_paired_differences() -> None:
+    by_arm = {s["arm"]: s for s in summarize(ROWS, metrics=("final_pgd_acc",))}
+    assert by_arm["trades"]["final_pgd_acc"].mean == pytest.approx((0.55 + 0.56 + 0.58) / 3)
+    assert by_arm["sat"]["seeds"] == [0, 1, 2]
+    got = paired(ROWS, a="trades", b="sat", metric="final_pgd_acc")
+    assert got["by_seed"] == pytest.approx({0: 0.05, 1: 0.04, 2: 0.07})
+    assert got["wins"] == 3 and got["difference"].mean == pytest.approx(0.16 / 3)
+    assert got["difference"].low > 0  # consistent across seeds: the interval excludes 0
+    swapped = paired(ROWS, a="sat", b="trades", metric="final_pgd_acc")
+    assert swapped["difference"].mean == pytest.approx(-got["difference"].mean) and swapped["wins"] == 0
+    noisy = paired(ROWS, a="weat (weat_variant=adv)", b="trades", metric="final_pgd_acc")
+    assert noisy["by_seed"] == pytest.approx({0: 0.02, 1: -0.01, 2: 0.0}) and noisy["wins"] == 1
+    assert noisy["difference"].low < 0 < noisy["difference"].high and noisy["seeds_needed"] > 3
+    with pytest.raises(EnergyatError, match="no arm 'mart'"):
+        paired(ROWS, a="mart", b="sat", metric="final_pgd_acc")
