@@ -78,7 +78,7 @@ def test_every_literal_choice_parses() -> None:
     # each Literal value a spec may name is accepted (a flag that parses must reach code: see test_methods)
     for key, values in {
         "method": ["standard", "sat", "trades", "weat", "der", "fgsm_rs", "mart"],
-        "model": ["small_cnn", "cnn_fc", "preact_resnet18", "resnet18", "wrn34_10"],
+        "model": ["small_cnn", "tiny_cnn", "cnn_fc", "preact_resnet18", "resnet18", "wrn34_10"],
         "device": ["auto", "cpu", "cuda"],
     }.items():
         for v in values:
@@ -93,11 +93,13 @@ def test_every_example_spec_is_valid(path: Path) -> None:
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_example_study_search_and_objective_are_valid(path: Path) -> None:
     from study.runner import objectives_of
+    from study.sampler import check_sampler_for
     from study.space import parse_search
 
     raw, _cfg, study = load_spec(path)
-    parse_search(study.search, raw)
+    dims = parse_search(study.search, raw)
     assert objectives_of(study)
+    check_sampler_for(study.sampler, objectives=len(objectives_of(study)), dims=dims, points=study.points_to_evaluate or ())
 
 
 @pytest.mark.parametrize(
