@@ -85,16 +85,6 @@ def run_study(storage: Path, spec: Path, overrides: Sequence[str]) -> Path:
     return study
 
 
-def trial_rows(study: Path) -> list[dict[str, Any]]:
-    con = open_tables(study)
-    try:
-        cur = con.execute("select * from trials where status = 'TERMINATED' order by trial_id")
-        names = [d[0] for d in cur.description]
-        return [dict(zip(names, row)) for row in cur.fetchall()]
-    finally:
-        con.close()
-
-
 def query(study: Path, sql: str) -> list[dict[str, Any]]:
     con = open_tables(study)
     try:
@@ -103,6 +93,10 @@ def query(study: Path, sql: str) -> list[dict[str, Any]]:
         return [dict(zip(names, row)) for row in cur.fetchall()]
     finally:
         con.close()
+
+
+def trial_rows(study: Path) -> list[dict[str, Any]]:
+    return query(study, "select * from trials where status = 'TERMINATED' order by trial_id")
 
 
 def judge_scores(study: Path) -> dict[str, float]:
