@@ -212,7 +212,9 @@ def _seeds(page: _Page, trials: Sequence[dict[str, Any]]) -> None:
              "<tr><th>arm</th><th>seeds</th>" + "".join(f"<th>{html.escape(m)}</th>" for m in _SEED_METRICS) + "</tr>"]
     for r in rows:
         cells = "".join(f"<td>{html.escape(str(r[m]))}</td>" for m in _SEED_METRICS)
-        lines.append(f"<tr><td>{html.escape(r['arm'])}</td><td>{html.escape(', '.join(map(str, r['seeds'])))}</td>{cells}</tr>")
+        # the page reads every number column as float64 (plots.columns): seed 1.0 is shown as 1
+        shown = ", ".join(str(_int_or_none(s)) if not _missing(s) and float(s).is_integer() else str(s) for s in r["seeds"])
+        lines.append(f"<tr><td>{html.escape(r['arm'])}</td><td>{html.escape(shown)}</td>{cells}</tr>")
     lines.append("</table>")
     page.add("\n".join(lines))
 
