@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from a checkout: analysis/ is beside examples/
 
 from analysis.query import open_tables  # noqa: E402
-from analysis.seeds import FINAL_METRICS, Interval, arms, paired, summarize  # noqa: E402
+from analysis.seeds import FINAL_METRICS, Interval, arms, paired, seeds_needed, summarize  # noqa: E402
 
 SPEC = REPO / "examples" / "paper_fashion_cpu.yaml"
 ENERGYAT = [sys.executable, "-m", "study.cli"]
@@ -42,6 +42,7 @@ PAPER = {"sat": (49.03, 45.37), "trades": (52.65, 49.46), "weat (weat_variant=ad
          "weat (weat_variant=nat)": (52.43, 49.02)}
 NAMES = {"standard": "standard", "sat": "SAT", "trades": "TRADES", "weat (weat_variant=adv)": "WEAT_adv",
          "weat (weat_variant=nat)": "WEAT_nat"}
+PAPER_COLUMN = {"final_pgd_acc": 0, "final_autoattack_acc": 1}
 PAIRS = (("weat (weat_variant=adv)", "trades"), ("trades", "sat"), ("weat (weat_variant=nat)", "trades"))
 
 # The one query behind each finding (docs/reproduction.md shows them with the study's path)
@@ -129,42 +130,70 @@ def _num(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-def markdown(study: Path, *, seconds: float | None) -> str:
-    rows = trial_rows(study)
-    order = {arm: i for i, arm in enumerate(NAMES)}  # standard, SAT, TRADES, WEAT_adv, WEAT_nat; others after
-    by_arm = dict(sorted(arms(rows).items(), key=lambda kv: order.get(kv[0], len(order))))
+def comparison(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The accuracy and paired sections, from finished trials' rows alone (docs/reproduction.md
+    quotes them; tests/test_reproduce.py recomputes them from the measured run's rows)."""
+    by_arm = arms_in_order(rows)
     summary = {s["arm"]: s for s in summarize(rows, metrics=FINAL_METRICS)}
-    summary = {arm: summary[arm] for arm in by_arm}
-    name = lambda arm: NAMES.get(arm, arm)  # noqa: E731
-    out = [f"# Reproduction: {study.name}", ""]
-    seeds = sorted({r["seed"] for r in rows})
-    out += [f"{len(rows)} finished trials, seeds {seeds}; accuracy in % on the first {rows[0]['final_eval_n']} test images "
-            f"(AutoAttack on {rows[0]['final_eval_autoattack_n']}), of the checkpoint the validation split chose; "
-            "mean [95% t interval] over seeds." + (f" Wall time of the whole reproduction: {seconds / 60:.1f} min." if seconds else ""), ""]
-
-    out += ["## Accuracy per arm", ""]
+    out = ["## Accuracy per arm", ""]
     body = []
-    for arm, s in summary.items():
-        paper = PAPER.get(arm)
-        body.append([name(arm), len(s["seeds"]), pct(s["final_clean_acc"]), pct(s["final_pgd_acc"]), pct(s["final_autoattack_acc"]),
+    for arm in by_arm:
+        s, paper = summary[arm], PAPER.get(arm)
+        body.append([name_of(arm), len(s["seeds"]), pct(s["final_clean_acc"]), pct(s["final_pgd_acc"]), pct(s["final_autoattack_acc"]),
                      f"{paper[0]:.2f} / {paper[1]:.2f}" if paper else "-"])
     out += table(["arm", "seeds", "clean", "PGD-20", "AutoAttack", "paper, CIFAR-10 (PGD-20 / AA)"], body) + [""]
 
     out += ["## Paired by seed", "",
-            "Differences in points, arm A minus arm B on the same seed; `seeds needed`: seeds a two-sided paired "
-            "t-test at 5% needs to detect the measured mean difference with power 0.8, given the measured spread.", ""]
+            "Differences in points, arm A minus arm B on the same seed. `seeds needed`: seeds a two-sided paired t-test "
+            "at 5% needs to detect the measured mean difference with power 0.8, given the measured spread (sd); "
+            "`paper's effect`: the same difference in the paper's CIFAR-10 numbers, and the seeds that effect would need "
+            "at the spread measured here.", ""]
     body = []
     for a, b in PAIRS:
         if a not in by_arm or b not in by_arm:
             continue
         for metric in FINAL_METRICS:
             p = paired(rows, a=a, b=b, metric=metric)
-            if p["difference"].n == 0:
+            d = p["difference"]
+            if d.n == 0:
                 continue
-            per_seed = ", ".join(f"s{seed} {100 * d:+.1f}" for seed, d in p["by_seed"].items())
-            body.append([f"{name(a)} - {name(b)}", metric.removeprefix("final_").removesuffix("_acc"), per_seed, pct(p["difference"]),
-                         f"{p['wins']}/{p['difference'].n}", p["seeds_needed"] if p["seeds_needed"] is not None else "never"])
-    out += table(["comparison", "metric", "per seed", "mean [95%]", "A ahead", "seeds needed"], body) + [""]
+            per_seed = ", ".join(f"s{seed} {100 * x:+.1f}" for seed, x in p["by_seed"].items())
+            column = PAPER_COLUMN.get(metric)
+            if column is None or a not in PAPER or b not in PAPER:
+                effect, needed = "-", "-"
+            else:
+                gap = PAPER[a][column] - PAPER[b][column]
+                effect, needed = f"{gap:+.2f}", _needed(seeds_needed(gap / 100, d.sd))
+            body.append([f"{name_of(a)} - {name_of(b)}", metric.removeprefix("final_").removesuffix("_acc"), per_seed, pct(d),
+                         f"{100 * d.sd:.2f}" if d.n > 1 else "-", f"{p['wins']}/{d.n}", _needed(p["seeds_needed"]), effect, needed])
+    out += table(["comparison", "metric", "per seed", "mean [95%]", "sd", "A ahead", "seeds needed", "paper's effect",
+                  "seeds for it"], body) + [""]
+    return out
+
+
+def _needed(n: int | None) -> str:
+    return "never" if n is None else str(n)
+
+
+def arms_in_order(rows: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
+    """analysis.seeds.arms, in the paper's order: standard, SAT, TRADES, WEAT_adv, WEAT_nat, others after."""
+    order = {arm: i for i, arm in enumerate(NAMES)}
+    return dict(sorted(arms(rows).items(), key=lambda kv: order.get(kv[0], len(order))))
+
+
+def name_of(arm: str) -> str:
+    return NAMES.get(arm, arm)
+
+
+def markdown(study: Path, *, seconds: float | None) -> str:
+    rows = trial_rows(study)
+    by_arm = arms_in_order(rows)
+    out = [f"# Reproduction: {study.name}", ""]
+    seeds = sorted({r["seed"] for r in rows})
+    out += [f"{len(rows)} finished trials, seeds {seeds}; accuracy in % on the first {rows[0]['final_eval_n']} test images "
+            f"(AutoAttack on {rows[0]['final_eval_autoattack_n']}), of the checkpoint the validation split chose; "
+            "mean [95% t interval] over seeds." + (f" Wall time of the whole reproduction: {seconds / 60:.1f} min." if seconds else ""), ""]
+    out += comparison(rows)
 
     out += ["## The energy view", "",
             "Per trial: the training probe's dE = E(x) - E(x*) at the first and last probe, the online detector's alarm "
@@ -176,7 +205,7 @@ def markdown(study: Path, *, seconds: float | None) -> str:
     for arm, members in by_arm.items():
         for m in members:
             fl = first_last.get(m["trial_id"], {})
-            body.append([name(arm), m["seed"], m["trial_id"], _num(fl.get("dE_first")), _num(fl.get("dE_last")),
+            body.append([name_of(arm), m["seed"], m["trial_id"], _num(fl.get("dE_first")), _num(fl.get("dE_last")),
                          _num(m.get("best_epoch")), _num(m.get("alarm_epoch")), _num(m.get("phase3_start"))])
     out += table(["arm", "seed", "trial", "dE first probe", "dE last probe", "best epoch", "alarm", "onset"], body) + [""]
 
@@ -199,7 +228,7 @@ def markdown(study: Path, *, seconds: float | None) -> str:
     body = []
     for arm, members in by_arm.items():
         accs = [judged[m["trial_id"]] for m in members if m["trial_id"] in judged]
-        body.append([name(arm), ", ".join(f"{a:.3f}" for a in accs) or "-", f"{sum(accs) / len(accs):.3f}" if accs else "-"])
+        body.append([name_of(arm), ", ".join(f"{a:.3f}" for a in accs) or "-", f"{sum(accs) / len(accs):.3f}" if accs else "-"])
     out += table(["arm", "judge accuracy per seed", "mean"], body) + [""]
     return "\n".join(out)
 

@@ -6,6 +6,7 @@ so the recipe's Fashion-MNIST loading runs as it does on the real files, on any 
 
 from __future__ import annotations
 
+import csv
 import gzip
 import importlib.util
 import math
@@ -96,3 +97,20 @@ def test_analysing_a_study_takes_no_overrides(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exc:
         _script().main(["--study", str(tmp_path), "--set", "epochs=1"])
     assert exc.value.code == 2
+
+
+_TYPES = {"seed": int, "best_epoch": int, "best_val_robust_acc": float, "final_clean_acc": float, "final_pgd_acc": float,
+          "final_autoattack_acc": float}
+
+
+def test_docs_reproduction_quotes_the_measured_runs_tables() -> None:
+    """docs/reproduction.md's accuracy and paired tables are what examples/reproduce.py computes
+    from the measured run's `trials` rows (kept in tests/data/reproduction/trials.csv)."""
+    with open(REPO / "tests" / "data" / "reproduction" / "trials.csv", newline="") as f:
+        rows = [{k: _TYPES.get(k, str)(v) for k, v in r.items()} for r in csv.DictReader(f)]
+    assert len(rows) == 15 and {r["seed"] for r in rows} == {0, 1, 2}
+    table = [line for line in _script().comparison(rows) if line.startswith("| ")]
+    assert len(table) == 1 + 5 + 1 + 9  # a header and 5 arms, a header and 9 comparisons
+    doc = (REPO / "docs" / "reproduction.md").read_text()
+    missing = [line for line in table if line not in doc.splitlines()]
+    assert not missing, missing
