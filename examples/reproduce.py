@@ -32,8 +32,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from a checkout: analysis/ is beside examples/
 
+from analysis.errors import EnergyatError  # noqa: E402
 from analysis.query import open_tables  # noqa: E402
 from analysis.seeds import FINAL_METRICS, Interval, arms, paired, seeds_needed, summarize  # noqa: E402
+from study.spec import load_spec  # noqa: E402
 
 SPEC = REPO / "examples" / "paper_fashion_cpu.yaml"
 ENERGYAT = [sys.executable, "-m", "study.cli"]
@@ -68,13 +70,10 @@ def energyat(*args: str) -> None:
 
 
 def run_study(storage: Path, spec: Path, overrides: Sequence[str]) -> Path:
-    import yaml
-
-    name = yaml.safe_load(spec.read_text())["name"]
-    for item in overrides:
-        if item.startswith("name="):
-            name = item.split("=", 1)[1]
-    study = storage / name
+    # the spec and overrides checked as `energyat run` checks them, before anything is moved:
+    # the study's folder is named by the validated name (a safe name, never `..`)
+    _raw, cfg, _keys = load_spec(spec, overrides)
+    study = storage / cfg.name
     if study.exists():  # a new run starts afresh, as `make demo` does
         aside = study.with_name(f"{study.name}.{time.strftime('%Y%m%d-%H%M%S')}")
         study.rename(aside)
@@ -240,17 +239,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a spec key, repeatable")
     parser.add_argument("--study", type=Path, default=None, help="a study already run: only sample, report and summarise it")
     args = parser.parse_args(argv)
+    if args.study is not None and args.overrides:
+        parser.error("--set changes the study to run; with --study nothing is run")
+    try:
+        return _reproduce(args)
+    except EnergyatError as exc:  # bad input: one line, exit 2, as energyat's own commands
+        print(f"reproduce: {exc}", file=sys.stderr)
+        return 2
+    except subprocess.CalledProcessError as exc:  # the energyat command has said why
+        return exc.returncode
+
+
+def _reproduce(args: argparse.Namespace) -> int:
     start = time.monotonic()
-    if args.study is not None:
-        if args.overrides:
-            parser.error("--set changes the study to run; with --study nothing is run")
-        study = args.study
-    else:
-        study = run_study(args.storage.resolve(), args.spec.resolve(), args.overrides)
+    study = args.study if args.study is not None else run_study(args.storage.resolve(), args.spec.resolve(), args.overrides)
     trials = [r["trial_id"] for r in trial_rows(study)]
     if not trials:
-        print(f"reproduce: {study} has no finished trial", file=sys.stderr)
-        return 1
+        print(f"reproduce: {study} has no finished trial: run it to the end first (`energyat resume {study}`)", file=sys.stderr)
+        return 2
     sample_args = ["sample", str(study), "--init", "pca"]
     for trial in trials:
         sample_args += ["--trial", trial]

@@ -160,4 +160,3 @@ def check_points(points: Any, dims: Sequence[Dimension], base: Mapping[str, Any]
             raise SpecError(where, f"is not a valid trial: {exc}") from exc
         out.append(dict(point))
     return out
-

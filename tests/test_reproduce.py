@@ -114,3 +114,19 @@ def test_docs_reproduction_quotes_the_measured_runs_tables() -> None:
     doc = (REPO / "docs" / "reproduction.md").read_text()
     missing = [line for line in table if line not in doc.splitlines()]
     assert not missing, missing
+
+
+def test_bad_input_is_one_line_and_exit_2_and_moves_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    reproduce = _script()
+    previous = tmp_path / "studies" / "paper_fashion_cpu"
+    previous.mkdir(parents=True)
+    (previous / "kept").write_text("a finished study")
+    for bad in (["--set", "name=.."], ["--set", "epochs=-1"], ["--set", "no_such_key=1"]):
+        capsys.readouterr()
+        assert reproduce.main(["--storage", str(tmp_path / "studies"), *bad]) == 2, bad
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("reproduce: ") and "\n" not in err, err
+    assert (previous / "kept").read_text() == "a finished study" and sorted(p.name for p in tmp_path.iterdir()) == ["studies"]
+    assert [p.name for p in (tmp_path / "studies").iterdir()] == ["paper_fashion_cpu"]
+    assert reproduce.main(["--study", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
