@@ -52,7 +52,7 @@ class Interval:
         return f"{self.mean:.4f} [{self.low:.4f}, {self.high:.4f}]"
 
 
-def interval(values: Sequence[float]) -> Interval:
+def interval(values: Sequence[float | None]) -> Interval:
     """Mean and 95% t interval of `values` (NaNs, runs without the number, are left out)."""
     xs = [float(v) for v in values if v is not None and not math.isnan(float(v))]
     if not xs:
@@ -117,7 +117,7 @@ def arms(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]
         if len(set(seeds)) != len(seeds):
             raise EnergyatError(f"arm {label} has two trials with the same seed {seeds}: its configurations differ in a "
                                 "column energyat does not know as configuration; compare them by hand")
-        members.sort(key=lambda m: m.get(SEED) if m.get(SEED) is not None else -1)
+        members.sort(key=lambda m: -1.0 if m.get(SEED) is None else float(m[SEED]))
     return out
 
 
