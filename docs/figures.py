@@ -1,4 +1,4 @@
-"""Redraw the figures of docs/phases.md and the README's sampling section from the code that draws them.
+"""Redraw the figures of docs/phases.md and docs/sampling.md from the code that draws them.
 
     .venv/bin/python docs/figures.py [--only phases|samples] [--out docs] [--rerun] [--work DIR]
 
@@ -22,7 +22,7 @@ samples: docs/samples-digits-sat-vs-standard.png. Trains the SAT and the standar
     (``analysis.plots.sample_grid``), SAT above standard: about 40 s of one core.
 
 Everything runs on the CPU and downloads nothing. Each figure's numbers (lr drop, offline onset,
-online alarm; judge accuracies) are printed: docs/phases.md and the README quote them, and
+online alarm; judge accuracies) are printed: docs/phases.md and docs/sampling.md quote them, and
 tests/test_figures.py checks that docs/phases.md states what the phase figures show.
 Without --work the training runs go to a temporary folder that is removed at the end.
 """
@@ -65,7 +65,7 @@ KEEP = (
     "val_clean_acc", "val_robust_acc", "val_robust_loss", "test_clean_acc", "test_robust_acc", "test_robust_loss",
     "phase", "alarm", "probed",
 )
-# tests/test_generation.py's sampling setup (README, "Sampling")
+# tests/test_generation.py's sampling setup (docs/sampling.md, "Sample quality")
 SAMPLE_ARGS = ["--init", "noise", "--eta", "0.05", "--momentum", "0", "--n", "20", "--seed", "0"]
 SAMPLES_PNG = "samples-digits-sat-vs-standard.png"
 

@@ -1,5 +1,7 @@
-"""The README documents every table column and every spec key that the code declares; the
-reliability doc quotes the suite's own figures and names, per guarantee, tests that exist."""
+"""The reference pages document every table column (docs/tables.md) and every spec key
+(docs/studies.md) that the code declares; the README opens with the two commands; every link in
+the README and docs resolves, anchors included; the reliability doc quotes the suite's own figures
+and names, per guarantee, tests that exist."""
 
 from __future__ import annotations
 
@@ -12,17 +14,31 @@ from conftest import ROOT
 from trainables.config import TrialConfig, flatten
 
 README = (ROOT / "README.md").read_text()
+TABLES_PAGE = (ROOT / "docs" / "tables.md").read_text()
+STUDIES_PAGE = (ROOT / "docs" / "studies.md").read_text()
 
 
-def test_readme_lists_every_column_of_every_table() -> None:
+def test_tables_page_lists_every_column_of_every_table_in_that_tables_section() -> None:
+    sections = dict(re.findall(r"^## `(\w+)`\n(.*?)(?=^## |\Z)", TABLES_PAGE, re.M | re.S))
     for table, schema in TABLES.items():
+        assert table in sections, f"docs/tables.md has no section ## `{table}`"
+        rows = set(re.findall(r"^\| `(\w+)` \|", sections[table], re.M))
         for name in schema.names:
-            assert f"`{name}`" in README, f"{table}.{name} missing from README"
+            assert name in rows, f"{table}.{name} missing from docs/tables.md"
 
 
-def test_readme_mentions_every_spec_key() -> None:
+def test_studies_page_mentions_every_spec_key() -> None:
     for key in flatten(dataclasses.asdict(TrialConfig())):
-        assert f"`{key}`" in README or f"`{key.rsplit('.', 1)[-1]}`" in README, key
+        assert f"`{key}`" in STUDIES_PAGE or f"`{key.rsplit('.', 1)[-1]}`" in STUDIES_PAGE, key
+
+
+def test_studies_page_lists_every_study_key_in_its_table() -> None:
+    from study.spec import StudyKeys
+
+    table = STUDIES_PAGE.split("## Study keys", 1)[1]
+    rows = set(re.findall(r"^\| `(\w+)` \|", table, re.M))
+    for field in dataclasses.fields(StudyKeys):
+        assert field.name in rows, f"study key {field.name} missing from docs/studies.md, Study keys"
 
 
 def test_readme_opens_with_the_two_commands() -> None:
@@ -74,16 +90,41 @@ def _help_texts() -> str:
     return "\n".join(texts)
 
 
+def _anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation other than - and _
+    dropped, spaces as hyphens, a repeated heading suffixed -1, -2, ...; code blocks hold none."""
+    anchors: set[str] = set()
+    repeats: dict[str, int] = {}
+    fenced = False
+    for line in markdown.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+            continue
+        heading = re.match(r"#{1,6} (.+)$", line)
+        if fenced or not heading:
+            continue
+        slug = re.sub(r"[^\w\- ]", "", heading.group(1).strip().lower()).replace(" ", "-")
+        n = repeats.get(slug, 0)
+        anchors.add(f"{slug}-{n}" if n else slug)
+        repeats[slug] = n + 1
+    return anchors
+
+
 def test_no_link_in_readme_docs_or_help_leaves_the_repository_or_points_at_a_missing_file() -> None:
     sources = {ROOT / "README.md": README, **{p: p.read_text() for p in sorted((ROOT / "docs").glob("*.md"))}, ROOT / "--help": _help_texts()}
+    assert {"studies.md", "tables.md", "stopping.md", "sampling.md", "results.md"} <= {p.name for p in sources}
     checked = 0
     for source, text in sources.items():
         base = source.parent
         for target in _LINK.findall(text):
-            if target.startswith(("http://", "https://", "mailto:", "#")):
+            if target.startswith(("http://", "https://", "mailto:")):
                 continue
-            path = (base / target.split("#", 1)[0]).resolve()
+            file, _, anchor = target.partition("#")
+            path = (base / file).resolve() if file else source
             assert path.is_relative_to(ROOT) and path.exists(), f"{source.name}: link to {target}"
+            if anchor and path.suffix == ".md":
+                page = text if path == source else path.read_text()
+                assert anchor in _anchors(page), f"{source.name}: link to {target}: {path.name} has no heading with that anchor"
             checked += 1
         for target in _PATH.findall(text):
             assert (ROOT / target).exists(), f"{source.name}: {target} does not exist"
