@@ -34,7 +34,7 @@ def main() -> None:
     print("| method | train s/epoch | images/s | probe+eval s/epoch | probe share |")
     print("|---|---|---|---|---|")
     for method in METHODS:
-        _, cfg, _ = load_spec("examples/quickstart.yaml", [*overrides, f"method={method}"])
+        cfg = load_spec("examples/quickstart.yaml", [*overrides, f"method={method}"]).trial
         with tempfile.TemporaryDirectory() as out:
             run_trial(cfg, out=out, trial_id=method)
             rows = open_tables(out).execute("select epoch_seconds, probe_seconds, images_per_second from epochs where epoch > 0").fetchall()

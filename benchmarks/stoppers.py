@@ -139,10 +139,10 @@ def main() -> None:
     results: list[dict[str, Any]] = []
     full: dict[str, dict[str, Any]] = {}
     for rule in rules:
-        raw, _cfg, keys = load_spec(args.spec, [*common, *RULES[rule], *args.overrides])
-        searched = sorted(keys.search)
+        study = load_spec(args.spec, [*common, *RULES[rule], *args.overrides])
+        searched = sorted(d.key for d in study.search)
         t0 = time.perf_counter()
-        study_dir, failed = run_study(raw, keys, address=None, storage=str(out), name=f"{rule}-{stamp}")
+        study_dir, failed = run_study(study, address=None, storage=str(out), name=f"{rule}-{stamp}")
         wall = time.perf_counter() - t0
         if failed:
             raise SystemExit(f"rule {rule}: trials failed: {failed}")

@@ -68,9 +68,9 @@ def tune_alone(trials: int, reports: int, checkpoint_bytes: int, storage: Path) 
 
 def study_wall(spec_path: str, overrides: list[str], storage: Path, name: str) -> tuple[float, int, float, int]:
     """(wall, trials, sum of trial seconds, trial-epochs) of one study run."""
-    raw, _, keys = load_spec(spec_path, overrides)
+    study = load_spec(spec_path, overrides)
     t0 = time.perf_counter()
-    study_dir, _failed = run_study(raw, keys, address=None, storage=str(storage), name=name)
+    study_dir, _failed = run_study(study, address=None, storage=str(storage), name=name)
     wall = time.perf_counter() - t0
     con = open_tables(study_dir)
     n, seconds, epochs = con.execute("select count(*), sum(seconds), sum(epochs_run) from trials").fetchone()

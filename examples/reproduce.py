@@ -72,7 +72,7 @@ def energyat(*args: str) -> None:
 def run_study(storage: Path, spec: Path, overrides: Sequence[str]) -> Path:
     # the spec and overrides checked as `energyat run` checks them, before anything is moved:
     # the study's folder is named by the validated name (a safe name, never `..`)
-    _raw, cfg, _keys = load_spec(spec, overrides)
+    cfg = load_spec(spec, overrides).trial
     study = storage / cfg.name
     if study.exists():  # a new run starts afresh, as `make demo` does
         aside = study.with_name(f"{study.name}.{time.strftime('%Y%m%d-%H%M%S')}")

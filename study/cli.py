@@ -3,6 +3,9 @@
 Every command: ``--help``; exit 0 on success; on bad input (an :class:`EnergyatError`) one
 line on stderr and exit 2, before anything is written. Other exceptions are bugs and keep
 their traceback.
+
+Each command imports what it needs inside its function: torch, Ray and Optuna take seconds to
+import, and `query`, `status` or `--help` need none of them.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"--out {args.out}: `energyat train` keeps checkpoints and spec.yaml beside its tables, "
             "give a local directory (a study takes a URI: `energyat run SPEC --storage URI`)"
         )
-    _raw, cfg, _study = load_spec(args.spec, args.set)
+    cfg = load_spec(args.spec, args.set).trial
     out = Path(args.out)
     from study.live import TrainProgress
 
@@ -116,10 +119,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from study.spec import load_spec
 
-    raw, _cfg, study = load_spec(args.spec, args.set)
+    study = load_spec(args.spec, args.set)
     from study.runner import run_study  # imports ray: only once the spec is valid
 
-    study_dir, failed = run_study(raw, study, address=args.address, storage=args.storage, name=args.name, dashboard_port=_dashboard(args))
+    study_dir, failed = run_study(study, address=args.address, storage=args.storage, name=args.name, dashboard_port=_dashboard(args))
     return _finish(study_dir, failed)
 
 
@@ -140,9 +143,10 @@ def _dashboard_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from study.runner import load_study, resume_study
+    from study.spec import load_study
 
     load_study(args.directory)  # a clear error before Ray starts
+    from study.runner import resume_study  # imports ray
     study_dir, failed = resume_study(args.directory, address=args.address, retry_errored=args.retry_errored, dashboard_port=_dashboard(args))
     return _finish(study_dir, failed)
 
@@ -189,7 +193,7 @@ def _status_text(study_dir: str) -> str:
     if rows:
         keep = ["trial_id", "method", "status", "stop_reason", "epochs_run", "best_val_robust_acc", "phase2_start", "phase3_start", "alarm_epoch"]
         lines.append(_table_text(pa.Table.from_pylist([{k: r.get(k) for k in keep} for r in rows])))
-    from study.importances import journal_copy, optuna_trial_states
+    from study.journal import journal_copy, optuna_trial_states
 
     with journal_copy(study_dir) as journal:  # a study on object storage: its uploaded copy
         if journal is not None:
@@ -367,9 +371,9 @@ def cmd_landscape(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from study.runner import load_study
+    from study.spec import load_study
 
-    study_dir, *_ = load_study(args.directory)
+    study_dir = load_study(args.directory).directory
     print(_status_text(study_dir))
     return 0
 

@@ -1,14 +1,63 @@
-"""Optuna objects as energyat hands them to Ray Tune, which pickles them into its experiment: the
-journal file backend, the NSGA-II and grid samplers. A module of its own because it imports optuna at
-import time, which the CLI's light commands never need."""
+"""A study's Optuna journal: where it lives, how it is opened, checked, copied and read.
+
+Every Optuna study of energyat is a JournalStorage on one file, ``STUDY_DIR/optuna.journal``,
+which plain Optuna and optuna-dashboard read as well.
+
+Optuna's journal needs a file system with locks and appends; an object store has neither. On a
+URI the journal therefore lives on the driver's disk (:func:`journal_dir`), the only process that
+writes it (the searcher runs in the Tune driver), and a copy is uploaded to
+``STUDY_DIR/optuna.journal`` when the study is created, whenever a trial starts or ends
+(:class:`study.callbacks.JournalUpload`), before each save of the searcher's state
+(:class:`study.search.StudySearch`), and at the end. `energyat resume` takes the uploaded copy
+when it continues the driver's (a journal only grows by appends; :func:`reconcile_journals`),
+for instance on another machine.
+
+The user attributes energyat sets on Optuna trials are named here too: they are part of what the
+journal records, and the searcher, the recovery of lost trials and `energyat status` read them.
+"""
 
 from __future__ import annotations
 
-import threading
-from typing import Any
+import json
+import math
+import os
+import tempfile
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping
 
-from optuna.samplers import GridSampler, NSGAIISampler
+import optuna
+import pyarrow.fs as pafs
+from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
+
+from analysis.errors import StoreError, one_line
+from analysis.store import check_name, durable_replace, filesystem, is_uri, join, open_storage
+
+JOURNAL = "optuna.journal"
+
+# Optuna user attributes: the Tune trial id of an Optuna trial (after a killed driver,
+# study.recovery tells from it which Optuna trials Tune never recorded), and the marks of a
+# lost trial, of a retried trial's second life and of a suggestion that repeated a configuration.
+TUNE_ID_ATTR = "tune_trial_id"
+LOST_ATTR = "energyat_lost"
+RETRY_ATTR = "energyat_retry_of"
+DUPLICATE_ATTR = "energyat_duplicate_of"
+# The energy outcomes each Optuna trial carries as user attributes (`energyat_<column>`, the
+# `trials` table's values), so that optuna-dashboard and plain Optuna show why a trial ended and
+# where its phases fell beside its objective.
+OUTCOME_ATTRS = ("stop_reason", "epochs_run", "best_epoch", "alarm_epoch", "phase2_start", "phase3_start", "final_pgd_acc")
+
+
+def outcome_attrs(result: Mapping[str, Any]) -> dict[str, Any]:
+    """The energy outcomes of a trial's final result as Optuna user attributes (OUTCOME_ATTRS)."""
+    attrs = {}
+    for key in OUTCOME_ATTRS:
+        value = result.get(key)
+        if value is not None and not (isinstance(value, float) and not math.isfinite(value)):
+            attrs[f"energyat_{key}"] = value
+    return attrs
 
 
 class JournalFile(JournalFileBackend):
@@ -26,28 +75,122 @@ class JournalFile(JournalFileBackend):
         self._log_number_offset = {0: 0}
 
 
-class PicklableNSGAII(NSGAIISampler):
-    """Optuna's NSGAIISampler, which pickles: Optuna 5.1's holds a threading.Lock, so Ray Tune
-    could not save a study that uses it (`TypeError: cannot pickle '_thread.lock'`). The lock
-    is left out of the pickle and made anew when unpickled."""
+def check_journal(path: Path, *, where: str) -> None:
+    """Raise :class:`StoreError` when the journal at `path` (named `where` in the message) is
+    truncated or holds a line that is not JSON; a missing file is fine (a new study).
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state.pop("_thread_lock", None)
-        return state
+    Optuna skips an incomplete last line silently, and its next append would then bury that
+    line in the middle of the file, where every later read fails: a cut journal is refused
+    before anything reads or appends to it.
+    """
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        start = data.rfind(b"\n") + 1
+        raise StoreError(
+            f"{where} is truncated: its last line (from byte {start}) has no end, as after an interrupted "
+            "write or copy; restore the file, or delete that line to keep the search state before it"
+        )
+    for number, line in enumerate(data.splitlines(), start=1):
+        try:
+            json.loads(line)
+        except ValueError as exc:
+            raise StoreError(f"{where} is corrupted: line {number} is not JSON ({one_line(exc)}); restore the file from a copy") from exc
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._thread_lock = threading.Lock()
+
+def journal_storage(path: Path) -> JournalStorage:
+    """Optuna's JournalStorage on the journal file at `path` (the one way energyat opens one),
+    after :func:`check_journal`."""
+    check_journal(path, where=str(path))
+    return JournalStorage(JournalFile(str(path)))
 
 
-class StudyGrid(GridSampler):
-    """Optuna's GridSampler for a study that asks and tells, as Ray Tune's searcher does.
+def journal_dir() -> Path:
+    """Where a driver keeps the journals of its studies on object storage: ``ENERGYAT_JOURNAL_DIR``,
+    else ``~/.energyat/journals``."""
+    return Path(os.environ.get("ENERGYAT_JOURNAL_DIR") or "~/.energyat/journals").expanduser().resolve()
 
-    GridSampler ends a study by calling ``study.stop()`` once its last point is told, which
-    Optuna allows only inside ``study.optimize``: under Ray Tune it raises in the middle of the
-    trial's completion. An energyat study ends its own way, after `samples` trials or when every
-    suggestion repeats a configuration already run (study.runner.StudySearch)."""
 
-    def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
-        return None
+def journal_file(study_dir: str, study_name: str) -> Path:
+    """The journal the driver writes: ``STUDY_DIR/optuna.journal`` on a local study; on a URI
+    ``<journal_dir()>/<study name>.journal`` on this machine. The path derives from local settings
+    and a name checked to be one path component: nothing read from a bucket chooses where the
+    driver writes."""
+    if not is_uri(study_dir):
+        return Path(study_dir) / JOURNAL
+    name = check_name(study_name, "the Optuna study name in " + join(study_dir, "spec.yaml"))
+    return journal_dir() / f"{name}.journal"
+
+
+def upload_journal(local: Path, study_dir: str) -> None:
+    """Copy the driver's journal to ``STUDY_DIR/optuna.journal`` (one PUT: readers see a whole file)."""
+    fs, root = filesystem(study_dir)
+    try:
+        pafs.copy_files(str(local), f"{root}/{JOURNAL}", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    except OSError as exc:
+        raise StoreError(f"cannot upload the Optuna journal {local} to {study_dir}: {one_line(exc)}") from exc
+
+
+def reconcile_journals(study_dir: str, local: Path) -> str:
+    """Before a resume of a study on object storage: make the driver's journal the newest of the
+    two copies. A journal only grows by appends, so one copy must be a prefix of the other: the
+    longer one is kept, and the bucket's replaces this machine's only then. Copies that disagree
+    (a journal of another study, or one edited in the bucket) are refused in one line, and
+    neither is changed. Returns which copy won: "local", "uploaded" or "same"."""
+    fs, root = open_storage(study_dir)
+    info = fs.get_file_info(f"{root}/{JOURNAL}")
+    if info.type != pafs.FileType.File:
+        return "local"
+    with fs.open_input_stream(f"{root}/{JOURNAL}") as f:
+        uploaded = f.read()
+    have = local.read_bytes() if local.exists() else b""
+    if uploaded == have:
+        return "same"
+    if have.startswith(uploaded):
+        return "local"  # the uploads lag the driver: its own copy is newer
+    if not uploaded.startswith(have):
+        raise StoreError(
+            f"the Optuna journal {join(study_dir, JOURNAL)} and this machine's copy {local} disagree (neither continues the "
+            "other): they are not the same study's; move the local copy aside to resume from the bucket's, or restore the bucket's"
+        )
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.with_name(f".{local.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_bytes(uploaded)
+    durable_replace(tmp, local)
+    return "uploaded"
+
+
+@contextmanager
+def journal_copy(directory: str | os.PathLike[str]) -> Iterator[Path | None]:
+    """The study's ``optuna.journal`` as a local file, or None when it has none.
+
+    A local study's file is used in place; a study on object storage has its uploaded copy
+    downloaded into a temporary folder, removed on exit (Optuna reads journals from files).
+    """
+    if not is_uri(directory):
+        path = Path(directory).expanduser() / JOURNAL
+        yield path if path.exists() else None
+        return
+    fs, root = open_storage(directory)
+    if fs.get_file_info(f"{root}/{JOURNAL}").type != pafs.FileType.File:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="energyat-journal-") as tmp:
+        local = Path(tmp) / JOURNAL
+        pafs.copy_files(f"{root}/{JOURNAL}", str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        check_journal(local, where=join(directory, JOURNAL))  # named as the user knows it
+        yield local
+
+
+def optuna_trial_states(path: Path) -> dict[str, int]:
+    """How many trials of the journal's study are in each Optuna state (COMPLETE, RUNNING, ...);
+    suggestions that repeated a configuration already run, and were not trained (user attribute
+    DUPLICATE_ATTR, see study.search.StudySearch.suggest), count as `duplicate`."""
+    storage = journal_storage(path)
+    counts: dict[str, int] = {}
+    for name in optuna.study.get_all_study_names(storage):
+        for trial in optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False):
+            state = "duplicate" if DUPLICATE_ATTR in trial.user_attrs else trial.state.name
+            counts[state] = counts.get(state, 0) + 1
+    return counts

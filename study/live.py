@@ -6,7 +6,7 @@ state, method, epoch of epochs, best validation robust accuracy, phase, alarm, s
 (a log file, CI, a pipe), both print one line per event that matters instead: a trial starts,
 enters a new phase, raises the energy alarm, finishes (with its stop reason) or fails, and for
 `energyat train` every tenth of the epochs. ``ENERGYAT_PROGRESS=live`` or ``plain`` overrides
-the choice. Nothing here imports Ray: the Ray Tune callback that feeds a Board is in study.runner.
+the choice. Nothing here imports Ray: the Ray Tune callback that feeds a Board is in study.callbacks.
 """
 
 from __future__ import annotations

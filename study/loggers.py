@@ -29,6 +29,7 @@ from typing import Any, Mapping
 
 from analysis.errors import SpecError, unknown_choice
 from analysis.store import is_uri
+from study.journal import journal_dir
 
 # logger -> the options a spec may give it (plain strings, passed on)
 OPTIONS: dict[str, frozenset[str]] = {
@@ -73,13 +74,14 @@ def check_loggers(value: Any) -> dict[str, dict[str, str]]:
 def _home(study_dir: str) -> Path:
     """Where a tracker's local files go: the study itself, or the driver's ~/.energyat for a
     study on object storage (the trackers write local files)."""
-    from study.runner import journal_dir
-
     return journal_dir().parent if is_uri(study_dir) else Path(study_dir)
 
 
 def logger_callbacks(loggers: Mapping[str, Mapping[str, str]], *, study_dir: str, name: str) -> list[Any]:
-    """Ray Tune's callbacks for `loggers` (see the module docstring for the defaults)."""
+    """Ray Tune's callbacks for `loggers` (see the module docstring for the defaults).
+
+    Each integration is imported only when named: this module is also the spec's checker (no Ray
+    there), and Ray's MLflow and W&B integrations import mlflow and wandb themselves (5 s)."""
     callbacks: list[Any] = []
     if "tensorboard" in loggers:
         from ray.tune.logger import TBXLoggerCallback

@@ -21,18 +21,23 @@ arms over seeds rather than search (examples/paper_fashion_cpu.yaml):
 
 Every searched key must then be a list of choices. A combination whose method ignores a key
 (`sat` with `weat.variant: nat`) repeats a configuration already run and is skipped as any
-duplicate is (study.runner.StudySearch), so `samples` counts the distinct configurations.
+duplicate is (study.search.StudySearch), so `samples` counts the distinct configurations.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+import optuna
+from optuna.samplers import GridSampler, NSGAIISampler
+
 from analysis.errors import SpecError, unknown_choice
 from study.space import Dimension
+from trainables.config import parse_trial, trial_spec
 
 # spec name -> Optuna's class name
 SAMPLERS = {"tpe": "TPESampler", "random": "RandomSampler", "cmaes": "CmaEsSampler", "nsga2": "NSGAIISampler", "gp": "GPSampler", "qmc": "QMCSampler",
@@ -65,18 +70,40 @@ class SamplerKeys:
         return self.name or ("tpe" if objectives == 1 else "nsga2")
 
 
+class PicklableNSGAII(NSGAIISampler):
+    """Optuna's NSGAIISampler, which pickles: Optuna 5.1's holds a threading.Lock, so Ray Tune
+    could not save a study that uses it (`TypeError: cannot pickle '_thread.lock'`). The lock
+    is left out of the pickle and made anew when unpickled."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_thread_lock", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._thread_lock = threading.Lock()
+
+
+class StudyGrid(GridSampler):
+    """Optuna's GridSampler for a study that asks and tells, as Ray Tune's searcher does.
+
+    GridSampler ends a study by calling ``study.stop()`` once its last point is told, which
+    Optuna allows only inside ``study.optimize``: under Ray Tune it raises in the middle of the
+    trial's completion. An energyat study ends its own way, after `samples` trials or when every
+    suggestion repeats a configuration already run (study.search.StudySearch)."""
+
+    def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
+        return None
+
+
+# Optuna's own classes, but for the two that Ray Tune's ask-and-tell and its pickled experiment
+# state need changed (above)
+_CLASSES: dict[str, type] = {"nsga2": PicklableNSGAII, "grid": StudyGrid}
+
+
 def _sampler_class(name: str) -> Any:
-    import optuna
-
-    if name == "nsga2":  # Optuna's own, made picklable for Ray Tune's experiment state
-        from study.journal import PicklableNSGAII
-
-        return PicklableNSGAII
-    if name == "grid":
-        from study.journal import StudyGrid
-
-        return StudyGrid
-    return getattr(optuna.samplers, SAMPLERS[name])
+    return _CLASSES.get(name) or getattr(optuna.samplers, SAMPLERS[name])
 
 
 def check_sampler(value: Any) -> SamplerKeys:
@@ -137,8 +164,6 @@ def check_points(points: Any, dims: Sequence[Dimension], base: Mapping[str, Any]
     """`points_to_evaluate`, validated against the search: each point names searched keys only,
     with values inside their ranges or choices, only keys its method uses, and makes a valid
     trial. Keys a point leaves out are drawn by the sampler."""
-    from trainables.config import parse_trial, trial_spec
-
     if not isinstance(points, list) or not all(isinstance(p, Mapping) for p in points):
         raise SpecError("points_to_evaluate", f"expected a list of mappings such as [{{method: weat, beta: 6.0}}], got {points!r}")
     by_key = {d.key: d for d in dims}

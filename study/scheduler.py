@@ -1,126 +1,106 @@
-"""The study's Ray Tune scheduler: `scheduler:`.
+"""Ray Tune's schedulers for a study (`scheduler:`, checked without Ray by :mod:`study.scheduler_keys`).
 
-    scheduler: {name: asha, grace_period: 5, reduction_factor: 3}   # Ray Tune's ASHA
-    scheduler: {name: median, grace_period: 5}                      # Ray Tune's median stopping rule
-    scheduler: none                                                 # every trial runs its epochs (default)
-
-`name` is one of :data:`SCHEDULERS`, each Ray Tune's own class; the other keys are passed to its
-constructor, those of :data:`OPTIONS` only. Time is counted in epochs (Tune's
-`training_iteration`: one report per epoch) and the metric is the study's (first) objective, the
-running best validation robust accuracy by default, which every epoch reports as a finite number.
-
-Tune stops a trial by ending its worker: the trial would never evaluate its best checkpoint on
-the test set nor write its final `trials` row, and Optuna would get its last epoch's value
-without knowing why it ended. So each scheduler here is Tune's class with one change: a STOP
-decision becomes a stop request (:func:`analysis.store.request_stop`) and the trial goes on to
-read it after that epoch, then finishes as any stopped trial does: final evaluation, `trials`
-row with `stop_reason` "scheduler: asha" (or "scheduler: median"), and its value to Optuna.
-The energy stopper (`early_stop`) works beside any of them; whichever rule fires first names
-the stop.
-
-    scheduler: {name: pbt, perturbation_interval: 5, quantile_fraction: 0.25, resample_probability: 0.25}
-
-PBT (Ray Tune's PopulationBasedTraining) is a search of its own: Tune refuses a search algorithm
-beside it, so a PBT study draws its `samples` starting configurations from `search:` at random
-(Tune's BasicVariantGenerator, seeded by `seed`, `points_to_evaluate` first) and every
-`perturbation_interval` epochs lets the bottom quantile of trials continue from a top trial's
-checkpoint with perturbed hyperparameters (x0.8 or x1.2, or redrawn, kept inside `search:`). The
-AT method cannot change under a running model, so `search.method` is refused with PBT, as are a
-`sampler` (there is none) and several objectives. Each trial still ends with its final
-evaluation and `trials` row, and is recorded in the study's Optuna journal with its final
-configuration and value (:class:`study.runner.OptunaRecord`), so `status`, the report and
-optuna-dashboard read a PBT study like any other. A trial that exploited another continues that
-trial's epochs: its `epochs` rows jump to (or re-run from) the donor's epoch, as Tune's own
-`training_iteration` does, and Tune's `pbt_policy_<trial>.txt` files in `tune/` record each step.
-
-This module reads and checks the keys (no Ray: `energyat train` reads spec files too); Ray Tune's
-classes are built in :mod:`study.tune_scheduler`.
+Each is Tune's own class. ASHA and the median rule get one change (:class:`FinishOnStop`): a STOP
+becomes a stop request the trial finishes on, with its final evaluation and `trials` row. PBT is
+Tune's PopulationBasedTraining with its perturbations kept inside `search:` (:class:`KeepInSearch`).
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+import sys
+from dataclasses import dataclass
+from typing import Any, Sequence
 
-from analysis.errors import SpecError, unknown_choice
-from study.sampler import SamplerKeys
+from ray import tune
+from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, MedianStoppingRule, PopulationBasedTraining, TrialScheduler
+
+from analysis.errors import EnergyatError
+from analysis.store import request_stop
+from study.scheduler_keys import SchedulerKeys, perturbation_interval
 from study.space import Dimension
 
-SCHEDULERS = ("none", "asha", "median", "pbt")
-# The constructor arguments a spec may set, each with its type and lower bound. time_attr, metric,
-# mode and max_t come from the study (epochs, objective); median's hard_stop stays True (False
-# pauses trials, which then hold their checkpoint without an end).
-OPTIONS: dict[str, dict[str, tuple[type, float]]] = {
-    "none": {},
-    "asha": {"grace_period": (int, 1), "reduction_factor": (float, 1.0001), "brackets": (int, 1)},
-    "median": {"grace_period": (int, 0), "min_samples_required": (int, 1), "min_time_slice": (int, 0)},
-    "pbt": {"perturbation_interval": (int, 1), "burn_in_period": (int, 0), "quantile_fraction": (float, 0.0),
-            "resample_probability": (float, 0.0)},
-}
-_FRACTIONS = {"quantile_fraction": 0.5, "resample_probability": 1.0}  # upper bounds of PBT's fractions
+
+def domain(dim: Dimension) -> Any:
+    """A search dimension as a Ray Tune domain (PBT's starting draws and its resamples)."""
+    if dim.kind == "categorical":
+        return tune.choice(list(dim.choices))
+    if dim.kind == "int":
+        return (tune.lograndint if dim.log else tune.randint)(int(dim.low), int(dim.high) + 1)
+    return (tune.loguniform if dim.log else tune.uniform)(dim.low, dim.high)
 
 
 @dataclass(frozen=True)
-class SchedulerKeys:
-    name: str = "none"
-    options: dict[str, Any] = field(default_factory=dict)
+class KeepInSearch:
+    """PBT's custom_explore_fn: a perturbed value (x1.2 of the top of a range) is brought back
+    inside its `search:` range, where every value was checked to make a valid trial. A plain
+    object, not a closure: Tune pickles the scheduler into its experiment state."""
+
+    dims: tuple[Dimension, ...]
+
+    def __call__(self, config: dict[str, Any]) -> dict[str, Any]:
+        for dim in self.dims:
+            value = config.get(dim.key)
+            if dim.kind != "categorical" and isinstance(value, (int, float)):
+                clipped = min(max(value, dim.low), dim.high)
+                config[dim.key] = int(round(clipped)) if dim.kind == "int" else float(clipped)
+        return config
 
 
-def check_scheduler(value: Any) -> SchedulerKeys:
-    """The `scheduler:` block (or a bare name), validated before Ray starts."""
-    if isinstance(value, str):
-        value = {"name": value}
-    if not isinstance(value, Mapping):
-        raise SpecError("scheduler", f"expected a mapping such as {{name: asha, grace_period: 5}} or a name, got {value!r}")
-    name = value.get("name", "none")
-    if name is None:
-        name = "none"
-    if name not in SCHEDULERS:
-        raise unknown_choice("scheduler.name", name, SCHEDULERS)
-    takes = OPTIONS[name]
-    options = {}
-    for key, option in value.items():
-        if key == "name":
-            continue
-        if key not in takes:
-            raise SpecError(f"scheduler.{key}", f"not an option of scheduler {name} that a spec can set; choose from {', '.join(sorted(takes)) or 'none'}")
-        kind, lowest = takes[key]
-        number = isinstance(option, (int, float)) and not isinstance(option, bool) and (kind is float or isinstance(option, int))
-        if not number or not math.isfinite(option) or option < lowest:
-            noun = "an int" if kind is int else "a number"
-            raise SpecError(f"scheduler.{key}", f"expected {noun} >= {lowest:g}, got {option!r}")
-        if key in _FRACTIONS and option > _FRACTIONS[key]:
-            raise SpecError(f"scheduler.{key}", f"expected at most {_FRACTIONS[key]:g} (Ray Tune's bound), got {option!r}")
-        options[key] = option
-    return SchedulerKeys(name, options)
+class FinishOnStop:
+    """Mixed into a Tune scheduler: its STOP becomes a stop request the trial finishes on.
+
+    The trial reads the request after the epoch whose result the decision was about (Tune's
+    function trainables report synchronously: the trial waits in ``tune.report`` until the driver
+    has decided), so it stops at the same epoch Tune would have stopped it. The trial's later
+    results (its final one) are not shown to the scheduler: it has already decided about it,
+    and Tune's median rule asserts it never sees a stopped trial again.
+    """
+
+    reason: str  # the trial's stop_reason
+
+    def __init__(self, *, study_dir: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)  # Tune's scheduler, next in the MRO
+        self.study_dir = study_dir
+        self.asked: set[str] = set()  # trials asked to stop: their later results are not shown
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        if trial.trial_id in self.asked:
+            return TrialScheduler.CONTINUE
+        decision = super().on_trial_result(tune_controller, trial, result)  # type: ignore[misc]
+        if decision != TrialScheduler.STOP or result.get("done"):
+            return decision
+        try:
+            request_stop(self.study_dir, trial.trial_id, self.reason)
+        except OSError as exc:  # the storage failed: Tune's own stop still ends the trial
+            print(f"energyat: warning: cannot ask trial {trial.trial_id} to stop ({exc}); Ray Tune ends it without its final "
+                  "evaluation", file=sys.stderr, flush=True)
+            return decision
+        self.asked.add(trial.trial_id)
+        return TrialScheduler.CONTINUE
 
 
-def perturbation_interval(keys: SchedulerKeys, *, epochs: int) -> int:
-    """PBT's perturbation interval in epochs: `scheduler.perturbation_interval`, else a fifth of
-    the epochs. The trials checkpoint at these epochs (PBT clones those checkpoints)."""
-    return int(keys.options.get("perturbation_interval", max(1, epochs // 5)))
+class Asha(FinishOnStop, AsyncHyperBandScheduler):
+    reason = "scheduler: asha"
 
 
-def check_scheduler_for(keys: SchedulerKeys, *, epochs: int, dims: Sequence[Dimension] = (), base_method: str = "sat",
-                        objectives: int = 1, sampler: Any = None) -> None:
-    """Refuse what the scheduler cannot do with this study: a grace period or perturbation
-    interval no trial reaches; for PBT, a searched method, a sampler, several objectives."""
-    for key in ("grace_period", "perturbation_interval"):
-        value = keys.options.get(key)
-        if value is not None and value >= epochs:
-            raise SpecError(f"scheduler.{key}", f"{value} epochs is not below the trial's epochs ({epochs}): the scheduler would never act")
-    if keys.name != "pbt":
-        return
-    if any(d.key == "method" for d in dims):
-        raise SpecError("search.method", "PBT perturbs the hyperparameters of running trials, and a model cannot change its AT method "
-                                         "mid-run: fix `method`, or search it with asha, median or none")
-    if not dims:
-        raise SpecError("search", "PBT perturbs searched hyperparameters: give `search` at least one (e.g. lr: [0.01, 0.2, log])")
-    for dim in dims:
-        if not dim.used_by(base_method):
-            raise SpecError(f"search.{dim.key}", f"is not used by method {base_method}, so PBT would perturb nothing")
-    if objectives > 1:
-        raise SpecError("objective", "PBT ranks trials by one metric; give one objective")
-    if sampler is not None and sampler != SamplerKeys():
-        raise SpecError("sampler", "PBT draws its starting configurations at random (Ray Tune refuses a search algorithm beside it); remove `sampler`")
+class Median(FinishOnStop, MedianStoppingRule):
+    reason = "scheduler: median"
+
+
+def build_scheduler(keys: SchedulerKeys, *, study_dir: str, metric: str, epochs: int, dims: Sequence[Dimension] = ()) -> TrialScheduler:
+    """Tune's scheduler for the study; FIFO (every trial runs to its end) for `none`."""
+    common: dict[str, Any] = {"study_dir": study_dir, "time_attr": "training_iteration", "metric": metric, "mode": "max"}
+    if keys.name == "none":
+        return FIFOScheduler()
+    if keys.name == "asha":
+        options = {"grace_period": 1, "reduction_factor": 4, **keys.options}
+        return Asha(max_t=epochs, **common, **options)
+    if keys.name == "median":
+        # Tune's default grace period is 60 *seconds* of its default time_attr; in epochs, 1
+        return Median(**{"grace_period": 1, **keys.options}, **common)
+    if keys.name == "pbt":  # never stops a trial: it pauses and restarts it from another's checkpoint
+        common.pop("study_dir")
+        options = {**keys.options, "perturbation_interval": perturbation_interval(keys, epochs=epochs)}
+        return PopulationBasedTraining(**common, **options, hyperparam_mutations={d.key: domain(d) for d in dims},
+                                       custom_explore_fn=KeepInSearch(tuple(dims)))
+    raise EnergyatError(f"unknown scheduler {keys.name!r}")  # check_scheduler refused it already

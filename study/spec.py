@@ -1,8 +1,10 @@
-"""Spec files: YAML in, validated mappings out, before anything starts.
+"""Spec files: YAML in, one parsed :class:`Study` out, before anything starts.
 
 ``load_spec(path, overrides)`` reads the YAML, applies ``--set key=value`` overrides (dotted
-keys, YAML-typed values), validates the trial keys through
-:func:`trainables.config.parse_trial` and the study keys here, and returns both.
+keys, YAML-typed values) and parses it once (:func:`parse_study`): the trial keys through
+:func:`trainables.config.parse_trial`, the study keys, the search space and the objectives here.
+Everything below the CLI takes the :class:`Study`; nothing reads the raw mapping again or
+restates a default.
 """
 
 from __future__ import annotations
@@ -14,13 +16,23 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import yaml
+from pyarrow.fs import FileType
 
-from analysis.errors import EnergyatError, SpecError
+from analysis.errors import EnergyatError, SpecError, StoreError, one_line
+from analysis.store import check_schema_version, is_uri, join, open_storage
 from analysis.phases import STOP_PATIENCE
+from study.journal import journal_file
 from study.loggers import check_loggers
 from study.sampler import SamplerKeys, check_points, check_sampler
-from study.scheduler import SchedulerKeys, check_scheduler
-from trainables.config import TrialConfig, parse_trial, set_value
+from study.scheduler_keys import SchedulerKeys, check_scheduler
+from study.space import Dimension, parse_search
+from trainables.config import TrialConfig, parse_trial, set_value, trial_spec
+
+# What the searcher may optimise: validation numbers only. The test set's numbers (final_*,
+# test_*) are reported, never searched on: a study that picked configurations by them would select
+# on test, which is what the validation split exists to avoid.
+OBJECTIVES = ("best_val_robust_acc", "best_val_clean_acc")
+_TEST_NUMBERS = ("final_clean_acc", "final_pgd_acc", "final_autoattack_acc", "test_clean_acc", "test_robust_acc", "best_test_robust_acc")
 
 
 @dataclass(frozen=True)
@@ -39,7 +51,7 @@ class StudyKeys:
     sampler: SamplerKeys = field(default_factory=SamplerKeys)  # Optuna's sampler (study.sampler)
     points_to_evaluate: list[dict[str, Any]] = field(default_factory=list)  # the first trials' parameters
     loggers: dict[str, dict[str, str]] = field(default_factory=dict)  # experiment trackers (study.loggers)
-    scheduler: SchedulerKeys = field(default_factory=SchedulerKeys)  # Ray Tune's scheduler (study.scheduler)
+    scheduler: SchedulerKeys = field(default_factory=SchedulerKeys)  # Ray Tune's scheduler (study.scheduler_keys)
 
     @property
     def stop_patience(self) -> int | None:
@@ -87,18 +99,16 @@ def _check_study_keys(raw: Mapping[str, Any]) -> StudyKeys:
     if "scheduler" in values:
         values["scheduler"] = check_scheduler(values["scheduler"])
     if "points_to_evaluate" in values:  # against the search space
-        from study.space import parse_search
-
         values["points_to_evaluate"] = check_points(values["points_to_evaluate"], parse_search(values.get("search", {}), raw), raw)
     if "resources" in values:
         values["resources"] = _check_resources(values["resources"])
     return StudyKeys(**values)
 
 
-def check_placement(raw: Mapping[str, Any], study: StudyKeys) -> None:
+def check_placement(trial: TrialConfig, keys: StudyKeys) -> None:
     """For a study (Ray places its trials): `device: cuda` needs a GPU reserved per trial.
     `energyat train` places nothing, so a trial spec may say cuda without `resources`."""
-    if raw.get("device") == "cuda" and study.resources.get("gpu", 0) == 0:
+    if trial.device == "cuda" and keys.resources.get("gpu", 0) == 0:
         raise SpecError("resources.gpu", "is 0 with `device: cuda`: Ray gives such a trial no GPU; set resources.gpu (e.g. 1 or 0.25) or `device: auto`")
 
 
@@ -173,9 +183,90 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> tuple[dict[str, Any], TrialConfig, StudyKeys]:
-    """(raw spec with overrides, validated trial config, validated study keys)."""
+def objectives_of(objective: str | Sequence[str]) -> tuple[str, ...]:
+    """The `objective:` key as the names of validation numbers to maximise (one, or several)."""
+    names = [objective] if isinstance(objective, str) else list(objective)
+    for name in names:
+        if name in _TEST_NUMBERS:
+            raise SpecError(
+                "objective",
+                f"{name!r} is a test-set number: searching on it selects configurations on test; "
+                f"choose from {', '.join(OBJECTIVES)} (the validation split, dataset.val_size)",
+            )
+        if name not in OBJECTIVES:
+            raise SpecError("objective", f"unknown objective {name!r}; choose from {', '.join(OBJECTIVES)}")
+    return tuple(names)
+
+
+@dataclass(frozen=True)
+class Study:
+    """A study spec, parsed once (:func:`parse_study`).
+
+    `spec` is the mapping as written, overrides applied: ``spec.yaml`` keeps it, and each trial's
+    configuration is it with the searcher's suggestions applied (:meth:`trial_config`). Every
+    other field is typed and validated; defaults live in the dataclasses, nowhere else.
+    """
+
+    spec: Mapping[str, Any]
+    trial: TrialConfig  # the base trial: `energyat train` runs it, a study's trials vary it
+    keys: StudyKeys
+    search: tuple[Dimension, ...]  # the method first
+    objectives: tuple[str, ...]  # maximised, on the validation split
+
+    @property
+    def name(self) -> str:
+        return self.trial.name
+
+    def trial_config(self, params: Mapping[str, Any]) -> TrialConfig:
+        """The configuration of one trial: the spec with `params` (flat dotted keys such as
+        ``weat.power``, as the searcher suggests them) applied."""
+        return parse_trial(trial_spec(self.spec, params))
+
+    def renamed(self, name: str) -> "Study":
+        """The same study under another name (`energyat run --name`)."""
+        return parse_study({**self.spec, "name": name})
+
+
+def parse_study(spec: Mapping[str, Any]) -> Study:
+    """Validate a whole spec: trial keys, study keys, search space, objectives."""
+    trial = parse_trial(spec)
+    keys = _check_study_keys(spec)
+    return Study(spec=copy.deepcopy(dict(spec)), trial=trial, keys=keys, search=tuple(parse_search(keys.search, spec)),
+                 objectives=objectives_of(keys.objective))
+
+
+def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> Study:
+    """The spec file at `path` with `overrides` (``key=value``) applied, parsed."""
     raw = copy.deepcopy(read_yaml(path))
     for assignment in overrides:
         set_dotted(raw, assignment)
-    return raw, parse_trial(raw), _check_study_keys(raw)
+    return parse_study(raw)
+
+
+@dataclass(frozen=True)
+class LoadedStudy:
+    """A study read back from its directory's ``spec.yaml`` (`resume`, `status`, `sample`)."""
+
+    directory: str  # a resolved local path, or the study's URI
+    study: Study
+    study_name: str  # the Optuna study's name
+    journal: Path  # the journal this machine writes (study.journal.journal_file)
+
+
+def load_study(study_dir: str | Path) -> LoadedStudy:
+    """A study's spec.yaml, read from a local directory or a URI, and parsed."""
+    location = str(study_dir) if is_uri(study_dir) else str(Path(study_dir).expanduser().resolve())
+    fs, root = open_storage(location)
+    if fs.get_file_info(f"{root}/spec.yaml").type != FileType.File:
+        raise EnergyatError(f"{study_dir} is not a study directory (no spec.yaml); `energyat run SPEC` creates one")
+    with fs.open_input_stream(f"{root}/spec.yaml") as f:
+        text = f.read()
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise StoreError(f"{join(location, 'spec.yaml')} is not valid YAML ({one_line(exc)}); restore it from a copy") from exc
+    if not isinstance(document, dict) or not {"spec", "study_name"} <= set(document):
+        raise StoreError(f"{join(location, 'spec.yaml')} is not an energyat study spec (no `spec` and `study_name` keys); restore it from a copy")
+    check_schema_version(document.get("schema_version"), where=location)
+    study_name = str(document["study_name"])
+    return LoadedStudy(location, parse_study(document["spec"]), study_name, journal_file(location, study_name))

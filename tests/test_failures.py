@@ -17,7 +17,7 @@ import yaml
 from sklearn.datasets import load_digits
 
 from analysis.query import open_tables
-from study.runner import RETRY_ATTR, TUNE_ID_ATTR
+from study.journal import RETRY_ATTR, TUNE_ID_ATTR
 from test_study import assert_tables_consistent, energyat, journal_trials
 
 STUDY = {

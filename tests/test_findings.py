@@ -46,7 +46,7 @@ STANDARD = [
 
 
 def _train(tmp_path: Path, overrides: list[str], on_epoch: EpochCallback | None = None) -> tuple[Path, Any]:
-    _, cfg, _ = load_spec(SPEC, overrides)
+    cfg = load_spec(SPEC, overrides).trial
     out = tmp_path / cfg.method
     result = run_trial(cfg, out=out, on_epoch=on_epoch)
     assert result["status"] == "TERMINATED" and result["stop_reason"] == "completed"

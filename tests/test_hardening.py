@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from analysis.phases import OnlineDetector, detect
-from study.runner import EnergyDivergenceStopper
+from study.callbacks import EnergyDivergenceStopper
 
 
 def _rows(epochs: int, *, nan_at: int | None, probed_nan: bool) -> list[dict]:
@@ -85,7 +85,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     base = tmp_path_factory.mktemp("finished")
     (base / "spec.yaml").write_text(yaml.safe_dump({**TINY, "epochs": 4, "probe": {**TINY["probe"], "every": 2}}))
-    _raw, cfg, _study = load_spec(str(base / "spec.yaml"), [])
+    cfg = load_spec(str(base / "spec.yaml"), []).trial
     with pytest.raises(_Crash):
         run_trial(cfg, out=base / "out", on_epoch=_crash_after_epoch_1, spec_file=base / "out" / "spec.yaml")
     return base

@@ -14,7 +14,7 @@ import pytest
 import ray
 
 from analysis.errors import SpecError
-from study.spec import _check_study_keys, check_placement
+from study.spec import _check_study_keys, check_placement, parse_study
 from trainables.tune_adapter import ray_device
 
 
@@ -64,7 +64,8 @@ def test_fractional_trials_share_a_gpu_and_cpu_stays_cpu(ray_with_two_gpus: None
 def test_resources_are_validated_like_every_other_key(resources: dict | None, device: str, named: str, says: str) -> None:
     raw = {"device": device} | ({} if resources is None else {"resources": resources})
     with pytest.raises(SpecError, match=says.replace("[", r"\[").replace("]", r"\]")) as err:
-        check_placement(raw, _check_study_keys(raw))
+        study = parse_study(raw)
+        check_placement(study.trial, study.keys)
     assert err.value.key == named
 
 

@@ -11,7 +11,6 @@ import torch
 
 from analysis.errors import SpecError
 from conftest import EXAMPLES
-from study.runner import objectives_of
 from study.spec import load_spec
 from trainables.config import REFERENCE_BN, REFERENCE_START, parse_trial
 from trainables.methods import METHODS, MethodParams
@@ -21,7 +20,8 @@ PAPER = ["paper_cifar10.yaml", "paper_cifar100.yaml", "paper_svhn.yaml"]
 
 @pytest.mark.parametrize("name", PAPER)
 def test_the_paper_recipes_follow_the_weat_code(name: str) -> None:
-    raw, cfg, study = load_spec(EXAMPLES / name)
+    study = load_spec(EXAMPLES / name)
+    cfg = study.trial
     assert (cfg.model, cfg.model_init, cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay) == ("resnet18", "reference", 100, 128, 0.1, 5e-4)
     s = cfg.schedule  # OneCycleLR(max_lr=0.1, pct_start=0.25), momentum cycled 0.95 -> 0.85 -> 0.95
     assert (s.name, s.pct_start, s.div_factor, s.final_div_factor) == ("onecycle", 0.25, 25.0, 1e4)
@@ -33,11 +33,11 @@ def test_the_paper_recipes_follow_the_weat_code(name: str) -> None:
     assert (d.crop_pad, d.flip, d.val_size) == (4, True, 1000)
     assert (cfg.final_eval.n, cfg.final_eval.autoattack_n, cfg.final_eval.pgd_steps) == (None, None, 50)
     assert (cfg.weat.tau, cfg.weat.power, cfg.weat.normalize, cfg.weat.energy, cfg.weat.variant) == (1.0, 1.0, False, "natural", "adv")
-    assert objectives_of(study) == ["best_val_robust_acc", "best_val_clean_acc"]
+    assert study.objectives == ("best_val_robust_acc", "best_val_clean_acc")
 
 
 def test_the_rice_recipe_follows_rice_et_al() -> None:
-    _raw, cfg, _study = load_spec(EXAMPLES / "rice2020_cifar10.yaml")
+    cfg = load_spec(EXAMPLES / "rice2020_cifar10.yaml").trial
     assert (cfg.model, cfg.method, cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay) == ("preact_resnet18", "sat", 200, 128, 0.1, 0.9, 5e-4)
     assert (cfg.schedule.name, cfg.schedule.milestones, cfg.schedule.gamma) == ("piecewise", (100.0, 150.0), 0.1)
     a = cfg.attack

@@ -334,8 +334,9 @@ def _assert_uploaded_journal_holds_the_checkpointed_searcher(s3: S3, prefix: str
 
 
 def test_the_searcher_uploads_the_journal_before_it_saves_its_state(s3: S3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from study.importances import journal_storage
-    from study.runner import JournalUpload, StudySearch
+    from study.journal import journal_storage
+    from study.callbacks import JournalUpload
+    from study.search import StudySearch
 
     monkeypatch.setenv("ENERGYAT_JOURNAL_DIR", str(tmp_path))
     journal = tmp_path / "driver.journal"

@@ -9,8 +9,8 @@ import optuna
 import pytest
 
 from analysis.errors import SpecError
-from study.importances import journal_storage
-from study.runner import DUPLICATE_ATTR, TUNE_ID_ATTR, StudySearch
+from study.journal import DUPLICATE_ATTR, TUNE_ID_ATTR, journal_storage
+from study.search import StudySearch
 from study.sampler import build_sampler, check_points, check_sampler, check_sampler_for
 from study.space import SearchSpace, parse_search
 

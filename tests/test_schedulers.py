@@ -13,8 +13,8 @@ import yaml
 from analysis.errors import SpecError
 from analysis.query import open_tables
 from study.sampler import check_sampler
-from study.scheduler import check_scheduler, check_scheduler_for
-from study.tune_scheduler import Asha, KeepInSearch, Median, build_scheduler
+from study.scheduler_keys import check_scheduler, check_scheduler_for
+from study.scheduler import Asha, KeepInSearch, Median, build_scheduler
 from test_study import assert_journal_matches_tune, assert_tables_consistent, energyat, journal_trials
 
 SPEC = {

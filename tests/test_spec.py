@@ -65,12 +65,12 @@ def test_unknown_flag_exits_2_in_one_line(capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_fractions_are_parsed_without_eval() -> None:
-    _, cfg, _ = load_spec(EXAMPLES / "quickstart.yaml", ["attack.eps=8/255", "attack.step=2/255"])
+    cfg = load_spec(EXAMPLES / "quickstart.yaml", ["attack.eps=8/255", "attack.step=2/255"]).trial
     assert cfg.attack.eps == pytest.approx(8 / 255) and cfg.attack.step == pytest.approx(2 / 255)
 
 
 def test_set_overrides_nested_keys_and_schedule_shorthand() -> None:
-    _, cfg, _ = load_spec(EXAMPLES / "quickstart.yaml", ["weat.tau=2", "schedule=onecycle", "schedule.pct_start=0.3"])
+    cfg = load_spec(EXAMPLES / "quickstart.yaml", ["weat.tau=2", "schedule=onecycle", "schedule.pct_start=0.3"]).trial
     assert cfg.weat.tau == 2.0 and cfg.schedule.name == "onecycle" and cfg.schedule.pct_start == 0.3
 
 
@@ -92,14 +92,11 @@ def test_every_example_spec_is_valid(path: Path) -> None:
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_example_study_search_and_objective_are_valid(path: Path) -> None:
-    from study.runner import objectives_of
     from study.sampler import check_sampler_for
-    from study.space import parse_search
 
-    raw, _cfg, study = load_spec(path)
-    dims = parse_search(study.search, raw)
-    assert objectives_of(study)
-    check_sampler_for(study.sampler, objectives=len(objectives_of(study)), dims=dims, points=study.points_to_evaluate or ())
+    study = load_spec(path)
+    assert study.objectives
+    check_sampler_for(study.keys.sampler, objectives=len(study.objectives), dims=study.search, points=study.keys.points_to_evaluate or ())
 
 
 @pytest.mark.parametrize(

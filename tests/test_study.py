@@ -12,7 +12,7 @@ import pytest
 
 from analysis.query import open_tables
 from conftest import EXAMPLES, ROOT, energyat_cmd
-from study.runner import DUPLICATE_ATTR, LOST_ATTR, RETRY_ATTR, TUNE_ID_ATTR
+from study.journal import DUPLICATE_ATTR, LOST_ATTR, RETRY_ATTR, TUNE_ID_ATTR
 from study.space import SearchSpace, parse_search
 
 SMOKE = str(EXAMPLES / "smoke.yaml")
@@ -172,7 +172,7 @@ def test_bad_search_space_exits_2_before_ray_starts(search: dict, named: str, tm
 def test_stopper_waits_for_alarm_and_patience_and_rebuilds_after_restart(tmp_path: Path) -> None:
     from analysis.store import write_epoch_rows
     from analysis.schema import EPOCHS
-    from study.runner import EnergyDivergenceStopper
+    from study.callbacks import EnergyDivergenceStopper
     from test_phases import curve
 
     data = curve(sign=-1.0, scale=1.0, onset=30, epochs=60, noise=0.0)

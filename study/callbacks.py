@@ -1,0 +1,253 @@
+"""Ray Tune callbacks of a study: what the driver does when a trial starts, reports, ends or fails.
+
+- :class:`LiveView` feeds the live view (:class:`study.live.Board`).
+- :class:`TrialErrors` ends the `trials` row of a trial Tune gave up on as ERROR, with its reason.
+- :class:`JournalUpload` uploads the journal of a study on object storage at each trial event.
+- :class:`OptunaRecord` adds each finished trial of a PBT study (which has no Optuna searcher) to
+  the study's Optuna journal.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+import optuna
+from ray import tune
+
+from analysis.errors import EnergyatError, StoreError, one_line
+from analysis.phases import DETECTOR_COLUMNS, OnlineDetector, should_stop
+from analysis.query import open_tables
+from analysis.store import read_trial_outcome
+from study.journal import TUNE_ID_ATTR, journal_file, journal_storage, outcome_attrs, upload_journal
+from study.live import Board
+from study.space import Dimension
+from trainables.config import parse_trial, trial_spec
+from trainables.engine import write_error_row
+
+
+def id_of(trial: Any) -> str:
+    """Trial directories and names are the trial id, the key of every table row."""
+    return str(trial.trial_id)
+
+
+class JournalUpload(tune.Callback):
+    """For a study on object storage: upload the driver's journal whenever a trial starts, ends or
+    fails, so that `energyat status`, the report and a resume elsewhere read the search state
+    from the study. Tune calls the searcher (which writes the journal) before the callbacks.
+
+    A failed upload prints one warning line and is tried again at the next trial event or
+    checkpoint (:class:`StudySearch`); the upload at the end of the study (:func:`run_study`)
+    fails the command instead.
+    """
+
+    def __init__(self, study_name: str, study_dir: str) -> None:
+        self.study_name = study_name
+        self.study_dir = study_dir
+
+    @property
+    def local(self) -> Path:
+        """The journal on the machine this runs on (a resume elsewhere unpickles this callback
+        from the study's Tune experiment, written by the driver that started it)."""
+        return journal_file(self.study_dir, self.study_name)
+
+    def send(self) -> None:
+        try:
+            upload_journal(self.local, self.study_dir)
+        except StoreError as exc:
+            print(f"energyat: warning: {exc}; tried again at the next trial event", file=sys.stderr, flush=True)
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.send()  # the new trial's RUNNING record: a resumed searcher tells it its value
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.send()
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.send()
+
+
+
+class TrialErrors(tune.Callback):
+    """Ends the `trials` row of a trial Ray Tune gave up on (its restarts spent) as ERROR, with
+    the reason: the last line of the trial's error, or the reason a hung trial's watchdog wrote.
+
+    Without it the row a trial writes each epoch would say RUNNING for ever. A row that cannot be
+    written (the storage is what failed) is reported in one warning line; the study goes on.
+    """
+
+    def __init__(self, base_spec: dict[str, Any], study_dir: str) -> None:
+        self.base_spec = base_spec
+        self.study_dir = study_dir
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        trial_id = id_of(trial)
+        recorded = read_trial_outcome(self.study_dir, trial_id) or {}
+        if str(recorded.get("stop_reason") or "").startswith("error: hung"):
+            reason = str(recorded["stop_reason"])  # the watchdog's: the lost worker says less
+        else:
+            reason = f"error: {_last_line(trial)} (after {trial.run_metadata.num_failures} failures, max_failures)"
+        try:
+            write_error_row(parse_trial(trial_spec(self.base_spec, trial.config)), out=self.study_dir, trial_id=trial_id, reason=reason)
+        except (EnergyatError, OSError) as exc:
+            print(f"energyat: warning: cannot record trial {trial_id} as ERROR: {one_line(exc)}", file=sys.stderr, flush=True)
+
+
+def _last_line(trial: Any) -> str:
+    """The last line of a failed trial's error (its exception), at most 200 characters."""
+    # Tune appends each failure's traceback to the trial's local error file, and copies it to the
+    # storage only later (Trial.get_error reads that copy, still missing when this runs)
+    try:
+        error = Path(trial.error_file).read_text() if trial.error_file else ""
+    except OSError as exc:
+        return f"unknown (its error file could not be read: {one_line(exc)[:100]})"
+    lines = [line.strip() for line in error.splitlines() if line.strip()]
+    return (lines[-1] if lines else "unknown")[:200]
+
+
+class LiveView(tune.Callback):
+    """Feeds Ray Tune's trial events to a :class:`study.live.Board` (Tune's own status table is off:
+    `verbose=0`)."""
+
+    def __init__(self, board: Board, base_method: str) -> None:
+        self.board = board
+        self.base_method = base_method
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.board.started(id_of(trial), str(trial.config.get("method", self.base_method)))
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        self.board.result(id_of(trial), result)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.board.finished(id_of(trial), trial.last_result)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.board.finished(id_of(trial), trial.last_result, error=f"error: {_last_line(trial)}")
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        self.board.tick()
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self.board.close()
+
+
+
+class OptunaRecord(tune.Callback):
+    """For a PBT study, which has no Optuna searcher: each trial that ends is added to the study's
+    Optuna journal with its final configuration (PBT's perturbations included), its objective and
+    the energy outcomes, so that `status`, the report's importances and optuna-dashboard read it
+    like any study's. A trial already recorded (a resumed driver sees its end again) is skipped."""
+
+    def __init__(self, study_dir: str, study_name: str, objective: str, dims: tuple[Dimension, ...]) -> None:
+        self.study_dir = study_dir
+        self.study_name = study_name
+        self.objective = objective
+        self.dims = dims
+
+    def _record(self, trial: Any, *, failed: bool) -> None:
+        storage = journal_storage(journal_file(self.study_dir, self.study_name))  # this machine's (a resume elsewhere)
+        study = optuna.create_study(study_name=self.study_name, storage=storage, direction="maximize", load_if_exists=True)
+        trial_id = id_of(trial)
+        if any(t.user_attrs.get(TUNE_ID_ATTR) == trial_id for t in study.get_trials(deepcopy=False)):
+            return
+        result = trial.last_result or {}
+        value = result.get(self.objective)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            value = 0.0  # as the adapter reports it (tune_adapter.OBJECTIVE_FALLBACK)
+        dists = {d.key: optuna_distribution(d) for d in self.dims}
+        study.add_trial(optuna.trial.create_trial(
+            params={k: trial.config[k] for k in dists if k in trial.config}, distributions=dists,
+            value=None if failed else float(value),
+            state=optuna.trial.TrialState.FAIL if failed else optuna.trial.TrialState.COMPLETE,
+            user_attrs={TUNE_ID_ATTR: trial_id, **outcome_attrs(result)},
+        ))
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._record(trial, failed=False)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._record(trial, failed=True)
+
+
+def optuna_distribution(dim: Dimension) -> optuna.distributions.BaseDistribution:
+    """A search dimension as Optuna's distribution (a trial added to the journal by hand needs one per parameter)."""
+    if dim.kind == "categorical":
+        return optuna.distributions.CategoricalDistribution(list(dim.choices))
+    if dim.kind == "int":
+        return optuna.distributions.IntDistribution(int(dim.low), int(dim.high), log=dim.log)
+    return optuna.distributions.FloatDistribution(dim.low, dim.high, log=dim.log)
+
+
+# What the stopper reads of each epoch: the detector's training-side columns, and the running
+# best validation robust accuracy for the patience part of the stop rule (analysis.phases.should_stop).
+_STOPPER_COLUMNS = (*DETECTOR_COLUMNS, "best_val_robust_acc")
+
+
+class _TrialWatch:
+    """One trial's :class:`OnlineDetector` and the epoch of its best validation robust accuracy."""
+
+    def __init__(self, patience: int) -> None:
+        self.detector = OnlineDetector()
+        self.patience = patience
+        self.best = -math.inf
+        self.best_epoch: int | None = None
+        self.stop = False
+
+    def feed(self, row: Mapping[str, Any]) -> bool:
+        epoch = int(row["epoch"])
+        _phase, alarm = self.detector.update({k: row.get(k) for k in DETECTOR_COLUMNS})
+        best = row.get("best_val_robust_acc")
+        if isinstance(best, (int, float)) and math.isfinite(best) and best > self.best:
+            self.best, self.best_epoch = float(best), epoch
+        self.stop = should_stop(alarm=alarm, epoch=epoch, best_epoch=self.best_epoch, patience=self.patience)
+        return self.stop
+
+
+class EnergyDivergenceStopper(tune.Stopper):
+    """A ``ray.tune.Stopper`` with one :class:`OnlineDetector` per trial.
+
+    A trial stops once its detector alarms (training-side columns only) and its validation robust
+    accuracy has not improved for ``patience`` epochs (:func:`analysis.phases.should_stop`, the
+    rule the trial itself applies). After a driver restart, a trial's state is rebuilt by
+    replaying its stored `epochs` rows before the reported one (the rule is deterministic).
+    """
+
+    def __init__(self, study_dir: str, *, patience: int | None) -> None:
+        self.study_dir = study_dir
+        self.patience = patience  # None: stopping is off
+        self.watches: dict[str, _TrialWatch] = {}
+
+    def _watch(self, trial_id: str, epoch: int, patience: int) -> _TrialWatch:
+        if trial_id not in self.watches:
+            watch = _TrialWatch(patience)
+            for row in _stored_epochs(self.study_dir, trial_id, before=epoch):
+                watch.feed(row)
+            self.watches[trial_id] = watch
+        return self.watches[trial_id]
+
+    def __call__(self, trial_id: str, result: Mapping[str, Any]) -> bool:
+        if self.patience is None or "epoch" not in result:
+            return False
+        watch = self._watch(trial_id, int(result["epoch"]), self.patience)
+        if int(result["epoch"]) <= watch.detector.last_epoch:  # a re-run epoch after a restore: already seen
+            return watch.stop
+        return watch.feed(result)
+
+    def stop_all(self) -> bool:
+        return False
+
+
+def _stored_epochs(study_dir: str, trial_id: str, *, before: int) -> list[dict[str, Any]]:
+    try:
+        con = open_tables(study_dir, trial=trial_id)
+    except EnergyatError:
+        return []
+    columns = ", ".join(_STOPPER_COLUMNS)
+    table = con.sql(
+        f"select {columns} from epochs where trial_id = $t and epoch < $e order by epoch", params={"t": trial_id, "e": before}
+    ).to_arrow_table()
+    con.close()
+    return table.to_pylist()

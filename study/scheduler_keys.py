@@ -1,0 +1,126 @@
+"""The study's Ray Tune scheduler: `scheduler:`.
+
+    scheduler: {name: asha, grace_period: 5, reduction_factor: 3}   # Ray Tune's ASHA
+    scheduler: {name: median, grace_period: 5}                      # Ray Tune's median stopping rule
+    scheduler: none                                                 # every trial runs its epochs (default)
+
+`name` is one of :data:`SCHEDULERS`, each Ray Tune's own class; the other keys are passed to its
+constructor, those of :data:`OPTIONS` only. Time is counted in epochs (Tune's
+`training_iteration`: one report per epoch) and the metric is the study's (first) objective, the
+running best validation robust accuracy by default, which every epoch reports as a finite number.
+
+Tune stops a trial by ending its worker: the trial would never evaluate its best checkpoint on
+the test set nor write its final `trials` row, and Optuna would get its last epoch's value
+without knowing why it ended. So each scheduler here is Tune's class with one change: a STOP
+decision becomes a stop request (:func:`analysis.store.request_stop`) and the trial goes on to
+read it after that epoch, then finishes as any stopped trial does: final evaluation, `trials`
+row with `stop_reason` "scheduler: asha" (or "scheduler: median"), and its value to Optuna.
+The energy stopper (`early_stop`) works beside any of them; whichever rule fires first names
+the stop.
+
+    scheduler: {name: pbt, perturbation_interval: 5, quantile_fraction: 0.25, resample_probability: 0.25}
+
+PBT (Ray Tune's PopulationBasedTraining) is a search of its own: Tune refuses a search algorithm
+beside it, so a PBT study draws its `samples` starting configurations from `search:` at random
+(Tune's BasicVariantGenerator, seeded by `seed`, `points_to_evaluate` first) and every
+`perturbation_interval` epochs lets the bottom quantile of trials continue from a top trial's
+checkpoint with perturbed hyperparameters (x0.8 or x1.2, or redrawn, kept inside `search:`). The
+AT method cannot change under a running model, so `search.method` is refused with PBT, as are a
+`sampler` (there is none) and several objectives. Each trial still ends with its final
+evaluation and `trials` row, and is recorded in the study's Optuna journal with its final
+configuration and value (:class:`study.callbacks.OptunaRecord`), so `status`, the report and
+optuna-dashboard read a PBT study like any other. A trial that exploited another continues that
+trial's epochs: its `epochs` rows jump to (or re-run from) the donor's epoch, as Tune's own
+`training_iteration` does, and Tune's `pbt_policy_<trial>.txt` files in `tune/` record each step.
+
+This module reads and checks the keys (no Ray: `energyat train` reads spec files too); Ray Tune's
+classes are built in :mod:`study.scheduler`, which imports Ray.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from analysis.errors import SpecError, unknown_choice
+from study.sampler import SamplerKeys
+from study.space import Dimension
+
+SCHEDULERS = ("none", "asha", "median", "pbt")
+# The constructor arguments a spec may set, each with its type and lower bound. time_attr, metric,
+# mode and max_t come from the study (epochs, objective); median's hard_stop stays True (False
+# pauses trials, which then hold their checkpoint without an end).
+OPTIONS: dict[str, dict[str, tuple[type, float]]] = {
+    "none": {},
+    "asha": {"grace_period": (int, 1), "reduction_factor": (float, 1.0001), "brackets": (int, 1)},
+    "median": {"grace_period": (int, 0), "min_samples_required": (int, 1), "min_time_slice": (int, 0)},
+    "pbt": {"perturbation_interval": (int, 1), "burn_in_period": (int, 0), "quantile_fraction": (float, 0.0),
+            "resample_probability": (float, 0.0)},
+}
+_FRACTIONS = {"quantile_fraction": 0.5, "resample_probability": 1.0}  # upper bounds of PBT's fractions
+
+
+@dataclass(frozen=True)
+class SchedulerKeys:
+    name: str = "none"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def check_scheduler(value: Any) -> SchedulerKeys:
+    """The `scheduler:` block (or a bare name), validated before Ray starts."""
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, Mapping):
+        raise SpecError("scheduler", f"expected a mapping such as {{name: asha, grace_period: 5}} or a name, got {value!r}")
+    name = value.get("name", "none")
+    if name is None:
+        name = "none"
+    if name not in SCHEDULERS:
+        raise unknown_choice("scheduler.name", name, SCHEDULERS)
+    takes = OPTIONS[name]
+    options = {}
+    for key, option in value.items():
+        if key == "name":
+            continue
+        if key not in takes:
+            raise SpecError(f"scheduler.{key}", f"not an option of scheduler {name} that a spec can set; choose from {', '.join(sorted(takes)) or 'none'}")
+        kind, lowest = takes[key]
+        number = isinstance(option, (int, float)) and not isinstance(option, bool) and (kind is float or isinstance(option, int))
+        if not number or not math.isfinite(option) or option < lowest:
+            noun = "an int" if kind is int else "a number"
+            raise SpecError(f"scheduler.{key}", f"expected {noun} >= {lowest:g}, got {option!r}")
+        if key in _FRACTIONS and option > _FRACTIONS[key]:
+            raise SpecError(f"scheduler.{key}", f"expected at most {_FRACTIONS[key]:g} (Ray Tune's bound), got {option!r}")
+        options[key] = option
+    return SchedulerKeys(name, options)
+
+
+def perturbation_interval(keys: SchedulerKeys, *, epochs: int) -> int:
+    """PBT's perturbation interval in epochs: `scheduler.perturbation_interval`, else a fifth of
+    the epochs. The trials checkpoint at these epochs (PBT clones those checkpoints)."""
+    return int(keys.options.get("perturbation_interval", max(1, epochs // 5)))
+
+
+def check_scheduler_for(keys: SchedulerKeys, *, epochs: int, dims: Sequence[Dimension] = (), base_method: str = "sat",
+                        objectives: int = 1, sampler: Any = None) -> None:
+    """Refuse what the scheduler cannot do with this study: a grace period or perturbation
+    interval no trial reaches; for PBT, a searched method, a sampler, several objectives."""
+    for key in ("grace_period", "perturbation_interval"):
+        value = keys.options.get(key)
+        if value is not None and value >= epochs:
+            raise SpecError(f"scheduler.{key}", f"{value} epochs is not below the trial's epochs ({epochs}): the scheduler would never act")
+    if keys.name != "pbt":
+        return
+    if any(d.key == "method" for d in dims):
+        raise SpecError("search.method", "PBT perturbs the hyperparameters of running trials, and a model cannot change its AT method "
+                                         "mid-run: fix `method`, or search it with asha, median or none")
+    if not dims:
+        raise SpecError("search", "PBT perturbs searched hyperparameters: give `search` at least one (e.g. lr: [0.01, 0.2, log])")
+    for dim in dims:
+        if not dim.used_by(base_method):
+            raise SpecError(f"search.{dim.key}", f"is not used by method {base_method}, so PBT would perturb nothing")
+    if objectives > 1:
+        raise SpecError("objective", "PBT ranks trials by one metric; give one objective")
+    if sampler is not None and sampler != SamplerKeys():
+        raise SpecError("sampler", "PBT draws its starting configurations at random (Ray Tune refuses a search algorithm beside it); remove `sampler`")
