@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, TypeGuard
 
 import numpy as np
 
@@ -50,7 +50,7 @@ import numpy as np
 DETECTOR_COLUMNS = ("epoch", "lr", "probe_train_dE", "probe_train_E", "probed")
 
 
-def _finite(value: Any) -> bool:
+def _finite(value: Any) -> TypeGuard[float]:
     return value is not None and isinstance(value, (int, float, np.floating, np.integer)) and math.isfinite(value)
 
 
@@ -70,6 +70,23 @@ class _State:
     gate_epoch: int | None = None  # the first gated epoch
     floor: float | None = None  # the floor in force from phase 2 on
     nonfinite_epoch: int | None = None  # a probed epoch whose energies were NaN or infinite
+
+
+@dataclass(frozen=True)
+class DetectorParams:
+    """The online rule's settings (:class:`OnlineDetector`'s keyword arguments, checked there)."""
+
+    smooth: int
+    warmup: int
+    window: int
+    settle: float
+    max_phase1: int
+    ratio: float
+    patience: int
+    adapt: float
+    floor: float
+    energy_floor: float
+    lr_gate: float | None
 
 
 class OnlineDetector:
@@ -107,7 +124,7 @@ class OnlineDetector:
             raise ValueError(f"`lr_gate` must be in (0, 1] or None, got {lr_gate}")
         if not 0 <= adapt < 1 or floor <= 0 or settle <= 0 or energy_floor < 0:
             raise ValueError("`adapt` must be in [0, 1), `floor` and `settle` positive, `energy_floor` non-negative")
-        self.params = dict(
+        self.params = DetectorParams(
             smooth=smooth, warmup=warmup, window=window, settle=settle, max_phase1=max_phase1,
             ratio=ratio, patience=patience, adapt=adapt, floor=floor, energy_floor=energy_floor, lr_gate=lr_gate,
         )
@@ -115,7 +132,7 @@ class OnlineDetector:
 
     # -- the rule -------------------------------------------------------------------------
     def _smoothed(self) -> float:
-        return float(np.median(self._s.mags[-self.params["smooth"]:]))
+        return float(np.median(self._s.mags[-self.params.smooth:]))
 
     def update(self, row: Mapping[str, Any]) -> tuple[int, bool]:
         """Feed one epoch; returns (phase, alarm) as of this epoch.
@@ -131,11 +148,11 @@ class OnlineDetector:
             raise ValueError(f"epochs must arrive in increasing order: got {epoch} after {s.last_epoch}")
         s.last_epoch = epoch
         lr = row.get("lr") if hasattr(row, "get") else None
-        if not _finite(lr) or p["lr_gate"] is None:
+        if not _finite(lr) or p.lr_gate is None:
             s.gated = True
         else:
             s.max_lr = max(s.max_lr, float(lr))
-            s.gated = s.gated or float(lr) <= p["lr_gate"] * s.max_lr
+            s.gated = s.gated or float(lr) <= p.lr_gate * s.max_lr
         if s.gated and s.gate_epoch is None:
             s.gate_epoch = epoch
         value = row.get("probe_train_dE") if hasattr(row, "get") else row["probe_train_dE"]
@@ -154,31 +171,31 @@ class OnlineDetector:
         if s.phase == 1:
             s.phase1_epochs += 1
             settled = False
-            smoothed_then = self._smoothed_at(len(s.mags) - 1 - p["window"])
+            smoothed_then = self._smoothed_at(len(s.mags) - 1 - p.window)
             # m must have left zero: a model still at chance (digits cnn_fc: 6 epochs) has a
             # flat |dE| of ~0, which is not phase 2 and would make every later value an alarm.
-            if s.phase1_epochs > p["warmup"] and smoothed_then is not None and m >= p["floor"]:
-                settled = abs(m - smoothed_then) / max(smoothed_then, p["floor"]) < p["settle"]
-            if settled or s.phase1_epochs >= p["max_phase1"]:
+            if s.phase1_epochs > p.warmup and smoothed_then is not None and m >= p.floor:
+                settled = abs(m - smoothed_then) / max(smoothed_then, p.floor) < p.settle
+            if settled or s.phase1_epochs >= p.max_phase1:
                 s.phase, s.baseline, s.phase2_start = 2, m, epoch
-                s.floor = max(p["floor"], p["energy_floor"] * (s.energy or 0.0))
+                s.floor = max(p.floor, p.energy_floor * (s.energy or 0.0))
         elif s.phase == 2:
             assert s.baseline is not None and s.floor is not None
             growth = (m - s.baseline) / max(s.baseline, s.floor)
-            if growth >= p["ratio"] - 1 and s.gated:
+            if growth >= p.ratio - 1 and s.gated:
                 s.above += 1
             else:
                 s.above = 0
-                if growth < p["ratio"] - 1:  # drift below the alarm level joins the baseline
-                    s.baseline += p["adapt"] * (m - s.baseline)
-            if s.above >= p["patience"]:
+                if growth < p.ratio - 1:  # drift below the alarm level joins the baseline
+                    s.baseline += p.adapt * (m - s.baseline)
+            if s.above >= p.patience:
                 s.phase, s.alarm_epoch = 3, epoch
         return s.phase, s.alarm_epoch is not None
 
     def _smoothed_at(self, i: int) -> float | None:
         if i < 0:
             return None
-        lo = max(0, i + 1 - self.params["smooth"])
+        lo = max(0, i + 1 - self.params.smooth)
         return float(np.median(self._s.mags[lo : i + 1]))
 
     @property
@@ -207,7 +224,7 @@ class OnlineDetector:
             return None
         if s.nonfinite_epoch == s.alarm_epoch:
             return f"non-finite probe energies at epoch {s.alarm_epoch}"
-        return f"|dE| at least {p['ratio']}x its phase-2 baseline for {p['patience']} probed epochs, at epoch {s.alarm_epoch}"
+        return f"|dE| at least {p.ratio}x its phase-2 baseline for {p.patience} probed epochs, at epoch {s.alarm_epoch}"
 
     @property
     def gate_epoch(self) -> int | None:
@@ -217,7 +234,7 @@ class OnlineDetector:
     # -- checkpointing --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Plain ints, floats, lists and None: safe for ``torch.load(weights_only=True)``."""
-        return {"params": dict(self.params), "state": asdict(self._s)}
+        return {"params": asdict(self.params), "state": asdict(self._s)}
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any]) -> "OnlineDetector":
@@ -307,7 +324,7 @@ def detect(epochs: Any, **detector_params: Any) -> PhaseResult:
     alarm = det.alarm_epoch
     onset = None
     if alarm is not None:
-        onset = _change_point(epoch, d_e, p2, alarm, det.params["smooth"], earliest=det.gate_epoch)
+        onset = _change_point(epoch, d_e, p2, alarm, det.params.smooth, earliest=det.gate_epoch)
         labels[epoch >= onset] = 3
     return PhaseResult(epoch, labels, p2, onset, alarm)
 

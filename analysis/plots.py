@@ -16,7 +16,7 @@ dE(x) = E(x) - E(x*).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, cast
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -503,7 +503,8 @@ def _half_violin(ax: Axes, values: np.ndarray, pos: float, *, left: bool, colour
     if np.ptp(values) == 0:  # a KDE needs spread: a flat line instead
         ax.hlines(values[0], pos - 0.35 if left else pos, pos if left else pos + 0.35, colors=colour)
         return
-    body = ax.violinplot([values], positions=[pos], widths=0.8, showextrema=False)["bodies"][0]
+    # matplotlib types "bodies" a Collection; it is a list of PolyCollections
+    body = cast("list[Any]", ax.violinplot([values], positions=[pos], widths=0.8, showextrema=False)["bodies"])[0]
     vertices = body.get_paths()[0].vertices
     vertices[:, 0] = np.minimum(vertices[:, 0], pos) if left else np.maximum(vertices[:, 0], pos)
     body.set_facecolor(colour)

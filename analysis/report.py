@@ -14,6 +14,7 @@ The HTML is self-contained apart from its images, which it names by relative pat
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 import math
@@ -22,7 +23,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, cast
 from urllib.parse import urlsplit
 
 import duckdb
@@ -79,7 +80,8 @@ def _trial_rows(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
 def _best_first(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     def key(r: dict[str, Any]) -> tuple[bool, float, str]:
         acc = r.get("best_val_robust_acc")
-        return (_missing(acc), -(acc if not _missing(acc) else 0.0), str(r["trial_id"]))
+        missing = _missing(acc)
+        return (missing, 0.0 if missing else -float(cast(float, acc)), str(r["trial_id"]))
 
     return sorted(rows, key=key)
 
@@ -125,7 +127,7 @@ def phases_table(directory: str | os.PathLike[str], trial: str | None = None) ->
                 "phase3_start": phases.phase3_start,
                 "alarm_epoch": plots.online_alarm_epoch(epochs, phases),
                 "best_epoch": _int_or_none(trials[tid].get("best_epoch")),
-                "best_val_robust_acc": None if _missing(best) else float(best),
+                "best_val_robust_acc": None if _missing(best) else float(cast(float, best)),
             })
         return out
     finally:
@@ -247,6 +249,11 @@ def _first_middle_last(values: Sequence[int]) -> list[int]:
     return list(dict.fromkeys([values[0], values[len(values) // 2], values[-1]]))
 
 
+def _copied(src: Path, dest: Path) -> Path:
+    """`src` copied to `dest` (a figure the page takes as it is)."""
+    return Path(shutil.copyfile(src, dest))
+
+
 def _generation(page: _Page, local: Path | None, methods: Mapping[str, str]) -> None:
     """The landscape violins (`energyat landscape`) and the sample grids (`energyat sample`), by method."""
     page.add("<h2>Generation and energy landscape</h2>")
@@ -271,7 +278,7 @@ def _generation(page: _Page, local: Path | None, methods: Mapping[str, str]) -> 
         scores = record.get("scores", {})
         judged = f", judge acc {scores['judge_acc']:.2f}, judge FD {scores['judge_fd']:.1f}" if "judge_acc" in scores else ""
         caption = f"{method}: samples of trial {trial}, {record.get('init', '?')} start{judged}"
-        page.figure(f"samples-{png.name}", caption, lambda p, src=png: Path(shutil.copyfile(src, p)))
+        page.figure(f"samples-{png.name}", caption, functools.partial(_copied, png))
 
 
 def _sample_record(npz: Path) -> dict[str, Any]:

@@ -12,14 +12,12 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import optuna
 from ray import tune
 
 from analysis.errors import EnergyatError, StoreError, one_line
-from analysis.phases import DETECTOR_COLUMNS, OnlineDetector, should_stop
-from analysis.query import open_tables
 from analysis.store import read_trial_outcome
 from study.journal import TUNE_ID_ATTR, journal_file, journal_storage, outcome_attrs, upload_journal
 from study.live import Board
@@ -179,75 +177,3 @@ def optuna_distribution(dim: Dimension) -> optuna.distributions.BaseDistribution
     if dim.kind == "int":
         return optuna.distributions.IntDistribution(int(dim.low), int(dim.high), log=dim.log)
     return optuna.distributions.FloatDistribution(dim.low, dim.high, log=dim.log)
-
-
-# What the stopper reads of each epoch: the detector's training-side columns, and the running
-# best validation robust accuracy for the patience part of the stop rule (analysis.phases.should_stop).
-_STOPPER_COLUMNS = (*DETECTOR_COLUMNS, "best_val_robust_acc")
-
-
-class _TrialWatch:
-    """One trial's :class:`OnlineDetector` and the epoch of its best validation robust accuracy."""
-
-    def __init__(self, patience: int) -> None:
-        self.detector = OnlineDetector()
-        self.patience = patience
-        self.best = -math.inf
-        self.best_epoch: int | None = None
-        self.stop = False
-
-    def feed(self, row: Mapping[str, Any]) -> bool:
-        epoch = int(row["epoch"])
-        _phase, alarm = self.detector.update({k: row.get(k) for k in DETECTOR_COLUMNS})
-        best = row.get("best_val_robust_acc")
-        if isinstance(best, (int, float)) and math.isfinite(best) and best > self.best:
-            self.best, self.best_epoch = float(best), epoch
-        self.stop = should_stop(alarm=alarm, epoch=epoch, best_epoch=self.best_epoch, patience=self.patience)
-        return self.stop
-
-
-class EnergyDivergenceStopper(tune.Stopper):
-    """A ``ray.tune.Stopper`` with one :class:`OnlineDetector` per trial.
-
-    A trial stops once its detector alarms (training-side columns only) and its validation robust
-    accuracy has not improved for ``patience`` epochs (:func:`analysis.phases.should_stop`, the
-    rule the trial itself applies). After a driver restart, a trial's state is rebuilt by
-    replaying its stored `epochs` rows before the reported one (the rule is deterministic).
-    """
-
-    def __init__(self, study_dir: str, *, patience: int | None) -> None:
-        self.study_dir = study_dir
-        self.patience = patience  # None: stopping is off
-        self.watches: dict[str, _TrialWatch] = {}
-
-    def _watch(self, trial_id: str, epoch: int, patience: int) -> _TrialWatch:
-        if trial_id not in self.watches:
-            watch = _TrialWatch(patience)
-            for row in _stored_epochs(self.study_dir, trial_id, before=epoch):
-                watch.feed(row)
-            self.watches[trial_id] = watch
-        return self.watches[trial_id]
-
-    def __call__(self, trial_id: str, result: Mapping[str, Any]) -> bool:
-        if self.patience is None or "epoch" not in result:
-            return False
-        watch = self._watch(trial_id, int(result["epoch"]), self.patience)
-        if int(result["epoch"]) <= watch.detector.last_epoch:  # a re-run epoch after a restore: already seen
-            return watch.stop
-        return watch.feed(result)
-
-    def stop_all(self) -> bool:
-        return False
-
-
-def _stored_epochs(study_dir: str, trial_id: str, *, before: int) -> list[dict[str, Any]]:
-    try:
-        con = open_tables(study_dir, trial=trial_id)
-    except EnergyatError:
-        return []
-    columns = ", ".join(_STOPPER_COLUMNS)
-    table = con.sql(
-        f"select {columns} from epochs where trial_id = $t and epoch < $e order by epoch", params={"t": trial_id, "e": before}
-    ).to_arrow_table()
-    con.close()
-    return table.to_pylist()

@@ -29,18 +29,9 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _stop_patience(args: argparse.Namespace) -> int | None:
-    if args.stop_patience is not None and not args.stop_on_alarm:
-        raise EnergyatError("--stop-patience only applies with --stop-on-alarm; add --stop-on-alarm or drop --stop-patience")
-    if args.stop_patience is not None and args.stop_patience < 0:
-        raise EnergyatError(f"--stop-patience must be >= 0 epochs, got {args.stop_patience}")
-    if not args.stop_on_alarm:
-        return None
-    return STOP_PATIENCE if args.stop_patience is None else args.stop_patience
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from analysis.store import is_uri
+    from analysis.stopping import stop_rule_from_flags
     from study.spec import load_spec
     from trainables.engine import run_trial
 
@@ -54,7 +45,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from study.live import TrainProgress
 
     progress = TrainProgress(cfg.epochs)
-    result = run_trial(cfg, out=out, trial_id=args.trial_id, on_epoch=progress, stop_patience=_stop_patience(args), spec_file=out / "spec.yaml")
+    result = run_trial(cfg, out=out, trial_id=args.trial_id, on_epoch=progress, stop=stop_rule_from_flags(stop_on_alarm=args.stop_on_alarm, stop_patience=args.stop_patience), spec_file=out / "spec.yaml")
     print(
         f"{result['status']} ({result['stop_reason']}): {result['epochs_run']} epochs, best validation robust acc "
         f"{result['best_val_robust_acc']:.4f} at epoch {result['best_epoch']}; its test accuracy: clean {result['final_clean_acc']:.4f}, "
@@ -427,9 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", type=str, action="append", default=[], metavar="KEY=VALUE", help="override a spec key (dotted, YAML-typed), repeatable")
     train.add_argument("--out", type=str, required=True, help="output directory (tables/, checkpoints/, spec.yaml); run again to continue")
     train.add_argument("--trial-id", type=str, default="train", help="trial id in the tables (default: train)")
-    train.add_argument("--stop-on-alarm", action="store_true", help="stop once the online detector flags energy divergence and test robust accuracy stops improving")
+    train.add_argument("--stop-on-alarm", action="store_true", help="stop once the online detector flags energy divergence and validation robust accuracy stops improving")
     train.add_argument("--stop-patience", type=int, default=None, metavar="N",
-                       help=f"with --stop-on-alarm: epochs without a new best test robust accuracy to wait after the alarm (default {STOP_PATIENCE}; 0 stops at the alarm)")
+                       help=f"with --stop-on-alarm: epochs without a new best validation robust accuracy to wait after the alarm (default {STOP_PATIENCE}; 0 stops at the alarm)")
     train.set_defaults(func=cmd_train)
 
     query = sub.add_parser("query", help="read-only SQL over the views epochs, samples, trials")

@@ -1,4 +1,4 @@
-"""Studies: a Ray Tune Tuner over the trial adapter, searched by Optuna, stopped on divergence.
+"""Studies: a Ray Tune Tuner over the trial adapter, searched by Optuna.
 
     STUDY_DIR = <storage>/<name>/
       spec.yaml         the spec as run (resolved), schema_version, study_name
@@ -42,7 +42,7 @@ import trainables
 from analysis.errors import EnergyatError, StoreError, one_line
 from analysis.schema import SCHEMA_VERSION
 from analysis.store import SHIPPED_SHA, filesystem, git_sha, is_uri, join, open_storage
-from study.callbacks import EnergyDivergenceStopper, JournalUpload, LiveView, OptunaRecord, TrialErrors, id_of
+from study.callbacks import JournalUpload, LiveView, OptunaRecord, TrialErrors, id_of
 from study.journal import JOURNAL, check_journal, journal_dir, journal_file, journal_storage, reconcile_journals, upload_journal
 from study.live import Board
 from study.loggers import logger_callbacks
@@ -146,8 +146,8 @@ def _trainable(study: Study, study_dir: str) -> Any:
     cpus = float(keys.resources.get("cpu", 1))
     return tune.with_resources(
         tune.with_parameters(energyat_trial, base_spec=dict(study.spec), study_dir=study_dir, objectives=list(study.objectives),
-                             cpus=max(1, int(cpus)), stop_patience=keys.stop_patience, hang_timeout=keys.hang_timeout,
-                             val_patience=keys.val_patience, scheduled=keys.scheduler.name in ("asha", "median"),
+                             cpus=max(1, int(cpus)), stop=keys.early_stop, hang_timeout=keys.hang_timeout,
+                             scheduled=keys.scheduler.name in ("asha", "median"),
                              # PBT clones a top trial's checkpoint at each perturbation: one must exist there
                              checkpoint_every=perturbation_interval(keys.scheduler, epochs=study.trial.epochs) if pbt else None),
         {"cpu": cpus, "gpu": float(keys.resources.get("gpu", 0))},
@@ -200,7 +200,6 @@ def _run_config(study: Study, study_dir: str, study_name: str, upload: JournalUp
         name="tune",
         storage_path=storage_path,
         storage_filesystem=storage_fs,
-        stop=EnergyDivergenceStopper(study_dir, patience=keys.stop_patience),
         failure_config=tune.FailureConfig(max_failures=keys.max_failures),
         # PBT restores a bottom trial from a top trial's checkpoint of some epochs ago, which a
         # num_to_keep would have deleted meanwhile, so under PBT a trial keeps every checkpoint

@@ -19,8 +19,8 @@ import yaml
 from pyarrow.fs import FileType
 
 from analysis.errors import EnergyatError, SpecError, StoreError, one_line
+from analysis.stopping import StopRule, stop_rule_from_spec
 from analysis.store import check_schema_version, is_uri, join, open_storage
-from analysis.phases import STOP_PATIENCE
 from study.journal import journal_file
 from study.loggers import check_loggers
 from study.sampler import SamplerKeys, check_points, check_sampler
@@ -42,7 +42,7 @@ class StudyKeys:
     samples: int = 16  # Optuna trials
     search: dict[str, Any] = field(default_factory=dict)
     objective: str | list[str] = "best_val_robust_acc"
-    early_stop: dict[str, Any] = field(default_factory=dict)
+    early_stop: StopRule = field(default_factory=StopRule)  # the trials' stop rule (analysis.stopping)
     resources: dict[str, Any] = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
     max_concurrent: int = 2
     storage: str = "./studies"
@@ -52,20 +52,6 @@ class StudyKeys:
     points_to_evaluate: list[dict[str, Any]] = field(default_factory=list)  # the first trials' parameters
     loggers: dict[str, dict[str, str]] = field(default_factory=dict)  # experiment trackers (study.loggers)
     scheduler: SchedulerKeys = field(default_factory=SchedulerKeys)  # Ray Tune's scheduler (study.scheduler_keys)
-
-    @property
-    def stop_patience(self) -> int | None:
-        """None when energy-divergence stopping is off; else epochs to wait after the alarm."""
-        if not self.early_stop.get("energy_divergence", False):
-            return None
-        return int(self.early_stop.get("patience", STOP_PATIENCE))
-
-    @property
-    def val_patience(self) -> int | None:
-        """None, or epochs without a new best validation robust accuracy after which a trial
-        stops (`early_stop.val_patience`: plain patience, no energies)."""
-        value = self.early_stop.get("val_patience")
-        return None if value is None else int(value)
 
 
 def _check_study_keys(raw: Mapping[str, Any]) -> StudyKeys:
@@ -91,7 +77,8 @@ def _check_study_keys(raw: Mapping[str, Any]) -> StudyKeys:
     timeout = values.get("hang_timeout")
     if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
         raise SpecError("hang_timeout", f"must be a positive number of seconds or null (off); got {timeout!r}")
-    _check_early_stop(values.get("early_stop", {}))
+    if "early_stop" in values:
+        values["early_stop"] = stop_rule_from_spec(values["early_stop"])
     if "sampler" in values:
         values["sampler"] = check_sampler(values["sampler"])
     if "loggers" in values:
@@ -136,21 +123,6 @@ def _check_resources(resources: Mapping[str, Any]) -> dict[str, float]:
         fits = int(1 / gpu)
         raise SpecError("resources.gpu", f"{gpu!r} of a GPU packs {fits} trials and leaves {1 - fits * gpu:.2g} idle; use 1/k, e.g. {1 / fits:.4g}")
     return out
-
-
-def _check_early_stop(early_stop: Mapping[str, Any]) -> None:
-    for key, value in early_stop.items():
-        if key == "energy_divergence":
-            if not isinstance(value, bool):
-                raise SpecError("early_stop.energy_divergence", f"expected true or false, got {value!r}")
-        elif key == "patience":
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise SpecError("early_stop.patience", f"expected an int >= 0 (epochs without a new best after the alarm), got {value!r}")
-        elif key == "val_patience":
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise SpecError("early_stop.val_patience", f"expected an int >= 1 (epochs without a new best validation robust accuracy) or null, got {value!r}")
-        else:
-            raise SpecError(f"early_stop.{key}", "unknown key; early_stop takes energy_divergence, patience and val_patience")
 
 
 def set_dotted(spec: dict[str, Any], assignment: str) -> None:

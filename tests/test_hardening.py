@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from analysis.phases import OnlineDetector, detect
-from study.callbacks import EnergyDivergenceStopper
+from analysis.stopping import StopRule
 
 
 def _rows(epochs: int, *, nan_at: int | None, probed_nan: bool) -> list[dict]:
@@ -45,11 +45,11 @@ def test_offline_phases_place_the_onset_at_the_first_non_finite_probe() -> None:
     assert list(result.labels[7:]) == [3] * 5 and 3 not in result.labels[:7]
 
 
-def test_the_study_stopper_stops_a_trial_whose_energies_went_non_finite(tmp_path: Path) -> None:
-    # patience 0: stop at the alarm; the stopper reads no stored rows in an empty study folder
-    stopper = EnergyDivergenceStopper(str(tmp_path), patience=0)
-    decisions = [stopper("t1", {**r, "best_val_robust_acc": 0.5}) for r in _rows(10, nan_at=4, probed_nan=True)]
-    assert decisions.index(True) == 4
+def test_the_stop_rule_stops_a_trial_whose_energies_went_non_finite() -> None:
+    # patience 0: stop at the alarm
+    detector, rule = OnlineDetector(), StopRule(energy_patience=0)
+    decisions = [rule.decide(epoch=r["epoch"], alarm=detector.update(r)[1], best_epoch=0) for r in _rows(10, nan_at=4, probed_nan=True)]
+    assert decisions.index("energy_divergence") == 4
 
 
 # -- damaged checkpoints and durable writes (issue 14, item 5) ------------------------------------

@@ -12,6 +12,7 @@ import yaml
 
 from analysis.errors import SpecError
 from analysis.query import open_tables
+from analysis.stopping import StopRule
 from study.sampler import check_sampler
 from study.scheduler_keys import check_scheduler, check_scheduler_for
 from study.scheduler import Asha, KeepInSearch, Median, build_scheduler
@@ -121,7 +122,7 @@ def test_val_patience_stops_after_that_many_epochs_without_a_new_best(tmp_path: 
     from trainables.engine import run_trial
 
     cfg = parse_trial({k: v for k, v in SPEC.items() if k not in ("search", "sampler", "max_concurrent")} | {"epochs": 8, "lr": 0.002})
-    result = run_trial(cfg, out=tmp_path, val_patience=2)
+    result = run_trial(cfg, out=tmp_path, stop=StopRule(val_patience=2))
     acc = [a for (a,) in open_tables(tmp_path).execute("select val_robust_acc from epochs order by epoch").fetchall()]
     # the rule replayed on the stored curve: the first epoch two epochs past the running best
     best_epoch, expected = 0, None

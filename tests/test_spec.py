@@ -111,10 +111,12 @@ def test_stop_patience_without_its_flag_or_negative_exits_2(flags: list[str], fr
     assert not out.exists()
 
 
-def test_study_stop_patience_follows_early_stop() -> None:
-    from study.spec import _check_study_keys
+def test_study_stop_rule_follows_early_stop() -> None:
     from analysis.phases import STOP_PATIENCE
+    from analysis.stopping import StopRule
+    from study.spec import _check_study_keys
 
-    assert _check_study_keys({}).stop_patience is None
-    assert _check_study_keys({"early_stop": {"energy_divergence": True}}).stop_patience == STOP_PATIENCE
-    assert _check_study_keys({"early_stop": {"energy_divergence": True, "patience": 0}}).stop_patience == 0
+    assert _check_study_keys({}).early_stop == StopRule()
+    assert _check_study_keys({"early_stop": {"energy_divergence": True}}).early_stop == StopRule(energy_patience=STOP_PATIENCE)
+    assert _check_study_keys({"early_stop": {"energy_divergence": True, "patience": 0}}).early_stop == StopRule(energy_patience=0)
+    assert _check_study_keys({"early_stop": {"patience": 3, "val_patience": 5}}).early_stop == StopRule(val_patience=5)

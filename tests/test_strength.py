@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from analysis.phases import DETECTOR_COLUMNS, OnlineDetector
 from analysis.query import open_tables
+from analysis.stopping import StopRule
 from conftest import TINY
 from study.cli import main
 from trainables import checkpoint
@@ -90,7 +91,7 @@ def test_energy_divergence_stops_a_trial_at_the_first_alarmed_epoch_without_a_ne
     tmp_path: Path,
 ) -> None:
     cfg = parse_trial(DIVERGES)
-    result = run_trial(cfg, out=tmp_path, stop_patience=PATIENCE)
+    result = run_trial(cfg, out=tmp_path, stop=StopRule(energy_patience=PATIENCE))
     rows = _rows(tmp_path, "select * from epochs order by epoch")
 
     # the stop epoch, worked out from the stored rows: the online detector replayed on the

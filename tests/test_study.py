@@ -169,32 +169,35 @@ def test_bad_search_space_exits_2_before_ray_starts(search: dict, named: str, tm
     assert not any(tmp_path.iterdir())
 
 
-def test_stopper_waits_for_alarm_and_patience_and_rebuilds_after_restart(tmp_path: Path) -> None:
-    from analysis.store import write_epoch_rows
-    from analysis.schema import EPOCHS
-    from study.callbacks import EnergyDivergenceStopper
+def test_stop_rule_waits_for_alarm_and_patience_and_a_restored_detector_decides_the_same(tmp_path: Path) -> None:
+    from analysis.phases import OnlineDetector
+    from analysis.stopping import StopRule
     from test_phases import curve
 
     data = curve(sign=-1.0, scale=1.0, onset=30, epochs=60, noise=0.0)
     rows = [{k: data[k][i].item() for k in data} for i in range(60)]
-    for r in rows:  # validation robust accuracy improves until epoch 35, then stays
-        r["best_val_robust_acc"] = min(r["epoch"], 35) / 100
-    at_alarm = EnergyDivergenceStopper(str(tmp_path), patience=0)
-    alarm = [at_alarm("t1", r) for r in rows].index(True)
+    best_epochs = [min(r["epoch"], 35) for r in rows]  # validation robust accuracy improves until epoch 35, then stays
+
+    def decisions(rule: StopRule, detector: OnlineDetector, start: int = 0) -> list[str | None]:
+        out = []
+        for r, best in zip(rows[start:], best_epochs[start:]):
+            _phase, alarm = detector.update(r)
+            out.append(rule.decide(epoch=r["epoch"], alarm=alarm, best_epoch=best))
+        return out
+
+    at_alarm = decisions(StopRule(energy_patience=0), OnlineDetector())
+    alarm = at_alarm.index("energy_divergence")
     assert 30 < alarm < 45
-    stopper = EnergyDivergenceStopper(str(tmp_path), patience=10)
-    decisions = [stopper("t1", r) for r in rows]
-    first = decisions.index(True)
-    assert first == max(alarm, 35 + 10) and not stopper.stop_all()
-    # a restarted driver rebuilds the detector from the stored rows before the reported epoch
-    (tmp_path / "tables").mkdir(exist_ok=True)
-    for r in rows[:first]:
-        full = {name: [0.5] for name in EPOCHS.names} | {k: [v] for k, v in r.items()}
-        full.update(study=["s"], trial_id=["t1"], method=["sat"], phase=[1], alarm=[False], alarm_reason=[None], probed=[True])
-        write_epoch_rows(str(tmp_path), table="epochs", trial_id="t1", epoch=r["epoch"], columns=full, provenance={})
-    restarted = EnergyDivergenceStopper(str(tmp_path), patience=10)
-    assert restarted("t1", rows[first]) is True
-    assert EnergyDivergenceStopper(str(tmp_path), patience=None)("t1", rows[first]) is False
+    patient = decisions(StopRule(energy_patience=10), OnlineDetector())
+    first = patient.index("energy_divergence")
+    assert first == max(alarm, 35 + 10)
+    assert set(decisions(StopRule(), OnlineDetector())) == {None}  # no rule: every epoch runs
+    # a trial resumed from its checkpoint restores its detector (state_dict) and decides the same
+    half = OnlineDetector()
+    for r in rows[:first - 3]:
+        half.update(r)
+    restored = OnlineDetector.from_state_dict(half.state_dict())
+    assert decisions(StopRule(energy_patience=10), restored, start=first - 3) == patient[first - 3:]
 
 
 def test_multi_objective_study_keeps_a_pareto_front_in_the_journal(tmp_path: Path) -> None:

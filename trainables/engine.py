@@ -40,7 +40,8 @@ import yaml
 from torch import nn
 
 from analysis.errors import EnergyatError
-from analysis.phases import DETECTOR_COLUMNS, OnlineDetector, PhaseResult, detect, should_stop
+from analysis.phases import DETECTOR_COLUMNS, OnlineDetector, PhaseResult, detect
+from analysis.stopping import StopRule
 from analysis.schema import SCHEMA_VERSION
 from analysis.store import (
     check_name,
@@ -278,8 +279,7 @@ def run_trial(
     trial_id: str = "train",
     checkpoint_dir: Path | None = None,
     on_epoch: EpochCallback | None = None,
-    stop_patience: int | None = None,
-    val_patience: int | None = None,
+    stop: StopRule = StopRule(),
     spec_file: Path | None = None,
     device: torch.device | None = None,
 ) -> dict[str, Any]:
@@ -298,12 +298,8 @@ def run_trial(
         on_epoch: called after each epoch's rows and checkpoint are written; a returned
             string stops the trial with that stop reason. The last epoch is reported after the
             final evaluation, its row merged with the outcome (``stop_reason``, ``final_*``).
-        stop_patience: None runs every epoch; an int stops the trial with ``energy_divergence``
-            once the online detector alarms and validation robust accuracy has not improved for
-            that many epochs (:func:`analysis.phases.should_stop`; 0 stops at the alarm).
-        val_patience: None, or stop the trial with ``val_patience`` once validation robust
-            accuracy has not improved for that many epochs, alarm or not: plain patience, the
-            baseline the energy stopper is measured against (benchmarks/stoppers.py).
+        stop: when the trial stops before its last epoch (:class:`analysis.stopping.StopRule`,
+            decided after each epoch; the default runs every epoch).
         spec_file: where the resolved spec is written (``energyat train``: ``out/spec.yaml``); an
             existing file must hold the same spec, so a different trial never continues this one.
             Studies pass None: their trials differ by design and `trials` carries each config.
@@ -427,10 +423,8 @@ def run_trial(
             progress.seconds = seconds_before + time.perf_counter() - started
             if not finite:
                 progress.stop_reason = f"error: non-finite loss at epoch {epoch}"
-            elif stop_patience is not None and should_stop(alarm=alarm, epoch=epoch, best_epoch=progress.best_epoch, patience=stop_patience):
-                progress.stop_reason = "energy_divergence"
-            elif val_patience is not None and progress.best_epoch is not None and epoch - progress.best_epoch >= val_patience:
-                progress.stop_reason = "val_patience"
+            else:
+                progress.stop_reason = stop.decide(epoch=epoch, alarm=alarm, best_epoch=progress.best_epoch)
             checkpoint.save(last, {**_checkpoint_state(model, opt, detector, progress, device), "epoch": epoch})
             if new_best:  # the whole state, not only the weights: a damaged last.pt falls back to it
                 checkpoint.copy(last, best)
@@ -465,7 +459,7 @@ def write_error_row(cfg: TrialConfig, *, out: str, trial_id: str, reason: str) -
     """End a trial's `trials` row as ERROR with `reason` (one line, starting "error: "), keeping
     what it had recorded (epochs run, best validation accuracy, alarm); a trial that died before
     its first epoch gets a row of its own. For failures outside the trial's loop: Ray Tune giving
-    up after its restarts (study.runner), or a hang (trainables.tune_adapter)."""
+    up after its restarts (study.callbacks.TrialErrors), or a hang (trainables.tune_adapter)."""
     resolved = cfg.to_dict()
     outcome = read_trial_outcome(out, trial_id) or {
         "study": cfg.name, "trial_id": trial_id, "epochs_run": 0, "best_val_robust_acc": math.nan, "best_val_clean_acc": math.nan,

@@ -24,6 +24,7 @@ import ray.tune as tune
 import torch
 
 from analysis.errors import EnergyatError
+from analysis.stopping import StopRule
 from analysis.store import stop_request
 from trainables.config import parse_trial, trial_spec
 from trainables.engine import run_trial, write_error_row
@@ -146,8 +147,8 @@ def _running(pid: int) -> bool:
 
 
 def energyat_trial(
-    config: dict[str, Any], *, base_spec: dict[str, Any], study_dir: str, objectives: list[str], cpus: int, stop_patience: int | None,
-    hang_timeout: float | None = None, val_patience: int | None = None, scheduled: bool = False, checkpoint_every: int | None = None,
+    config: dict[str, Any], *, base_spec: dict[str, Any], study_dir: str, objectives: list[str], cpus: int, stop: StopRule = StopRule(),
+    hang_timeout: float | None = None, scheduled: bool = False, checkpoint_every: int | None = None,
 ) -> None:
     """Run one trial of a study under Ray Tune (see ``tune.with_parameters``)."""
     spec = trial_spec(base_spec, config)  # Optuna's flat suggestions: {"weat.power": 1.5}
@@ -193,7 +194,7 @@ def energyat_trial(
         return stop_request(study_dir, trial_id) if scheduled and not row.get("done") else None
 
     try:
-        run_trial(cfg, out=study_dir, trial_id=trial_id, checkpoint_dir=work, on_epoch=report, stop_patience=stop_patience, val_patience=val_patience,
+        run_trial(cfg, out=study_dir, trial_id=trial_id, checkpoint_dir=work, on_epoch=report, stop=stop,
                   device=ray_device(cfg.device))
     finally:
         if watchdog is not None:
