@@ -58,7 +58,9 @@ from trainables.models import build_model  # noqa: E402
 
 # bf16 dense peak, TFLOP/s, for MFU when --peak-tflops is not given
 _PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
-_FORWARD_GMAC = {"preact_resnet18": 0.555}  # per 32x32 image (the figure)
+# multiply-accumulates of one forward pass per 32x32 image, G: torch.utils.flop_counter.FlopCounterMode
+# counts 1.111 GFLOPs for preact_resnet18 (convolutions and the linear layer; 2 FLOPs per MAC)
+_FORWARD_GMAC = {"preact_resnet18": 0.555}
 
 
 @dataclasses.dataclass(frozen=True)
