@@ -18,7 +18,7 @@ from trainables.config import SgldConfig, parse_trial
 from trainables.data import load_dataset
 from trainables.energy import joint_energy
 from trainables.judge import frechet_distance, inception_scores
-from trainables.sampling import STARTS, class_starts, sgld
+from trainables.sgld import STARTS, class_starts, sgld
 
 # 8x8 digits: the paper's step 0.8 (for CIFAR) saturates every pixel within a few steps, so the
 # finding is checked at eta 0.05 without momentum (README, "Sampling"); 20 images per class.

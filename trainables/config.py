@@ -169,7 +169,7 @@ class FinalEvalConfig:
 
 @dataclass(frozen=True)
 class SgldConfig:
-    """SGLD on the joint energy (`energyat sample`, trainables/sampling.py; docs/science.md section 5)."""
+    """SGLD on the joint energy (`energyat sample`, trainables/sgld.py; docs/science.md section 5)."""
 
     steps: int = 50
     eta: float = 0.8  # step size on grad_x E(x, y)

@@ -1,7 +1,7 @@
 """`energyat sample`: images generated from a model by SGLD on its joint energy.
 
 The model is a :class:`trainables.subjects.Subject`: a trial's best checkpoint, a state-dict
-file or a RobustBench model. SGLD chains start per class (:mod:`trainables.sampling`); the
+file or a RobustBench model. SGLD chains start per class (:mod:`trainables.sgld`); the
 result goes to ``OUT/samples/<name>-<init>.png`` (rows = classes) and ``.npz`` (starts,
 samples, labels, scores), judged by an independent classifier (:mod:`trainables.judge`).
 """
@@ -21,7 +21,7 @@ from analysis.plots import sample_grid
 from trainables.config import SgldConfig
 from trainables.data import load_dataset
 from trainables.judge import inception_scores, judge_scores, load_or_train_judge
-from trainables.sampling import Init, class_starts, sgld
+from trainables.sgld import Init, class_starts, sgld
 from trainables.subjects import Subject
 
 
