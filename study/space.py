@@ -9,9 +9,10 @@ Each entry names a spec key (dotted) and its range:
       attack.steps: [3, 10]                # two whole numbers: an integer range
       weat.normalize: {choices: [true, false]}   # explicit categorical
 
-Parameters exist only for the methods that use them (docs/design.md section 5): `beta` for
-trades, weat, der and mart; `weat.*` for weat; `der.*` for der. A trial of `sat` therefore
-carries no `beta` in Optuna, and TPE models each method's parameters separately.
+Parameters exist only for the methods that use them (docs/design.md section 5), as each
+method's record names them (:attr:`trainables.methods.Method.spec_keys`): `beta` for trades, weat,
+der and mart; `weat.*` for weat; `der.*` for der. A trial of `sat` therefore carries no `beta` in
+Optuna, and TPE models each method's parameters separately.
 """
 
 from __future__ import annotations
@@ -22,13 +23,12 @@ from typing import Any, Mapping
 
 from analysis.errors import SpecError
 from trainables.config import parse_trial, trial_spec
+from trainables.methods import METHODS
 
-# Which methods read a parameter; keys not listed here apply to every method.
-USED_BY: dict[str, frozenset[str]] = {
-    "beta": frozenset({"trades", "weat", "der", "mart"}),
-    "weat.": frozenset({"weat"}),
-    "der.": frozenset({"der"}),
-}
+
+def _names(key: str, spec_key: str) -> bool:
+    """Whether `spec_key` (a key, or a block with a trailing dot: "weat.") names `key`."""
+    return key == spec_key or (spec_key.endswith(".") and key.startswith(spec_key))
 
 
 @dataclass(frozen=True)
@@ -54,10 +54,12 @@ class Dimension:
         return f"{self.kind} in [{self.low:g}, {self.high:g}]{' log' if self.log else ''}"
 
     def used_by(self, method: str) -> bool:
-        for prefix, methods in USED_BY.items():
-            if self.key == prefix or (prefix.endswith(".") and self.key.startswith(prefix)):
-                return method in methods
-        return True
+        """Whether a trial of `method` reads this key: a key some method claims (`Method.spec_keys`)
+        is read by the methods that claim it only; any other key by every method."""
+        if not any(_names(self.key, k) for m in METHODS.values() for k in m.spec_keys):
+            return True
+        claimed = METHODS[method].spec_keys if method in METHODS else ()
+        return any(_names(self.key, k) for k in claimed)
 
 
 def _is_number(v: Any) -> bool:

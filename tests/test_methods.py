@@ -4,24 +4,56 @@ from __future__ import annotations
 
 import copy
 import math
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import torch
 
 from analysis.query import open_tables
 from analysis.schema import EPOCHS
-from trainables.config import DerConfig, WeatConfig, parse_trial
+from study.space import Dimension
+from trainables.config import DerConfig, MethodName, TrialConfig, WeatConfig, flatten, parse_trial
 from trainables.engine import run_trial
 from trainables.methods import METHODS, MethodParams, delta_energy_penalty, weat_weights
 from trainables.models import build_model
-from conftest import TINY
+from conftest import ROOT, TINY
 
 
 def _params(**changes: object) -> MethodParams:
     base = MethodParams(eps=0.15, step_size=0.05, steps=2, norm="linf", fgsm_step=0.1875, beta=6.0, weat=WeatConfig(), der=DerConfig())
     return replace(base, **changes)  # type: ignore[arg-type]
+
+
+def test_the_spec_names_the_methods_of_the_registry_in_its_order() -> None:
+    # MethodName is what the spec parser accepts and mypy checks; METHODS is what trains
+    assert get_args(MethodName) == tuple(METHODS)
+
+
+def test_the_registry_and_the_search_space_import_without_torch() -> None:
+    # spec checks and the search space run where nothing trains (the study driver, `energyat check`)
+    code = "import sys, study.space, trainables.methods; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_each_method_has_a_label_a_summary_and_claims_only_spec_keys_that_exist(name: str) -> None:
+    method = METHODS[name]
+    assert method.label and method.summary
+    keys = flatten(TrialConfig().to_dict())
+    for claimed in method.spec_keys:  # a key, or a block with a trailing dot ("weat.")
+        assert any(k == claimed or (claimed.endswith(".") and k.startswith(claimed)) for k in keys), claimed
+
+
+def test_the_search_space_suggests_a_methods_own_keys_to_that_method_only() -> None:
+    # beta for the methods with a KL or penalty weight, a method's own block for it alone, the rest for all
+    expected = {"beta": {"trades", "weat", "der", "mart"}, "weat.power": {"weat"}, "der.gamma": {"der"}, "lr": set(METHODS)}
+    for key, methods in expected.items():
+        assert {m for m in METHODS if Dimension(key, "float").used_by(m)} == methods, key
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))

@@ -12,7 +12,7 @@ import torch
 from analysis.errors import SpecError
 from conftest import EXAMPLES
 from study.spec import load_spec
-from trainables.config import REFERENCE_BN, REFERENCE_START, parse_trial
+from trainables.config import parse_trial
 from trainables.methods import METHODS, MethodParams
 
 PAPER = ["paper_cifar10.yaml", "paper_cifar100.yaml", "paper_svhn.yaml"]
@@ -50,7 +50,8 @@ def test_auto_resolves_to_each_methods_reference() -> None:
     # WEAT code craft in eval mode from x + 0.001 N(0, I)
     expected_bn = {"sat": "train", "fgsm_rs": "train", "der": "train", "trades": "eval", "weat": "eval", "mart": "eval", "standard": "eval"}
     expected_start = {"sat": "uniform", "fgsm_rs": "uniform", "der": "uniform", "trades": "gaussian", "weat": "gaussian", "mart": "gaussian", "standard": "uniform"}
-    assert REFERENCE_BN == expected_bn and REFERENCE_START == expected_start and set(expected_bn) == set(METHODS)
+    assert {m: METHODS[m].bn for m in METHODS} == expected_bn and {m: METHODS[m].start for m in METHODS} == expected_start
+    assert set(expected_bn) == set(METHODS)
     for method in METHODS:
         p = MethodParams.from_config(parse_trial({"method": method}))
         assert (p.bn, p.start) == (expected_bn[method], expected_start[method]), method

@@ -22,6 +22,8 @@ from analysis.errors import SpecError, unknown_choice
 from analysis.store import SAFE_NAME
 
 Norm = Literal["linf", "l2"]
+# the keys of trainables.methods.METHODS, in its order (a Literal, so mypy and the spec parser see
+# each name; that module imports this one, so it cannot be built from the registry)
 MethodName = Literal["standard", "sat", "trades", "weat", "der", "fgsm_rs", "mart"]
 ModelName = Literal["small_cnn", "tiny_cnn", "cnn_fc", "preact_resnet18", "resnet18", "wrn34_10"]
 MODEL_NAMES: tuple[str, ...] = get_args(ModelName)
@@ -65,16 +67,6 @@ class DatasetConfig:
 DEFAULT_VAL_SIZE: dict[str, int] = {"digits": 200, "fashion_mnist": 1000, "cifar10": 1000, "cifar100": 1000, "svhn": 1000}
 NPZ_VAL_FRACTION = 0.1  # an npz's default validation share of its training images
 
-# Which batch-norm mode each method crafts its training x* in, as its reference code does
-# (`attack.bn: auto`): Rice et al. (PGD-AT) and Wong et al. (FGSM-RS) call model.train() around
-# the attack, so batch statistics are used and running statistics updated by every attack step;
-# TRADES, MART and the WEAT code call model.eval(). DER builds on PGD-AT or FGSM-RS and follows
-# them (its code was not available to us). `standard` crafts nothing in training.
-REFERENCE_BN: dict[str, str] = {"standard": "eval", "sat": "train", "fgsm_rs": "train", "der": "train", "trades": "eval", "weat": "eval", "mart": "eval"}
-# Where each method's training attack starts (`attack.start: auto`): uniform in the eps-ball
-# (Madry et al., Rice et al., Wong et al.) or x + 0.001 * N(0, I) (TRADES, MART, the WEAT code).
-REFERENCE_START: dict[str, str] = {"standard": "uniform", "sat": "uniform", "fgsm_rs": "uniform", "der": "uniform", "trades": "gaussian", "weat": "gaussian", "mart": "gaussian"}
-
 
 @dataclass(frozen=True)
 class AttackConfig:
@@ -87,10 +79,10 @@ class AttackConfig:
     steps: int = 10  # PGD iterations (training and probe attacks)
     norm: Norm = "linf"
     fgsm_step: float | None = None  # FGSM-RS step; None = 1.25 * eps (Wong et al. 2020)
-    # batch-norm mode while crafting the *training* x*: auto = the method's reference (REFERENCE_BN).
+    # batch-norm mode while crafting the *training* x*: auto = the method's reference (trainables.methods: Method.bn).
     # Probes and every evaluation craft in eval mode whatever this says.
     bn: Literal["auto", "train", "eval"] = "auto"
-    # the training attack's start: auto = the method's reference (REFERENCE_START)
+    # the training attack's start: auto = the method's reference (trainables.methods: Method.start)
     start: Literal["auto", "uniform", "gaussian"] = "auto"
 
     def __post_init__(self) -> None:

@@ -1,26 +1,32 @@
-"""Adversarial-training methods, one signature, one registry.
+"""Adversarial-training methods: one record per method, one registry.
 
 Every method is ``method_loss(model, x, y, *, params) -> (loss, parts)`` (TRADES'
 ``trades_loss(..., beta=...)``): ``loss`` is the scalar to back-propagate, ``parts`` holds the
 detached per-batch values the engine reports (clean logits, the logits of the inputs trained
 on, per-sample weights). The training loop never branches on a method's name.
 
-Each method also names the attack that crafts its own x* (:attr:`Method.craft`): the energy
-probes use it, so ``probe_train_dE`` is measured with the adversary the model trains against.
+A method is one :class:`Method` in :data:`METHODS`, holding all that is particular to it: its
+loss, the attack that crafts its x* (the energy probes use it too, so ``probe_train_dE`` is
+measured with the adversary the model trains against), the batch-norm mode and start its
+reference code crafts with, the spec keys only it reads, and its label. Adding a method is its
+loss, its entry here, its name in :data:`trainables.config.MethodName`, and a test.
+
+torch is imported inside the functions, on a method's first call: the spec checks and the search
+space (trainables.config, study/space.py) read this registry in processes that never train.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+from trainables.config import DerConfig, TrialConfig, WeatConfig
 
-from trainables.attacks import eval_mode, pgd, trades_kl
-from trainables.config import REFERENCE_BN, REFERENCE_START, DerConfig, TrialConfig, WeatConfig
-from trainables.energy import joint_energy, kl_per_sample, marginal_energy
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from trainables.attacks import BnMode, Start
 
 
 @dataclass(frozen=True)
@@ -40,15 +46,16 @@ class MethodParams:
 
     @classmethod
     def from_config(cls, cfg: TrialConfig) -> "MethodParams":
-        """The method's parameters with `auto` resolved to the method's reference (config.REFERENCE_BN, REFERENCE_START)."""
+        """The method's parameters with `auto` resolved to the method's reference (:attr:`Method.bn`, :attr:`Method.start`)."""
         a = cfg.attack
         assert a.step is not None  # AttackConfig derives it
+        method = METHODS[cfg.method]
         return cls(
             eps=a.eps, step_size=a.step, steps=a.steps, norm=a.norm,
             fgsm_step=a.fgsm_step if a.fgsm_step is not None else 1.25 * a.eps,
             beta=cfg.beta, weat=cfg.weat, der=cfg.der,
-            bn=REFERENCE_BN[cfg.method] if a.bn == "auto" else a.bn,
-            start=REFERENCE_START[cfg.method] if a.start == "auto" else a.start,
+            bn=method.bn if a.bn == "auto" else a.bn,
+            start=method.start if a.start == "auto" else a.start,
         )
 
 
@@ -60,19 +67,26 @@ class Parts(NamedTuple):
     weights: torch.Tensor  # per-sample loss weights (B,), ones when the method has none
 
 
-MethodLoss = Callable[..., tuple[torch.Tensor, Parts]]
-Craft = Callable[[nn.Module, torch.Tensor, torch.Tensor, MethodParams], torch.Tensor]
+# strings: torch is not imported at run time here (the module docstring says why)
+MethodLoss = Callable[..., "tuple[torch.Tensor, Parts]"]
+Craft = Callable[["nn.Module", "torch.Tensor", "torch.Tensor", MethodParams], "torch.Tensor"]
 
 
 def craft_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: MethodParams) -> torch.Tensor:
+    from trainables.attacks import pgd
+
     return pgd(model, x, y, eps=p.eps, step_size=p.step_size, steps=p.steps, norm=p.norm, start=p.start, bn=p.bn)  # type: ignore[arg-type]
 
 
 def craft_fgsm_rs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: MethodParams) -> torch.Tensor:
+    from trainables.attacks import pgd
+
     return pgd(model, x, y, eps=p.eps, step_size=p.fgsm_step, steps=1, norm=p.norm, start=p.start, bn=p.bn)  # type: ignore[arg-type]
 
 
 def craft_trades(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: MethodParams) -> torch.Tensor:
+    from trainables.attacks import trades_kl
+
     return trades_kl(model, x, y, eps=p.eps, step_size=p.step_size, steps=p.steps, norm=p.norm, start=p.start, bn=p.bn)  # type: ignore[arg-type]
 
 
@@ -86,23 +100,33 @@ def _clean_logits_for_metrics(model: nn.Module, x: torch.Tensor) -> torch.Tensor
     One forward without gradients in eval mode (so batch-norm statistics are not updated twice
     per batch): about 1/(2 * steps + 2) of the step's cost.
     """
+    import torch
+
+    from trainables.attacks import eval_mode
+
     with torch.no_grad(), eval_mode(model):
         return model(x)
 
 
 def _ones(x: torch.Tensor) -> torch.Tensor:
+    import torch
+
     return torch.ones(x.shape[0], device=x.device)
 
 
 def standard(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, params: MethodParams) -> tuple[torch.Tensor, Parts]:
     """Plain cross-entropy on clean inputs: the non-robust baseline."""
+    import torch.nn.functional as F
+
     logits = model(x)
     loss = F.cross_entropy(logits, y)
     return loss, Parts(logits.detach(), logits.detach(), _ones(x))
 
 
 def sat(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, params: MethodParams) -> tuple[torch.Tensor, Parts]:
-    """PGD-AT (Madry et al. 2018): CE(f(x*), y) with x* from untargeted PGD."""
+    """PGD-AT (Madry et al. 2018, arXiv 1706.06083): CE(f(x*), y) with x* from untargeted PGD."""
+    import torch.nn.functional as F
+
     x_adv = craft_pgd(model, x, y, params)
     logits_adv = model(x_adv)
     loss = F.cross_entropy(logits_adv, y)
@@ -110,7 +134,9 @@ def sat(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, params: MethodPar
 
 
 def fgsm_rs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, params: MethodParams) -> tuple[torch.Tensor, Parts]:
-    """Single-step AT with FGSM and a random start (Wong et al. 2020): the CO-prone case."""
+    """Single-step AT with FGSM and a random start (Wong et al. 2020, arXiv 2001.03994): the CO-prone case."""
+    import torch.nn.functional as F
+
     x_adv = craft_fgsm_rs(model, x, y, params)
     logits_adv = model(x_adv)
     loss = F.cross_entropy(logits_adv, y)
@@ -118,7 +144,11 @@ def fgsm_rs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, params: Metho
 
 
 def trades(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, params: MethodParams) -> tuple[torch.Tensor, Parts]:
-    """TRADES (Zhang et al. 2019): CE(f(x), y) + beta * KL(p(.|x) || p(.|x*))."""
+    """TRADES (Zhang et al. 2019, arXiv 1901.08573): CE(f(x), y) + beta * KL(p(.|x) || p(.|x*))."""
+    import torch.nn.functional as F
+
+    from trainables.energy import kl_per_sample
+
     x_adv = craft_trades(model, x, y, params)
     logits, logits_adv = model(x), model(x_adv)
     per_sample = F.cross_entropy(logits, y, reduction="none") + params.beta * kl_per_sample(logits, logits_adv)
@@ -131,6 +161,8 @@ def weat_weights(energy: torch.Tensor, w: WeatConfig) -> torch.Tensor:
     ``tau=1, power=1, normalize=False`` is the paper's 1 / log(1 + exp(|E(x)|));
     ``power=0`` gives ones (plain TRADES).
     """
+    import torch.nn.functional as F
+
     weights = F.softplus(energy.detach().abs() / w.tau).pow(-w.power)
     return weights / weights.mean() if w.normalize else weights
 
@@ -141,6 +173,10 @@ def weat(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, params: MethodPa
     sum_i w_i [CE(f(x*_i) or f(x_i), y_i) + beta * KL(p(.|x_i) || p(.|x*_i))] / B, with
     w from :func:`weat_weights` of the natural or adversarial marginal energy.
     """
+    import torch.nn.functional as F
+
+    from trainables.energy import kl_per_sample, marginal_energy
+
     w = params.weat
     x_adv = craft_trades(model, x, y, params)
     logits, logits_adv = model(x), model(x_adv)
@@ -154,17 +190,23 @@ def delta_energy_penalty(
     logits: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, gamma: float
 ) -> torch.Tensor:
     """DER's per-sample max(||[dE(x), dE(x,y)]||_2 - gamma, 0) (arXiv 2505.22486)."""
+    import torch
+
+    from trainables.energy import joint_energy, marginal_energy
+
     d_marginal = marginal_energy(logits) - marginal_energy(logits_adv)
     d_joint = joint_energy(logits, y) - joint_energy(logits_adv, y)
     return (torch.stack([d_marginal, d_joint], dim=1).norm(dim=1) - gamma).clamp_min(0.0)
 
 
 def der(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, params: MethodParams) -> tuple[torch.Tensor, Parts]:
-    """Delta Energy Regularizer: CE(f(x*), y) + beta * gate * max(||[dE, dE_y]|| - gamma, 0).
+    """Delta Energy Regularizer (arXiv 2505.22486): CE(f(x*), y) + beta * gate * max(||[dE, dE_y]|| - gamma, 0).
 
     Multi-step (PGD) x*: gate = 1. Single-step (``der.single_step``, FGSM-RS x*): gate = 1 only
     for abnormal adversarial examples, CE(x*, y) < CE(x, y). The reported weights are the gate.
     """
+    import torch.nn.functional as F
+
     x_adv = craft_der(model, x, y, params)
     logits, logits_adv = model(x), model(x_adv)
     ce_adv = F.cross_entropy(logits_adv, y, reduction="none")
@@ -179,6 +221,11 @@ def der(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, params: MethodPar
 
 def mart(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, params: MethodParams) -> tuple[torch.Tensor, Parts]:
     """MART (Wang et al. 2020, ICLR): boosted CE on x* + beta * KL(p(x)||p(x*)) * (1 - p_y(x))."""
+    import torch
+    import torch.nn.functional as F
+
+    from trainables.energy import kl_per_sample
+
     x_adv = craft_pgd(model, x, y, params)
     logits, logits_adv = model(x), model(x_adv)
     adv_probs = logits_adv.softmax(dim=1)
@@ -193,19 +240,40 @@ def mart(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, params: MethodPa
     return loss, Parts(logits.detach(), logits_adv.detach(), _ones(x))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Method:
+    """One AT method: everything about it that is not shared with the others."""
+
+    label: str  # its name in prose, tables and figures
     loss: MethodLoss
     craft: Craft  # the attack whose x* the method trains on; the probes use it too
+    bn: BnMode  # batch-norm mode its reference code crafts the training x* in (`attack.bn: auto`)
+    start: Start  # where its reference code starts the training attack (`attack.start: auto`)
+    # the spec keys only this method reads, a trailing dot for a whole block ("weat."): a study's
+    # search suggests them in this method's trials only (study/space.py); a key that no method
+    # names here is read by every method
+    spec_keys: tuple[str, ...] = ()
+
+    @property
+    def summary(self) -> str:
+        """One line: what the method optimises, and its paper (its loss's docstring opens with it)."""
+        return (self.loss.__doc__ or "").strip().splitlines()[0]
 
 
+# Batch-norm modes and starts follow each method's reference code: Rice et al. (PGD-AT) and Wong
+# et al. (FGSM-RS) call model.train() around the attack, so batch statistics are used and running
+# statistics updated by every attack step, and start uniformly in the eps-ball (as Madry et al.);
+# TRADES, MART and the WEAT code call model.eval() and start at x + 0.001 * N(0, I). The order is
+# trainables.config.MethodName's (tests/test_methods.py checks both name the same methods).
 METHODS: dict[str, Method] = {
-    # standard trains on clean inputs; its probes measure it against PGD, the usual threat.
-    "standard": Method(standard, craft_pgd),
-    "sat": Method(sat, craft_pgd),
-    "trades": Method(trades, craft_trades),
-    "weat": Method(weat, craft_trades),
-    "der": Method(der, craft_der),
-    "fgsm_rs": Method(fgsm_rs, craft_fgsm_rs),
-    "mart": Method(mart, craft_pgd),
+    # trains on clean inputs and crafts nothing in training; its probes measure it against PGD,
+    # the usual threat
+    "standard": Method(label="standard", loss=standard, craft=craft_pgd, bn="eval", start="uniform"),
+    "sat": Method(label="SAT", loss=sat, craft=craft_pgd, bn="train", start="uniform"),
+    "trades": Method(label="TRADES", loss=trades, craft=craft_trades, bn="eval", start="gaussian", spec_keys=("beta",)),
+    "weat": Method(label="WEAT", loss=weat, craft=craft_trades, bn="eval", start="gaussian", spec_keys=("beta", "weat.")),
+    # DER builds on PGD-AT or FGSM-RS and crafts as they do (its code was not available to us)
+    "der": Method(label="DER", loss=der, craft=craft_der, bn="train", start="uniform", spec_keys=("beta", "der.")),
+    "fgsm_rs": Method(label="FGSM-RS", loss=fgsm_rs, craft=craft_fgsm_rs, bn="train", start="uniform"),
+    "mart": Method(label="MART", loss=mart, craft=craft_pgd, bn="eval", start="gaussian", spec_keys=("beta",)),
 }
