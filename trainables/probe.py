@@ -95,11 +95,6 @@ def whole_split(split: str, x: torch.Tensor, y: torch.Tensor, seed: int, num_cla
     return _as_probe_set(split, torch.arange(len(y)), x, y, seed, num_classes)
 
 
-def first_images(split: str, x: torch.Tensor, y: torch.Tensor, n: int, num_classes: int) -> ProbeSet:
-    """The first `n` images of a split, as RobustBench evaluates (its first n test images)."""
-    return _as_probe_set(split, torch.arange(min(n, len(y))), x, y, 0, num_classes)
-
-
 def _as_probe_set(split: str, index: torch.Tensor, x: torch.Tensor, y: torch.Tensor, seed: int, num_classes: int) -> ProbeSet:
     dev_index = index.to(x.device)
     labels = y[dev_index]
