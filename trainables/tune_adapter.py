@@ -46,7 +46,7 @@ def ray_device(requested: str) -> torch.device:
     """The device Ray assigned to this trial: its GPU when it reserved one (`resources.gpu` > 0),
     the CPU when it reserved none, whatever torch can see.
 
-    Ray 2.60 no longer hides the GPUs from an actor that asked for none, so `device: auto` read
+    Ray (2.60) does not hide the GPUs from an actor that asked for none, so `device: auto` read
     as "any visible GPU" would put every zero-GPU trial of a GPU node on cuda:0, which Ray does
     not count. For a trial with a GPU, Ray sets CUDA_VISIBLE_DEVICES to the one it assigned, so
     torch numbers it 0; where that variable is not set (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES),
@@ -67,15 +67,14 @@ def ray_device(requested: str) -> torch.device:
 # A trial hands Ray Tune a checkpoint at its first epoch, then at most every CHECKPOINT_SECONDS,
 # and with its last result. Tune keeps the newest three (study.runner: num_to_keep=3) and forces
 # a snapshot of the experiment whenever a trial has checkpointed num_to_keep times since the last
-# one, so that no snapshot names a deleted checkpoint; it snapshots every 10 s anyway, and warns
-# when a forced snapshot comes within 5 s of the previous one. With a checkpoint every epoch and
-# num_to_keep=2, a 2-second digits epoch forced a snapshot every few seconds, and Tune printed its
-# three-line "snapshotting has been triggered multiple times" warning every 1-2 s (35 times in
-# make demo's first two minutes). Now three checkpoints within one 10-s snapshot period cannot
-# happen (the second comes 10 s after the first, and a snapshot falls in between), so nothing
-# forces one. (With two, a short trial's first and last checkpoint forced one, and CI saw the
-# warning once.) A restarted trial re-runs at most this many seconds of epochs (its rows are
-# rewritten, the same).
+# one, so that no snapshot names a deleted checkpoint; it snapshots every 10 s anyway, and prints a
+# three-line "snapshotting has been triggered multiple times" warning when a forced snapshot comes
+# within 5 s of the previous one. Checkpoints 10 s apart cannot put three into one 10-s snapshot
+# period (a snapshot falls between the first and the second), so none is forced and Tune stays
+# quiet however short the epochs: a 2-second digits epoch checkpointing every epoch would force a
+# snapshot every few seconds. Three rather than two, because a short trial's first and last
+# checkpoints alone make two. A restarted trial re-runs at most this many seconds of epochs (its
+# rows are rewritten, the same).
 CHECKPOINT_SECONDS = 10.0
 
 HANG_EXIT = 75  # the exit status of a worker ended by its watchdog (EX_TEMPFAIL)
