@@ -20,6 +20,7 @@ from pyarrow.fs import FileSelector, FileSystem, FileType
 from ray.tune import ExperimentAnalysis
 
 from analysis.errors import one_line
+from analysis.schema import TABLES
 from analysis.store import STOPS, filesystem, join, read_trial_outcome
 from study.journal import LOST_ATTR, TUNE_ID_ATTR, journal_storage
 
@@ -67,9 +68,10 @@ def reconcile_lost_trials(location: str, journal: Path, tune_dir: str, storage_f
     return sorted(lost)
 
 
-# A trial's places in a study, besides its Tune folder: one folder per table of per-epoch or
-# per-evaluation rows, and its `trials` row
-_TRIAL_TABLES = ("tables/epochs", "tables/samples", "tables/evals")
+# A trial's places in a study, besides its Tune folder: its folder in every table of many rows
+# per trial (every table the schema declares, so a new table moves with its trial), and its
+# `trials` row, one file
+_TRIAL_TABLES = tuple(f"tables/{table}" for table in TABLES if table != "trials")
 
 
 def _move_trial(fs: FileSystem, root: str, trial: str, target: str) -> None:

@@ -11,7 +11,7 @@ import pytest
 from analysis.errors import SpecError
 from study.journal import DUPLICATE_ATTR, TUNE_ID_ATTR, journal_storage
 from study.search import StudySearch
-from study.sampler import build_sampler, check_points, check_sampler, check_sampler_for
+from study.sampler import SAMPLERS, SINGLE_OBJECTIVE_ONLY, build_sampler, check_points, check_sampler, check_sampler_for
 from study.space import SearchSpace, parse_search
 
 BASE = {"name": "s", "dataset": {"name": "digits"}, "model": "small_cnn", "method": "sat", "epochs": 2}
@@ -34,6 +34,20 @@ def test_each_sampler_is_optunas_own_and_survives_tunes_pickling(name: str | Non
     again = pickle.loads(pickle.dumps(sampler))  # Ray Tune pickles the searcher and its sampler
     assert type(again) is type(sampler)
     optuna.create_study(sampler=again, directions=["maximize"] * objectives).ask().suggest_float("x", 0, 1)
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_every_registered_sampler_builds_optunas_class_and_pickles(name: str) -> None:
+    # the registry sweep: a sampler added to SAMPLERS is built, asked and pickled here at once
+    import pickle
+
+    dims = parse_search({"method": ["sat", "trades"]}, BASE)  # a grid needs choices
+    objectives = 1 if name in SINGLE_OBJECTIVE_ONLY else 2
+    sampler = build_sampler(check_sampler({"name": name}), objectives=objectives, seed=0, dims=dims)
+    assert isinstance(sampler, getattr(optuna.samplers, SAMPLERS[name]))
+    again = pickle.loads(pickle.dumps(sampler))
+    study = optuna.create_study(sampler=again, directions=["maximize"] * objectives)
+    assert study.ask().suggest_categorical("method", ["sat", "trades"]) in ("sat", "trades")
 
 
 def test_sampler_options_and_seed_reach_the_sampler() -> None:
