@@ -1,9 +1,10 @@
 """The training engine: one trial, one loop.
 
-``run_trial`` reads like airbench's ``main()``: set up (data on the device as uint8, model,
-optimizer, probes), then per epoch: train -> evaluate on the validation split and probe energies
--> detect phase -> report (Parquet rows, checkpoint, callback). Then the best checkpoint's final
-evaluation on the test set.
+``run_trial`` reads like airbench's ``main()``, each step a function named for it: set up (data
+on the device as uint8, model, optimizer, probes) and resume, then per epoch: train -> evaluate
+on the validation split and probe energies -> detect phase and select the best epoch -> write
+rows -> decide whether to stop (:func:`_stop_reason`, the one place) -> checkpoint -> report.
+Then the best checkpoint's final evaluation on the test set, and the final `trials` row.
 
 What is selected, and on what: the best epoch (``best.pt``), the `best_val_*` columns, the
 searcher's objective and the stop rule's patience all read the validation split (`dataset.val_size`
@@ -309,23 +310,102 @@ def run_trial(
     Returns:
         The trial's `trials` row (outcome columns) as a dict.
     """
+    # -- set up: where the trial writes, then device, data, model, optimizer, probes ---------------
+    resolved = cfg.to_dict()
+    output = _output(resolved, study=cfg.name, out=out, trial_id=trial_id, checkpoint_dir=checkpoint_dir)
+    if spec_file is not None:
+        _check_output(spec_file, resolved)
+    started = time.perf_counter()
+    device = select_device(cfg.device) if device is None else device
+    _configure_torch(cfg, device)
+    data = load_dataset(cfg.dataset).to(device)
+    if spec_file is not None:
+        _write_spec(spec_file, resolved)  # only now: bad input (a missing dataset too) leaves no trace
+    trial = _set_up(cfg, data, device)
+    # -- resume: the last checkpoint's weights, optimizer, detector, progress and RNG ----------------
+    detector, progress = _resume(trial, output)
+    train_model = compiled(trial.model, cfg)
+    seconds_before = progress.seconds
+
+    rows: list[dict[str, Any]] = []
+    with compile_limits(cfg):  # raised for a compiled model, restored after training
+        while progress.stop_reason is None and progress.next_epoch < cfg.epochs:
+            epoch = progress.next_epoch
+            train, train_seconds = _train(train_model, trial, epoch)
+            finite = math.isfinite(train["train_loss"])
+            probed = _probe(trial, epoch, finite=finite)
+            row = _epoch_row(output, cfg, epoch, train, probed)
+            phase, alarm = detector.update({k: row.get(k) for k in DETECTOR_COLUMNS})
+            new_best = _select(progress, probed, epoch)
+            row.update(
+                phase=phase, alarm=alarm, alarm_reason=detector.alarm_reason, **_best_columns(progress),
+                epoch_seconds=train_seconds, probe_seconds=probed.seconds,
+                images_per_second=train["images"] / train_seconds,
+            )
+            _write_rows(output, cfg, epoch, row, probed)
+            rows.append(row)
+            progress.next_epoch = epoch + 1
+            progress.seconds = seconds_before + time.perf_counter() - started
+            progress.stop_reason = _stop_reason(stop, finite=finite, epoch=epoch, alarm=alarm, best_epoch=progress.best_epoch)
+            _save_checkpoint(trial, output, detector, progress, epoch=epoch, new_best=new_best)
+            write_trial_row(output.out, trial_id=trial_id, outcome=_outcome("RUNNING", output, trial, detector, progress), config=output.config,
+                            provenance=output.provenance)
+            if on_epoch is not None and progress.stop_reason is None and progress.next_epoch < cfg.epochs:
+                progress.stop_reason = on_epoch(row, output.checkpoints)
+                if progress.stop_reason is not None:  # the caller's stop (a scheduler), kept for a restart
+                    checkpoint.save(output.last, _checkpoint_state(trial.model, trial.opt, detector, progress, device))
+
+    # -- final evaluation of the best checkpoint, on the test set ---------------------------------
+    if not progress.final and output.best.exists():
+        progress.final = _evaluate_best(trial, output, progress)
+    # -- final row: the outcome, with the offline phase labels over every epoch row ----------------
+    if progress.stop_reason is None:
+        progress.stop_reason = "completed"
+    progress.seconds = seconds_before + time.perf_counter() - started
+    checkpoint.save(output.last, _checkpoint_state(trial.model, trial.opt, detector, progress, device))
+    phases = _offline_phases(output.out, trial_id)
+    status = "ERROR" if progress.stop_reason.startswith("error") else "TERMINATED"
+    result = _outcome(status, output, trial, detector, progress, phases=phases)
+    write_trial_row(output.out, trial_id=trial_id, outcome=result, config=output.config, provenance=output.provenance)
+    if on_epoch is not None and rows:
+        on_epoch({**rows[-1], **{k: v for k, v in result.items() if k not in rows[-1]}, "done": True}, output.checkpoints)
+    return result
+
+
+@dataclass(frozen=True)
+class _Output:
+    """Where a trial writes, and what its rows carry besides their values."""
+
+    out: str  # the study or output directory: a local path or a filesystem URI
+    trial_id: str
+    study: str
+    checkpoints: Path  # local: last.pt and best.pt
+    provenance: dict[str, Any]
+    config: dict[str, Any]  # the resolved spec, flattened: the `trials` row's config columns
+
+    @property
+    def last(self) -> Path:
+        return self.checkpoints / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.checkpoints / "best.pt"
+
+
+def _output(resolved: dict[str, Any], *, study: str, out: str | Path, trial_id: str, checkpoint_dir: Path | None) -> _Output:
     check_name(trial_id, "trial id (--trial-id)")  # it names the trial's folders and files
     if is_uri(out):  # kept a string: Path would fold s3://bucket into s3:/bucket
         if checkpoint_dir is None:
             raise EnergyatError(f"out={out} is a URI: give a local checkpoint_dir (checkpoints are written locally)")
-        ckpt_dir = checkpoint_dir
+        checkpoints = checkpoint_dir
     else:
         out = Path(out).expanduser()
-        ckpt_dir = checkpoint_dir or out / "checkpoints" / trial_id
-    resolved = cfg.to_dict()
-    if spec_file is not None:
-        _check_output(spec_file, resolved)
-    prov = provenance(resolved)
-    flat_config = flatten(resolved)
-    study = cfg.name
+        checkpoints = checkpoint_dir or out / "checkpoints" / trial_id
+    return _Output(out=str(out), trial_id=trial_id, study=study, checkpoints=checkpoints, provenance=provenance(resolved), config=flatten(resolved))
 
-    started = time.perf_counter()
-    device = select_device(cfg.device) if device is None else device
+
+def _configure_torch(cfg: TrialConfig, device: torch.device) -> None:
+    """cuDNN's autotuner on CUDA, the CPU thread count, and the trial's seed."""
     if device.type == "cuda":
         # every training batch but the last has one shape: cuDNN may time its algorithms once and
         # keep the fastest (evaluations stay reproducible on the CPU; on a GPU they never were bit for bit)
@@ -333,126 +413,158 @@ def run_trial(
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    data = load_dataset(cfg.dataset).to(device)
-    if spec_file is not None:
-        _write_spec(spec_file, resolved)  # only now: bad input (a missing dataset too) leaves no trace
+
+
+@dataclass(frozen=True)
+class _Trial:
+    """What the loop trains and evaluates, set up once per run (:func:`_set_up`)."""
+
+    cfg: TrialConfig
+    device: torch.device
+    data: ImageData  # on the device
+    model: nn.Module  # eager, channels_last: probes, checkpoints and the final evaluation use it
+    opt: torch.optim.Optimizer
+    params: MethodParams
+    probes: EpochProbes
+
+
+def _set_up(cfg: TrialConfig, data: ImageData, device: torch.device) -> _Trial:
     in_channels, image_size = data.train_x.shape[1], data.train_x.shape[-1]
     model = build_model(cfg.model, in_channels=in_channels, num_classes=data.num_classes, image_size=image_size, width=cfg.width, init=cfg.model_init)
-    model = model.to(device, memory_format=torch.channels_last)
+    model = model.to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    params = MethodParams.from_config(cfg)
-    probes = epoch_probes(cfg, data)
-    detector = OnlineDetector()
-    progress = _Progress()
+    return _Trial(cfg=cfg, device=device, data=data, model=model, opt=opt, params=MethodParams.from_config(cfg), probes=epoch_probes(cfg, data))
 
-    last, best = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
-    state = _resume_state(last, best)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        detector = OnlineDetector.from_state_dict(state["detector"])
-        progress = _Progress(**state["progress"])
-        _set_rng_state(state["rng"], device)
-    train_model = compiled(model, cfg)
-    seconds_before = progress.seconds
 
-    def outcome(status: str) -> dict[str, Any]:
-        return {
-            "study": study, "trial_id": trial_id, "status": status, "stop_reason": progress.stop_reason,
-            "epochs_run": progress.next_epoch, "best_epoch": progress.best_epoch,
-            "best_val_robust_acc": progress.best_acc if progress.best_epoch is not None else math.nan,
-            "best_val_clean_acc": progress.best_clean,
-            "final_clean_acc": progress.final.get("final_clean_acc", math.nan),
-            "final_pgd_acc": progress.final.get("final_pgd_acc", math.nan),
-            "final_autoattack_acc": progress.final.get("final_autoattack_acc", math.nan),
-            # while running: the online detector's view; at the end: the offline labels
-            "phase2_start": phases.phase2_start if phases else detector.phase2_start,
-            "phase3_start": phases.phase3_start if phases else None,
-            "alarm_epoch": detector.alarm_epoch,
-            "seconds": progress.seconds, "device": device_label(device), "train_precision": training_precision(device, cfg.precision),
-            "git_sha": prov["git_sha"],
-        }
+def _resume(trial: _Trial, output: _Output) -> tuple[OnlineDetector, _Progress]:
+    """The detector and progress to go on with: the last checkpoint's (:func:`_resume_state`),
+    restoring the model, the optimizer and the RNG with them; fresh ones for a new trial."""
+    state = _resume_state(output.last, output.best)
+    if state is None:
+        return OnlineDetector(), _Progress()
+    trial.model.load_state_dict(state["model"])
+    trial.opt.load_state_dict(state["optimizer"])
+    detector = OnlineDetector.from_state_dict(state["detector"])
+    progress = _Progress(**state["progress"])
+    _set_rng_state(state["rng"], trial.device)
+    return detector, progress
 
-    rows: list[dict[str, Any]] = []
-    phases: PhaseResult | None = None
-    with compile_limits(cfg):  # raised for a compiled model, restored after training
-        while progress.stop_reason is None and progress.next_epoch < cfg.epochs:
-            epoch = progress.next_epoch
-            # -- train ---------------------------------------------------------------------------
-            t0 = time.perf_counter()
-            train = _train_epoch(train_model, opt, cfg, data, params, epoch, device)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            train_seconds = time.perf_counter() - t0
-            finite = math.isfinite(train["train_loss"])
-            # -- evaluate and probe energies -------------------------------------------------------
-            t1 = time.perf_counter()
-            probed = finite and (epoch % cfg.probe.every == 0 or epoch == cfg.epochs - 1)
-            probe_cols = dict.fromkeys(PROBE_KEYS, math.nan)
-            sample_sets: list[tuple[ProbeSet, dict[str, np.ndarray]]] = []
-            if probed:
-                values = probe_epoch(model, probes, cfg, params, epoch)
-                probe_cols = probe_columns(values["train"], values["val"], values["test"])
-                sample_sets = [(ps, v) for ps, v in ((probes.train, values["train"]), (probes.test, values["test"])) if ps is not None and v is not None]
-            probe_seconds = time.perf_counter() - t1
-            # -- detect phase ------------------------------------------------------------------------
-            row: dict[str, Any] = {"study": study, "trial_id": trial_id, "epoch": epoch, "method": cfg.method}
-            row.update({k: v for k, v in train.items() if k != "images"})
-            row.update(probe_cols, probed=probed)
-            phase, alarm = detector.update({k: row.get(k) for k in DETECTOR_COLUMNS})
-            # -- select on the validation split (never on test) ----------------------------------------
-            new_best = probed and probe_cols["val_robust_acc"] > progress.best_acc
-            if new_best:
-                progress.best_acc, progress.best_clean, progress.best_epoch = probe_cols["val_robust_acc"], probe_cols["val_clean_acc"], epoch
-            row.update(
-                phase=phase, alarm=alarm, alarm_reason=detector.alarm_reason,
-                best_val_robust_acc=progress.best_acc if progress.best_epoch is not None else math.nan,
-                best_val_clean_acc=progress.best_clean,
-                epoch_seconds=train_seconds, probe_seconds=probe_seconds,
-                images_per_second=train["images"] / train_seconds,
-            )
-            # -- report: rows first, then the checkpoint, so a restart rewrites the same files -------
-            write_epoch_rows(str(out), table="epochs", trial_id=trial_id, epoch=epoch, columns={k: [v] for k, v in row.items()}, provenance=prov)
-            # per-sample rows every `samples_every`-th regular probe, and always at the last epoch (the
-            # report's histograms compare first, middle and last), which is probed even off the grid
-            regular = epoch % cfg.probe.every == 0 and (epoch // cfg.probe.every) % max(cfg.probe.samples_every, 1) == 0
-            if sample_sets and cfg.probe.samples_every and (regular or epoch == cfg.epochs - 1):
-                write_epoch_rows(str(out), table="samples", trial_id=trial_id, epoch=epoch, columns=sample_columns(study, trial_id, epoch, sample_sets), provenance=prov)
-            rows.append(row)
-            progress.next_epoch = epoch + 1
-            progress.seconds = seconds_before + time.perf_counter() - started
-            if not finite:
-                progress.stop_reason = f"error: non-finite loss at epoch {epoch}"
-            else:
-                progress.stop_reason = stop.decide(epoch=epoch, alarm=alarm, best_epoch=progress.best_epoch)
-            checkpoint.save(last, {**_checkpoint_state(model, opt, detector, progress, device), "epoch": epoch})
-            if new_best:  # the whole state, not only the weights: a damaged last.pt falls back to it
-                checkpoint.copy(last, best)
-            write_trial_row(str(out), trial_id=trial_id, outcome=outcome("RUNNING"), config=flat_config, provenance=prov)
-            if on_epoch is not None and progress.stop_reason is None and progress.next_epoch < cfg.epochs:
-                reason = on_epoch(row, ckpt_dir)
-                if reason is not None:
-                    progress.stop_reason = reason
-                    checkpoint.save(last, _checkpoint_state(model, opt, detector, progress, device))
 
-    # -- final evaluation of the best checkpoint, on the test set ---------------------------------
-    if not progress.final and best.exists():
-        # a copy: `model` keeps the last epoch's weights, which last.pt must hold
-        best_model = copy.deepcopy(model)
-        best_model.load_state_dict(checkpoint.load(best)["model"])
-        progress.final = final_evaluation(best_model, data, cfg, out=str(out), trial_id=trial_id, weights=f"best.pt (epoch {progress.best_epoch})", device=device)
-        del best_model
-    if progress.stop_reason is None:
-        progress.stop_reason = "completed"
-    progress.seconds = seconds_before + time.perf_counter() - started
-    checkpoint.save(last, _checkpoint_state(model, opt, detector, progress, device))
-    phases = _offline_phases(out, trial_id)
-    status = "ERROR" if progress.stop_reason.startswith("error") else "TERMINATED"
-    result = outcome(status)
-    write_trial_row(str(out), trial_id=trial_id, outcome=result, config=flat_config, provenance=prov)
-    if on_epoch is not None and rows:
-        on_epoch({**rows[-1], **{k: v for k, v in result.items() if k not in rows[-1]}, "done": True}, ckpt_dir)
-    return result
+def _train(train_model: nn.Module, trial: _Trial, epoch: int) -> tuple[dict[str, float], float]:
+    """One epoch of training (:func:`_train_epoch`) and its seconds, the device synchronised so
+    that they time the work and not its queueing."""
+    t0 = time.perf_counter()
+    train = _train_epoch(train_model, trial.opt, trial.cfg, trial.data, trial.params, epoch, trial.device)
+    if trial.device.type == "cuda":
+        torch.cuda.synchronize()
+    return train, time.perf_counter() - t0
+
+
+@dataclass(frozen=True)
+class _Probed:
+    """An epoch's evaluation and energy probes; NaN columns and no samples when not probed."""
+
+    probed: bool
+    columns: dict[str, float]  # PROBE_KEYS
+    samples: list[tuple[ProbeSet, dict[str, np.ndarray]]]  # per-sample values of the training and test probes
+    seconds: float
+
+
+def _probe(trial: _Trial, epoch: int, *, finite: bool) -> _Probed:
+    """Evaluate on the validation split and probe energies every `probe.every` epochs and at the
+    last; never after a non-finite loss (its weights give nothing worth probing)."""
+    t1 = time.perf_counter()
+    cfg, probes = trial.cfg, trial.probes
+    probed = finite and (epoch % cfg.probe.every == 0 or epoch == cfg.epochs - 1)
+    columns = dict.fromkeys(PROBE_KEYS, math.nan)
+    samples: list[tuple[ProbeSet, dict[str, np.ndarray]]] = []
+    if probed:
+        values = probe_epoch(trial.model, probes, cfg, trial.params, epoch)
+        columns = probe_columns(values["train"], values["val"], values["test"])
+        samples = [(ps, v) for ps, v in ((probes.train, values["train"]), (probes.test, values["test"])) if ps is not None and v is not None]
+    return _Probed(probed, columns, samples, time.perf_counter() - t1)
+
+
+def _epoch_row(output: _Output, cfg: TrialConfig, epoch: int, train: dict[str, float], probed: _Probed) -> dict[str, Any]:
+    """The epoch's `epochs` row as far as training and the probes fill it; the phase, the best epoch
+    and the timings follow."""
+    row: dict[str, Any] = {"study": output.study, "trial_id": output.trial_id, "epoch": epoch, "method": cfg.method}
+    row.update({k: v for k, v in train.items() if k != "images"})
+    row.update(probed.columns, probed=probed.probed)
+    return row
+
+
+def _select(progress: _Progress, probed: _Probed, epoch: int) -> bool:
+    """Whether `epoch` is the new best, by validation robust accuracy (never test); `progress` is
+    updated when it is."""
+    new_best = probed.probed and probed.columns["val_robust_acc"] > progress.best_acc
+    if new_best:
+        progress.best_acc, progress.best_clean, progress.best_epoch = probed.columns["val_robust_acc"], probed.columns["val_clean_acc"], epoch
+    return new_best
+
+
+def _best_columns(progress: _Progress) -> dict[str, float]:
+    return {
+        "best_val_robust_acc": progress.best_acc if progress.best_epoch is not None else math.nan,
+        "best_val_clean_acc": progress.best_clean,
+    }
+
+
+def _write_rows(output: _Output, cfg: TrialConfig, epoch: int, row: dict[str, Any], probed: _Probed) -> None:
+    """The epoch's `epochs` row and, when due, its `samples` rows. Rows are written before the
+    checkpoint, so a restart from the previous checkpoint rewrites the same files."""
+    columns = {k: [v] for k, v in row.items()}
+    write_epoch_rows(output.out, table="epochs", trial_id=output.trial_id, epoch=epoch, columns=columns, provenance=output.provenance)
+    # per-sample rows every `samples_every`-th regular probe, and always at the last epoch (the
+    # report's histograms compare first, middle and last), which is probed even off the grid
+    regular = epoch % cfg.probe.every == 0 and (epoch // cfg.probe.every) % max(cfg.probe.samples_every, 1) == 0
+    if probed.samples and cfg.probe.samples_every and (regular or epoch == cfg.epochs - 1):
+        samples = sample_columns(output.study, output.trial_id, epoch, probed.samples)
+        write_epoch_rows(output.out, table="samples", trial_id=output.trial_id, epoch=epoch, columns=samples, provenance=output.provenance)
+
+
+def _stop_reason(stop: StopRule, *, finite: bool, epoch: int, alarm: bool, best_epoch: int | None) -> str | None:
+    """Why the trial ends after `epoch`, or None to go on: a non-finite loss is an error (training
+    cannot recover from it); otherwise the stop rule decides (:meth:`StopRule.decide`)."""
+    if not finite:
+        return f"error: non-finite loss at epoch {epoch}"
+    return stop.decide(epoch=epoch, alarm=alarm, best_epoch=best_epoch)
+
+
+def _save_checkpoint(trial: _Trial, output: _Output, detector: OnlineDetector, progress: _Progress, *, epoch: int, new_best: bool) -> None:
+    checkpoint.save(output.last, {**_checkpoint_state(trial.model, trial.opt, detector, progress, trial.device), "epoch": epoch})
+    if new_best:  # the whole state, not only the weights: a damaged last.pt falls back to it
+        checkpoint.copy(output.last, output.best)
+
+
+def _outcome(
+    status: str, output: _Output, trial: _Trial, detector: OnlineDetector, progress: _Progress, *, phases: PhaseResult | None = None
+) -> dict[str, Any]:
+    """The `trials` row's outcome columns. `phases`: the offline labels, once training is over;
+    while it runs (None), the online detector's view."""
+    return {
+        "study": output.study, "trial_id": output.trial_id, "status": status, "stop_reason": progress.stop_reason,
+        "epochs_run": progress.next_epoch, "best_epoch": progress.best_epoch,
+        "best_val_robust_acc": progress.best_acc if progress.best_epoch is not None else math.nan,
+        "best_val_clean_acc": progress.best_clean,
+        "final_clean_acc": progress.final.get("final_clean_acc", math.nan),
+        "final_pgd_acc": progress.final.get("final_pgd_acc", math.nan),
+        "final_autoattack_acc": progress.final.get("final_autoattack_acc", math.nan),
+        "phase2_start": phases.phase2_start if phases else detector.phase2_start,
+        "phase3_start": phases.phase3_start if phases else None,
+        "alarm_epoch": detector.alarm_epoch,
+        "seconds": progress.seconds, "device": device_label(trial.device), "train_precision": training_precision(trial.device, trial.cfg.precision),
+        "git_sha": output.provenance["git_sha"],
+    }
+
+
+def _evaluate_best(trial: _Trial, output: _Output, progress: _Progress) -> dict[str, float]:
+    """:func:`final_evaluation` of best.pt's weights, loaded into a copy: `trial.model` keeps the
+    last epoch's weights, which last.pt must hold."""
+    best_model = copy.deepcopy(trial.model)
+    best_model.load_state_dict(checkpoint.load(output.best)["model"])
+    return final_evaluation(best_model, trial.data, trial.cfg, out=output.out, trial_id=output.trial_id,
+                            weights=f"best.pt (epoch {progress.best_epoch})", device=trial.device)
 
 
 def write_error_row(cfg: TrialConfig, *, out: str, trial_id: str, reason: str) -> dict[str, Any]:
