@@ -254,7 +254,7 @@ def _convert(key: str, hint: Any, value: Any) -> Any:
     """Check `value` against a type hint; returns the converted value or raises SpecError."""
     origin = getattr(hint, "__origin__", None)
     args = get_args(hint)
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):  # a hint is a class, never an instance
         if not isinstance(value, Mapping):
             raise SpecError(key, f"expected a mapping of {hint.__name__} keys, got {value!r}")
         return _build(hint, value, key + ".")
