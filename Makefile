@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   := studies/quickstart
 
-.PHONY: demo test reproduce setup clean
+.PHONY: demo test lint reproduce setup clean
 
 setup: $(STAMP)
 
@@ -17,7 +17,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
-test: $(STAMP)
+# ruff's rule set and mypy's flags are in pyproject.toml; both must find nothing
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy study trainables analysis
+
+test: lint
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # The quickstart study on digits (local Ray, CPU), samples from its best trial, the energy

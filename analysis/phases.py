@@ -37,11 +37,11 @@ Rule (every threshold is a keyword of :class:`OnlineDetector`):
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, TypeGuard
+from typing import Any, TypeGuard
 
 import numpy as np
-
 
 # The columns the online rule reads: training-side only, never test metrics (docs/design.md section 6).
 # Whoever feeds an OnlineDetector (engine, stopper, replay) passes exactly these.
@@ -237,7 +237,7 @@ class OnlineDetector:
         return {"params": asdict(self.params), "state": asdict(self._s)}
 
     @classmethod
-    def from_state_dict(cls, state: Mapping[str, Any]) -> "OnlineDetector":
+    def from_state_dict(cls, state: Mapping[str, Any]) -> OnlineDetector:
         det = cls(**state["params"])
         det._s = _State(**state["state"])
         det._s.mags = [float(v) for v in det._s.mags]
@@ -307,7 +307,7 @@ def detect(epochs: Any, **detector_params: Any) -> PhaseResult:
     lr = _column(epochs, "lr")[order] if _has_column(epochs, "lr") else nan
     probed = _column(epochs, "probed")[order] if _has_column(epochs, "probed") else nan
     det = OnlineDetector(**detector_params)
-    for e, v, en, r, p in zip(epoch, d_e, energy, lr, probed):
+    for e, v, en, r, p in zip(epoch, d_e, energy, lr, probed, strict=True):
         det.update({"epoch": int(e), "probe_train_dE": float(v), "probe_train_E": float(en), "lr": float(r),
                     "probed": None if math.isnan(p) else bool(p)})
     labels = np.ones(len(epoch), dtype=int)

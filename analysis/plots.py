@@ -15,8 +15,9 @@ dE(x) = E(x) - E(x*).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence, cast
+from typing import Any, cast
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -104,7 +105,7 @@ def online_alarm_epoch(epochs: Mapping[str, np.ndarray], phases: PhaseResult) ->
     """
     if "alarm" not in epochs:
         return phases.alarm_epoch
-    raised = [int(e) for e, a in zip(epochs["epoch"], epochs["alarm"]) if a is not None and bool(a)]
+    raised = [int(e) for e, a in zip(epochs["epoch"], epochs["alarm"], strict=True) if a is not None and bool(a)]
     return min(raised) if raised else None
 
 
@@ -262,7 +263,7 @@ def energy_histograms(samples: Any, *, epochs: Sequence[int], path: Path) -> Pat
     series = (("E", "E(x) natural", "tab:blue"), ("E_adv", "E(x*) untargeted", "tab:red"), ("E_tgt", "E(x*) targeted", "tab:green"))
     fig = Figure(figsize=(4.2 * len(chosen) + 0.6, 3.8), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(chosen), sharey=False))
-    for ax, e in zip(axes, chosen):
+    for ax, e in zip(axes, chosen, strict=True):
         pick = train & (epoch == e)
         values = {name: _float(cols, name, n)[pick] for name, _, _ in series}
         finite = np.concatenate([v[np.isfinite(v)] for v in values.values()])
@@ -402,7 +403,7 @@ def _final_abs_delta_energy(epochs: Mapping[str, np.ndarray]) -> dict[str, float
     ids = [str(t) for t in epochs.get("trial_id", [])]
     epoch, d_e = _float(epochs, "epoch", n), _float(epochs, "probe_train_dE", n)
     last: dict[str, tuple[float, float]] = {}
-    for t, e, v in zip(ids, epoch, d_e):
+    for t, e, v in zip(ids, epoch, d_e, strict=True):
         if np.isfinite(v) and (t not in last or e > last[t][0]):
             last[t] = (e, abs(v))
     return {t: v for t, (_, v) in last.items()}
@@ -529,7 +530,7 @@ def landscape_violins(rows: Any, *, path: Path) -> Path:
     # one row per attack, trials side by side: the figure grows down, not sideways
     fig = Figure(figsize=(max(5.0, 0.9 * len(trials) + 1.5), 2.6 * len(attacks) + 0.6))
     axes = fig.subplots(len(attacks), 1, squeeze=False)[:, 0]
-    for ax, name in zip(axes, attacks):
+    for ax, name in zip(axes, attacks, strict=True):
         for i, t in enumerate(trials):
             keep = (trial == t) & (attack == name)
             if keep.any():

@@ -20,8 +20,9 @@ Rules, each off unless asked for; the first that holds names the stop:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from analysis.errors import EnergyatError, SpecError
 from analysis.phases import STOP_PATIENCE, should_stop
@@ -59,7 +60,9 @@ def stop_rule_from_spec(early_stop: Mapping[str, Any]) -> StopRule:
                 raise SpecError("early_stop.patience", f"expected an int >= 0 (epochs without a new best after the alarm), got {value!r}")
         elif key == "val_patience":
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise SpecError("early_stop.val_patience", f"expected an int >= 1 (epochs without a new best validation robust accuracy) or null, got {value!r}")
+                raise SpecError(
+                    "early_stop.val_patience", f"expected an int >= 1 (epochs without a new best validation robust accuracy) or null, got {value!r}"
+                )
         else:
             raise SpecError(f"early_stop.{key}", f"unknown key; early_stop takes {', '.join(_EARLY_STOP_KEYS[:-1])} and {_EARLY_STOP_KEYS[-1]}")
     energy = int(early_stop.get("patience", STOP_PATIENCE)) if early_stop.get("energy_divergence", False) else None

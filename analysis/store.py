@@ -25,10 +25,11 @@ import re
 import subprocess
 import sys
 import uuid
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import pyarrow as pa
@@ -87,7 +88,7 @@ def _check_no_credentials(uri: str) -> None:
     hidden = [name.lower().startswith(_SECRET_PARAMETERS) for name, _value in query]
     if url.password is not None or url.username is not None or any(hidden):
         shown = urlunsplit(url._replace(netloc=url.hostname or "", query="&".join(
-            f"{n}=..." if secret else f"{n}={v}" for (n, v), secret in zip(query, hidden))))
+            f"{n}=..." if secret else f"{n}={v}" for (n, v), secret in zip(query, hidden, strict=True))))
         raise StoreError(
             f"storage {shown} carries credentials in the URI, which energyat would write into the study's files; "
             "give them in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or use an instance role"

@@ -87,7 +87,8 @@ def line(r: dict[str, Any]) -> str:
     truth = "none" if r["truth"].epoch is None else f"{r['truth'].epoch} ({r['truth'].signal.replace('test_robust_', '')})"
     return (
         f"| {r['run']} | {r['trial']} | {r['method']} | {r['epochs']} | {truth} | {_text(r['alarm'])} | {_text(r['onset'])} "
-        f"| {r['at_alarm']:.3f} | {_text(r['stop'])} | {r['kept']:.3f} | {r['best']:.3f} | {r['saved']} | {_text(r['plain'])}, {r['plain_kept']:.3f} |"
+        f"| {r['at_alarm']:.3f} | {_text(r['stop'])} | {r['kept']:.3f} | {r['best']:.3f} | {r['saved']} "
+        f"| {_text(r['plain'])}, {r['plain_kept']:.3f} |"
     )
 
 

@@ -45,8 +45,9 @@ import tempfile
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -64,7 +65,7 @@ from analysis.errors import EnergyatError  # noqa: E402
 from analysis.store import read_trial_rows, versions  # noqa: E402
 from trainables.config import AttackConfig, DatasetConfig, TrialConfig  # noqa: E402
 from trainables.data import ImageData, load_dataset, to_float  # noqa: E402
-from trainables.engine import _train_epoch, compiled, compile_limits, device_label, select_device  # noqa: E402
+from trainables.engine import _train_epoch, compile_limits, compiled, device_label, select_device  # noqa: E402
 from trainables.methods import METHODS, MethodParams  # noqa: E402
 from trainables.models import build_model  # noqa: E402
 from trainables.precision import _restore_tf32, _set_tf32, autocast, fp32  # noqa: E402
@@ -255,7 +256,7 @@ def check_kill_resume(sizes: Sizes, device: torch.device, work: Path) -> dict[st
     b = read_trial_rows(str(killed_out), table="epochs", trial_id="train", columns=columns)
     if a["epoch"] != [0, 1] or b["epoch"] != [0, 1]:
         raise AssertionError(f"rows per epoch: alone {a['epoch']}, killed and resumed {b['epoch']}")
-    diffs = {c: max(abs(u - v) for u, v in zip(a[c], b[c])) for c in columns[1:]}
+    diffs = {c: max(abs(u - v) for u, v in zip(a[c], b[c], strict=True)) for c in columns[1:]}
     return {"killed": killed_during, "rows": b["epoch"], "max_abs_diff": diffs, "identical": all(d == 0 for d in diffs.values())}
 
 
@@ -278,8 +279,15 @@ def check_throughput(sizes: Sizes, device: torch.device) -> dict[str, Any]:
     rows = []
     for batch in sizes.throughput_batches:
         for method in ("sat", "trades"):
-            args = argparse.Namespace(batch=batch, batches=2 if sizes is GPU else 1, repeats=sizes.throughput_repeats, workers=4 if device.type == "cuda" else 0,
-                                      precision="auto", compile=False, peak_tflops=None)
+            args = argparse.Namespace(
+                batch=batch,
+                batches=2 if sizes is GPU else 1,
+                repeats=sizes.throughput_repeats,
+                workers=4 if device.type == "cuda" else 0,
+                precision="auto",
+                compile=False,
+                peak_tflops=None,
+            )
             row = throughput.bench(case, method, args, device)
             epoch_s = case.full_train_size / row["ours_ips"]
             row["projected_100_epochs_min"] = round(100 * epoch_s / (1 - row["probe_overhead"]) / 60, 1)
@@ -383,7 +391,9 @@ print(images / (time.perf_counter() - t0), mem, flush=True)
 
 def check_shared_gpu(sizes: Sizes, device: torch.device) -> dict[str, Any]:
     """`shared` processes training SAT at once on one device (as trials with gpu 1/shared do)."""
-    code = _SHARED.format(root=str(ROOT), here=str(HERE), sizes="GPU" if sizes is GPU else "TINY", device=str(device), epochs=4 if sizes is GPU else 2)
+    code = _SHARED.format(
+        root=str(ROOT), here=str(HERE), sizes="GPU" if sizes is GPU else "TINY", device=str(device), epochs=4 if sizes is GPU else 2
+    )
     procs = [subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(sizes.shared)]
     for p in procs:  # every process warmed up before any is timed
@@ -484,7 +494,10 @@ def main() -> None:
     if args.tiny:
         torch.set_num_threads(2)
     results = run(args.out, tiny=args.tiny, device_name="cpu" if args.tiny else args.device, only=only)
-    print(f"{sum(r['ok'] for r in results['checks'].values())} of {len(results['checks'])} checks ok in {results['seconds']} s: {args.out / 'gpu_check.md'}")
+    print(
+        f"{sum(r['ok'] for r in results['checks'].values())} of {len(results['checks'])} checks ok in {results['seconds']} s: "
+        f"{args.out / 'gpu_check.md'}"
+    )
     raise SystemExit(0 if all(r["ok"] for r in results["checks"].values()) else 1)
 
 

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from trainables.attacks import pgd
 from trainables.engine import device_label, select_device
-from trainables.precision import autocast
 from trainables.models import build_model
+from trainables.precision import autocast
 
 SHAPES = {"small_cnn": (1, 8), "preact_resnet18": (3, 32)}
 

@@ -148,7 +148,9 @@ def batch_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, method: str, 
     raise ValueError(f"unknown method {method!r}; choose from {REFERENCE_METHODS}")
 
 
-def train_batches(model: nn.Module, opt: torch.optim.Optimizer, batches: DataLoader, method: str, hp: dict, device: torch.device, *, limit: int | None = None) -> int:
+def train_batches(
+    model: nn.Module, opt: torch.optim.Optimizer, batches: DataLoader, method: str, hp: dict, device: torch.device, *, limit: int | None = None
+) -> int:
     """The usual epoch loop; returns the number of images trained on."""
     model.train()
     images = 0

@@ -78,7 +78,7 @@ def trials_of(study_dir: str, keys: list[str]) -> dict[str, dict[str, Any]]:
     ).fetchall()
     out = {}
     for trial_id, status, reason, epochs_run, best, final, seconds, *config in rows:
-        key = json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in zip(keys, config)}, sort_keys=True)
+        key = json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in zip(keys, config, strict=True)}, sort_keys=True)
         out[key] = {"trial_id": trial_id, "status": status, "stop_reason": reason, "epochs_run": epochs_run,
                     "best_val": best, "final_pgd": final, "seconds": seconds}
     return out
@@ -103,7 +103,8 @@ def summarise(rule: str, found: dict[str, dict[str, Any]], full: dict[str, dict[
 def table(results: list[dict[str, Any]]) -> str:
     base = next((r for r in results if r["rule"] == "none"), None)
     lines = [
-        "| rule | trial-epochs | vs none | wall s | best val robust | pick's test PGD (as stopped) | pick's test PGD (run to the end) | Spearman vs none | stops |",
+        "| rule | trial-epochs | vs none | wall s | best val robust | pick's test PGD (as stopped) | pick's test PGD (run to the end) "
+        "| Spearman vs none | stops |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -134,7 +135,8 @@ def main() -> None:
     out = Path(args.out).resolve()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     common = [f"samples={args.samples}", f"sampler={{name: random, seed: {args.seed}}}", "early_stop={}", "scheduler=none"]
-    header = f"# {time.strftime('%Y-%m-%d %H:%M')} {os.cpu_count()} CPUs, git {git_sha()[:12]}, spec {args.spec} {' '.join([*common, *args.overrides])}, versions {versions()}"
+    header = (f"# {time.strftime('%Y-%m-%d %H:%M')} {os.cpu_count()} CPUs, git {git_sha()[:12]}, spec {args.spec} "
+              f"{' '.join([*common, *args.overrides])}, versions {versions()}")
     print(header, flush=True)
     results: list[dict[str, Any]] = []
     full: dict[str, dict[str, Any]] = {}

@@ -40,8 +40,9 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -52,9 +53,9 @@ from analysis.store import versions  # noqa: E402
 from trainables.config import AttackConfig, DatasetConfig, ProbeConfig, TrialConfig  # noqa: E402
 from trainables.data import ImageData, load_dataset  # noqa: E402
 from trainables.engine import _train_epoch, device_label, select_device  # noqa: E402
-from trainables.probe import probe, probe_attacks, probe_set  # noqa: E402
 from trainables.methods import MethodParams  # noqa: E402
 from trainables.models import build_model  # noqa: E402
+from trainables.probe import probe, probe_attacks, probe_set  # noqa: E402
 
 # bf16 dense peak, TFLOP/s, for MFU when --peak-tflops is not given
 _PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -111,7 +112,16 @@ def probe_seconds_per_image(model: torch.nn.Module, cfg: TrialConfig, data: Imag
     test_probe = probe_set("test", data.test_x, data.test_y, n, 2, data.num_classes)
     train_attack, eval_attack, targeted = probe_attacks(cfg, MethodParams.from_config(cfg))
     runs = [
-        lambda: probe(model, train_probe.x, train_probe.y, attack=train_attack, targeted=targeted, targets=train_probe.targets, batch_size=cfg.batch_size, seed=0),
+        lambda: probe(
+            model,
+            train_probe.x,
+            train_probe.y,
+            attack=train_attack,
+            targeted=targeted,
+            targets=train_probe.targets,
+            batch_size=cfg.batch_size,
+            seed=0,
+        ),
         lambda: probe(model, test_probe.x, test_probe.y, attack=eval_attack, batch_size=cfg.batch_size, seed=0),
     ]
     out = []
@@ -184,12 +194,19 @@ def bench(case: Case, method: str, args: argparse.Namespace, device: torch.devic
     ours_med, ref_med = statistics.median(ours_ips), statistics.median(ref_ips)
     epoch_s = case.full_train_size / ours_med
     row: dict[str, Any] = {
-        "device": device_label(device), "model": case.model, "method": method, "batch": args.batch, "precision": args.precision,
-        "ours_ips": round(ours_med, 2), "reference_ips": round(ref_med, 2), "speedup": round(statistics.median(o / r for o, r in zip(ours_ips, ref_ips)), 2),
+        "device": device_label(device),
+        "model": case.model,
+        "method": method,
+        "batch": args.batch,
+        "precision": args.precision,
+        "ours_ips": round(ours_med, 2),
+        "reference_ips": round(ref_med, 2),
+        "speedup": round(statistics.median(o / r for o, r in zip(ours_ips, ref_ips, strict=True)), 2),
         "probe_overhead": round(probe_s / (probe_s + epoch_s), 4),
         "peak_mem_mb": None if peak is None else round(peak["allocated"], 1),
         "peak_reserved_mb": None if peak is None else round(peak["reserved"], 1),
-        "ours_runs": [round(v, 2) for v in ours_ips], "reference_runs": [round(v, 2) for v in ref_ips],
+        "ours_runs": [round(v, 2) for v in ours_ips],
+        "reference_runs": [round(v, 2) for v in ref_ips],
     }
     if compile_seconds is not None:
         row["compile_seconds"] = round(compile_seconds, 1)

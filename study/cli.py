@@ -14,8 +14,9 @@ import argparse
 import dataclasses
 import math
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from analysis.errors import EnergyatError
 from analysis.phases import STOP_PATIENCE
@@ -30,8 +31,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from analysis.store import is_uri
     from analysis.stopping import stop_rule_from_flags
+    from analysis.store import is_uri
     from study.spec import load_spec
     from trainables.engine import run_trial
 
@@ -45,7 +46,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from study.live import TrainProgress
 
     progress = TrainProgress(cfg.epochs)
-    result = run_trial(cfg, out=out, trial_id=args.trial_id, on_epoch=progress, stop=stop_rule_from_flags(stop_on_alarm=args.stop_on_alarm, stop_patience=args.stop_patience), spec_file=out / "spec.yaml")
+    result = run_trial(
+        cfg,
+        out=out,
+        trial_id=args.trial_id,
+        on_epoch=progress,
+        stop=stop_rule_from_flags(stop_on_alarm=args.stop_on_alarm, stop_patience=args.stop_patience),
+        spec_file=out / "spec.yaml",
+    )
     print(
         f"{result['status']} ({result['stop_reason']}): {result['epochs_run']} epochs, best validation robust acc "
         f"{result['best_val_robust_acc']:.4f} at epoch {result['best_epoch']}; its test accuracy: clean {result['final_clean_acc']:.4f}, "
@@ -128,8 +136,11 @@ def _dashboard(args: argparse.Namespace) -> int | None:
 
 
 def _dashboard_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dashboard", action="store_true",
-                        help=f"serve Ray's dashboard of the local Ray on 127.0.0.1 (port {DASHBOARD_PORT}) while the study runs; needs energyat[dashboard]")
+    parser.add_argument(
+        "--dashboard",
+        action="store_true",
+        help=f"serve Ray's dashboard of the local Ray on 127.0.0.1 (port {DASHBOARD_PORT}) while the study runs; needs energyat[dashboard]",
+    )
     parser.add_argument("--dashboard-port", type=int, default=None, metavar="PORT", help=f"its port (default {DASHBOARD_PORT})")
 
 
@@ -224,7 +235,9 @@ def _subjects(args: argparse.Namespace, *, n: int | None, eval_steps: int) -> tu
             raise EnergyatError("give a study or `energyat train --out` directory (with --trial), or --checkpoint / --robustbench")
         found = args.trial or (trial_ids(args.directory) if args.command == "landscape" else [])
         if not found:
-            raise EnergyatError(f"{args.directory} has no trial with a best checkpoint yet" if args.command == "landscape" else "give --trial ID (or best)")
+            raise EnergyatError(
+                f"{args.directory} has no trial with a best checkpoint yet" if args.command == "landscape" else "give --trial ID (or best)"
+            )
         return args.directory, [trial_subject(args.directory, t) for t in found]
     out = args.directory or "."
     if is_uri(out):
@@ -354,7 +367,9 @@ def cmd_landscape(args: argparse.Namespace) -> int:
     table = landscape(subjects, attacks=attacks, seed=args.seed, device=_device(args.device))
     folder = Path(out).expanduser() / "landscape"
     names = [s.name for s in subjects]
-    write_table_file(table, folder / "landscape.parquet", config={"models": names, "weights": [s.weights for s in subjects], "attacks": attacks, "seed": args.seed})
+    write_table_file(
+        table, folder / "landscape.parquet", config={"models": names, "weights": [s.weights for s in subjects], "attacks": attacks, "seed": args.seed}
+    )
     png = landscape_violins(table, path=folder / "landscape.png")
     _print_table(pa.Table.from_pylist(summary(table)))
     print(f"landscape: {folder / 'landscape.parquet'}  {png}")
@@ -373,8 +388,8 @@ def _table_text(table: Any) -> str:
     names = table.column_names
     rows = [["" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v)) for v in r.values()] for r in table.to_pylist()]
     widths = [max([len(n)] + [len(r[i]) for r in rows]) for i, n in enumerate(names)]
-    out = ["  ".join(n.ljust(w) for n, w in zip(names, widths))]
-    out += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
+    out = ["  ".join(n.ljust(w) for n, w in zip(names, widths, strict=True))]
+    out += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
     return "\n".join(out)
 
 
@@ -386,19 +401,48 @@ def _subject_flags(p: argparse.ArgumentParser, *, what: str) -> None:
     """Which model(s) a command studies: energyat's own trials, a state-dict file, or RobustBench models."""
     from trainables.config import MODEL_NAMES
 
-    p.add_argument("directory", type=str, nargs="?", default=None,
-                   help="a local study or `energyat train --out` directory (with --trial); with --checkpoint or --robustbench, where results go (default: .)")
+    p.add_argument(
+        "directory",
+        type=str,
+        nargs="?",
+        default=None,
+        help="a local study or `energyat train --out` directory (with --trial); with --checkpoint or --robustbench, where results go (default: .)",
+    )
     g = p.add_argument_group(what)
-    g.add_argument("--trial", type=str, action="append", default=[], metavar="ID", help="a trial id of DIR, or `best` (the highest best validation robust accuracy); repeatable")
+    g.add_argument(
+        "--trial",
+        type=str,
+        action="append",
+        default=[],
+        metavar="ID",
+        help="a trial id of DIR, or `best` (the highest best validation robust accuracy); repeatable",
+    )
     g.add_argument("--checkpoint", type=Path, default=None, metavar="FILE", help="a plain state_dict (`module.` prefix stripped) for --model")
-    g.add_argument("--model", type=str, choices=MODEL_NAMES, default=None, help="the architecture of --checkpoint (reference parameter names: see docs/evaluation.md)")
+    g.add_argument(
+        "--model",
+        type=str,
+        choices=MODEL_NAMES,
+        default=None,
+        help="the architecture of --checkpoint (reference parameter names: see docs/evaluation.md)",
+    )
     # defaults None: given or not is what `_subjects` checks (each flag applies to some sources only)
     g.add_argument("--width", type=int, default=None, help="channel multiplier of small_cnn and cnn_fc (with --checkpoint; default 1)")
     g.add_argument("--name", type=str, default=None, help="how --checkpoint is named in the tables (default: its file stem)")
-    g.add_argument("--normalize", type=str, choices=("cifar10",), default=None,
-                   help="the input normalisation --checkpoint's training code applied: cifar10 = Rice et al.'s and Wong et al.'s mean and std (default: none, [0, 1] pixels)")
+    g.add_argument(
+        "--normalize",
+        type=str,
+        choices=("cifar10",),
+        default=None,
+        help="the input normalisation --checkpoint's training code applied: cifar10 = Rice et al.'s and Wong et al.'s mean and std "
+        "(default: none, [0, 1] pixels)",
+    )
     g.add_argument("--robustbench", type=str, default=None, metavar="NAME[,NAME...]", help="RobustBench model(s), through robustbench's load_model")
-    g.add_argument("--models-dir", type=str, default=None, help="robustbench's model_dir: weights are read from (or downloaded to) DIR/<dataset>/<threat>/<name>.pt (default ./models)")
+    g.add_argument(
+        "--models-dir",
+        type=str,
+        default=None,
+        help="robustbench's model_dir: weights are read from (or downloaded to) DIR/<dataset>/<threat>/<name>.pt (default ./models)",
+    )
     g.add_argument("--dataset", type=str, default=None, help="dataset of a model from outside (default cifar10)")
     g.add_argument("--data-root", type=str, default=None, help="where that dataset's files live (default ~/data)")
     g.add_argument("--download", action="store_true", help="let torchvision download the dataset if missing")
@@ -415,12 +459,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train one trial without Ray; writes the same tables as a study")
     train.add_argument("spec", type=str, help="spec YAML file")
-    train.add_argument("--set", type=str, action="append", default=[], metavar="KEY=VALUE", help="override a spec key (dotted, YAML-typed), repeatable")
+    train.add_argument(
+        "--set", type=str, action="append", default=[], metavar="KEY=VALUE", help="override a spec key (dotted, YAML-typed), repeatable"
+    )
     train.add_argument("--out", type=str, required=True, help="output directory (tables/, checkpoints/, spec.yaml); run again to continue")
     train.add_argument("--trial-id", type=str, default="train", help="trial id in the tables (default: train)")
-    train.add_argument("--stop-on-alarm", action="store_true", help="stop once the online detector flags energy divergence and validation robust accuracy stops improving")
-    train.add_argument("--stop-patience", type=int, default=None, metavar="N",
-                       help=f"with --stop-on-alarm: epochs without a new best validation robust accuracy to wait after the alarm (default {STOP_PATIENCE}; 0 stops at the alarm)")
+    train.add_argument(
+        "--stop-on-alarm",
+        action="store_true",
+        help="stop once the online detector flags energy divergence and validation robust accuracy stops improving",
+    )
+    train.add_argument(
+        "--stop-patience",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"with --stop-on-alarm: epochs without a new best validation robust accuracy to wait after the alarm "
+        f"(default {STOP_PATIENCE}; 0 stops at the alarm)",
+    )
     train.set_defaults(func=cmd_train)
 
     query = sub.add_parser("query", help="read-only SQL over the views epochs, samples, trials")
@@ -443,7 +499,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("spec", type=str, help="study spec YAML (trial keys + samples, search, objective, ...)")
     run.add_argument("--set", type=str, action="append", default=[], metavar="KEY=VALUE", help="override a spec key, repeatable")
     run.add_argument("--address", type=str, default=None, help="join this Ray cluster (default: RAY_ADDRESS, else a local Ray)")
-    run.add_argument("--storage", type=str, default=None, help="where study directories live: a local path or a pyarrow URI, e.g. s3://bucket/studies (default: the spec's `storage`)")
+    run.add_argument(
+        "--storage",
+        type=str,
+        default=None,
+        help="where study directories live: a local path or a pyarrow URI, e.g. s3://bucket/studies (default: the spec's `storage`)",
+    )
     run.add_argument("--name", type=str, default=None, help="study name (default: the spec's `name`)")
     _dashboard_flags(run)
     run.set_defaults(func=cmd_run)
@@ -451,18 +512,28 @@ def build_parser() -> argparse.ArgumentParser:
     resume = sub.add_parser("resume", help="continue an interrupted study (Tuner.restore + the same Optuna study)")
     resume.add_argument("directory", type=str, help="study directory (local path or URI)")
     resume.add_argument("--address", type=str, default=None, help="join this Ray cluster (default: RAY_ADDRESS, else a local Ray)")
-    resume.add_argument("--retry-errored", action="store_true",
-                        help="run the trials that ended as ERROR (their restarts spent) again from epoch 0, as new Optuna trials with the same parameters")
+    resume.add_argument(
+        "--retry-errored",
+        action="store_true",
+        help="run the trials that ended as ERROR (their restarts spent) again from epoch 0, as new Optuna trials with the same parameters",
+    )
     _dashboard_flags(resume)
     resume.set_defaults(func=cmd_resume)
 
     evaluate = sub.add_parser("eval", help="test-set accuracy of a model (clean, PGD, the original AutoAttack) in fp32, into the `evals` table")
     _subject_flags(evaluate, what="the model to evaluate")
     evaluate.add_argument("--n", type=int, default=None, help="the first N test images (default: the whole test set, as published tables)")
-    evaluate.add_argument("--attacks", type=str, default="clean,pgd,autoattack", help="comma-separated, from clean, pgd, autoattack (default: all three)")
+    evaluate.add_argument(
+        "--attacks", type=str, default="clean,pgd,autoattack", help="comma-separated, from clean, pgd, autoattack (default: all three)"
+    )
     evaluate.add_argument("--pgd-steps", type=int, default=None, metavar="K",
                           help="PGD steps (default: the trial's final_eval.pgd_steps; 50 for a model from outside)")
-    evaluate.add_argument("--seed", type=int, default=None, help="seed of PGD's random starts and of AutoAttack (default: the trial's seed, so its final evaluation is reproduced; 0 otherwise)")
+    evaluate.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of PGD's random starts and of AutoAttack (default: the trial's seed, so its final evaluation is reproduced; 0 otherwise)",
+    )
     evaluate.set_defaults(func=cmd_eval)
 
     sample = sub.add_parser("sample", help="generate images from a model (SGLD on the joint energy)")
@@ -470,9 +541,17 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--classes", type=str, default=None, metavar="C,C,...", help="class indices, one grid row each (default: all)")
     sample.add_argument("--n", type=int, default=8, help="images per class (default 8)")
     sample.add_argument("--steps", type=int, default=SgldConfig.steps, help=f"SGLD steps (default {SgldConfig.steps})")
-    sample.add_argument("--eta", type=float, default=SgldConfig.eta, help=f"SGLD step size on grad E(x, y) (default {SgldConfig.eta}, the paper's code's)")
+    sample.add_argument(
+        "--eta", type=float, default=SgldConfig.eta, help=f"SGLD step size on grad E(x, y) (default {SgldConfig.eta}, the paper's code's)"
+    )
     sample.add_argument("--momentum", type=float, default=SgldConfig.momentum, help=f"SGLD momentum zeta (default {SgldConfig.momentum})")
-    sample.add_argument("--init", type=str, choices=("pca", "gaussian", "noise"), default="pca", help="chain start (default pca: class-wise PCA of the training images)")
+    sample.add_argument(
+        "--init",
+        type=str,
+        choices=("pca", "gaussian", "noise"),
+        default="pca",
+        help="chain start (default pca: class-wise PCA of the training images)",
+    )
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--inception-weights", type=Path, default=None, metavar="FILE",
                         help="torchvision Inception-v3 state dict: adds Inception Score and FID to the judge's proxy scores")
@@ -480,9 +559,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     land = sub.add_parser("landscape", help="per-sample energy shifts of a test probe under several attacks, per model (violins + table)")
     _subject_flags(land, what="the models to compare (default: every trial of DIR with a best checkpoint)")
-    land.add_argument("--attacks", type=str, default="pgd,targeted,trades,fgsm", help="comma-separated, from pgd, targeted, trades, fgsm (default: all four)")
+    land.add_argument(
+        "--attacks", type=str, default="pgd,targeted,trades,fgsm", help="comma-separated, from pgd, targeted, trades, fgsm (default: all four)"
+    )
     land.add_argument("--n", type=int, default=None, help="test images probed (default: a trial's own test probe; 1,000 for a model from outside)")
-    land.add_argument("--pgd-steps", type=int, default=None, metavar="K", help="steps of the pgd and targeted attacks (default: a trial's eval_attack.steps; 20 otherwise)")
+    land.add_argument(
+        "--pgd-steps",
+        type=int,
+        default=None,
+        metavar="K",
+        help="steps of the pgd and targeted attacks (default: a trial's eval_attack.steps; 20 otherwise)",
+    )
     land.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts")
     land.set_defaults(func=cmd_landscape)
 

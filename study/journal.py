@@ -23,9 +23,10 @@ import math
 import os
 import tempfile
 import uuid
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import optuna
 import pyarrow.fs as pafs

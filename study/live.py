@@ -16,8 +16,9 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, TextIO
+from typing import Any, TextIO
 
 ENV = "ENERGYAT_PROGRESS"
 REDRAW_SECONDS = 1.0  # a terminal table redrawn at most once a second: the eye needs no more

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from analysis.errors import SpecError, unknown_choice
 from analysis.store import is_uri

@@ -29,8 +29,9 @@ from __future__ import annotations
 import inspect
 import math
 import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import optuna
 from optuna.samplers import GridSampler, NSGAIISampler
@@ -123,7 +124,10 @@ def check_sampler(value: Any) -> SamplerKeys:
         takes = OPTIONS[name] & set(inspect.signature(_sampler_class(name)).parameters)
         for key, option in options.items():
             if key not in takes:
-                raise SpecError(f"sampler.{key}", f"not an option of Optuna's {SAMPLERS[name]} that a spec can set; choose from {', '.join(sorted(takes)) or 'none'}")
+                raise SpecError(
+                    f"sampler.{key}",
+                    f"not an option of Optuna's {SAMPLERS[name]} that a spec can set; choose from {', '.join(sorted(takes)) or 'none'}",
+                )
             if not isinstance(option, _PLAIN) or (isinstance(option, float) and not math.isfinite(option)):
                 raise SpecError(f"sampler.{key}", f"expected a number, a string or true/false, got {option!r}")
     return SamplerKeys(name, seed, options)
@@ -167,10 +171,11 @@ def check_points(points: Any, dims: Sequence[Dimension], base: Mapping[str, Any]
     if not isinstance(points, list) or not all(isinstance(p, Mapping) for p in points):
         raise SpecError("points_to_evaluate", f"expected a list of mappings such as [{{method: weat, beta: 6.0}}], got {points!r}")
     by_key = {d.key: d for d in dims}
+    base_method = parse_trial(base).method
     out = []
     for i, point in enumerate(points):
         where = f"points_to_evaluate[{i}]"
-        method = point.get("method", base.get("method", "sat"))
+        method = point.get("method", base_method)
         for key, value in point.items():
             dim = by_key.get(str(key))
             if dim is None:

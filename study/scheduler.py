@@ -8,8 +8,9 @@ Tune's PopulationBasedTraining with its perturbations kept inside `search:` (:cl
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from ray import tune
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, MedianStoppingRule, PopulationBasedTraining, TrialScheduler

@@ -40,8 +40,9 @@ classes are built in :mod:`study.scheduler`, which imports Ray.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from analysis.errors import SpecError, unknown_choice
 from study.sampler import SamplerKeys
@@ -84,7 +85,9 @@ def check_scheduler(value: Any) -> SchedulerKeys:
         if key == "name":
             continue
         if key not in takes:
-            raise SpecError(f"scheduler.{key}", f"not an option of scheduler {name} that a spec can set; choose from {', '.join(sorted(takes)) or 'none'}")
+            raise SpecError(
+                f"scheduler.{key}", f"not an option of scheduler {name} that a spec can set; choose from {', '.join(sorted(takes)) or 'none'}"
+            )
         kind, lowest = takes[key]
         number = isinstance(option, (int, float)) and not isinstance(option, bool) and (kind is float or isinstance(option, int))
         if not number or not math.isfinite(option) or option < lowest:
@@ -102,7 +105,7 @@ def perturbation_interval(keys: SchedulerKeys, *, epochs: int) -> int:
     return int(keys.options.get("perturbation_interval", max(1, epochs // 5)))
 
 
-def check_scheduler_for(keys: SchedulerKeys, *, epochs: int, dims: Sequence[Dimension] = (), base_method: str = "sat",
+def check_scheduler_for(keys: SchedulerKeys, *, epochs: int, base_method: str, dims: Sequence[Dimension] = (),
                         objectives: int = 1, sampler: Any = None) -> None:
     """Refuse what the scheduler cannot do with this study: a grace period or perturbation
     interval no trial reaches; for PBT, a searched method, a sampler, several objectives."""
@@ -123,4 +126,6 @@ def check_scheduler_for(keys: SchedulerKeys, *, epochs: int, dims: Sequence[Dime
     if objectives > 1:
         raise SpecError("objective", "PBT ranks trials by one metric; give one objective")
     if sampler is not None and sampler != SamplerKeys():
-        raise SpecError("sampler", "PBT draws its starting configurations at random (Ray Tune refuses a search algorithm beside it); remove `sampler`")
+        raise SpecError(
+            "sampler", "PBT draws its starting configurations at random (Ray Tune refuses a search algorithm beside it); remove `sampler`"
+        )

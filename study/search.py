@@ -11,7 +11,8 @@ configuration twice needs of them.
 from __future__ import annotations
 
 import sys
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import optuna
 from ray.tune.search import ConcurrencyLimiter, Searcher

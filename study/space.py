@@ -18,8 +18,9 @@ Optuna, and TPE models each method's parameters separately.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from analysis.errors import SpecError
 from trainables.config import parse_trial, trial_spec

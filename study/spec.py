@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import yaml
 from pyarrow.fs import FileType
@@ -96,7 +97,9 @@ def check_placement(trial: TrialConfig, keys: StudyKeys) -> None:
     """For a study (Ray places its trials): `device: cuda` needs a GPU reserved per trial.
     `energyat train` places nothing, so a trial spec may say cuda without `resources`."""
     if trial.device == "cuda" and keys.resources.get("gpu", 0) == 0:
-        raise SpecError("resources.gpu", "is 0 with `device: cuda`: Ray gives such a trial no GPU; set resources.gpu (e.g. 1 or 0.25) or `device: auto`")
+        raise SpecError(
+            "resources.gpu", "is 0 with `device: cuda`: Ray gives such a trial no GPU; set resources.gpu (e.g. 1 or 0.25) or `device: auto`"
+        )
 
 
 # What one trial asks Ray for. A trial trains one model on one device, so at most one GPU; a
@@ -194,7 +197,7 @@ class Study:
         ``weat.power``, as the searcher suggests them) applied."""
         return parse_trial(trial_spec(self.spec, params))
 
-    def renamed(self, name: str) -> "Study":
+    def renamed(self, name: str) -> Study:
         """The same study under another name (`energyat run --name`)."""
         return parse_study({**self.spec, "name": name})
 

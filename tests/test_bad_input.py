@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import sys
 import subprocess
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import EXAMPLES, ROOT, TINY, energyat_cmd
 
 from analysis.schema import SCHEMA_VERSION
-from conftest import EXAMPLES, ROOT, TINY, energyat_cmd
 from study.cli import main
 
 SMOKE = str(EXAMPLES / "smoke.yaml")
@@ -148,14 +149,24 @@ CASES = [
     Case("a hang_timeout of zero", RUN, "`hang_timeout`", _study_spec(hang_timeout=0)),
     Case("a logger option it does not take", RUN, "`loggers.mlflow.project`", _study_spec(loggers={"mlflow": {"project": "x"}})),
     Case("a sampler option that is a callable", RUN, "`sampler.gamma`", _study_spec(sampler={"name": "tpe", "gamma": 0.1})),
-    Case("cmaes for two objectives", RUN, "`sampler.name`", _study_spec(sampler={"name": "cmaes"}, objective=["best_val_robust_acc", "best_val_clean_acc"])),
+    Case(
+        "cmaes for two objectives",
+        RUN,
+        "`sampler.name`",
+        _study_spec(sampler={"name": "cmaes"}, objective=["best_val_robust_acc", "best_val_clean_acc"]),
+    ),
     Case("PBT asked to change the AT method mid-run", RUN, "`search.method`", _study_spec(scheduler="pbt")),
     Case("PBT with an Optuna sampler", RUN, "`sampler`", _study_spec(scheduler="pbt", search={"lr": [0.01, 0.1]}, sampler={"name": "tpe"})),
     Case("a scheduler option it does not take", RUN, "`scheduler.max_t`", _study_spec(scheduler={"name": "asha", "max_t": 5})),
     Case("a grace period no trial reaches", RUN, "`scheduler.grace_period`", _study_spec(scheduler={"name": "asha", "grace_period": 500})),
     Case("a val_patience of zero", RUN, "`early_stop.val_patience`", _study_spec(early_stop={"val_patience": 0})),
     Case("a first point outside the search", RUN, "outside search.beta", _study_spec(points_to_evaluate=[{"method": "trades", "beta": 50.0}])),
-    Case("a first point with a parameter its method ignores", RUN, "not used by method sat", _study_spec(points_to_evaluate=[{"method": "sat", "beta": 6.0}])),
+    Case(
+        "a first point with a parameter its method ignores",
+        RUN,
+        "not used by method sat",
+        _study_spec(points_to_evaluate=[{"method": "sat", "beta": 6.0}]),
+    ),
     # -- flags ------------------------------------------------------------------------------------
     Case("unknown flag", [*TRAIN, "--fast"], "unrecognized arguments: --fast", _spec()),
     Case("--stop-patience alone", [*TRAIN, "--stop-patience", "3"], "--stop-on-alarm", _spec()),
@@ -194,8 +205,9 @@ CASES = [
     Case("query naming a file after FROM", ["query", STUDY, "select * from '{d}/secret.csv'"], "query refused", prepare=_secret_csv),
     Case("query reading the study's spec", ["query", STUDY, "select * from read_text('{d}/studies/s/spec.yaml')"], "query refused"),
     Case("query climbing out of tables/", ["query", STUDY, "select * from read_text('{d}/studies/s/tables/../spec.yaml')"], "query refused"),
-    Case("query reading another output's tables", ["query", STUDY, "select * from read_parquet('{d}/train/tables/trials/*.parquet')"],
-         "query refused"),
+    Case(
+        "query reading another output's tables", ["query", STUDY, "select * from read_parquet('{d}/train/tables/trials/*.parquet')"], "query refused"
+    ),
     Case("query downloading over https", ["query", STUDY, "select * from read_parquet('https://127.0.0.1:9/x.parquet')"], "query refused"),
     Case("query reaching a bucket", ["query", STUDY, "select * from 's3://bucket/x.parquet'"], "query refused"),
     Case("query sniffing a CSV", ["query", STUDY, "select * from sniff_csv('/etc/passwd')"], "query refused"),
@@ -217,29 +229,60 @@ CASES = [
     Case("unknown crafting mode", TRAIN, "`attack.bn`", _spec(**{"attack.bn": "frozen"})),
     Case("eval with an unknown attack", ["eval", "{d}/train", "--trial", "train", "--attacks", "clean,cw"], "choose from clean"),
     Case("eval of no images", ["eval", "{d}/train", "--trial", "train", "--n", "0"], "--n must be at least 1"),
-    Case("eval of a trial and a RobustBench model", ["eval", "{d}/train", "--trial", "train", "--robustbench", "Wong2020Fast"], "not --trial and --robustbench"),
+    Case(
+        "eval of a trial and a RobustBench model",
+        ["eval", "{d}/train", "--trial", "train", "--robustbench", "Wong2020Fast"],
+        "not --trial and --robustbench",
+    ),
     Case("eval with too few PGD steps", ["eval", "{d}/train", "--trial", "train", "--pgd-steps", "1"], "cannot reach eps"),
     Case("eval a checkpoint without --model", ["eval", "{d}/x", "--checkpoint", "{d}/train/checkpoints/train/best.pt"], "needs --model"),
     Case("eval a missing checkpoint", ["eval", "{d}/x", "--checkpoint", "{d}/nope.pt", "--model", "small_cnn"], "is not a file"),
-    Case("eval a garbage checkpoint", ["eval", "{d}/x", "--checkpoint", "{d}/garbage.pt", "--model", "small_cnn"], "garbage.pt", prepare=_garbage_checkpoint),
-    Case("eval a checkpoint of another architecture", ["eval", "{d}/x", "--checkpoint", "{d}/train/checkpoints/train/best.pt", "--model", "cnn_fc",
-                                                        "--dataset", "digits"], "missing keys"),
-    Case("eval a checkpoint under an odd name", ["eval", "{d}/x", "--checkpoint", "{d}/train/checkpoints/train/best.pt", "--model", "small_cnn",
-                                                 "--dataset", "digits", "--name", "../up"], "--name '../up'"),
-    Case("eval a checkpoint into a URI", ["eval", "s3://bucket/out", "--checkpoint", "{d}/train/checkpoints/train/best.pt", "--model", "small_cnn"],
-         "local directory"),
+    Case(
+        "eval a garbage checkpoint",
+        ["eval", "{d}/x", "--checkpoint", "{d}/garbage.pt", "--model", "small_cnn"],
+        "garbage.pt",
+        prepare=_garbage_checkpoint,
+    ),
+    Case(
+        "eval a checkpoint of another architecture",
+        ["eval", "{d}/x", "--checkpoint", "{d}/train/checkpoints/train/best.pt", "--model", "cnn_fc", "--dataset", "digits"],
+        "missing keys",
+    ),
+    Case(
+        "eval a checkpoint under an odd name",
+        ["eval", "{d}/x", "--checkpoint", "{d}/train/checkpoints/train/best.pt", "--model", "small_cnn", "--dataset", "digits", "--name", "../up"],
+        "--name '../up'",
+    ),
+    Case(
+        "eval a checkpoint into a URI",
+        ["eval", "s3://bucket/out", "--checkpoint", "{d}/train/checkpoints/train/best.pt", "--model", "small_cnn"],
+        "local directory",
+    ),
     Case("sample without a model", ["sample", "{d}/train"], "give --trial"),
-    Case("normalising a trial's inputs", ["eval", "{d}/train", "--trial", "train", "--normalize", "cifar10"], "--normalize does not apply to --trial"),
-    Case("another eps for a trial", ["landscape", "{d}/train", "--trial", "train", "--eps", "0.3", "--dataset", "digits"],
-         "--dataset, --eps do not apply to --trial"),
-    Case("an architecture for a RobustBench model", ["eval", "{d}/x", "--robustbench", "Wong2020Fast", "--model", "resnet18"],
-         "--model does not apply to --robustbench"),
+    Case(
+        "normalising a trial's inputs", ["eval", "{d}/train", "--trial", "train", "--normalize", "cifar10"], "--normalize does not apply to --trial"
+    ),
+    Case(
+        "another eps for a trial",
+        ["landscape", "{d}/train", "--trial", "train", "--eps", "0.3", "--dataset", "digits"],
+        "--dataset, --eps do not apply to --trial",
+    ),
+    Case(
+        "an architecture for a RobustBench model",
+        ["eval", "{d}/x", "--robustbench", "Wong2020Fast", "--model", "resnet18"],
+        "--model does not apply to --robustbench",
+    ),
     Case("status of an older energyat's study", ["status", STUDY], "schema_version 1", prepare=_old_study_spec),
     Case("resume an older energyat's study", ["resume", STUDY], "schema_version 1", prepare=_old_study_spec),
     Case("query an older energyat's table", ["query", STUDY, "select count(*) from epochs"], "schema_version 1", prepare=_old_table_file),
     Case("eval an older energyat's output", ["eval", "{d}/train", "--trial", "train"], "schema_version 1", prepare=_old_train_spec),
-    Case("train on into an older energyat's output", ["train", "{d}/spec.yaml", "--out", "{d}/train"], "schema_version 1", _spec(epochs=1),
-         prepare=_old_train_spec),
+    Case(
+        "train on into an older energyat's output",
+        ["train", "{d}/spec.yaml", "--out", "{d}/train"],
+        "schema_version 1",
+        _spec(epochs=1),
+        prepare=_old_train_spec,
+    ),
 ]
 
 

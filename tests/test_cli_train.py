@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import EXAMPLES, ROOT, energyat_cmd
 
 from analysis.schema import EPOCHS, SAMPLES, SCHEMA_VERSION, TRIAL_OUTCOME
-from conftest import EXAMPLES, ROOT, energyat_cmd
 
 QUICK = [
     "--set", "epochs=3", "--set", "probe.train_size=64", "--set", "probe.test_size=64",
@@ -64,7 +64,15 @@ def test_train_writes_one_trial_row_with_final_evaluation(sat_run: Path) -> None
 
 
 def test_train_writes_samples_for_both_probes(sat_run: Path) -> None:
-    rows = json.loads(run_cli("query", str(sat_run), "select split, count(*) as n, count(distinct epoch) as e from samples group by split order by split", "--format", "json").stdout)
+    rows = json.loads(
+        run_cli(
+            "query",
+            str(sat_run),
+            "select split, count(*) as n, count(distinct epoch) as e from samples group by split order by split",
+            "--format",
+            "json",
+        ).stdout
+    )
     assert rows == [{"split": "test", "n": 3 * 64, "e": 3}, {"split": "train", "n": 3 * 64, "e": 3}]
     assert pq.read_schema(next((sat_run / "tables/samples").rglob("*.parquet"))).names == SAMPLES.names
 

@@ -11,17 +11,18 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import EXAMPLES, ROOT, energyat_cmd
 from ray.autoscaler._private.util import prepare_config, validate_config
+from test_remote_storage import BUCKET, CREDENTIALS, S3, s3  # noqa: F401  (s3: the S3-protocol server fixture)
 
 from analysis.store import git_sha
-from conftest import EXAMPLES, ROOT, energyat_cmd
-from test_remote_storage import BUCKET, CREDENTIALS, S3, s3  # noqa: F401  (s3: the S3-protocol server fixture)
 
 RAY = str(Path(sys.executable).with_name("ray"))
 
@@ -43,7 +44,10 @@ def test_aws_config_keeps_trials_off_the_head_and_workers_on_spot() -> None:
     head = config["available_node_types"][config["head_node_type"]]
     workers = [t for n, t in config["available_node_types"].items() if n != config["head_node_type"]]
     assert head["resources"]["CPU"] == 0
-    assert any(w["resources"].get("GPU", 0) >= 1 and w["min_workers"] == 0 and w["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot" for w in workers)
+    assert any(
+        w["resources"].get("GPU", 0) >= 1 and w["min_workers"] == 0 and w["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
+        for w in workers
+    )
     text = (ROOT / "cluster.yaml").read_text().lower()
     assert "aws_secret_access_key" not in text and "aws_access_key_id" not in text
 
@@ -125,9 +129,23 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     folder = tmp_path_factory.mktemp("cluster")
     logs = folder / "head.log", folder / "worker.log"
     address = f"{HEAD_IP}:{port}"
-    head, alive = _start_until_alive(["--head", f"--port={port}", f"--node-ip-address={HEAD_IP}", "--include-dashboard=false", "--node-manager-port=46380",
-                                      "--object-manager-port=46381", "--min-worker-port=46400", "--max-worker-port=46499", *common],
-                                     temp, logs[0], address, [HEAD_IP])
+    head, alive = _start_until_alive(
+        [
+            "--head",
+            f"--port={port}",
+            f"--node-ip-address={HEAD_IP}",
+            "--include-dashboard=false",
+            "--node-manager-port=46380",
+            "--object-manager-port=46381",
+            "--min-worker-port=46400",
+            "--max-worker-port=46499",
+            *common,
+        ],
+        temp,
+        logs[0],
+        address,
+        [HEAD_IP],
+    )
     worker = None
     try:
         assert alive == [HEAD_IP], f"the head node did not start: {logs[0].read_text()[-2000:]}"
@@ -153,9 +171,16 @@ def _study_env(cluster: Cluster, tmp_path: Path) -> dict[str, str]:
 def test_two_node_cluster_on_loopback_runs_the_smoke_study(cluster: Cluster, tmp_path: Path, s3: S3) -> None:  # noqa: F811  (the imported fixture)
     address, temp = cluster.address, cluster.temp
     # a client without the cluster's token can neither join nor submit: no token, a wrong one
-    outsiders = [subprocess.Popen([sys.executable, "-c", f"import ray; ray.init(address='{address}'); print('JOINED', ray.get(ray.remote(lambda: 1).remote()))"],
-                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for env in ({k: v for k, v in _env(temp).items() if k != "RAY_AUTH_MODE"}, {**_env(temp), "RAY_AUTH_TOKEN": "not-the-token"})]
+    outsiders = [
+        subprocess.Popen(
+            [sys.executable, "-c", f"import ray; ray.init(address='{address}'); print('JOINED', ray.get(ray.remote(lambda: 1).remote()))"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for env in ({k: v for k, v in _env(temp).items() if k != "RAY_AUTH_MODE"}, {**_env(temp), "RAY_AUTH_TOKEN": "not-the-token"})
+    ]
     for outsider in outsiders:
         out, err = outsider.communicate(timeout=180)
         assert outsider.returncode != 0 and "JOINED" not in out and "InvalidAuthToken" in err, err[-2000:]

@@ -8,17 +8,18 @@ backend, which compiles in seconds on the CPU where inductor takes over a minute
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
 import torch._dynamo
+from conftest import TINY
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.utils import counters
 
-from conftest import TINY
 from trainables.attacks import ATTACKS, random_targets
 from trainables.config import parse_trial
 from trainables.engine import COMPILE_RECOMPILE_LIMIT, run_trial

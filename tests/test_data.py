@@ -10,8 +10,9 @@ from __future__ import annotations
 import gzip
 import pickle
 import struct
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, get_args
+from typing import Any, get_args
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from analysis.errors import DataNotFoundError, SpecError
 from trainables import data
 from trainables.config import DatasetConfig, DatasetName
 from trainables.data import ImageData, augment, load_dataset
+
 
 def raw(cfg: DatasetConfig) -> ImageData:
     """The dataset as its loader reads it from disk: the format's own train/test split, before
@@ -368,7 +370,7 @@ def test_digits_split_is_fixed_by_seed(digits: ImageData) -> None:
 
 
 def _rows(x: torch.Tensor, y: torch.Tensor) -> list[tuple[bytes, int]]:
-    return sorted((bytes(a.numpy()), int(b)) for a, b in zip(x, y))
+    return sorted((bytes(a.numpy()), int(b)) for a, b in zip(x, y, strict=True))
 
 
 def test_validation_split_is_held_out_of_the_training_set(digits: ImageData) -> None:
@@ -411,8 +413,8 @@ def test_train_size_keeps_a_seeded_subset(digits: ImageData) -> None:
     # The subset is made of the training images left after the validation split, in the same pairs.
     small = load_dataset(DatasetConfig(name="digits", seed=0, train_size=100))
     assert small.train_x.shape == (100, 1, 8, 8) and torch.equal(small.test_x, digits.test_x)
-    full = {(bytes(x.numpy()), int(y)) for x, y in zip(digits.train_x, digits.train_y)}
-    assert all((bytes(x.numpy()), int(y)) in full for x, y in zip(small.train_x, small.train_y))
+    full = {(bytes(x.numpy()), int(y)) for x, y in zip(digits.train_x, digits.train_y, strict=True)}
+    assert all((bytes(x.numpy()), int(y)) in full for x, y in zip(small.train_x, small.train_y, strict=True))
 
 
 def test_train_size_larger_than_the_set_is_a_spec_error() -> None:
@@ -498,8 +500,8 @@ def test_flip_only_gives_each_sample_itself_or_its_mirror() -> None:
     # With p = 0.5 per sample, a batch of 64 holds both outcomes; no other result is possible.
     x = distinct_batch()
     out = augment(x, crop_pad=0, flip=True, generator=torch.Generator().manual_seed(0))
-    kept = torch.tensor([torch.equal(o, s) for o, s in zip(out, x)])
-    mirrored = torch.tensor([torch.equal(o, s.flip(-1)) for o, s in zip(out, x)])
+    kept = torch.tensor([torch.equal(o, s) for o, s in zip(out, x, strict=True)])
+    mirrored = torch.tensor([torch.equal(o, s.flip(-1)) for o, s in zip(out, x, strict=True)])
     assert bool((kept ^ mirrored).all())
     assert 0 < int(mirrored.sum()) < len(x)
 

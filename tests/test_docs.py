@@ -9,8 +9,9 @@ import dataclasses
 import re
 from pathlib import Path
 
-from analysis.schema import TABLES
 from conftest import ROOT
+
+from analysis.schema import TABLES
 from trainables.config import TrialConfig, flatten
 
 README = (ROOT / "README.md").read_text()

@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import ROOT, TINY
 
 from analysis.query import open_tables
 from trainables.config import parse_trial
 from trainables.engine import run_trial
-from conftest import ROOT, TINY
 
 
 class Crash(RuntimeError):
@@ -45,7 +45,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path: Path) -> No
     run_trial(cfg, out=broken)
     a, b = _epochs(straight), _epochs(broken)
     assert [r[0] for r in b] == [0, 1, 2, 3]
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=True):
         assert ra == pytest.approx(rb, rel=1e-5, abs=1e-6)
 
 

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import TINY
 
 from analysis.query import open_tables
-from conftest import TINY
 from study.cli import main
 from trainables import checkpoint
 from trainables.config import parse_trial

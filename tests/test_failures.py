@@ -15,10 +15,10 @@ import optuna
 import pyarrow.parquet as pq
 import yaml
 from sklearn.datasets import load_digits
+from test_study import assert_tables_consistent, energyat, journal_trials
 
 from analysis.query import open_tables
 from study.journal import RETRY_ATTR, TUNE_ID_ATTR
-from test_study import assert_tables_consistent, energyat, journal_trials
 
 STUDY = {
     "name": "f", "model": "small_cnn", "method": "sat", "epochs": 2, "batch_size": 64, "lr": 0.05,
@@ -70,7 +70,10 @@ def test_a_trial_failing_for_good_is_error_everywhere_and_retry_errored_gives_it
     first_life, second_life = journal_trials(study_dir)
     assert first_life.state == optuna.trial.TrialState.FAIL
     assert second_life.state == optuna.trial.TrialState.COMPLETE and second_life.values == [best]
-    assert second_life.params == first_life.params and {k: second_life.user_attrs.get(k) for k in (TUNE_ID_ATTR, RETRY_ATTR)} == {TUNE_ID_ATTR: new_id, RETRY_ATTR: first_life.number}
+    assert second_life.params == first_life.params and {k: second_life.user_attrs.get(k) for k in (TUNE_ID_ATTR, RETRY_ATTR)} == {
+        TUNE_ID_ATTR: new_id,
+        RETRY_ATTR: first_life.number,
+    }
     assert second_life.user_attrs["energyat_stop_reason"] == "completed"  # the energy outcomes of its second life
     # the failed life's row and Tune folder are kept aside, out of the views
     (kept,) = (study_dir / "retried" / trial_id).glob("*/tables/trials/*.parquet")

@@ -26,13 +26,15 @@ import reference_at  # noqa: E402
 
 from trainables.attacks import pgd, trades_kl  # noqa: E402
 from trainables.config import AttackConfig, DatasetConfig, TrialConfig  # noqa: E402
-from trainables.data import load_dataset  # noqa: E402
+from trainables.data import (
+    load_dataset,  # noqa: E402
+    to_float,  # noqa: E402
+)
 from trainables.energy import marginal_energy  # noqa: E402
-from trainables.data import to_float  # noqa: E402
 from trainables.engine import _train_epoch  # noqa: E402
-from trainables.precision import autocast  # noqa: E402
 from trainables.methods import METHODS, MethodParams  # noqa: E402
 from trainables.models import build_model  # noqa: E402
+from trainables.precision import autocast  # noqa: E402
 
 EPS, STEP, STEPS = 0.15, 0.0375, 5
 CPU = torch.device("cpu")
@@ -141,7 +143,7 @@ def test_each_method_loss_and_weight_gradients_match_the_plain_path(trained, met
         results.append((float(loss.detach()), [p.grad.clone() for p in net.parameters()]))
     (plain_loss, plain_grads), (fast_loss, fast_grads) = results
     assert fast_loss == pytest.approx(plain_loss, rel=1e-4)
-    for g_fast, g_plain in zip(fast_grads, plain_grads):
+    for g_fast, g_plain in zip(fast_grads, plain_grads, strict=True):
         assert torch.allclose(g_fast, g_plain, rtol=1e-3, atol=1e-5)
 
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import EXAMPLES
 
 from analysis.query import open_tables
-from conftest import EXAMPLES
 from study.spec import load_spec
 from trainables import checkpoint
 from trainables.attacks import pgd, pgd_targeted, random_targets
@@ -61,7 +61,7 @@ def _probed_epochs(out: Path) -> list[dict[str, Any]]:
             "from epochs where probed order by epoch"
         )
         names = [d[0] for d in cur.description]
-        return [dict(zip(names, row)) for row in cur.fetchall()]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
     finally:
         con.close()
 
@@ -104,7 +104,7 @@ def test_untargeted_attacks_lower_and_targeted_attacks_raise_the_energy_of_a_sta
         ).fetchone()
         index, stored_e = zip(*con.execute(
             "select index, E from samples where split = 'train' and epoch = 8 order by index"
-        ).fetchall())
+        ).fetchall(), strict=True)
     finally:
         con.close()
     assert down > 0.5 and up > 0.5

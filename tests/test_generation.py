@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import EXAMPLES
 from PIL import Image
 
-from conftest import EXAMPLES
 from study.cli import main
 from trainables.config import SgldConfig, parse_trial
 from trainables.data import load_dataset
@@ -45,7 +45,9 @@ def test_pca_start_moves_only_along_the_principal_directions_that_keep_95_percen
     assert 1 < k < own.shape[1] and outside.abs().max() < 1e-9 and centred.abs().max() > 0.1
 
 
-def test_sgld_without_steps_returns_the_start_and_with_steps_lowers_the_joint_energy(trained_cnn: torch.nn.Module, digits_batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+def test_sgld_without_steps_returns_the_start_and_with_steps_lowers_the_joint_energy(
+    trained_cnn: torch.nn.Module, digits_batch: tuple[torch.Tensor, torch.Tensor]
+) -> None:
     x, y = digits_batch
     trained_cnn.zero_grad(set_to_none=True)
     cfg = SgldConfig(steps=0)
@@ -85,7 +87,9 @@ def _sample(folder: Path, init: str, capsys: pytest.CaptureFixture[str]) -> dict
     return record
 
 
-def test_sat_samples_are_recognised_by_an_independent_classifier_and_a_standard_models_are_not(trained: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_sat_samples_are_recognised_by_an_independent_classifier_and_a_standard_models_are_not(
+    trained: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     sat, standard = _sample(trained["sat"], "noise", capsys), _sample(trained["standard"], "noise", capsys)
     assert sat["judge_test_acc"] > 0.95  # the judge itself is a good classifier
     # chance is 0.1; measured over seeds 0, 1, 2 (README, "Sampling"): SAT 0.845, 0.895, 0.855;

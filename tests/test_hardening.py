@@ -59,9 +59,9 @@ import shutil  # noqa: E402
 
 import pytest  # noqa: E402
 import yaml  # noqa: E402
+from conftest import TINY  # noqa: E402
 
 from analysis.store import read_trial_rows  # noqa: E402
-from conftest import TINY  # noqa: E402
 from study.cli import main  # noqa: E402
 from trainables import checkpoint  # noqa: E402
 
@@ -155,8 +155,8 @@ def test_checkpoints_and_table_files_reach_the_disk_before_their_rename(tmp_path
     monkeypatch.setattr(os, "replace", replace)
     import torch
 
-    from analysis.store import write_epoch_rows
     from analysis.schema import EPOCHS
+    from analysis.store import write_epoch_rows
 
     checkpoint.save(tmp_path / "ck" / "last.pt", {"w": torch.zeros(3)})
     write_epoch_rows(str(tmp_path), table="epochs", trial_id="t", epoch=0,

@@ -18,9 +18,10 @@ import subprocess
 import time
 from pathlib import Path
 
-from analysis.query import open_tables
 from conftest import EXAMPLES, ROOT, energyat_cmd
 from test_study import assert_journal_matches_tune, assert_tables_consistent, energyat
+
+from analysis.query import open_tables
 
 SMOKE = str(EXAMPLES / "smoke.yaml")
 KILL_SEED = 2026
@@ -102,11 +103,13 @@ def test_trial_workers_killed_mid_epoch_restart_from_their_checkpoints(tmp_path:
     # last reported checkpoint and the re-run epoch overwrites its own rows
     rng = random.Random(KILL_SEED)
     study_dir = tmp_path / "studies" / "workers"
-    proc = subprocess.Popen(_study_args(tmp_path / "studies", "workers"), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        _study_args(tmp_path / "studies", "workers"), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
     killed: dict[str, dict[str, int]] = {}  # trial id -> {row file: mtime} of the epochs its checkpoint covered when killed
     try:
         for point in sorted(rng.sample(range(1, 10), WORKER_KILLS)):
-            _wait_for(lambda: _epoch_files(study_dir) >= point and len(_killable(study_dir)) > 0, proc, f"{point} epochs")
+            _wait_for(lambda point=point: _epoch_files(study_dir) >= point and len(_killable(study_dir)) > 0, proc, f"{point} epochs")
             time.sleep(rng.uniform(0.0, 1.0))  # somewhere inside the next epoch
             workers = _killable(study_dir)
             if not workers:  # between two trials, or only last epochs running: wait for the next trial
@@ -147,7 +150,7 @@ def test_driver_killed_three_times_then_resumed_completes_every_trial_once(tmp_p
         proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         target = max(point, _epoch_files(study_dir) + 1) if study_dir.exists() else point  # progress before each kill
         try:
-            _wait_for(lambda: study_dir.exists() and _epoch_files(study_dir) >= target, proc, f"{target} epochs")
+            _wait_for(lambda target=target: study_dir.exists() and _epoch_files(study_dir) >= target, proc, f"{target} epochs")
             time.sleep(rng.uniform(0.0, 1.0))
         finally:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_study import energyat
 
 from analysis.query import open_tables
-from test_study import energyat
 
 SPEC = {
     "name": "logged", "dataset": {"name": "digits", "train_size": 200}, "model": "small_cnn", "method": "sat", "epochs": 2,
@@ -31,7 +31,7 @@ def logged(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[i
     energyat("run", str(base / "spec.yaml"), "--storage", str(base / "studies"))
     study = base / "studies" / "logged"
     rows = open_tables(study).execute(f"select epoch, {', '.join(COLUMNS)} from epochs order by epoch").fetchall()
-    return base, study, {r[0]: dict(zip(COLUMNS, r[1:])) for r in rows}
+    return base, study, {r[0]: dict(zip(COLUMNS, r[1:], strict=True)) for r in rows}
 
 
 def test_mlflow_holds_each_epoch_under_the_table_names(logged: tuple[Path, Path, dict]) -> None:

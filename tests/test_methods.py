@@ -12,6 +12,7 @@ from typing import get_args
 
 import pytest
 import torch
+from conftest import ROOT, TINY
 
 from analysis.query import open_tables
 from analysis.schema import EPOCHS
@@ -20,7 +21,6 @@ from trainables.config import DerConfig, MethodName, TrialConfig, WeatConfig, fl
 from trainables.engine import run_trial
 from trainables.methods import METHODS, MethodParams, delta_energy_penalty, weat_weights
 from trainables.models import build_model
-from conftest import ROOT, TINY
 
 
 def _params(**changes: object) -> MethodParams:

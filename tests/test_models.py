@@ -4,7 +4,8 @@ the reference architectures key for key and logit for logit against RobustBench'
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch

@@ -89,7 +89,7 @@ def test_bad_thresholds_are_refused_at_construction() -> None:
 REFERENCE = Path(__file__).resolve().parent / "data" / "reference"
 
 
-def _reference(name: str) -> "pd.DataFrame":
+def _reference(name: str) -> pd.DataFrame:
     return pd.read_csv(REFERENCE / f"rice2020_cifar10_{name}_preactresnet18.csv")
 
 
@@ -160,7 +160,9 @@ def test_a_flat_zero_start_is_not_phase_2() -> None:
         (True, 3, None, 10, True),  # no best yet (nothing probed): nothing to wait for
     ],
 )
-def test_stop_rule_needs_the_alarm_and_no_gain_for_patience_epochs(alarm: bool, epoch: int, best_epoch: int | None, patience: int, stop: bool) -> None:
+def test_stop_rule_needs_the_alarm_and_no_gain_for_patience_epochs(
+    alarm: bool, epoch: int, best_epoch: int | None, patience: int, stop: bool
+) -> None:
     assert should_stop(alarm=alarm, epoch=epoch, best_epoch=best_epoch, patience=patience) is stop
 
 

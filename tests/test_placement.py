@@ -8,7 +8,7 @@ not from what torch can see.
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 import ray

@@ -8,9 +8,9 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import EXAMPLES
 
 from analysis.errors import SpecError
-from conftest import EXAMPLES
 from study.spec import load_spec
 from trainables.config import parse_trial
 from trainables.methods import METHODS, MethodParams
@@ -38,7 +38,15 @@ def test_the_paper_recipes_follow_the_weat_code(name: str) -> None:
 
 def test_the_rice_recipe_follows_rice_et_al() -> None:
     cfg = load_spec(EXAMPLES / "rice2020_cifar10.yaml").trial
-    assert (cfg.model, cfg.method, cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay) == ("preact_resnet18", "sat", 200, 128, 0.1, 0.9, 5e-4)
+    assert (cfg.model, cfg.method, cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay) == (
+        "preact_resnet18",
+        "sat",
+        200,
+        128,
+        0.1,
+        0.9,
+        5e-4,
+    )
     assert (cfg.schedule.name, cfg.schedule.milestones, cfg.schedule.gamma) == ("piecewise", (100.0, 150.0), 0.1)
     a = cfg.attack
     assert (a.eps, a.step, a.steps, a.bn, a.start) == (pytest.approx(8 / 255), pytest.approx(2 / 255), 10, "train", "uniform")
@@ -49,7 +57,15 @@ def test_auto_resolves_to_each_methods_reference() -> None:
     # Rice et al. and Wong et al. craft in train mode from a uniform start; TRADES, MART and the
     # WEAT code craft in eval mode from x + 0.001 N(0, I)
     expected_bn = {"sat": "train", "fgsm_rs": "train", "der": "train", "trades": "eval", "weat": "eval", "mart": "eval", "standard": "eval"}
-    expected_start = {"sat": "uniform", "fgsm_rs": "uniform", "der": "uniform", "trades": "gaussian", "weat": "gaussian", "mart": "gaussian", "standard": "uniform"}
+    expected_start = {
+        "sat": "uniform",
+        "fgsm_rs": "uniform",
+        "der": "uniform",
+        "trades": "gaussian",
+        "weat": "gaussian",
+        "mart": "gaussian",
+        "standard": "uniform",
+    }
     assert {m: METHODS[m].bn for m in METHODS} == expected_bn and {m: METHODS[m].start for m in METHODS} == expected_start
     assert set(expected_bn) == set(METHODS)
     for method in METHODS:
@@ -116,6 +132,7 @@ def test_the_step_scales_with_eps_unless_given_and_must_reach_the_edge_of_the_ba
 def test_cycled_momentum_reaches_the_optimizer(tmp_path) -> None:  # type: ignore[no-untyped-def]
     # one onecycle epoch with cycle_momentum: SGD's momentum at the last batch is the schedule's
     from conftest import TINY
+
     from trainables import checkpoint
     from trainables.engine import run_trial
     from trainables.schedules import momentum_at

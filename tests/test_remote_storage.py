@@ -15,22 +15,21 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
-
-import optuna
-import pyarrow.fs as pafs
-import pytest
-
-from analysis.query import open_tables
-from analysis.store import write_epoch_rows, write_trial_row
-from conftest import EXAMPLES, energyat_cmd
-from test_store import _row
-from test_study import assert_journal_matches_tune, assert_tables_consistent
 
 # No skip: without the server these guarantees would go untested while the suite still passed.
 # `make test` installs moto[server] (the `test` extra); a missing one fails this module.
 import moto.server  # noqa: E402, F401
+import optuna
+import pyarrow.fs as pafs
+import pytest
+from conftest import EXAMPLES, energyat_cmd
+from test_store import _row
+from test_study import assert_journal_matches_tune, assert_tables_consistent
+
+from analysis.query import open_tables
+from analysis.store import write_epoch_rows, write_trial_row
 
 BUCKET = "bucket"
 # moto accepts any credentials; they live in the environment only, never in a file. Distinctive
@@ -186,7 +185,9 @@ def test_a_study_on_s3_writes_tables_checkpoints_spec_and_journal_to_the_bucket(
     assert [p.suffix for p in journals.iterdir() if p.is_file() and not p.name.endswith(".lock")] == [".journal"]
 
 
-def test_the_uploaded_journal_loads_with_plain_optuna_and_matches_the_trials_table(s3: S3, s3_study: tuple[str, Path, Path, dict[str, str]], tmp_path: Path) -> None:
+def test_the_uploaded_journal_loads_with_plain_optuna_and_matches_the_trials_table(
+    s3: S3, s3_study: tuple[str, Path, Path, dict[str, str]], tmp_path: Path
+) -> None:
     study, *_ = s3_study
     local = _download(s3, "studies/remote/optuna.journal", tmp_path / "optuna.journal")
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(local)))
@@ -334,8 +335,8 @@ def _assert_uploaded_journal_holds_the_checkpointed_searcher(s3: S3, prefix: str
 
 
 def test_the_searcher_uploads_the_journal_before_it_saves_its_state(s3: S3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from study.journal import journal_storage
     from study.callbacks import JournalUpload
+    from study.journal import journal_storage
     from study.search import StudySearch
 
     monkeypatch.setenv("ENERGYAT_JOURNAL_DIR", str(tmp_path))

@@ -8,13 +8,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, TINY, energyat_cmd
 
 from analysis import plots
 from analysis.errors import StoreError
 from analysis.phases import detect
 from analysis.query import open_tables
 from analysis.report import phases_table, write_report
-from conftest import ROOT, TINY, energyat_cmd
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-
-from analysis.query import open_tables
 from conftest import ROOT, energyat_cmd
 from test_data import cifar_rows, py2_pickle
+
+from analysis.query import open_tables
 
 MODELS = ("Andriushchenko2020Understanding", "Wong2020Fast")  # PreAct ResNet-18s; Wong's normalises inside
 TEST_IMAGES = 8

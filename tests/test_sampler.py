@@ -10,8 +10,8 @@ import pytest
 
 from analysis.errors import SpecError
 from study.journal import DUPLICATE_ATTR, TUNE_ID_ATTR, journal_storage
-from study.search import StudySearch
 from study.sampler import SAMPLERS, SINGLE_OBJECTIVE_ONLY, build_sampler, check_points, check_sampler, check_sampler_for
+from study.search import StudySearch
 from study.space import SearchSpace, parse_search
 
 BASE = {"name": "s", "dataset": {"name": "digits"}, "model": "small_cnn", "method": "sat", "epochs": 2}
@@ -148,7 +148,9 @@ def test_a_grid_runs_every_distinct_configuration_once_then_ends(tmp_path: Path,
         # study.stop() there, which raises outside study.optimize
         searcher.on_trial_complete(f"t{i}", {"acc": 0.1 * i, "training_iteration": 1})
     arms = {(p["method"], p.get("weat.variant"), p["seed"]) for p in suggested}
-    expected = {(m, v, s) for m in ("sat", "trades") for v in (None,) for s in (0, 1, 2)} | {("weat", v, s) for v in ("adv", "nat") for s in (0, 1, 2)}
+    expected = {(m, v, s) for m in ("sat", "trades") for v in (None,) for s in (0, 1, 2)} | {
+        ("weat", v, s) for v in ("adv", "nat") for s in (0, 1, 2)
+    }
     assert arms == expected and len(suggested) == 12
     assert searcher.suggest("t12") == "FINISHED" and "looks exhausted" in capfd.readouterr().err
 

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_study import assert_journal_matches_tune, assert_tables_consistent, energyat, journal_trials
 
 from analysis.errors import SpecError
 from analysis.query import open_tables
 from analysis.stopping import StopRule
 from study.sampler import check_sampler
-from study.scheduler_keys import check_scheduler, check_scheduler_for
 from study.scheduler import Asha, KeepInSearch, Median, build_scheduler
-from test_study import assert_journal_matches_tune, assert_tables_consistent, energyat, journal_trials
+from study.scheduler_keys import check_scheduler, check_scheduler_for
 
 SPEC = {
     "name": "sched", "dataset": {"name": "digits", "train_size": 200, "val_size": 200}, "model": "small_cnn", "method": "sat",
@@ -60,9 +60,9 @@ def test_pbt_refuses_what_it_cannot_search(search: dict, extra: dict, key: str) 
 
 
 def test_a_grace_period_no_trial_reaches_is_refused() -> None:
-    check_scheduler_for(check_scheduler({"name": "asha", "grace_period": 3}), epochs=4)
+    check_scheduler_for(check_scheduler({"name": "asha", "grace_period": 3}), epochs=4, base_method="sat")
     with pytest.raises(SpecError, match="grace_period"):
-        check_scheduler_for(check_scheduler({"name": "asha", "grace_period": 4}), epochs=4)
+        check_scheduler_for(check_scheduler({"name": "asha", "grace_period": 4}), epochs=4, base_method="sat")
 
 
 def test_each_scheduler_is_tunes_own_counted_in_epochs_on_the_objective() -> None:
@@ -112,7 +112,7 @@ def test_a_trial_median_stopping_stops_is_evaluated_and_recorded(tmp_path: Path)
     assert_tables_consistent(study)
     stopped = _stopped(study, "scheduler: median")
     assert stopped, "the median rule stopped no trial of 5"
-    for trial_id, status, epochs_run, clean, pgd, _best in stopped:
+    for _trial_id, status, epochs_run, clean, pgd, _best in stopped:
         assert status == "TERMINATED" and 1 <= epochs_run < 4 and math.isfinite(clean) and math.isfinite(pgd)
     assert_journal_matches_tune(study)
 

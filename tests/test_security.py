@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 import yaml
-
 from conftest import ROOT, TINY
+
 from study.cli import main
 
 
@@ -57,7 +57,10 @@ def test_the_local_ray_energyat_starts_serves_no_dashboard() -> None:
 
 def test_every_ray_head_the_repository_starts_keeps_its_dashboard_on_loopback() -> None:
     # cluster.yaml, docs/cluster.md and the tests: every head node they start keeps its dashboard on 127.0.0.1 or off
-    texts = {p: p.read_text() for p in [ROOT / "cluster.yaml", ROOT / "docs" / "cluster.md", *sorted(set((ROOT / "tests").glob("*.py")) - {Path(__file__)})]}
+    texts = {
+        p: p.read_text()
+        for p in [ROOT / "cluster.yaml", ROOT / "docs" / "cluster.md", *sorted(set((ROOT / "tests").glob("*.py")) - {Path(__file__)})]
+    }
     heads = [(p.name, line) for p, text in texts.items() for line in text.splitlines() if "ray start" in line and "--head" in line]
     heads += [(p.name, line) for p, text in texts.items() for line in text.splitlines() if '"--head"' in line]
     assert heads
@@ -117,7 +120,9 @@ def test_a_symbolic_link_in_tables_cannot_lead_a_query_outside(tmp_path: Path) -
     tables.mkdir(parents=True)
     (tables / "inside.txt").write_text("a file of the study\n")
     (tables / "link.txt").symlink_to(tmp_path / "secret.txt")
-    assert run_query(tmp_path / "study", f"select content from read_text('{tables / 'inside.txt'}')").to_pylist() == [{"content": "a file of the study\n"}]
+    assert run_query(tmp_path / "study", f"select content from read_text('{tables / 'inside.txt'}')").to_pylist() == [
+        {"content": "a file of the study\n"}
+    ]
     try:
         run_query(tmp_path / "study", f"select content from read_text('{tables / 'link.txt'}')")
     except QueryError as exc:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import EXAMPLES
 
 from study.cli import main
 from study.spec import load_spec
 from trainables.config import parse_trial
-from conftest import EXAMPLES
 
 BAD_SETS = [
     (["colour=red"], "`colour`"),
@@ -103,7 +103,9 @@ def test_every_example_study_search_and_objective_are_valid(path: Path) -> None:
     ("flags", "fragment"),
     [(["--stop-patience", "3"], "only applies with --stop-on-alarm"), (["--stop-on-alarm", "--stop-patience", "-2"], ">= 0")],
 )
-def test_stop_patience_without_its_flag_or_negative_exits_2(flags: list[str], fragment: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_stop_patience_without_its_flag_or_negative_exits_2(
+    flags: list[str], fragment: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "out"
     assert main(["train", str(EXAMPLES / "quickstart.yaml"), "--out", str(out), *flags]) == 2
     err = capsys.readouterr().err.strip()

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import EXAMPLES, ROOT, energyat_cmd
 
 from analysis.query import open_tables
-from conftest import EXAMPLES, ROOT, energyat_cmd
 from study.journal import DUPLICATE_ATTR, LOST_ATTR, RETRY_ATTR, TUNE_ID_ATTR
 from study.space import SearchSpace, parse_search
 
@@ -170,9 +170,10 @@ def test_bad_search_space_exits_2_before_ray_starts(search: dict, named: str, tm
 
 
 def test_stop_rule_waits_for_alarm_and_patience_and_a_restored_detector_decides_the_same(tmp_path: Path) -> None:
+    from test_phases import curve
+
     from analysis.phases import OnlineDetector
     from analysis.stopping import StopRule
-    from test_phases import curve
 
     data = curve(sign=-1.0, scale=1.0, onset=30, epochs=60, noise=0.0)
     rows = [{k: data[k][i].item() for k in data} for i in range(60)]
@@ -180,7 +181,7 @@ def test_stop_rule_waits_for_alarm_and_patience_and_a_restored_detector_decides_
 
     def decisions(rule: StopRule, detector: OnlineDetector, start: int = 0) -> list[str | None]:
         out = []
-        for r, best in zip(rows[start:], best_epochs[start:]):
+        for r, best in zip(rows[start:], best_epochs[start:], strict=True):
             _phase, alarm = detector.update(r)
             out.append(rule.decide(epoch=r["epoch"], alarm=alarm, best_epoch=best))
         return out

@@ -20,8 +20,9 @@ Shapes: ``x`` is (B, C, H, W) float in [0, 1], ``y`` is (B,) int64. For ``pgd_ta
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Callable, ContextManager, Iterator, Literal
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +50,7 @@ def bn_mode(model: nn.Module, mode: BnMode) -> Iterator[None]:
         model.train(was_training)
 
 
-def eval_mode(model: nn.Module) -> ContextManager[None]:
+def eval_mode(model: nn.Module) -> AbstractContextManager[None]:
     """Batch norm in eval mode inside (probes, evaluation, sampling)."""
     return bn_mode(model, "eval")
 
@@ -211,7 +212,9 @@ def trades_kl(
     return _kl_ascent(model, x, x_adv, eps=eps, step_size=step_size, steps=steps, norm=norm, bn=bn)
 
 
-def _kl_ascent(model: nn.Module, x: torch.Tensor, start: torch.Tensor, *, eps: float, step_size: float, steps: int, norm: Norm, bn: BnMode) -> torch.Tensor:
+def _kl_ascent(
+    model: nn.Module, x: torch.Tensor, start: torch.Tensor, *, eps: float, step_size: float, steps: int, norm: Norm, bn: BnMode
+) -> torch.Tensor:
     if steps == 0:
         return start
     with torch.no_grad(), bn_mode(model, bn):

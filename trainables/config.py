@@ -14,9 +14,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from fractions import Fraction
-from typing import Any, Literal, Mapping, get_args, get_type_hints
+from typing import Any, Literal, get_args, get_type_hints
 
 from analysis.errors import SpecError, unknown_choice
 from analysis.store import SAFE_NAME
@@ -366,10 +367,17 @@ def _check_ranges(cfg: TrialConfig) -> None:
          f"is inductor's; the {cfg.compile_backend} backend has no modes"),
     ]
     if cfg.final_eval.autoattack_n is not None:
-        checks.append(("final_eval.autoattack_n", cfg.final_eval.autoattack_n >= 0, "must be non-negative (0 skips AutoAttack, null takes the whole test set)"))
+        checks.append(
+            ("final_eval.autoattack_n", cfg.final_eval.autoattack_n >= 0, "must be non-negative (0 skips AutoAttack, null takes the whole test set)")
+        )
     if cfg.dataset.val_size is not None:
-        checks.append(("dataset.val_size", cfg.dataset.val_size >= 1,
-                       "must be at least 1: the best epoch, the searcher's objective and the stop rule read the validation split, never the test set"))
+        checks.append(
+            (
+                "dataset.val_size",
+                cfg.dataset.val_size >= 1,
+                "must be at least 1: the best epoch, the searcher's objective and the stop rule read the validation split, never the test set",
+            )
+        )
     if cfg.attack.fgsm_step is not None:
         checks.append(("attack.fgsm_step", 0 < cfg.attack.fgsm_step <= 1, "must be in (0, 1]"))
     if cfg.dataset.train_size is not None:

@@ -17,9 +17,9 @@ import gzip
 import os
 import struct
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -60,7 +60,7 @@ class ImageData:
     val_y: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))  # int64 (V,), true labels
     val_index: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))  # positions in the dataset's training split
 
-    def to(self, device: torch.device) -> "ImageData":
+    def to(self, device: torch.device) -> ImageData:
         """The same dataset with its image and label tensors on `device`."""
         return dataclasses.replace(
             self,

@@ -30,10 +30,11 @@ import copy
 import math
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,8 +43,8 @@ from torch import nn
 
 from analysis.errors import EnergyatError
 from analysis.phases import DETECTOR_COLUMNS, OnlineDetector, PhaseResult, detect
-from analysis.stopping import StopRule
 from analysis.schema import SCHEMA_VERSION
+from analysis.stopping import StopRule
 from analysis.store import (
     check_name,
     check_schema_version,
@@ -214,7 +215,9 @@ def probe_epoch(model: nn.Module, probes: EpochProbes, cfg: TrialConfig, params:
     return out
 
 
-def final_evaluation(model: nn.Module, data: ImageData, cfg: TrialConfig, *, out: str, trial_id: str, weights: str, device: torch.device) -> dict[str, float]:
+def final_evaluation(
+    model: nn.Module, data: ImageData, cfg: TrialConfig, *, out: str, trial_id: str, weights: str, device: torch.device
+) -> dict[str, float]:
     """The best checkpoint on the test set (:func:`trainables.evaluate.evaluate`): clean and
     PGD-(final_eval.pgd_steps) on the first `final_eval.n` images, the original AutoAttack on the
     first `final_eval.autoattack_n`; rows in `evals`, the `final_*` values returned."""
@@ -609,7 +612,9 @@ def _resume_state(last: Path, best: Path) -> dict[str, Any] | None:
     return None
 
 
-def _checkpoint_state(model: nn.Module, opt: torch.optim.Optimizer, detector: OnlineDetector, progress: _Progress, device: torch.device) -> dict[str, Any]:
+def _checkpoint_state(
+    model: nn.Module, opt: torch.optim.Optimizer, detector: OnlineDetector, progress: _Progress, device: torch.device
+) -> dict[str, Any]:
     return {
         "model": model.state_dict(),
         "optimizer": opt.state_dict(),

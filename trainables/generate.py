@@ -9,9 +9,10 @@ samples, labels, scores), judged by an independent classifier (:mod:`trainables.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch

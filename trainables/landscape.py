@@ -17,7 +17,7 @@ fp32, seeded). Rows follow :data:`analysis.schema.LANDSCAPE`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa

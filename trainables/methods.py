@@ -17,8 +17,9 @@ space (trainables.config, study/space.py) read this registry in processes that n
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from trainables.config import DerConfig, TrialConfig, WeatConfig
 
@@ -45,7 +46,7 @@ class MethodParams:
     start: str = "uniform"  # where the attack starts: "uniform" | "gaussian" (attack.start resolved)
 
     @classmethod
-    def from_config(cls, cfg: TrialConfig) -> "MethodParams":
+    def from_config(cls, cfg: TrialConfig) -> MethodParams:
         """The method's parameters with `auto` resolved to the method's reference (:attr:`Method.bn`, :attr:`Method.start`)."""
         a = cfg.attack
         assert a.step is not None  # AttackConfig derives it

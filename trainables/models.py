@@ -12,7 +12,8 @@ this against RobustBench's copies of the same code). small_cnn and cnn_fc are en
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F

@@ -31,9 +31,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,9 +44,9 @@ from torch import nn
 from trainables.attacks import eval_mode, pgd, pgd_targeted, random_targets
 from trainables.config import TrialConfig
 from trainables.data import to_float
-from trainables.precision import fp32
 from trainables.energy import joint_energy, marginal_energy
 from trainables.methods import METHODS, Craft, MethodParams
+from trainables.precision import fp32
 
 # attack(model, x, y) -> x*, with the threat model bound (functools.partial of an attack, or a
 # method's craft with its parameters)

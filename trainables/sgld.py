@@ -14,7 +14,8 @@ from one ``torch.Generator``, so a seed gives the same samples.
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Sequence
+from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 from torch import nn

@@ -20,9 +20,10 @@ from __future__ import annotations
 import difflib
 import json
 import pickle
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Literal
 
 import torch
 import yaml
@@ -59,7 +60,7 @@ class Subject:
         """The model on `device` in the engine's layout (channels_last), eval mode: the same
         weights then give the same arithmetic, so `energyat eval` reproduces a trial's final
         evaluation exactly."""
-        return self.load(data).to(device, memory_format=torch.channels_last).eval()
+        return self.load(data).to(device).to(memory_format=torch.channels_last).eval()
 
     @property
     def label(self) -> str:
@@ -295,8 +296,12 @@ def robustbench_subject(model_name: str, *, cfg: TrialConfig, models_dir: str | 
             # file is not the checkpoint load_model expects for this model (damaged, or another one's)
             problem = f"{type(exc).__name__}: {one_line(exc)[:200]}"
             if present:
-                raise EnergyatError(f"{where} is not a checkpoint RobustBench's load_model can read for {model_name} ({problem}); delete it to download it again") from exc
-            raise EnergyatError(f"cannot download RobustBench model {model_name} ({problem}); with no network, place its checkpoint at {where}") from exc
+                raise EnergyatError(
+                    f"{where} is not a checkpoint RobustBench's load_model can read for {model_name} ({problem}); delete it to download it again"
+                ) from exc
+            raise EnergyatError(
+                f"cannot download RobustBench model {model_name} ({problem}); with no network, place its checkpoint at {where}"
+            ) from exc
         return model.float().eval()
 
     return Subject(model_name, "robustbench", cfg, f"robustbench:{model_name}/{dataset}/{threat}", None, model_name, study, load)
