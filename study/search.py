@@ -49,7 +49,7 @@ class StudySearch(OptunaSearch):
         not where this driver keeps the journal (:func:`study.journal.journal_file`, from local settings)."""
         super().restore(checkpoint_path)
         study_dir = getattr(self, "study_dir", None)
-        if study_dir is None:  # saved by an energyat that kept the journal's path in spec.yaml
+        if study_dir is None:  # a searcher pickled without study_dir: its saved storage is the journal to use
             return
         storage = journal_storage(journal_file(study_dir, self._study_name))
         self._storage = storage

@@ -224,7 +224,7 @@ def _raylet(ip: str) -> int | None:
     return None
 
 
-LOST_EPOCHS = 12  # long enough that both trials are mid-run together: with 5, CI saw one finish before the other had begun
+LOST_EPOCHS = 12  # long enough that both trials are mid-run together when the node is lost (at 5, one can finish before the other starts)
 
 
 def test_a_lost_node_s_trials_finish_on_the_other_node_from_their_checkpoints(cluster: Cluster, tmp_path: Path, s3: S3) -> None:  # noqa: F811
@@ -267,8 +267,8 @@ def test_a_lost_node_s_trials_finish_on_the_other_node_from_their_checkpoints(cl
     assert_journal_matches_tune(study, journal=journal, tune_dir=f"{BUCKET}/studies/lost/tune", fs=s3.fs)
     # the lost node's trial: reported on both nodes, up to its last epoch. Every epoch's row once is
     # checked on the tables above; Tune's own log of the reports (result.json) may repeat the epochs
-    # re-run since the checkpoint (a trial checkpoints every CHECKPOINT_SECONDS, not every epoch:
-    # CI saw [0, 1, 1, 2, ...]) and once lost its first line across a restart ([1, 2, 3, 4])
+    # re-run since the checkpoint (a trial checkpoints every CHECKPOINT_SECONDS, not every epoch, so
+    # [0, 1, 1, 2, ...] is possible) and may lose its first line across a restart ([1, 2, 3, 4])
     moved = []
     for name in [f for f in s3.files("studies/lost/tune") if f.endswith("/result.json")]:
         reports = _reports(s3, f"studies/lost/tune/{name}")

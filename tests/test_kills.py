@@ -87,7 +87,7 @@ def _checkpoints(study_dir: Path, trial: str) -> int:
 def _killable(study_dir: Path) -> dict[str, int]:
     """The running trial workers with a checkpoint to restart from and a whole epoch left after
     the one they are in. A worker in its trial's last epoch may end the trial before the kill
-    lands, and Tune then records no failure for it (CI saw that once); one without a checkpoint
+    lands, and Tune then records no failure for it; one without a checkpoint
     would restart from epoch 0, which is right but shows nothing."""
     epochs_dir = study_dir / "tables" / "epochs"
     return {t: pid for t, pid in _trial_workers(study_dir).items()
