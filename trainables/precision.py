@@ -8,12 +8,20 @@ Ampere and later GPUs, so :func:`fp32` turns TF32 off inside and restores the se
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+import os
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, ContextManager, Iterator
+from typing import Any
 
 import torch
+
+from analysis.errors import EnergyatError
+
+# Forces what `precision: auto` trains in, whatever the machine (see :func:`training_precision`).
+AUTO_PRECISION_ENV = "ENERGYAT_AUTO_PRECISION"
+AUTO_PRECISION_VALUES = ("fp32", "bf16")
 
 
 @lru_cache(maxsize=1)
@@ -35,13 +43,29 @@ def training_precision(device: torch.device, precision: str) -> str:
     trains SAT 2.8x and TRADES 4.2x as fast as the usual fp32 code, fp32 1.3x and 2.8x
     (BENCHMARKS.md), within the fast path's tolerances (tests/test_fast_path.py), and every number
     energyat reports is evaluated in fp32 anyway (:func:`fp32`).
+
+    The environment variable ``ENERGYAT_AUTO_PRECISION`` (``fp32`` or ``bf16``) overrides that
+    rule for ``auto``, on any device: it reproduces on one machine what ``auto`` does on another
+    (an AMD CPU without AMX trains ``auto`` in fp32, an Intel CPU with AMX and a GPU in bf16), e.g.
+    ``ENERGYAT_AUTO_PRECISION=fp32 make test`` on an AMX machine. Unset, the rule above holds;
+    any other value (the empty string included) is an :class:`EnergyatError`. An explicit
+    ``fp32`` or ``bf16`` in the spec is never overridden. It is read at every call, so set it
+    before a trial starts, and a study's workers must see it too.
     """
     if precision == "auto":
+        forced = os.environ.get(AUTO_PRECISION_ENV)
+        if forced is not None:
+            if forced not in AUTO_PRECISION_VALUES:
+                raise EnergyatError(
+                    f"{AUTO_PRECISION_ENV}={forced!r}: expected fp32 or bf16 (what `precision: auto` trains in), "
+                    f"or leave it unset for the machine's rule"
+                )
+            return forced
         return "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()) else "fp32"
     return precision
 
 
-def autocast(device: torch.device, precision: str) -> ContextManager[Any]:
+def autocast(device: torch.device, precision: str) -> AbstractContextManager[Any]:
     """bf16 autocast for *training* when :func:`training_precision` says bf16. Evaluation never
     runs under it (:func:`fp32`).
 
