@@ -125,3 +125,17 @@ def test_a_trial_with_auto_trains_and_records_the_forced_precision(tmp_path: Pat
     finally:
         con.close()
     assert row["train_precision"] == forced
+
+
+def test_a_bad_value_stops_energyat_train_in_one_line_before_anything_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from conftest import EXAMPLES
+    from study.cli import main
+
+    monkeypatch.setenv(AUTO_PRECISION_ENV, "fp16")
+    out = tmp_path / "out"
+    assert main(["train", str(EXAMPLES / "quickstart.yaml"), "--set", "epochs=1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and AUTO_PRECISION_ENV in err[0], err
+    assert not out.exists()

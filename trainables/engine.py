@@ -409,6 +409,7 @@ def _output(resolved: dict[str, Any], *, study: str, out: str | Path, trial_id: 
 
 def _configure_torch(cfg: TrialConfig, device: torch.device) -> None:
     """cuDNN's autotuner on CUDA, the CPU thread count, and the trial's seed."""
+    training_precision(device, cfg.precision)  # a bad ENERGYAT_AUTO_PRECISION is refused here, before anything is written
     if device.type == "cuda":
         # every training batch but the last has one shape: cuDNN may time its algorithms once and
         # keep the fastest (evaluations stay reproducible on the CPU; on a GPU they never were bit for bit)
