@@ -131,6 +131,7 @@ def test_a_bad_value_stops_energyat_train_in_one_line_before_anything_is_written
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from conftest import EXAMPLES
+
     from study.cli import main
 
     monkeypatch.setenv(AUTO_PRECISION_ENV, "fp16")
