@@ -19,7 +19,8 @@ from ray import tune
 
 from analysis.errors import EnergyatError, StoreError, one_line
 from analysis.store import read_trial_outcome
-from study.journal import TUNE_ID_ATTR, journal_file, journal_storage, outcome_attrs, upload_journal
+from study.journal import TUNE_ID_ATTR, journal_storage, outcome_attrs, upload_journal
+from study.layout import journal_file
 from study.live import Board
 from study.space import Dimension
 from trainables.config import parse_trial, trial_spec

@@ -12,7 +12,8 @@ from pathlib import Path
 import optuna
 
 from analysis.store import is_uri, join
-from study.journal import JOURNAL, journal_copy, journal_storage
+from study.journal import journal_copy, journal_storage
+from study.layout import JOURNAL
 
 # fewer finished trials than this and Optuna's evaluators return equal shares (and warn):
 # a figure of them would say nothing

@@ -4,7 +4,7 @@ Every Optuna study of energyat is a JournalStorage on one file, ``STUDY_DIR/optu
 which plain Optuna and optuna-dashboard read as well.
 
 Optuna's journal needs a file system with locks and appends; an object store has neither. On a
-URI the journal therefore lives on the driver's disk (:func:`journal_dir`), the only process that
+URI the journal therefore lives on the driver's disk (:func:`study.layout.journal_file`), the only process that
 writes it (the searcher runs in the Tune driver), and a copy is uploaded to
 ``STUDY_DIR/optuna.journal`` when the study is created, whenever a trial starts or ends
 (:class:`study.callbacks.JournalUpload`), before each save of the searcher's state
@@ -34,9 +34,8 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
 from analysis.errors import StoreError, one_line
-from analysis.store import check_name, durable_replace, filesystem, is_uri, join, open_storage
-
-JOURNAL = "optuna.journal"
+from analysis.store import durable_replace, filesystem, is_uri, join, open_storage
+from study.layout import JOURNAL
 
 # Optuna user attributes: the Tune trial id of an Optuna trial (after a killed driver,
 # study.recovery tells from it which Optuna trials Tune never recorded), and the marks of a
@@ -105,23 +104,6 @@ def journal_storage(path: Path) -> JournalStorage:
     after :func:`check_journal`."""
     check_journal(path, where=str(path))
     return JournalStorage(JournalFile(str(path)))
-
-
-def journal_dir() -> Path:
-    """Where a driver keeps the journals of its studies on object storage: ``ENERGYAT_JOURNAL_DIR``,
-    else ``~/.energyat/journals``."""
-    return Path(os.environ.get("ENERGYAT_JOURNAL_DIR") or "~/.energyat/journals").expanduser().resolve()
-
-
-def journal_file(study_dir: str, study_name: str) -> Path:
-    """The journal the driver writes: ``STUDY_DIR/optuna.journal`` on a local study; on a URI
-    ``<journal_dir()>/<study name>.journal`` on this machine. The path derives from local settings
-    and a name checked to be one path component: nothing read from a bucket chooses where the
-    driver writes."""
-    if not is_uri(study_dir):
-        return Path(study_dir) / JOURNAL
-    name = check_name(study_name, "the Optuna study name in " + join(study_dir, "spec.yaml"))
-    return journal_dir() / f"{name}.journal"
 
 
 def upload_journal(local: Path, study_dir: str) -> None:

@@ -30,7 +30,7 @@ from typing import Any
 
 from analysis.errors import SpecError, unknown_choice
 from analysis.store import is_uri
-from study.journal import journal_dir
+from study.layout import journal_dir
 
 # logger -> the options a spec may give it (plain strings, passed on)
 OPTIONS: dict[str, frozenset[str]] = {

@@ -44,14 +44,15 @@ from analysis.errors import EnergyatError, StoreError, one_line
 from analysis.schema import SCHEMA_VERSION
 from analysis.store import SHIPPED_SHA, filesystem, git_sha, is_uri, join, open_storage
 from study.callbacks import JournalUpload, LiveView, OptunaRecord, TrialErrors, id_of
-from study.journal import JOURNAL, check_journal, journal_dir, journal_file, journal_storage, reconcile_journals, upload_journal
+from study.journal import check_journal, journal_storage, reconcile_journals, upload_journal
+from study.layout import JOURNAL, journal_dir, journal_file, study_dir_for
 from study.live import Board
 from study.loggers import logger_callbacks
 from study.recovery import Failed, failed_trials, reconcile_lost_trials, set_aside_errored
-from study.sampler import build_sampler, check_sampler_for
+from study.sampler import check_sampler_for
 from study.scheduler import build_scheduler, domain
 from study.scheduler_keys import check_scheduler_for, perturbation_interval
-from study.search import StudyLimiter, StudySearch
+from study.search import StudyLimiter, StudySearch, build_sampler
 from study.space import SearchSpace
 from study.spec import Study, check_placement, load_study
 from trainables.tune_adapter import energyat_trial
@@ -93,12 +94,12 @@ def run_study(study: Study, *, address: str | None, storage: str | None, name: s
     if pbt:  # no searcher creates the Optuna study, so it is created here
         optuna.create_study(study_name=study_name, storage=journal_storage(journal), direction="maximize")
     upload = JournalUpload(study_name, study_dir) if is_uri(study_dir) else None
+    tune_config = _tune_config(study, study_dir, study_name, journal, upload)  # the searcher creates the Optuna study
     if upload is not None:
         upload_journal(journal, study_dir)  # the empty study: a resume anywhere finds a journal
     # PBT's starting distributions; under Optuna the searcher suggests every parameter
     param_space = {d.key: domain(d) for d in study.search} if pbt else {}
-    tuner = tune.Tuner(_trainable(study, study_dir), param_space=param_space,
-                       tune_config=_tune_config(study, study_dir, study_name, journal, upload),
+    tuner = tune.Tuner(_trainable(study, study_dir), param_space=param_space, tune_config=tune_config,
                        run_config=_run_config(study, study_dir, study_name, upload))
     with _tune_output_off():
         results = tuner.fit()
@@ -210,11 +211,6 @@ def _run_config(study: Study, study_dir: str, study_name: str, upload: JournalUp
         callbacks=callbacks,
         verbose=0,
     )
-
-
-def study_dir_for(storage: str, name: str) -> str:
-    """``<storage>/<name>``: a resolved local path, or a URI that keeps its query."""
-    return join(storage if is_uri(storage) else Path(storage).expanduser().resolve(), name)
 
 
 def check_dashboard(address: str | None, dashboard_port: int | None) -> None:

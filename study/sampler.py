@@ -22,19 +22,18 @@ arms over seeds rather than search (examples/paper_fashion_cpu.yaml):
 Every searched key must then be a list of choices. A combination whose method ignores a key
 (`sat` with `weat.variant: nat`) repeats a configuration already run and is skipped as any
 duplicate is (study.search.StudySearch), so `samples` counts the distinct configurations.
+
+This module checks the block; :func:`study.search.build_sampler` builds the sampler when the
+study starts. The checks run for `energyat train` too, where Optuna may not be installed.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-import optuna
-from optuna.samplers import GridSampler, NSGAIISampler
 
 from analysis.errors import SpecError, unknown_choice
 from study.space import Dimension
@@ -71,40 +70,13 @@ class SamplerKeys:
         return self.name or ("tpe" if objectives == 1 else "nsga2")
 
 
-class PicklableNSGAII(NSGAIISampler):
-    """Optuna's NSGAIISampler, which pickles: Optuna 5.1's holds a threading.Lock, so Ray Tune
-    could not save a study that uses it (`TypeError: cannot pickle '_thread.lock'`). The lock
-    is left out of the pickle and made anew when unpickled."""
+def _optuna_class(name: str) -> Any:
+    """Optuna's sampler class for a spec name, to read its constructor's signature. Optuna is
+    imported here, not with the module: the spec checks also run for `energyat train`, where
+    Optuna may not be installed (a GPU machine without a package registry)."""
+    import optuna
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state.pop("_thread_lock", None)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._thread_lock = threading.Lock()
-
-
-class StudyGrid(GridSampler):
-    """Optuna's GridSampler for a study that asks and tells, as Ray Tune's searcher does.
-
-    GridSampler ends a study by calling ``study.stop()`` once its last point is told, which
-    Optuna allows only inside ``study.optimize``: under Ray Tune it raises in the middle of the
-    trial's completion. An energyat study ends its own way, after `samples` trials or when every
-    suggestion repeats a configuration already run (study.search.StudySearch)."""
-
-    def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
-        return None
-
-
-# Optuna's own classes, but for the two that Ray Tune's ask-and-tell and its pickled experiment
-# state need changed (above)
-_CLASSES: dict[str, type] = {"nsga2": PicklableNSGAII, "grid": StudyGrid}
-
-
-def _sampler_class(name: str) -> Any:
-    return _CLASSES.get(name) or getattr(optuna.samplers, SAMPLERS[name])
+    return getattr(optuna.samplers, SAMPLERS[name])
 
 
 def check_sampler(value: Any) -> SamplerKeys:
@@ -121,7 +93,7 @@ def check_sampler(value: Any) -> SamplerKeys:
     if options:
         if name is None:
             raise SpecError(f"sampler.{next(iter(options))}", "sampler options need the sampler's `name` (they differ between samplers)")
-        takes = OPTIONS[name] & set(inspect.signature(_sampler_class(name)).parameters)
+        takes = OPTIONS[name] & set(inspect.signature(_optuna_class(name)).parameters)
         for key, option in options.items():
             if key not in takes:
                 raise SpecError(
@@ -147,21 +119,6 @@ def check_sampler_for(keys: SamplerKeys, *, objectives: int, dims: Sequence[Dime
                                                  f"write the values to try, such as {{choices: [{dim.low:g}, {dim.high:g}]}}")
     if points:
         raise SpecError("points_to_evaluate", "a grid enumerates its points itself; drop points_to_evaluate or use another sampler")
-
-
-def grid_of(dims: Sequence[Dimension]) -> dict[str, list[Any]]:
-    """The grid of a `search:` block of choices: every combination is one point."""
-    return {d.key: list(d.choices) for d in dims}
-
-
-def build_sampler(keys: SamplerKeys, *, objectives: int, seed: int, dims: Sequence[Dimension] = ()) -> Any:
-    """Optuna's sampler for the study, seeded (`sampler.seed`, else the spec's `seed`)."""
-    check_sampler_for(keys, objectives=objectives, dims=dims)
-    cls = _sampler_class(keys.resolved(objectives))
-    seed = keys.seed if keys.seed is not None else seed
-    if keys.name == "grid":
-        return cls(grid_of(dims), seed=seed)
-    return cls(seed=seed, **keys.options)
 
 
 def check_points(points: Any, dims: Sequence[Dimension], base: Mapping[str, Any]) -> list[dict[str, Any]]:

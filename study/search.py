@@ -6,20 +6,27 @@ configuration twice needs of them.
   id on each Optuna trial, gives a retried trial a second Optuna trial, reopens the journal on
   the resuming machine, and uploads a study's journal on object storage before each save.
 - :class:`StudyLimiter`: ConcurrencyLimiter that adopts trials it did not suggest.
+- :func:`build_sampler`: the study's Optuna sampler (`sampler:`, checked by :mod:`study.sampler`),
+  with the two of Optuna's samplers that Ray Tune's pickling and ask-and-tell need changed.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+import threading
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import optuna
+from optuna.samplers import GridSampler, NSGAIISampler
 from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from study.callbacks import JournalUpload
-from study.journal import DUPLICATE_ATTR, LOST_ATTR, RETRY_ATTR, TUNE_ID_ATTR, journal_file, journal_storage, outcome_attrs
+from study.journal import DUPLICATE_ATTR, LOST_ATTR, RETRY_ATTR, TUNE_ID_ATTR, journal_storage, outcome_attrs
+from study.layout import journal_file
+from study.sampler import SAMPLERS, SamplerKeys, check_sampler_for
+from study.space import Dimension
 
 DUPLICATE_ASKS = 20  # suggestions in a row that repeat a configuration before the space counts as exhausted
 
@@ -46,7 +53,7 @@ class StudySearch(OptunaSearch):
 
         The saved state holds the journal storage of the driver that saved it, its file path
         included: on another machine (another ENERGYAT_JOURNAL_DIR, another home) that path is
-        not where this driver keeps the journal (:func:`study.journal.journal_file`, from local settings)."""
+        not where this driver keeps the journal (:func:`study.layout.journal_file`, from local settings)."""
         super().restore(checkpoint_path)
         study_dir = getattr(self, "study_dir", None)
         if study_dir is None:  # a searcher pickled without study_dir: its saved storage is the journal to use
@@ -180,4 +187,53 @@ class StudyLimiter(ConcurrencyLimiter):
         super().on_trial_complete(trial_id, result, error)
 
 
-# The energy outcomes each Optuna trial carries as user attributes (`energyat_<column>`, the
+
+class PicklableNSGAII(NSGAIISampler):
+    """Optuna's NSGAIISampler, which pickles: Optuna 5.1's holds a threading.Lock, so Ray Tune
+    could not save a study that uses it (`TypeError: cannot pickle '_thread.lock'`). The lock
+    is left out of the pickle and made anew when unpickled."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_thread_lock", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._thread_lock = threading.Lock()
+
+
+class StudyGrid(GridSampler):
+    """Optuna's GridSampler for a study that asks and tells, as Ray Tune's searcher does.
+
+    GridSampler ends a study by calling ``study.stop()`` once its last point is told, which
+    Optuna allows only inside ``study.optimize``: under Ray Tune it raises in the middle of the
+    trial's completion. An energyat study ends its own way, after `samples` trials or when every
+    suggestion repeats a configuration already run (study.search.StudySearch)."""
+
+    def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
+        return None
+
+
+# Optuna's own classes, but for the two that Ray Tune's ask-and-tell and its pickled experiment
+# state need changed (above)
+_CLASSES: dict[str, type] = {"nsga2": PicklableNSGAII, "grid": StudyGrid}
+
+
+def _sampler_class(name: str) -> Any:
+    return _CLASSES.get(name) or getattr(optuna.samplers, SAMPLERS[name])
+
+
+def grid_of(dims: Sequence[Dimension]) -> dict[str, list[Any]]:
+    """The grid of a `search:` block of choices: every combination is one point."""
+    return {d.key: list(d.choices) for d in dims}
+
+
+def build_sampler(keys: SamplerKeys, *, objectives: int, seed: int, dims: Sequence[Dimension] = ()) -> Any:
+    """Optuna's sampler for the study, seeded (`sampler.seed`, else the spec's `seed`)."""
+    check_sampler_for(keys, objectives=objectives, dims=dims)
+    cls = _sampler_class(keys.resolved(objectives))
+    seed = keys.seed if keys.seed is not None else seed
+    if keys.name == "grid":
+        return cls(grid_of(dims), seed=seed)
+    return cls(seed=seed, **keys.options)

@@ -22,7 +22,7 @@ from pyarrow.fs import FileType
 from analysis.errors import EnergyatError, SpecError, StoreError, one_line
 from analysis.stopping import StopRule, stop_rule_from_spec
 from analysis.store import check_schema_version, is_uri, join, open_storage
-from study.journal import journal_file
+from study.layout import journal_file
 from study.loggers import check_loggers
 from study.sampler import SamplerKeys, check_points, check_sampler
 from study.scheduler_keys import SchedulerKeys, check_scheduler
@@ -225,7 +225,7 @@ class LoadedStudy:
     directory: str  # a resolved local path, or the study's URI
     study: Study
     study_name: str  # the Optuna study's name
-    journal: Path  # the journal this machine writes (study.journal.journal_file)
+    journal: Path  # the journal this machine writes (study.layout.journal_file)
 
 
 def load_study(study_dir: str | Path) -> LoadedStudy:

@@ -129,23 +129,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     folder = tmp_path_factory.mktemp("cluster")
     logs = folder / "head.log", folder / "worker.log"
     address = f"{HEAD_IP}:{port}"
-    head, alive = _start_until_alive(
-        [
-            "--head",
-            f"--port={port}",
-            f"--node-ip-address={HEAD_IP}",
-            "--include-dashboard=false",
-            "--node-manager-port=46380",
-            "--object-manager-port=46381",
-            "--min-worker-port=46400",
-            "--max-worker-port=46499",
-            *common,
-        ],
-        temp,
-        logs[0],
-        address,
-        [HEAD_IP],
-    )
+    # the head's flags on one line: tests/test_security.py reads every `--head` line for its dashboard flag
+    head_flags = ["--head", "--include-dashboard=false", f"--port={port}", f"--node-ip-address={HEAD_IP}", "--node-manager-port=46380"]
+    ports = ["--object-manager-port=46381", "--min-worker-port=46400", "--max-worker-port=46499"]
+    head, alive = _start_until_alive([*head_flags, *ports, *common], temp, logs[0], address, [HEAD_IP])
     worker = None
     try:
         assert alive == [HEAD_IP], f"the head node did not start: {logs[0].read_text()[-2000:]}"

@@ -8,6 +8,8 @@ breaks only on one import order."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -72,3 +74,14 @@ def test_no_import_circle_among_the_modules() -> None:
     for m in sorted(graph):
         if m not in state:
             visit(m, [m])
+
+
+def test_spec_checks_and_a_trial_need_neither_ray_nor_optuna_nor_duckdb() -> None:
+    # `energyat train` runs where only torch, numpy and pyarrow are (a GPU machine that reaches no
+    # registry, benchmarks/gpu_check.py): parsing a whole study spec must not import the others
+    code = (
+        "import sys; from study.spec import load_spec; import trainables.engine; "
+        "load_spec('examples/quickstart.yaml'); print(sorted(m for m in ('ray', 'optuna', 'duckdb') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout

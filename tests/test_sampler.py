@@ -10,8 +10,8 @@ import pytest
 
 from analysis.errors import SpecError
 from study.journal import DUPLICATE_ATTR, TUNE_ID_ATTR, journal_storage
-from study.sampler import SAMPLERS, SINGLE_OBJECTIVE_ONLY, build_sampler, check_points, check_sampler, check_sampler_for
-from study.search import StudySearch
+from study.sampler import SAMPLERS, SINGLE_OBJECTIVE_ONLY, check_points, check_sampler, check_sampler_for
+from study.search import StudySearch, build_sampler
 from study.space import SearchSpace, parse_search
 
 BASE = {"name": "s", "dataset": {"name": "digits"}, "model": "small_cnn", "method": "sat", "epochs": 2}
