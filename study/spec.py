@@ -212,7 +212,7 @@ def parse_study(spec: Mapping[str, Any]) -> Study:
 
 def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> Study:
     """The spec file at `path` with `overrides` (``key=value``) applied, parsed."""
-    raw = copy.deepcopy(read_yaml(path))
+    raw = read_yaml(path)  # a new mapping per call: the overrides may change it in place
     for assignment in overrides:
         set_dotted(raw, assignment)
     return parse_study(raw)

@@ -548,9 +548,7 @@ def _outcome(
     while it runs (None), the online detector's view."""
     return {
         "study": output.study, "trial_id": output.trial_id, "status": status, "stop_reason": progress.stop_reason,
-        "epochs_run": progress.next_epoch, "best_epoch": progress.best_epoch,
-        "best_val_robust_acc": progress.best_acc if progress.best_epoch is not None else math.nan,
-        "best_val_clean_acc": progress.best_clean,
+        "epochs_run": progress.next_epoch, "best_epoch": progress.best_epoch, **_best_columns(progress),
         "final_clean_acc": progress.final.get("final_clean_acc", math.nan),
         "final_pgd_acc": progress.final.get("final_pgd_acc", math.nan),
         "final_autoattack_acc": progress.final.get("final_autoattack_acc", math.nan),
