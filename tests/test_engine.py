@@ -87,6 +87,26 @@ def test_last_checkpoint_keeps_the_last_weights_after_the_final_evaluation(tmp_p
     assert same == (result["best_epoch"] == 2)
 
 
+def test_keep_best_checkpoints_keeps_one_file_per_new_best(tmp_path: Path) -> None:
+    # a stop rule replayed afterwards picks the best epoch up to its stop: always a running best,
+    # so these files are every pick it can make
+    cfg = parse_trial({**TINY, "epochs": 5, "method": "standard", "lr": 0.2, "keep_best_checkpoints": True})
+    run_trial(cfg, out=tmp_path)
+    con = open_tables(tmp_path)
+    accs = con.execute("select epoch, val_robust_acc from epochs where probed order by epoch").fetchall()
+    bests, best = [], -1.0
+    for epoch, acc in accs:
+        if acc > best:
+            bests.append(epoch)
+            best = acc
+    assert len(bests) >= 2  # more than the first epoch, or the test shows little
+    folder = tmp_path / "checkpoints" / "train"
+    assert sorted(p.name for p in folder.glob("best-e*.pt")) == [f"best-e{e:04d}.pt" for e in bests]
+    assert all(torch.load(folder / f"best-e{e:04d}.pt", weights_only=True)["epoch"] == e for e in bests)
+    run_trial(parse_trial({**TINY, "epochs": 2, "method": "standard"}), out=tmp_path / "off")
+    assert not list((tmp_path / "off" / "checkpoints" / "train").glob("best-e*.pt"))
+
+
 def test_sample_rows_follow_samples_every_and_always_include_the_last_epoch(tmp_path: Path) -> None:
     # probes at 0, 2, 4 and the last epoch 5; samples every 2nd regular probe (0, 4) and at 5
     cfg = parse_trial({**TINY, "epochs": 6, "method": "standard", "probe": {**TINY["probe"], "every": 2, "samples_every": 2}})

@@ -196,6 +196,10 @@ class TrialConfig:
     der: DerConfig = field(default_factory=DerConfig)
     final_eval: FinalEvalConfig = field(default_factory=FinalEvalConfig)
     seed: int = 0
+    # keep a copy of every new best checkpoint as best-e<epoch>.pt beside best.pt: the best epoch
+    # up to any stop is one of them, so a stop rule replayed on the rows afterwards can have its
+    # pick evaluated (benchmarks/stoppers.py)
+    keep_best_checkpoints: bool = False
     device: DeviceName = "auto"
     threads: int | None = None  # torch CPU threads; None = torch's default
     compile: bool = False  # torch.compile the model: 77 s to compile small_cnn on the CPU, no gain there (BENCHMARKS.md)

@@ -539,6 +539,8 @@ def _save_checkpoint(trial: _Trial, output: _Output, detector: OnlineDetector, p
     checkpoint.save(output.last, {**_checkpoint_state(trial.model, trial.opt, detector, progress, trial.device), "epoch": epoch})
     if new_best:  # the whole state, not only the weights: a damaged last.pt falls back to it
         checkpoint.copy(output.last, output.best)
+        if trial.cfg.keep_best_checkpoints:
+            checkpoint.copy(output.last, output.checkpoints / f"best-e{epoch:04d}.pt")
 
 
 def _outcome(
