@@ -19,16 +19,20 @@ Rule (every threshold is a keyword of :class:`OnlineDetector`):
    model has started to learn) and m moved by less than ``settle`` (relative) over the last
    ``window`` probed epochs, or after ``max_phase1`` probed epochs at the latest; the baseline
    b is m at that point.
-3. In phase 2, b follows slow drift (b += ``adapt`` * (m - b)) while m stays below the alarm
-   level; the alarm fires when (m - b) / max(b, f) >= ``ratio`` - 1 for ``patience``
-   consecutive probed epochs. Phase 3 starts there and the alarm stays raised.
-4. Learning-rate gate: the alarm counts only epochs whose lr is at most ``lr_gate`` times the
-   largest lr seen so far (piecewise: after the first drop; onecycle and cosine: past the
-   middle of the decay). Robust overfitting follows a drop (Rice et al.; docs/science.md, finding 2); before
-   it, |dE| drift on small probes is noise and trials still gain (digits quickstart: alarms at
-   epoch 13 of 30, two epochs before the first drop, cost 6-13 points of robust accuracy).
-   Rows without ``lr`` are not gated.
-5. The floor f = max(``floor``, ``energy_floor`` * |E(x)|), |E(x)| the training probe's mean
+3. Alarms count only once the lr gate is open: the lr has fallen to at most ``lr_gate`` times
+   the largest lr seen so far (piecewise: the first drop; onecycle and cosine: past the middle of
+   the decay). Robust overfitting follows a drop (Rice et al.; docs/science.md, finding 2);
+   before it, |dE| drift is noise and trials still gain. Rows without ``lr`` are not gated.
+4. A new baseline after every drop: when the gate opens, and whenever the lr falls to at most
+   ``lr_gate`` times the previous epoch's (a later milestone), alarms pause for ``transient``
+   probed epochs and b is then m as it stands. The one-time step of |dE| at a drop is absorbed
+   there, and nothing built up before the drop is carried over to count against it: only growth
+   against the latest baseline raises the alarm. Before the gate opens b follows m
+   (b += ``adapt`` * (m - b), whatever m does); after a new baseline it follows only slow drift
+   below the alarm level.
+5. The alarm fires when (m - b) / max(b, f) >= ``ratio`` - 1 for ``patience`` consecutive probed
+   epochs with alarms counting. Phase 3 starts there and the alarm stays raised.
+6. The floor f = max(``floor``, ``energy_floor`` * |E(x)|), |E(x)| the training probe's mean
    marginal energy at the start of phase 2 (``probe_train_E``, when the rows carry it): a delta
    energy below 5% of the energy scale counts as aligned, so TRADES' tiny |dE| (0.05 -> 0.07
    against |E| = 6) cannot raise a relative alarm. Seen on Fashion-MNIST and digits runs.
@@ -66,8 +70,12 @@ class _State:
     last_epoch: int = -1
     energy: float | None = None  # latest finite |probe_train_E|
     max_lr: float = 0.0  # largest learning rate seen
+    prev_lr: float | None = None  # the previous row's learning rate
     gated: bool = False  # lr has fallen to lr_gate * max_lr (or the rows carry no lr)
     gate_epoch: int | None = None  # the first gated epoch
+    drop_epoch: int | None = None  # the latest drop (the gate's opening or a later milestone)
+    settling: int = 0  # probed epochs still to pass after that drop before the new baseline
+    baseline_epoch: int | None = None  # where the baseline in force was taken
     floor: float | None = None  # the floor in force from phase 2 on
     nonfinite_epoch: int | None = None  # a probed epoch whose energies were NaN or infinite
 
@@ -87,6 +95,7 @@ class DetectorParams:
     floor: float
     energy_floor: float
     lr_gate: float | None
+    transient: int
 
 
 class OnlineDetector:
@@ -115,9 +124,10 @@ class OnlineDetector:
         floor: float = 0.05,
         energy_floor: float = 0.05,
         lr_gate: float | None = 0.5,
+        transient: int = 2,
     ) -> None:
-        if smooth < 1 or window < 1 or warmup < 0 or patience < 1 or max_phase1 < 1:
-            raise ValueError("`smooth`, `window`, `patience` and `max_phase1` must be >= 1, `warmup` >= 0")
+        if smooth < 1 or window < 1 or warmup < 0 or patience < 1 or max_phase1 < 1 or transient < 1:
+            raise ValueError("`smooth`, `window`, `patience`, `max_phase1` and `transient` must be >= 1, `warmup` >= 0")
         if ratio <= 1:
             raise ValueError(f"`ratio` must be above 1 (a growth factor), got {ratio}")
         if lr_gate is not None and not 0 < lr_gate <= 1:
@@ -127,6 +137,7 @@ class OnlineDetector:
         self.params = DetectorParams(
             smooth=smooth, warmup=warmup, window=window, settle=settle, max_phase1=max_phase1,
             ratio=ratio, patience=patience, adapt=adapt, floor=floor, energy_floor=energy_floor, lr_gate=lr_gate,
+            transient=transient,
         )
         self._s = _State()
 
@@ -147,14 +158,7 @@ class OnlineDetector:
         if epoch <= s.last_epoch:
             raise ValueError(f"epochs must arrive in increasing order: got {epoch} after {s.last_epoch}")
         s.last_epoch = epoch
-        lr = row.get("lr") if hasattr(row, "get") else None
-        if not _finite(lr) or p.lr_gate is None:
-            s.gated = True
-        else:
-            s.max_lr = max(s.max_lr, float(lr))
-            s.gated = s.gated or float(lr) <= p.lr_gate * s.max_lr
-        if s.gated and s.gate_epoch is None:
-            s.gate_epoch = epoch
+        self._watch_lr(row.get("lr") if hasattr(row, "get") else None, epoch)
         value = row.get("probe_train_dE") if hasattr(row, "get") else row["probe_train_dE"]
         energy = row.get("probe_train_E") if hasattr(row, "get") else None
         probed = row.get("probed") if hasattr(row, "get") else None
@@ -177,20 +181,43 @@ class OnlineDetector:
             if s.phase1_epochs > p.warmup and smoothed_then is not None and m >= p.floor:
                 settled = abs(m - smoothed_then) / max(smoothed_then, p.floor) < p.settle
             if settled or s.phase1_epochs >= p.max_phase1:
-                s.phase, s.baseline, s.phase2_start = 2, m, epoch
+                s.phase, s.baseline, s.phase2_start, s.baseline_epoch = 2, m, epoch, epoch
+                s.settling = 0  # a drop during phase 1 has no baseline to replace
                 s.floor = max(p.floor, p.energy_floor * (s.energy or 0.0))
         elif s.phase == 2:
             assert s.baseline is not None and s.floor is not None
+            if s.settling:  # a drop's transient: no alarm counts, and the baseline is taken after it
+                s.settling -= 1
+                if not s.settling:
+                    s.baseline, s.baseline_epoch, s.above = m, epoch, 0
+                return s.phase, False
             growth = (m - s.baseline) / max(s.baseline, s.floor)
-            if growth >= p.ratio - 1 and s.gated:
+            if not s.gated:  # alarms cannot count yet: the baseline follows m, nothing is banked
+                s.baseline += p.adapt * (m - s.baseline)
+            elif growth >= p.ratio - 1:
                 s.above += 1
-            else:
+            else:  # drift below the alarm level joins the baseline
                 s.above = 0
-                if growth < p.ratio - 1:  # drift below the alarm level joins the baseline
-                    s.baseline += p.adapt * (m - s.baseline)
+                s.baseline += p.adapt * (m - s.baseline)
             if s.above >= p.patience:
                 s.phase, s.alarm_epoch = 3, epoch
         return s.phase, s.alarm_epoch is not None
+
+    def _watch_lr(self, lr: Any, epoch: int) -> None:
+        """Open the lr gate, and start a drop's transient, from this row's learning rate."""
+        s, p = self._s, self.params
+        if not _finite(lr) or p.lr_gate is None:
+            s.gated = True  # no lr to gate on: alarms count from phase 2 on
+        else:
+            lr = float(lr)
+            s.max_lr = max(s.max_lr, lr)
+            opens = not s.gated and lr <= p.lr_gate * s.max_lr
+            later_drop = s.gated and s.prev_lr is not None and lr <= p.lr_gate * s.prev_lr
+            s.gated, s.prev_lr = s.gated or opens, lr
+            if (opens or later_drop) and s.phase < 3:
+                s.drop_epoch, s.settling = epoch, p.transient
+        if s.gated and s.gate_epoch is None:
+            s.gate_epoch = epoch
 
     def _smoothed_at(self, i: int) -> float | None:
         if i < 0:
@@ -224,7 +251,18 @@ class OnlineDetector:
             return None
         if s.nonfinite_epoch == s.alarm_epoch:
             return f"non-finite probe energies at epoch {s.alarm_epoch}"
-        return f"|dE| at least {p.ratio}x its phase-2 baseline for {p.patience} probed epochs, at epoch {s.alarm_epoch}"
+        return (f"|dE| at least {p.ratio}x its baseline (taken at epoch {s.baseline_epoch}) for {p.patience} probed epochs, "
+                f"at epoch {s.alarm_epoch}")
+
+    @property
+    def drop_epoch(self) -> int | None:
+        """The latest lr drop seen (the gate's opening or a later milestone); None before any."""
+        return self._s.drop_epoch
+
+    @property
+    def baseline_epoch(self) -> int | None:
+        """Where the baseline now in force was taken: phase 2's start or the end of a drop's transient."""
+        return self._s.baseline_epoch
 
     @property
     def gate_epoch(self) -> int | None:
@@ -307,8 +345,9 @@ def detect(epochs: Any, **detector_params: Any) -> PhaseResult:
     lr = _column(epochs, "lr")[order] if _has_column(epochs, "lr") else nan
     probed = _column(epochs, "probed")[order] if _has_column(epochs, "probed") else nan
     det = OnlineDetector(**detector_params)
+    has_energy = _has_column(epochs, "probe_train_E")  # rows without the column are judged on dE alone
     for e, v, en, r, p in zip(epoch, d_e, energy, lr, probed, strict=True):
-        det.update({"epoch": int(e), "probe_train_dE": float(v), "probe_train_E": float(en), "lr": float(r),
+        det.update({"epoch": int(e), "probe_train_dE": float(v), "probe_train_E": float(en) if has_energy else None, "lr": float(r),
                     "probed": None if math.isnan(p) else bool(p)})
     labels = np.ones(len(epoch), dtype=int)
     p2 = det.phase2_start

@@ -16,6 +16,11 @@ Rules, each off unless asked for; the first that holds names the stop:
   not improved for `energy_patience` epochs (:func:`analysis.phases.should_stop`).
 - ``val_patience``: validation robust accuracy has not improved for `val_patience` epochs,
   alarm or not (plain patience, the baseline the energy rule is measured against).
+
+Both together are energy-informed patience: `energy_patience` epochs without a new best once the
+alarm is raised, `val_patience` before it (`energy_patience` must be the shorter). Alone, the energy
+rule can only let a trial run longer than plain patience with the same k would; with a longer
+plain patience beside it, the alarm is what lets a trial stop sooner.
 """
 
 from __future__ import annotations
@@ -67,6 +72,9 @@ def stop_rule_from_spec(early_stop: Mapping[str, Any]) -> StopRule:
             raise SpecError(f"early_stop.{key}", f"unknown key; early_stop takes {', '.join(_EARLY_STOP_KEYS[:-1])} and {_EARLY_STOP_KEYS[-1]}")
     energy = int(early_stop.get("patience", STOP_PATIENCE)) if early_stop.get("energy_divergence", False) else None
     val = early_stop.get("val_patience")
+    if energy is not None and val is not None and energy >= val:
+        raise SpecError("early_stop.patience", f"{energy} is not below val_patience ({val}): plain patience would always stop first and "
+                                               "the alarm would change nothing; give the alarmed trials the shorter patience")
     return StopRule(energy_patience=energy, val_patience=None if val is None else int(val))
 
 

@@ -340,7 +340,7 @@ def write_table_file(table: pa.Table, path: str | os.PathLike[str], *, config: M
 # and finishes like any other stopped trial. A file, not an actor: it outlives a driver restart,
 # reaches every node that reaches the tables, and says afterwards who stopped the trial.
 STOPS = "stops"
-SCHEDULER_STOP_REASONS = ("scheduler: asha", "scheduler: median")
+SCHEDULER_STOP_REASONS = ("scheduler: asha", "scheduler: asha_energy", "scheduler: median")
 
 
 def stop_file(root: str, trial_id: str) -> str:

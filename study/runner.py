@@ -51,7 +51,7 @@ from study.loggers import logger_callbacks
 from study.recovery import Failed, failed_trials, reconcile_lost_trials, set_aside_errored
 from study.sampler import check_sampler_for
 from study.scheduler import build_scheduler, domain
-from study.scheduler_keys import check_scheduler_for, perturbation_interval
+from study.scheduler_keys import STOPPING, check_scheduler_for, perturbation_interval
 from study.search import StudyLimiter, StudySearch, build_sampler
 from study.space import SearchSpace
 from study.spec import Study, check_placement, load_study
@@ -149,7 +149,7 @@ def _trainable(study: Study, study_dir: str) -> Any:
     return tune.with_resources(
         tune.with_parameters(energyat_trial, base_spec=dict(study.spec), study_dir=study_dir, objectives=list(study.objectives),
                              cpus=max(1, int(cpus)), stop=keys.early_stop, hang_timeout=keys.hang_timeout,
-                             scheduled=keys.scheduler.name in ("asha", "median"),
+                             scheduled=keys.scheduler.name in STOPPING,
                              # PBT clones a top trial's checkpoint at each perturbation: one must exist there
                              checkpoint_every=perturbation_interval(keys.scheduler, epochs=study.trial.epochs) if pbt else None),
         {"cpu": cpus, "gpu": float(keys.resources.get("gpu", 0))},

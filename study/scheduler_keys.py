@@ -1,6 +1,7 @@
 """The study's Ray Tune scheduler: `scheduler:`.
 
     scheduler: {name: asha, grace_period: 5, reduction_factor: 3}   # Ray Tune's ASHA
+    scheduler: {name: asha_energy, grace_period: 5, reduction_factor: 3}  # ASHA, and at its rungs the energy cut
     scheduler: {name: median, grace_period: 5}                      # Ray Tune's median stopping rule
     scheduler: none                                                 # every trial runs its epochs (default)
 
@@ -17,6 +18,11 @@ read it after that epoch, then finishes as any stopped trial does: final evaluat
 row with `stop_reason` "scheduler: asha" (or "scheduler: median"), and its value to Optuna.
 The energy stopper (`early_stop`) works beside any of them; whichever rule fires first names
 the stop.
+
+`asha_energy` is ASHA with one more cut at each of its rungs: a trial whose energy alarm is
+raised (the online detector's phase 3) and whose running best validation robust accuracy has not
+improved since the alarm stops there, whatever its rank ("scheduler: asha_energy"). ASHA judges a
+trial by where it stands; the cut adds where it is going, which a rank at one rung cannot show.
 
     scheduler: {name: pbt, perturbation_interval: 5, quantile_fraction: 0.25, resample_probability: 0.25}
 
@@ -48,17 +54,20 @@ from analysis.errors import SpecError, unknown_choice
 from study.sampler import SamplerKeys
 from study.space import Dimension
 
-SCHEDULERS = ("none", "asha", "median", "pbt")
+SCHEDULERS = ("none", "asha", "asha_energy", "median", "pbt")
 # The constructor arguments a spec may set, each with its type and lower bound. time_attr, metric,
 # mode and max_t come from the study (epochs, objective); median's hard_stop stays True (False
 # pauses trials, which then hold their checkpoint without an end).
 OPTIONS: dict[str, dict[str, tuple[type, float]]] = {
     "none": {},
     "asha": {"grace_period": (int, 1), "reduction_factor": (float, 1.0001), "brackets": (int, 1)},
+    "asha_energy": {"grace_period": (int, 1), "reduction_factor": (float, 1.0001)},  # one bracket: the rungs the energy cut uses
     "median": {"grace_period": (int, 0), "min_samples_required": (int, 1), "min_time_slice": (int, 0)},
     "pbt": {"perturbation_interval": (int, 1), "burn_in_period": (int, 0), "quantile_fraction": (float, 0.0),
             "resample_probability": (float, 0.0)},
 }
+# the schedulers that stop trials (by a stop request the trial reads: study.scheduler.FinishOnStop)
+STOPPING = ("asha", "asha_energy", "median")
 _FRACTIONS = {"quantile_fraction": 0.5, "resample_probability": 1.0}  # upper bounds of PBT's fractions
 
 

@@ -15,7 +15,7 @@ from analysis.errors import SpecError
 from analysis.query import open_tables
 from analysis.stopping import StopRule
 from study.sampler import check_sampler
-from study.scheduler import Asha, KeepInSearch, Median, build_scheduler
+from study.scheduler import Asha, AshaEnergy, KeepInSearch, Median, asha_rungs, build_scheduler
 from study.scheduler_keys import check_scheduler, check_scheduler_for
 
 SPEC = {
@@ -73,6 +73,51 @@ def test_each_scheduler_is_tunes_own_counted_in_epochs_on_the_objective() -> Non
     median = build_scheduler(check_scheduler("median"), study_dir="/s", metric="best_val_clean_acc", epochs=30)
     assert isinstance(median, Median) and median._grace_period == 1 and median._hard_stop
     assert type(build_scheduler(check_scheduler("none"), study_dir="/s", metric="m", epochs=3)).__name__ == "FIFOScheduler"
+
+
+@pytest.mark.parametrize(("grace", "rf", "max_t"), [(2, 3, 30), (1, 4, 4), (5, 2, 80), (15, 2, 30), (3, 2.5, 50)])
+def test_asha_energy_judges_at_tunes_own_rungs(grace: int, rf: float, max_t: int) -> None:
+    asha = build_scheduler(check_scheduler({"name": "asha", "grace_period": grace, "reduction_factor": rf}), study_dir="/s",
+                           metric="best_val_robust_acc", epochs=max_t)
+    assert asha_rungs(grace_period=grace, reduction_factor=rf, max_t=max_t) == tuple(sorted(m for m, _ in asha._brackets[0]._rungs))
+
+
+class _Trial:
+    def __init__(self, trial_id: str) -> None:
+        self.trial_id = trial_id
+
+
+def _feed(sched: AshaEnergy, trial_id: str, curve: list[tuple[bool, float]]) -> int | None:
+    """Report (alarm, running best) per epoch; the epoch (1-based, Tune's training_iteration) at
+    which the trial was asked to stop, or None. The curves stop short of max_t, where ASHA
+    stops every trial (its last epoch ends it anyway)."""
+    trial = _Trial(trial_id)
+    sched.on_trial_add(None, trial)
+    for t, (alarm, best) in enumerate(curve, start=1):
+        sched.on_trial_result(None, trial, {"training_iteration": t, "best_val_robust_acc": best, "alarm": alarm})
+        if trial_id in sched.asked:
+            return t
+    return None
+
+
+def test_asha_energy_cuts_at_a_rung_a_trial_that_has_not_improved_since_its_alarm(tmp_path: Path) -> None:
+    # rungs at 2, 6, 18 of 30; the trials rank the same at every rung, so ASHA alone cuts none
+    # of the leaders: what stops them below is the energy cut
+    sched = build_scheduler(check_scheduler({"name": "asha_energy", "grace_period": 2, "reduction_factor": 3}),
+                            study_dir=str(tmp_path), metric="best_val_robust_acc", epochs=30)
+    assert isinstance(sched, AshaEnergy) and sched.rungs == (2, 6, 18)
+    flat = [(e >= 3, 0.9) for e in range(29)]  # alarm from epoch 4 on (t = 4), best flat since: cut at the rung t = 6
+    assert _feed(sched, "a", flat) == 6
+    assert (tmp_path / "stops" / "a").read_text() == "scheduler: asha_energy"
+    rising = [(e >= 3, 0.9 + 0.001 * e) for e in range(29)]  # alarmed, but its best keeps rising: no cut
+    assert _feed(sched, "b", rising) is None
+    at_rung = [(e >= 5, 0.95) for e in range(29)]  # alarmed at the rung itself (t = 6): not yet; at 18, yes
+    assert _feed(sched, "c", at_rung) == 18
+    quiet = [(False, 0.96) for _ in range(29)]  # no alarm: ASHA's decision only
+    assert _feed(sched, "d", quiet) is None
+    # a trial ranked low at a rung is cut by ASHA as before, with ASHA's reason
+    assert _feed(sched, "e", [(False, 0.1)] * 29) == 2
+    assert (tmp_path / "stops" / "e").read_text() == "scheduler: asha"
 
 
 def _run(tmp_path: Path, **keys: object) -> Path:

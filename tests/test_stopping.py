@@ -48,3 +48,20 @@ def test_a_bad_early_stop_block_names_its_key(block: dict, key: str) -> None:
 def test_stop_patience_without_stop_on_alarm_is_refused() -> None:
     with pytest.raises(EnergyatError, match="only applies with --stop-on-alarm"):
         stop_rule_from_flags(stop_on_alarm=False, stop_patience=3)
+
+
+def test_energy_informed_patience_stops_alarmed_trials_sooner() -> None:
+    # k_alarm = 2 after the alarm, k_plain = 5 before it: the alarm is what shortens the wait
+    rule = stop_rule_from_spec({"energy_divergence": True, "patience": 2, "val_patience": 5})
+    assert rule == StopRule(energy_patience=2, val_patience=5)
+    assert rule.decide(epoch=12, alarm=True, best_epoch=10) == "energy_divergence"
+    assert rule.decide(epoch=12, alarm=False, best_epoch=10) is None
+    assert rule.decide(epoch=15, alarm=False, best_epoch=10) == "val_patience"
+
+
+@pytest.mark.parametrize("patience", [5, 8])
+def test_an_energy_patience_not_below_val_patience_is_refused(patience: int) -> None:
+    # plain patience would always fire first: the alarm could change nothing
+    with pytest.raises(SpecError) as err:
+        stop_rule_from_spec({"energy_divergence": True, "patience": patience, "val_patience": 5})
+    assert err.value.key == "early_stop.patience" and "not below val_patience" in str(err.value)
