@@ -399,7 +399,7 @@ class OnsetTruth:
     """Ground truth for judging a detector on a real run (docs/design.md section 6)."""
 
     epoch: int | None  # onset: the last epoch before test robustness only gets worse; None if it never degrades
-    signal: str | None  # "test_robust_acc" or "test_robust_loss": which one showed the degradation
+    signal: str | None  # the column that showed the degradation, e.g. "test_robust_acc" or "val_robust_loss"
     best: float | None  # smoothed value at the onset
     final: float | None  # mean over the run's last epochs (max(5, 10% of the run))
 
@@ -417,38 +417,45 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
 
 
 def ground_truth_onset(
-    epochs: Any, *, window: int = 3, acc_margin: float = 0.015, loss_margin: float = 0.10
+    epochs: Any, *, window: int = 3, acc_margin: float = 0.015, loss_margin: float = 0.10, split: str = "test",
+    signals: tuple[str, ...] = ("robust_acc", "robust_loss"),
 ) -> OnsetTruth:
-    """The robust-overfitting onset as test metrics show it, for judging detectors.
+    """The robust-overfitting onset as held-out metrics show it, for judging detectors.
 
-    Onset = the epoch of the best smoothed (centered mean of ``window`` epochs) test robust
-    accuracy, provided the run ends (mean of its last max(5, 10%) epochs) at least
-    ``acc_margin`` (absolute, 1.5 points by default) below it; failing that, the epoch of the
-    minimum smoothed test robust loss, provided the run ends at least ``loss_margin``
-    (relative, 10%) above it. None when neither degrades: the run did not robust-overfit.
-    Judging by the end of the run, not by its worst dip, keeps epoch-to-epoch noise at a high
-    learning rate from counting as overfitting. Rice et al.'s PreActResNet-18 run
+    Onset = the epoch of the best smoothed (centered mean of ``window`` epochs) robust accuracy
+    of `split` (``test`` or ``val``: the columns ``<split>_robust_acc``, ``<split>_robust_loss``),
+    provided the run ends (mean of its last max(5, 10%) epochs) at least ``acc_margin``
+    (absolute, 1.5 points by default) below it; failing that, the epoch of the minimum smoothed
+    robust loss, provided the run ends at least ``loss_margin`` (relative, 10%) above it. None
+    when neither degrades: the run did not robust-overfit. `signals` names which of the two to
+    try, in order. Judging by the end of the run, not by its worst dip, keeps epoch-to-epoch noise
+    at a high learning rate from counting as overfitting. Rice et al.'s PreActResNet-18 run
     (tests/data/reference) gives epoch 106 on both signals with the defaults.
     """
+    unknown = set(signals) - {"robust_acc", "robust_loss"}
+    if unknown or split not in ("test", "val"):
+        raise ValueError(f"signals must be robust_acc and/or robust_loss and split test or val, got {signals} and {split!r}")
     epoch = _column(epochs, "epoch").astype(int)
     order = np.argsort(epoch, kind="stable")
     epoch = epoch[order]
     tail = max(5, len(epoch) // 10)
-    raw_acc = _column(epochs, "test_robust_acc")[order]
-    acc = _smooth(raw_acc, window)
-    if np.isfinite(acc).any():
-        i = int(np.nanargmax(acc))
-        final = float(np.nanmean(raw_acc[-tail:]))
-        if i < len(epoch) - tail and acc[i] - final >= acc_margin:
-            return OnsetTruth(int(epoch[i]), "test_robust_acc", float(acc[i]), final)
-    if _has_column(epochs, "test_robust_loss"):
-        raw_loss = _column(epochs, "test_robust_loss")[order]
-        loss = _smooth(raw_loss, window)
-        if np.isfinite(loss).any():
-            i = int(np.nanargmin(loss))
-            final = float(np.nanmean(raw_loss[-tail:]))
-            if i < len(epoch) - tail and final - loss[i] >= loss_margin * abs(loss[i]):
-                return OnsetTruth(int(epoch[i]), "test_robust_loss", float(loss[i]), final)
+    for signal in signals:
+        name = f"{split}_{signal}"
+        if not _has_column(epochs, name):
+            continue
+        raw = _column(epochs, name)[order]
+        smooth = _smooth(raw, window)
+        if not np.isfinite(smooth).any():
+            continue
+        final = float(np.nanmean(raw[-tail:]))
+        if signal == "robust_acc":
+            i = int(np.nanargmax(smooth))
+            degraded = smooth[i] - final >= acc_margin
+        else:
+            i = int(np.nanargmin(smooth))
+            degraded = final - smooth[i] >= loss_margin * abs(smooth[i])
+        if i < len(epoch) - tail and degraded:
+            return OnsetTruth(int(epoch[i]), name, float(smooth[i]), final)
     return OnsetTruth(None, None, None, None)
 
 

@@ -1,25 +1,37 @@
-"""Stopping rules side by side: no stopping, the energy stopper, ASHA, median stopping, patience.
+"""The stopping-rule suite: every rule family at every k, replayed on studies trained to the end.
 
-    python benchmarks/stoppers.py [--spec examples/quickstart.yaml] [--samples 16] [--seed 0]
-        [--out runs/stoppers] [--only none,energy,...] [--set key=value ...]
+    python benchmarks/stoppers.py train RECIPE [--storage runs/suite] [--set key=value ...]
+    python benchmarks/stoppers.py replay STUDY [STUDY ...] [--out runs/suite/report] [--n 2500] [--autoattack-n 1000]
+    python benchmarks/stoppers.py live LIVE_STUDY --full FULL_STUDY --rule FAMILY:K
 
-One study, run once per rule (:data:`RULES`) through ``study.runner.run_study`` on a local Ray.
-The sampler is Optuna's RandomSampler with a fixed seed: its suggestions do not depend on the
-results, so every rule trains the same configurations in the same order and the rules differ only
-in when they stop a trial (under TPE, a rule would also change what is tried next, and the
-comparison would mix two effects). Per rule it reports:
+`train` runs one recipe (:data:`RECIPES`) of the suite's base study (benchmarks/suite/stoppers.yaml):
+every configuration under each training seed, to its last epoch, no stopping, with every new best
+checkpoint kept (`keep_best_checkpoints`). Hours on two cores: an interrupted study continues with
+`energyat resume STUDY`.
 
-- trial-epochs (sum of `epochs_run`) and wall time;
-- the best validation robust accuracy found, and the configuration it picks (the trial with the
-  highest `best_val_robust_acc`: selection on validation, never on test);
-- that pick's test robust accuracy (`final_pgd_acc`, PGD on the test set from its best epoch)
-  as the rule left it, and as the same configuration reaches it run to the end (from the
-  no-stopping study): what a user who retrains the pick gets;
-- Spearman's rank correlation between the rule's `best_val_robust_acc` per configuration and
-  the no-stopping run's: how well the rule preserves the full-run ranking.
+`replay` decides, on those rows, when each rule would have stopped each trial. Every rule here is
+a causal function of a trial's epoch rows (ASHA's of the rows of the trials before it at its
+rungs), so a trial stopped at epoch s has exactly the rows of the full run up to s: the replay
+runs the product's own code (``analysis.phases.OnlineDetector``, ``analysis.stopping.StopRule``,
+``study.scheduler``'s ASHA classes) over them. Each training seed is one replicate study of the
+recipe's configurations. Per recipe, family and k it reports:
 
-Wall time is the machine's at the time (2 trials at once by default); trial-epochs are the
-portable measure. Prints one JSON line per rule and a Markdown table; writes both to OUT.
+- trial-epochs (the sum of epochs run, both replicates) and the trials' summed seconds;
+- each replicate's pick: the trial with the best validation robust accuracy up to its stop (ties
+  broken by the configuration, a fixed key), at its best epoch up to the stop; the pick's test
+  accuracy under PGD-20 on the first `--n` test images and under the original AutoAttack on the
+  first `--autoattack-n`, from the kept checkpoint of that epoch (binomial SE sqrt(p(1-p)/n));
+- Spearman's rho between each configuration's best validation robust accuracy under the rule
+  and under the full run, averaged over the replicates;
+- a Pareto figure per recipe: trial-epochs against the picks' mean test PGD accuracy, one line
+  per family across k;
+- the offline onset (``analysis.phases.detect``) against the validation robust-loss minimum.
+
+ASHA replays with the trials in the order the study started them, one at a time; a live ASHA
+study running trials two at a time sees its rungs fill in another order (`live` compares).
+
+`live` compares a study run with a stop rule (same recipe, same configurations) with the replay of
+that rule on the full study: per configuration, the epochs each ran.
 """
 
 from __future__ import annotations
@@ -28,32 +40,252 @@ import argparse
 import json
 import math
 import os
+import tempfile
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from analysis.errors import EnergyatError
+from analysis.phases import DETECTOR_COLUMNS, OnlineDetector, detect, ground_truth_onset
 from analysis.query import open_tables
 from analysis.schema import config_column
+from analysis.stopping import StopRule
 from analysis.store import git_sha, versions
-from study.runner import run_study
-from study.spec import load_spec
 
-# rule -> the spec keys that set it (on top of the study's, with early_stop and scheduler cleared)
-RULES: dict[str, list[str]] = {
-    "none": [],
-    "energy": ["early_stop={energy_divergence: true, patience: 3}"],
-    "asha": ["scheduler={name: asha, grace_period: 5, reduction_factor: 3}"],
-    "asha_budget": ["scheduler={name: asha, grace_period: 15, reduction_factor: 2}"],  # about the energy stopper's budget
-    "median": ["scheduler={name: median, grace_period: 5, min_samples_required: 3}"],
-    "patience": ["early_stop={val_patience: 5}"],
+SUITE = Path(__file__).resolve().parent / "suite" / "stoppers.yaml"
+# recipe -> spec overrides on benchmarks/suite/stoppers.yaml
+RECIPES: dict[str, list[str]] = {
+    # the quickstart's schedule: two drops in 30 epochs, little room to overfit
+    "two_drops": ["epochs=30", "schedule={name: piecewise, milestones: [0.5, 0.75], gamma: 0.1}"],
+    # one drop at 20, then a 60-epoch tail at the low lr where robust overfitting shows
+    "single_drop": ["epochs=80", "schedule={name: piecewise, milestones: [20], gamma: 0.1}"],
+    # Rice et al.'s schedule (drops at 50% and 75%): overfitting starts after the first drop
+    "rice": ["epochs=80", "schedule={name: piecewise, milestones: [0.5, 0.75], gamma: 0.1}"],
+    # OneCycle, the paper's schedule: no drop, no overfitting expected
+    "onecycle": ["epochs=30", "schedule={name: onecycle, pct_start: 0.25}"],
 }
+KS = (2, 4, 6, 8, 10, 15, 20)  # every patience family's k, and ASHA's grace period
+ASHA_REDUCTION = 2
+SEARCHED = ("method", "lr", "weight_decay")  # a configuration; `seed` makes the replicate
+FAMILIES = ("none", "patience", "alarm_patience", "energy_patience", "asha", "asha_energy")
 
 
-def spearman(a: list[float], b: list[float]) -> float:
+def stop_rule(family: str, k: int) -> StopRule:
+    """The trial-side families at k: plain patience k; the alarm, then k; energy-informed patience
+    (k // 2 after the alarm, k before it). The ratio 1/2 was fixed before any suite run."""
+    if family == "patience":
+        return StopRule(val_patience=k)
+    if family == "alarm_patience":
+        return StopRule(energy_patience=k)
+    if family == "energy_patience":
+        return StopRule(energy_patience=k // 2, val_patience=k)
+    raise ValueError(family)
+
+
+# -- the rows ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Trial:
+    trial_id: str
+    config: str  # the searched keys' values as sorted JSON: the configuration, a fixed tie-break key
+    seed: int
+    rows: list[dict[str, Any]]  # epoch rows, in epoch order
+
+    @property
+    def epochs(self) -> int:
+        return len(self.rows)
+
+
+def load_trials(study_dir: str) -> list[Trial]:
+    """The study's finished trials in the order the study started them (Optuna's trial number)."""
+    con = open_tables(study_dir)
+    keys = [*SEARCHED, "seed"]
+    cols = ", ".join(f'"{config_column(k)}"' for k in keys)
+    done = con.execute(f"select trial_id, {cols} from trials where status = 'TERMINATED'").fetchall()
+    epochs = con.execute(
+        "select trial_id, epoch, lr, probe_train_dE, probe_train_E, probed, val_robust_acc, val_robust_loss, "
+        "epoch_seconds, probe_seconds from epochs order by trial_id, epoch"
+    ).fetchall()
+    names = ("epoch", "lr", "probe_train_dE", "probe_train_E", "probed", "val_robust_acc", "val_robust_loss", "epoch_seconds", "probe_seconds")
+    by_trial: dict[str, list[dict[str, Any]]] = {}
+    for trial_id, *values in epochs:
+        by_trial.setdefault(trial_id, []).append(dict(zip(names, values, strict=True)))
+    order = _start_order(study_dir)
+    trials = []
+    for trial_id, *config in done:
+        values = dict(zip(keys, config, strict=True))
+        rows = by_trial.get(trial_id, [])
+        if [r["epoch"] for r in rows] != list(range(len(rows))):
+            raise SystemExit(f"{study_dir}: trial {trial_id}'s epochs are not contiguous from 0")
+        trials.append(Trial(trial_id, json.dumps({k: values[k] for k in SEARCHED}, sort_keys=True), int(values["seed"]), rows))
+    return sorted(trials, key=lambda t: (order.get(t.trial_id, math.inf), t.trial_id))
+
+
+def _start_order(study_dir: str) -> dict[str, int]:
+    """Tune trial id -> the Optuna trial number (the order the searcher handed them out)."""
+    import optuna
+
+    from study.journal import TUNE_ID_ATTR, journal_copy, journal_storage
+    from study.spec import load_study
+
+    loaded = load_study(study_dir)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with journal_copy(study_dir) as path:
+        if path is None:
+            return {}
+        frozen = optuna.load_study(study_name=loaded.study_name, storage=journal_storage(path)).get_trials()
+    return {str(t.user_attrs[TUNE_ID_ATTR]): t.number for t in frozen if TUNE_ID_ATTR in t.user_attrs}
+
+
+# -- replaying a rule ------------------------------------------------------------------------------------
+
+
+def running_best(rows: Sequence[dict[str, Any]], stop: int) -> tuple[float, int | None]:
+    """(best validation robust accuracy, its first epoch) over the probed epochs up to `stop`, as
+    the engine selects (a new best must be strictly higher)."""
+    best, epoch = -math.inf, None
+    for row in rows[: stop + 1]:
+        acc = row["val_robust_acc"]
+        if row["probed"] and acc is not None and math.isfinite(acc) and acc > best:
+            best, epoch = acc, int(row["epoch"])
+    return best, epoch
+
+
+def alarms(rows: Sequence[dict[str, Any]]) -> list[bool]:
+    """The online detector's alarm after each epoch, fed as the engine feeds it."""
+    det = OnlineDetector()
+    return [det.update({k: r.get(k) for k in DETECTOR_COLUMNS})[1] for r in rows]
+
+
+def replay_rule(trial: Trial, rule: StopRule) -> int:
+    """The last epoch the trial runs under `rule` (the engine's loop: alarm, then best, then decide)."""
+    raised = alarms(trial.rows)
+    for epoch in range(trial.epochs):
+        _, best_epoch = running_best(trial.rows, epoch)
+        if rule.decide(epoch=epoch, alarm=raised[epoch], best_epoch=best_epoch) is not None:
+            return epoch
+    return trial.epochs - 1
+
+
+def replay_asha(trials: Sequence[Trial], *, family: str, grace: int) -> dict[str, int]:
+    """The last epoch of each trial under Tune's ASHA (or energyat's asha_energy), trials one at a
+    time in order, each reporting what the trainable reports (training_iteration = epoch + 1)."""
+    from study.scheduler import build_scheduler
+    from study.scheduler_keys import check_scheduler
+    from trainables.tune_adapter import OBJECTIVE_FALLBACK
+
+    epochs = trials[0].epochs
+    stops: dict[str, int] = {}
+    with tempfile.TemporaryDirectory() as requests:  # the stop requests the classes write
+        sched = build_scheduler(check_scheduler({"name": family, "grace_period": grace, "reduction_factor": ASHA_REDUCTION}),
+                                study_dir=requests, metric="best_val_robust_acc", epochs=epochs)
+        for trial in trials:
+            handle = _Handle(trial.trial_id)
+            sched.on_trial_add(None, handle)
+            raised = alarms(trial.rows)
+            stops[trial.trial_id] = trial.epochs - 1
+            for epoch in range(trial.epochs - 1):  # the last epoch's report is the final one: no decision
+                best, _ = running_best(trial.rows, epoch)
+                result = {"training_iteration": epoch + 1, "alarm": raised[epoch],
+                          "best_val_robust_acc": best if math.isfinite(best) else OBJECTIVE_FALLBACK}
+                sched.on_trial_result(None, handle, result)
+                if trial.trial_id in sched.asked:
+                    stops[trial.trial_id] = epoch
+                    break
+            sched.on_trial_complete(None, handle, result)
+    return stops
+
+
+@dataclass(frozen=True)
+class _Handle:
+    trial_id: str  # all a Tune scheduler reads of a trial
+
+
+def replay(trials: Sequence[Trial], family: str, k: int) -> dict[str, int]:
+    """Trial id -> its last epoch under family at k, for one replicate's trials (in start order)."""
+    if family == "none":
+        return {t.trial_id: t.epochs - 1 for t in trials}
+    if family in ("asha", "asha_energy"):
+        return replay_asha(trials, family=family, grace=k)
+    rule = stop_rule(family, k)
+    return {t.trial_id: replay_rule(t, rule) for t in trials}
+
+
+# -- picks and their test accuracy -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pick:
+    trial_id: str
+    epoch: int
+    val: float
+    config: str
+
+
+def pick_of(trials: Sequence[Trial], stops: dict[str, int]) -> Pick:
+    """The trial with the best validation robust accuracy up to its stop; ties by configuration."""
+    scored = []
+    for t in trials:
+        best, epoch = running_best(t.rows, stops[t.trial_id])
+        if epoch is not None:
+            scored.append((-best, t.config, Pick(t.trial_id, epoch, best, t.config)))
+    if not scored:
+        raise SystemExit("no trial has a validation robust accuracy")
+    return min(scored, key=lambda s: (s[0], s[1]))[2]
+
+
+class PickAccuracy:
+    """Test accuracy of a trial's kept best checkpoint at an epoch, cached in a JSON-lines file so
+    that a replay run again (more families, more k) evaluates only new picks."""
+
+    def __init__(self, cache: Path, *, n: int, autoattack_n: int) -> None:
+        self.cache, self.n, self.autoattack_n = cache, n, autoattack_n
+        self.known: dict[str, dict[str, Any]] = {}
+        if cache.exists():
+            for line in cache.read_text().splitlines():
+                entry = json.loads(line)
+                self.known[entry["key"]] = entry
+
+    def __call__(self, study_dir: str, pick: Pick) -> dict[str, Any]:
+        key = f"{Path(study_dir).name}/{pick.trial_id}/{pick.epoch}/{self.n}/{self.autoattack_n}"
+        if key not in self.known:
+            entry = {"key": key, **evaluate_pick(study_dir, pick, n=self.n, autoattack_n=self.autoattack_n)}
+            self.known[key] = entry
+            with self.cache.open("a") as f:
+                f.write(json.dumps(entry) + "\n")
+        return self.known[key]
+
+
+def evaluate_pick(study_dir: str, pick: Pick, *, n: int, autoattack_n: int) -> dict[str, Any]:
+    """PGD-20 on the first n test images, AutoAttack on the first autoattack_n, fp32, from the
+    trial's kept checkpoint of that epoch (``best-e<epoch>.pt``), the attacks seeded by the
+    trial's seed as its own final evaluation is: a full run's pick gives its `final_pgd_acc`."""
+    import torch
+
+    from trainables.data import load_dataset
+    from trainables.evaluate import evaluate
+    from trainables.subjects import trial_subject
+
+    subject = trial_subject(study_dir, pick.trial_id, epoch=pick.epoch)
+    data = load_dataset(subject.cfg.dataset)
+    model = subject.model(data, torch.device("cpu"))
+    attacks = ["clean", "pgd"] + (["autoattack"] if autoattack_n else [])
+    results = evaluate(model, data, subject.cfg, attacks=attacks, n=n, autoattack_n=autoattack_n, pgd_steps=20, seed=subject.cfg.seed)
+    return {r.attack: {"n": r.n, "correct": r.correct, "accuracy": r.accuracy, "seconds": round(r.seconds, 1)} for r in results}
+
+
+def binomial_se(p: float, n: int) -> float:
+    return math.sqrt(p * (1 - p) / n)
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     """Spearman's rho: Pearson's correlation of the ranks (ties share their mean rank)."""
-    def ranks(values: list[float]) -> np.ndarray:
+    def ranks(values: Sequence[float]) -> np.ndarray:
         x = np.asarray(values, dtype=float)
         order = np.argsort(x, kind="stable")
         r = np.empty(len(x))
@@ -68,97 +300,222 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def trials_of(study_dir: str, keys: list[str]) -> dict[str, dict[str, Any]]:
-    """The study's trials by configuration (the searched keys' values, as JSON)."""
-    cols = [config_column(k) for k in keys]
-    con = open_tables(study_dir)
-    rows = con.execute(
-        "select trial_id, status, stop_reason, epochs_run, best_val_robust_acc, final_pgd_acc, seconds, "
-        + ", ".join(f'"{c}"' for c in cols) + " from trials order by trial_id"
-    ).fetchall()
-    out = {}
-    for trial_id, status, reason, epochs_run, best, final, seconds, *config in rows:
-        key = json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in zip(keys, config, strict=True)}, sort_keys=True)
-        out[key] = {"trial_id": trial_id, "status": status, "stop_reason": reason, "epochs_run": epochs_run,
-                    "best_val": best, "final_pgd": final, "seconds": seconds}
+# -- one recipe --------------------------------------------------------------------------------------------
+
+
+def replicates(trials: Sequence[Trial]) -> dict[int, list[Trial]]:
+    out: dict[int, list[Trial]] = {}
+    for t in trials:
+        out.setdefault(t.seed, []).append(t)
+    return dict(sorted(out.items()))
+
+
+def rule_rows(study_dir: str, trials: Sequence[Trial], accuracy: Callable[[str, Pick], dict[str, Any]]) -> list[dict[str, Any]]:
+    """One result per (family, k) on one recipe's study."""
+    reps = replicates(trials)
+    full = {seed: replay(ts, "none", 0) for seed, ts in reps.items()}
+    out = []
+    for family in FAMILIES:
+        for k in (0,) if family == "none" else KS:
+            if family in ("asha", "asha_energy") and k >= trials[0].epochs:
+                continue
+            picks, rhos, trial_epochs, seconds, stopped = [], [], 0, 0.0, 0
+            for seed, ts in reps.items():
+                stops = replay(ts, family, k)
+                trial_epochs += sum(s + 1 for s in stops.values())
+                stopped += sum(stops[t.trial_id] + 1 < t.epochs for t in ts)
+                seconds += sum(r["epoch_seconds"] + r["probe_seconds"] for t in ts for r in t.rows[: stops[t.trial_id] + 1])
+                pick = pick_of(ts, stops)
+                picks.append({"seed": seed, "trial_id": pick.trial_id, "epoch": pick.epoch, "val": pick.val, "config": pick.config,
+                              **accuracy(study_dir, pick)})
+                rhos.append(spearman([running_best(t.rows, stops[t.trial_id])[0] for t in ts],
+                                     [running_best(t.rows, full[seed][t.trial_id])[0] for t in ts]))
+            out.append({"family": family, "k": k, "trial_epochs": trial_epochs, "seconds": round(seconds, 1), "picks": picks,
+                        "spearman": float(np.nanmean(rhos)) if not all(math.isnan(r) for r in rhos) else math.nan,
+                        "stopped": stopped})
     return out
 
 
-def summarise(rule: str, found: dict[str, dict[str, Any]], full: dict[str, dict[str, Any]], wall: float) -> dict[str, Any]:
-    pick_key = max(found, key=lambda k: (found[k]["best_val"] if math.isfinite(found[k]["best_val"]) else -1.0))
-    common = sorted(set(found) & set(full))
-    reasons: dict[str, int] = {}
-    for t in found.values():
-        reasons[str(t["stop_reason"])] = reasons.get(str(t["stop_reason"]), 0) + 1
-    return {
-        "rule": rule, "trials": len(found), "trial_epochs": int(sum(t["epochs_run"] for t in found.values())), "wall_s": round(wall, 1),
-        "best_val_robust": found[pick_key]["best_val"], "pick": json.loads(pick_key),
-        "pick_final_pgd": found[pick_key]["final_pgd"],
-        "pick_final_pgd_full_run": full.get(pick_key, {}).get("final_pgd", math.nan),
-        "spearman_vs_full": spearman([found[k]["best_val"] for k in common], [full[k]["best_val"] for k in common]),
-        "stop_reasons": reasons,
-    }
+def mean_accuracy(picks: Sequence[dict[str, Any]], attack: str) -> tuple[float, float]:
+    """Mean test accuracy of the replicates' picks under `attack`, and its binomial SE."""
+    found = [p[attack] for p in picks if attack in p]
+    if not found:
+        return math.nan, math.nan
+    mean = float(np.mean([f["accuracy"] for f in found]))
+    se = math.sqrt(sum(binomial_se(f["accuracy"], f["n"]) ** 2 for f in found)) / len(found)
+    return mean, se
 
 
-def table(results: list[dict[str, Any]]) -> str:
-    base = next((r for r in results if r["rule"] == "none"), None)
+def onsets(trials: Sequence[Trial]) -> list[dict[str, Any]]:
+    """Per trial: the offline onset against the validation robust-loss minimum."""
+    out = []
+    for t in trials:
+        probed = [r for r in t.rows if r["probed"]]
+        columns = {k: np.array([r[k] for r in t.rows], dtype=float) for k in ("epoch", "lr", "probe_train_dE", "probe_train_E")}
+        columns["probed"] = np.array([bool(r["probed"]) for r in t.rows], dtype=float)
+        found = detect(columns)
+        truth = ground_truth_onset({"epoch": np.array([r["epoch"] for r in probed]),
+                                    "val_robust_loss": np.array([r["val_robust_loss"] for r in probed], dtype=float)},
+                                   split="val", signals=("robust_loss",))
+        out.append({"trial_id": t.trial_id, "config": t.config, "seed": t.seed, "truth": truth.epoch, "onset": found.phase3_start,
+                    "alarm": found.alarm_epoch})
+    return out
+
+
+# -- output ----------------------------------------------------------------------------------------------------
+
+
+def table(recipe: str, results: Sequence[dict[str, Any]], *, n: int) -> str:
+    base = next(r for r in results if r["family"] == "none")
+    base_pgd, base_se = mean_accuracy(base["picks"], "pgd")
     lines = [
-        "| rule | trial-epochs | vs none | wall s | best val robust | pick's test PGD (as stopped) | pick's test PGD (run to the end) "
-        "| Spearman vs none | stops |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"**{recipe}** (full run: {base['trial_epochs']} trial-epochs; its picks test {base_pgd:.4f} +- {base_se:.4f} under PGD-20, n = {n} each)",
+        "",
+        "| rule | k | trial-epochs | saved | trials stopped | picks' test PGD-20 (SE) | vs full run | picks' AutoAttack (SE) | Spearman | picks (seed: trial@epoch) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        saved = f"{1 - r['trial_epochs'] / base['trial_epochs']:+.0%}".replace("+", "-", 1) if base else "-"
-        if base and r is base:
-            saved = "-"
-        stops = ", ".join(f"{k} {v}" for k, v in sorted(r["stop_reasons"].items()))
-        lines.append(
-            f"| {r['rule']} | {r['trial_epochs']} | {saved} | {r['wall_s']:.0f} | {r['best_val_robust']:.4f} | {r['pick_final_pgd']:.4f} | "
-            f"{r['pick_final_pgd_full_run']:.4f} | {r['spearman_vs_full']:.2f} | {stops} |"
-        )
+        pgd, se = mean_accuracy(r["picks"], "pgd")
+        aa, aa_se = mean_accuracy(r["picks"], "autoattack")
+        saved = 1 - r["trial_epochs"] / base["trial_epochs"]
+        picks = ", ".join(f"{p['seed']}: {p['trial_id'][:8]}@{p['epoch']}" for p in r["picks"])
+        aa_text = "-" if math.isnan(aa) else f"{aa:.4f} ({aa_se:.4f})"
+        lines.append(f"| {r['family']} | {r['k'] or '-'} | {r['trial_epochs']} | {saved:.0%} | {r['stopped']} | {pgd:.4f} ({se:.4f}) | "
+                     f"{pgd - base_pgd:+.4f} | {aa_text} | {r['spearman']:.2f} | {picks} |")
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--spec", default="examples/quickstart.yaml")
-    parser.add_argument("--samples", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0, help="the RandomSampler's seed")
-    parser.add_argument("--out", default="runs/stoppers")
-    parser.add_argument("--only", default=",".join(RULES), help="comma-separated rules; `none` is always run first (the reference)")
-    parser.add_argument("--set", action="append", default=[], dest="overrides")
-    args = parser.parse_args()
-    rules = ["none"] + [r for r in args.only.split(",") if r and r != "none"]
-    unknown = [r for r in rules if r not in RULES]
-    if unknown:
-        parser.error(f"unknown rule {unknown[0]!r}; choose from {', '.join(RULES)}")
-    out = Path(args.out).resolve()
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    common = [f"samples={args.samples}", f"sampler={{name: random, seed: {args.seed}}}", "early_stop={}", "scheduler=none"]
-    header = (f"# {time.strftime('%Y-%m-%d %H:%M')} {os.cpu_count()} CPUs, git {git_sha()[:12]}, spec {args.spec} "
-              f"{' '.join([*common, *args.overrides])}, versions {versions()}")
-    print(header, flush=True)
-    results: list[dict[str, Any]] = []
-    full: dict[str, dict[str, Any]] = {}
-    for rule in rules:
-        study = load_spec(args.spec, [*common, *RULES[rule], *args.overrides])
-        searched = sorted(d.key for d in study.search)
-        t0 = time.perf_counter()
-        study_dir, failed = run_study(study, address=None, storage=str(out), name=f"{rule}-{stamp}")
-        wall = time.perf_counter() - t0
-        if failed:
-            raise SystemExit(f"rule {rule}: trials failed: {failed}")
-        found = trials_of(study_dir, searched)
-        if rule == "none":
-            full = found
-        result = summarise(rule, found, full, wall) | {"study": study_dir}
-        results.append(result)
-        print(json.dumps(result), flush=True)
-    text = table(results)
-    print(text)
+def onset_table(by_recipe: dict[str, list[dict[str, Any]]]) -> str:
+    lines = ["| recipe | trials | overfit (val loss) | onsets placed | matched | median abs error | worst abs error | false alarms | missed |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for recipe, rows in by_recipe.items():
+        truth = [r for r in rows if r["truth"] is not None]
+        placed = [r for r in rows if r["onset"] is not None]
+        both = [abs(r["onset"] - r["truth"]) for r in rows if r["truth"] is not None and r["onset"] is not None]
+        false = sum(1 for r in rows if r["truth"] is None and r["onset"] is not None)
+        missed = sum(1 for r in rows if r["truth"] is not None and r["onset"] is None)
+        med = f"{np.median(both):.0f}" if both else "-"
+        worst = f"{max(both)}" if both else "-"
+        lines.append(f"| {recipe} | {len(rows)} | {len(truth)} | {len(placed)} | {len(both)} | {med} | {worst} | {false} | {missed} |")
+    return "\n".join(lines)
+
+
+def pareto_figure(recipe: str, results: Sequence[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = next(r for r in results if r["family"] == "none")
+    base_pgd, base_se = mean_accuracy(base["picks"], "pgd")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.axhspan(base_pgd - base_se, base_pgd + base_se, color="0.85", label="full run's picks +- 1 SE")
+    ax.axhline(base_pgd, color="0.4", lw=1)
+    markers = {"patience": "o", "alarm_patience": "s", "energy_patience": "D", "asha": "^", "asha_energy": "v"}
+    for family, marker in markers.items():
+        rows = sorted((r for r in results if r["family"] == family), key=lambda r: r["trial_epochs"])
+        if not rows:
+            continue
+        x = [r["trial_epochs"] / base["trial_epochs"] for r in rows]
+        y = [mean_accuracy(r["picks"], "pgd")[0] for r in rows]
+        ax.plot(x, y, marker=marker, label=family)
+        for xi, yi, r in zip(x, y, rows, strict=True):
+            ax.annotate(str(r["k"]), (xi, yi), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    ax.axvline(0.7, color="0.6", ls=":", lw=1)
+    ax.set_xlabel("trial-epochs, fraction of the full run's (dotted: the goal, 30% saved)")
+    ax.set_ylabel("picks' test PGD-20 accuracy (mean of replicates)")
+    ax.set_title(f"{recipe}: stopping rules across k (labels: k, or ASHA's grace period)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -- commands ------------------------------------------------------------------------------------------------------
+
+
+def train(args: argparse.Namespace) -> None:
+    from study.runner import run_study
+    from study.spec import load_spec
+
+    study = load_spec(str(SUITE), [*RECIPES[args.recipe], *args.overrides])
+    study_dir, failed = run_study(study, address=None, storage=args.storage, name=f"stoppers-{args.recipe}")
+    print(study_dir)
+    if failed:
+        raise SystemExit(f"trials failed: {failed}; `energyat resume {study_dir}` retries what can be retried")
+
+
+def recipe_of(study_dir: str) -> str:
+    name = Path(study_dir).name
+    return name.split("stoppers-", 1)[1] if name.startswith("stoppers-") else name
+
+
+def replay_command(args: argparse.Namespace) -> None:
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"stoppers-{stamp}.md").write_text(header + "\n\n" + text + "\n")
-    (out / f"stoppers-{stamp}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
+    accuracy = PickAccuracy(out / "picks.jsonl", n=args.n, autoattack_n=args.autoattack_n)
+    header = (f"# {time.strftime('%Y-%m-%d %H:%M')} {os.cpu_count()} CPUs, git {git_sha()[:12]}, versions {versions()}\n"
+              f"# python benchmarks/stoppers.py replay {' '.join(args.studies)} --n {args.n} --autoattack-n {args.autoattack_n}")
+    sections, by_recipe, everything = [header], {}, []
+    for study_dir in args.studies:
+        recipe = recipe_of(study_dir)
+        trials = load_trials(study_dir)
+        if not trials:
+            raise SystemExit(f"{study_dir}: no finished trial")
+        results = rule_rows(study_dir, trials, accuracy)
+        sections.append(table(recipe, results, n=args.n))
+        pareto_figure(recipe, results, out / f"pareto-{recipe}.png")
+        by_recipe[recipe] = onsets(trials)
+        everything += [{"recipe": recipe, **r} for r in results]
+        print(sections[-1], flush=True)
+    sections.append("Offline onset against the validation robust-loss minimum:\n\n" + onset_table(by_recipe))
+    text = "\n\n".join(sections) + "\n"
+    print(sections[-1])
+    (out / "stoppers.md").write_text(text)
+    (out / "stoppers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in everything))
+    (out / "onsets.json").write_text(json.dumps(by_recipe, indent=1))
+
+
+def live_command(args: argparse.Namespace) -> None:
+    family, _, k = args.rule.partition(":")
+    if family not in FAMILIES or (family != "none" and not k.isdigit()):
+        raise SystemExit(f"--rule {args.rule!r}: expected FAMILY:K with FAMILY one of {', '.join(FAMILIES)}")
+    full = {(t.config, t.seed): t for t in load_trials(args.full)}
+    live = load_trials(args.live)
+    agree, lines = 0, []
+    for seed, ts in replicates(live).items():
+        # the full runs of the live study's configurations, in the live study's order
+        mirrored = [full[(t.config, seed)] for t in ts]
+        stops = replay(mirrored, family, int(k or 0))
+        for t, m in zip(ts, mirrored, strict=True):
+            same = t.epochs == stops[m.trial_id] + 1
+            agree += same
+            lines.append(f"seed {seed} {t.config}: live {t.epochs} epochs, replay {stops[m.trial_id] + 1}{'' if same else '  <- differs'}")
+    print("\n".join(lines))
+    print(f"{agree} of {len(live)} trials ran the same epochs live and in the replay")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="run one recipe's full study")
+    p.add_argument("recipe", choices=sorted(RECIPES))
+    p.add_argument("--storage", default="runs/suite")
+    p.add_argument("--set", action="append", default=[], dest="overrides")
+    p = sub.add_parser("replay", help="replay every rule on full studies")
+    p.add_argument("studies", nargs="+")
+    p.add_argument("--out", default="runs/suite/report")
+    p.add_argument("--n", type=int, default=2500, help="test images for the picks' PGD-20 accuracy")
+    p.add_argument("--autoattack-n", type=int, default=1000, help="test images for the picks' AutoAttack accuracy (0: skip)")
+    p = sub.add_parser("live", help="a live study's stops against the replay of its rule")
+    p.add_argument("live")
+    p.add_argument("--full", required=True)
+    p.add_argument("--rule", required=True, help="FAMILY:K, e.g. patience:6 or asha:4")
+    args = parser.parse_args(argv)
+    try:
+        {"train": train, "replay": replay_command, "live": live_command}[args.command](args)
+    except EnergyatError as exc:
+        raise SystemExit(f"stoppers.py: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -305,3 +305,17 @@ def test_the_baseline_is_retaken_after_each_drop_and_survives_a_checkpoint() -> 
         det.update(r)
     assert det.drop_epoch == 23 and det.baseline_epoch == 24 and det.alarm_epoch is None
 
+
+
+def test_ground_truth_on_the_validation_loss_alone() -> None:
+    # validation robust loss bottoms at 40 and ends 30% higher; robust accuracy stays flat: only the
+    # loss shows the overfitting, and `signals` chooses which columns may
+    t = np.arange(100)
+    loss = 1.0 + 0.3 * np.clip(t - 40, 0, None) / 60 + 0.5 * np.clip(40 - t, 0, None) / 40
+    data = {"epoch": t, "val_robust_loss": loss, "val_robust_acc": np.full(100, 0.5), "test_robust_acc": np.full(100, 0.5)}
+    truth = ground_truth_onset(data, split="val", signals=("robust_loss",))
+    assert truth.epoch is not None and 39 <= truth.epoch <= 41 and truth.signal == "val_robust_loss"
+    assert ground_truth_onset(data, split="val", signals=("robust_acc",)).epoch is None
+    assert ground_truth_onset(data).epoch is None  # the test columns show nothing
+    with pytest.raises(ValueError, match="signals"):
+        ground_truth_onset(data, signals=("loss",))

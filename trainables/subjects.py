@@ -99,9 +99,12 @@ def _spec_document(spec_file: Path) -> dict[str, Any]:
     return document
 
 
-def trial_subject(directory: str | Path, trial_id: str) -> Subject:
+def trial_subject(directory: str | Path, trial_id: str, *, epoch: int | None = None) -> Subject:
     """The spec and best checkpoint of `trial_id` in a local study or train-output directory
-    (``best``: the trial with the highest best validation robust accuracy)."""
+    (``best``: the trial with the highest best validation robust accuracy). With `epoch`, the
+    checkpoint kept when that epoch was the new best (``best-e<epoch>.pt``, from
+    `keep_best_checkpoints`) instead of the last best."""
+    name = "best.pt" if epoch is None else f"best-e{epoch:04d}.pt"
     trial_id = best_trial(directory) if trial_id == "best" else check_name(trial_id, "--trial")
     if is_uri(directory):
         raise EnergyatError(f"{directory}: checkpoints are read from a local directory; copy the study (spec.yaml, tune/<trial>) to disk first")
@@ -116,14 +119,17 @@ def trial_subject(directory: str | Path, trial_id: str) -> Subject:
             known = sorted(p.parent.name for p in (root / "tune").glob("*/params.json"))
             raise StoreError(f"no trial `{trial_id}` in {directory}; known trial ids: {', '.join(known) or 'none yet'}")
         raw = trial_spec(document["spec"], json.loads((folder / "params.json").read_text()))
-        candidates = sorted(folder.glob("checkpoint_*/best.pt"))  # Tune numbers them in order
+        candidates = sorted(folder.glob(f"checkpoint_*/{name}"))  # Tune numbers them in order
     else:  # an `energyat train` output: the resolved spec, checkpoints under checkpoints/<trial>
         raw = {k: v for k, v in document.items() if k != "schema_version"}
-        candidates = [root / "checkpoints" / trial_id / "best.pt"]
+        candidates = [root / "checkpoints" / trial_id / name]
         if not candidates[0].parent.is_dir():
             known = sorted(p.name for p in (root / "checkpoints").glob("*"))
             raise StoreError(f"no trial `{trial_id}` in {directory}; known trial ids: {', '.join(known) or 'none'}")
     found = [c for c in candidates if c.is_file()]
+    if not found and epoch is not None:
+        raise StoreError(f"trial `{trial_id}` in {directory} kept no checkpoint of epoch {epoch} (kept only with keep_best_checkpoints, "
+                         "and only for epochs that were a new best)")
     if not found:
         raise StoreError(f"trial `{trial_id}` in {directory} has no best checkpoint yet (it is written at the first probed epoch)")
     cfg, best = parse_trial(raw), found[-1]

@@ -1,0 +1,78 @@
+"""The stopping-rule suite (benchmarks/stoppers.py) end to end at a size CI runs: a recipe's full
+study on digits, every rule replayed on it, the picks evaluated from their kept checkpoints, and a
+live study with a stop rule against the replay of that rule. Real Ray Tune, real Optuna, real
+Parquet."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+from analysis.query import open_tables
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import stoppers  # noqa: E402  (benchmarks/ is not a package)
+
+TINY = [  # the suite's base study cut to digits, 4 trials (2 configurations x 2 seeds) of 8 epochs
+    "dataset={name: digits, train_size: 300, val_size: 200}", "model=small_cnn", "batch_size=64",
+    "attack={eps: 0.15, steps: 2}", "eval_attack={steps: 3}", "probe={train_size: 32, test_size: 0, every: 1, samples_every: 0}",
+    "final_eval={n: 120, pgd_steps: 20, autoattack_n: 0}", "samples=4", "lr=0.05",
+    "search={method: [sat, trades], seed: {choices: [0, 1]}}", "max_concurrent=2",
+]
+
+
+def _suite(*args: str) -> str:
+    proc = subprocess.run([sys.executable, "benchmarks/stoppers.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    storage = tmp_path_factory.mktemp("suite")
+    sets = [f"--set={s}" for s in TINY]
+    _suite("train", "two_drops", "--storage", str(storage), *sets, "--set=epochs=8")
+    return storage / "stoppers-two_drops"
+
+
+def test_the_replay_reports_every_rule_and_evaluates_the_picks_from_their_checkpoints(full: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    _suite("replay", str(full), "--out", str(out), "--n", "120", "--autoattack-n", "0")
+    results = [json.loads(line) for line in (out / "stoppers.jsonl").read_text().splitlines()]
+    families = {(r["family"], r["k"]) for r in results}
+    assert ("none", 0) in families and {("patience", k) for k in stoppers.KS} <= families
+    assert {("asha", k) for k in stoppers.KS if k < 8} <= families and ("asha", 8) not in families  # a grace period no trial passes
+    assert (out / "pareto-two_drops.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "false alarms" in (out / "stoppers.md").read_text()
+    # the full run's pick is the study's best trial at its best epoch, and its checkpoint of that
+    # epoch gives exactly the trial's own final evaluation (same n, steps, seed): the right weights
+    con = open_tables(full)
+    none = next(r for r in results if r["family"] == "none")
+    for pick in none["picks"]:
+        best_trial, best_epoch, final_pgd, n_trials = con.execute(
+            "select first(trial_id order by best_val_robust_acc desc, trial_id), first(best_epoch order by best_val_robust_acc desc, trial_id), "
+            "first(final_pgd_acc order by best_val_robust_acc desc, trial_id), count(*) from trials where seed = $s",
+            {"s": pick["seed"]},
+        ).fetchone()
+        assert n_trials == 2
+        assert pick["val"] == max(r[0] for r in con.execute("select best_val_robust_acc from trials where seed = $s", {"s": pick["seed"]}).fetchall())
+        if pick["trial_id"] == best_trial:  # the tie-break (configuration, not trial id) can pick the other of a tie
+            assert pick["epoch"] == best_epoch
+            assert pick["pgd"]["accuracy"] == pytest.approx(final_pgd, abs=1e-12)
+        assert pick["pgd"]["n"] == 120 and math.isfinite(pick["clean"]["accuracy"])
+    # fewer trial-epochs for every stopping family at its smallest k than for no stopping
+    assert all(r["trial_epochs"] <= none["trial_epochs"] for r in results)
+    assert any(r["trial_epochs"] < none["trial_epochs"] for r in results if r["family"] == "patience")
+
+
+def test_a_live_study_with_a_stop_rule_stops_where_the_replay_does(full: Path, tmp_path: Path) -> None:
+    sets = [f"--set={s}" for s in TINY]
+    _suite("train", "two_drops", "--storage", str(tmp_path), *sets, "--set=epochs=8", "--set=early_stop={val_patience: 2}")
+    text = _suite("live", str(tmp_path / "stoppers-two_drops"), "--full", str(full), "--rule", "patience:2")
+    assert "4 of 4 trials ran the same epochs live and in the replay" in text, text
