@@ -106,7 +106,8 @@ TRIAL_OUTCOME = pa.schema(
         _f(
             "stop_reason",
             pa.string(),
-            "completed, energy_divergence, val_patience, `scheduler: asha`, `scheduler: asha_energy`, `scheduler: median` or `error: ...`; null while running",
+            "completed, energy_divergence, val_patience, `scheduler: asha`, `scheduler: asha_energy`, `scheduler: median` "
+            "or `error: ...`; null while running",
         ),
         _f("epochs_run", pa.int32(), "epochs completed"),
         _f("best_epoch", pa.int32(), "epoch of the best validation robust accuracy (the best checkpoint); null before the first probe"),

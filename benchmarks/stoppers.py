@@ -371,7 +371,8 @@ def table(recipe: str, results: Sequence[dict[str, Any]], *, n: int) -> str:
     lines = [
         f"**{recipe}** (full run: {base['trial_epochs']} trial-epochs; its picks test {base_pgd:.4f} +- {base_se:.4f} under PGD-20, n = {n} each)",
         "",
-        "| rule | k | trial-epochs | saved | trials stopped | picks' test PGD-20 (SE) | vs full run | picks' AutoAttack (SE) | Spearman | picks (seed: trial@epoch) |",
+        "| rule | k | trial-epochs | saved | trials stopped | picks' test PGD-20 (SE) | vs full run | picks' AutoAttack (SE) | Spearman "
+        "| picks (seed: trial@epoch) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
