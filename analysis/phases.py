@@ -282,11 +282,12 @@ class OnlineDetector:
         return det
 
 
-# Epochs without a new best test robust accuracy that the stop rule waits for after the alarm.
-# Chosen on the real runs of docs/phases.md (benchmarks/detector.py --patience K): stopping at the
-# alarm itself (0) lost up to 6.3 points of robust accuracy where |dE| diverged while test
-# accuracy still crept up (digits SAT); 3 and 5 lost up to 3.7 and 2.7 points (digits TRADES);
-# 10 lost at most 1.3 on the runs that overfit and 1.5 on one that does not.
+# Epochs without a new best validation robust accuracy that the stop rule waits for after the alarm.
+# Chosen on the real runs of docs/phases.md ("Earlier runs", benchmarks/detector.py --patience K),
+# whose patience read the per-epoch test curve, with the rule's previous version: stopping at the
+# alarm itself (0) lost up to 6.3 points of robust accuracy where |dE| diverged while accuracy still
+# crept up (digits SAT); 3 and 5 lost up to 3.7 and 2.7 points; 10 lost at most 1.3 on the runs
+# that overfit and 1.5 on one that does not.
 STOP_PATIENCE = 10
 
 

@@ -43,9 +43,10 @@ if str(ROOT) not in sys.path:
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from analysis.phases import detect
+from analysis.phases import detect, ground_truth_onset
 from analysis.plots import columns, lr_drops, online_alarm_epoch, phase_figure
 
 DATA = ROOT / "tests" / "data" / "phases"
@@ -113,16 +114,22 @@ def first_lr_drop(rows: pa.Table) -> int | None:
 
 
 def draw_phases(out: Path, data: Path = DATA) -> dict[str, dict[str, Any]]:
-    """Draw both phase figures into `out` from the stored rows; returns what each shows."""
+    """Draw both phase figures into `out` from the stored rows, labelled by today's detector;
+    returns what each shows. The rows' own `phase` and `alarm` columns are what the detector of
+    their training day raised (`recorded_alarm`), and are left out of the figure."""
     shown = {}
     for key, (_spec, name) in PHASE_RUNS.items():
-        rows = load_rows(name, data)
+        stored = load_rows(name, data)
+        rows = stored.drop_columns(["phase", "alarm"])
         phases = detect(rows)
         png = phase_figure(rows, phases, path=Path(out) / f"phases-ro-sat-{key}.png")
+        probed = rows.filter(pc.equal(rows["probed"], True))
+        truth = ground_truth_onset(probed, split="val", signals=("robust_loss",))
         shown[key] = {
             "png": png, "run": name, "epochs": rows.num_rows, "lr_drop": first_lr_drop(rows),
             "phase2_start": phases.phase2_start, "onset": phases.phase3_start,
             "alarm": online_alarm_epoch(columns(rows), phases), "replayed_alarm": phases.alarm_epoch,
+            "recorded_alarm": online_alarm_epoch(columns(stored), phases), "val_loss_onset": truth.epoch,
         }
     return shown
 
@@ -171,7 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rerun(work)
             for s in draw_phases(args.out).values():
                 print(f"{s['png']}: {s['run']}, {s['epochs']} epochs, lr drop at {s['lr_drop']}, phase 2 from {s['phase2_start']}, "
-                      f"offline onset {s['onset']}, online alarm {s['alarm']} (replayed: {s['replayed_alarm']})")
+                      f"offline onset {s['onset']}, online alarm {s['alarm']} (raised in training: {s['recorded_alarm']}), "
+                      f"validation robust-loss minimum {s['val_loss_onset']}")
         if args.only in (None, "samples"):
             s = draw_samples(args.out, work)
             print(f"{s['png']}: {s['sat']['per_class']} per class from noise (judged {s['sat']['start_judge_acc']:.3f} before SGLD); "
