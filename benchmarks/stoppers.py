@@ -17,6 +17,9 @@ runs the product's own code (``analysis.phases.OnlineDetector``, ``analysis.stop
 recipe's configurations. Per recipe, family and k it reports:
 
 - trial-epochs (the sum of epochs run, both replicates) and the trials' summed seconds;
+- the validation robust accuracy each trial gave up by stopping (its full run's best minus its
+  best up to the stop), median and worst: validation numbers only, so a rule's constants can be
+  chosen on them without looking at the test set;
 - each replicate's pick: the trial with the best validation robust accuracy up to its stop (ties
   broken by the configuration, a fixed key), at its best epoch up to the stop; the pick's test
   accuracy under PGD-20 on the first `--n` test images and under the original AutoAttack on the
@@ -319,9 +322,11 @@ def rule_rows(study_dir: str, trials: Sequence[Trial], accuracy: Callable[[str, 
         for k in (0,) if family == "none" else KS:
             if family in ("asha", "asha_energy") and k >= trials[0].epochs:
                 continue
-            picks, rhos, trial_epochs, seconds, stopped = [], [], 0, 0.0, 0
+            picks, rhos, trial_epochs, seconds, stopped, regrets = [], [], 0, 0.0, 0, []
             for seed, ts in reps.items():
                 stops = replay(ts, family, k)
+                # validation accuracy a trial gave up by stopping: what chooses a rule's constants
+                regrets += [running_best(t.rows, full[seed][t.trial_id])[0] - running_best(t.rows, stops[t.trial_id])[0] for t in ts]
                 trial_epochs += sum(s + 1 for s in stops.values())
                 stopped += sum(stops[t.trial_id] + 1 < t.epochs for t in ts)
                 seconds += sum(r["epoch_seconds"] + r["probe_seconds"] for t in ts for r in t.rows[: stops[t.trial_id] + 1])
@@ -332,7 +337,7 @@ def rule_rows(study_dir: str, trials: Sequence[Trial], accuracy: Callable[[str, 
                                      [running_best(t.rows, full[seed][t.trial_id])[0] for t in ts]))
             out.append({"family": family, "k": k, "trial_epochs": trial_epochs, "seconds": round(seconds, 1), "picks": picks,
                         "spearman": float(np.nanmean(rhos)) if not all(math.isnan(r) for r in rhos) else math.nan,
-                        "stopped": stopped})
+                        "stopped": stopped, "val_regret_median": float(np.median(regrets)), "val_regret_max": float(np.max(regrets))})
     return out
 
 
@@ -371,9 +376,9 @@ def table(recipe: str, results: Sequence[dict[str, Any]], *, n: int) -> str:
     lines = [
         f"**{recipe}** (full run: {base['trial_epochs']} trial-epochs; its picks test {base_pgd:.4f} +- {base_se:.4f} under PGD-20, n = {n} each)",
         "",
-        "| rule | k | trial-epochs | saved | trials stopped | picks' test PGD-20 (SE) | vs full run | picks' AutoAttack (SE) | Spearman "
-        "| picks (seed: trial@epoch) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| rule | k | trial-epochs | saved | trials stopped | val acc given up, median / worst | picks' test PGD-20 (SE) | vs full run "
+        "| picks' AutoAttack (SE) | Spearman | picks (seed: trial@epoch) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         pgd, se = mean_accuracy(r["picks"], "pgd")
@@ -381,7 +386,8 @@ def table(recipe: str, results: Sequence[dict[str, Any]], *, n: int) -> str:
         saved = 1 - r["trial_epochs"] / base["trial_epochs"]
         picks = ", ".join(f"{p['seed']}: {p['trial_id'][:8]}@{p['epoch']}" for p in r["picks"])
         aa_text = "-" if math.isnan(aa) else f"{aa:.4f} ({aa_se:.4f})"
-        lines.append(f"| {r['family']} | {r['k'] or '-'} | {r['trial_epochs']} | {saved:.0%} | {r['stopped']} | {pgd:.4f} ({se:.4f}) | "
+        lines.append(f"| {r['family']} | {r['k'] or '-'} | {r['trial_epochs']} | {saved:.0%} | {r['stopped']} | "
+                     f"{r['val_regret_median']:.4f} / {r['val_regret_max']:.4f} | {pgd:.4f} ({se:.4f}) | "
                      f"{pgd - base_pgd:+.4f} | {aa_text} | {r['spearman']:.2f} | {picks} |")
     return "\n".join(lines)
 

@@ -76,3 +76,13 @@ def test_a_live_study_with_a_stop_rule_stops_where_the_replay_does(full: Path, t
     _suite("train", "two_drops", "--storage", str(tmp_path), *sets, "--set=epochs=8", "--set=early_stop={val_patience: 2}")
     text = _suite("live", str(tmp_path / "stoppers-two_drops"), "--full", str(full), "--rule", "patience:2")
     assert "4 of 4 trials ran the same epochs live and in the replay" in text, text
+
+
+def test_a_pick_at_an_epoch_without_a_kept_checkpoint_is_refused_in_one_line(full: Path) -> None:
+    from analysis.errors import StoreError
+    from trainables.subjects import trial_subject
+
+    trial_id = open_tables(full).execute("select min(trial_id) from trials").fetchone()[0]
+    with pytest.raises(StoreError, match="kept no checkpoint of epoch 999"):
+        trial_subject(str(full), trial_id, epoch=999)
+    assert trial_subject(str(full), trial_id, epoch=0).weights.endswith("best-e0000.pt")  # epoch 0 is always a new best
