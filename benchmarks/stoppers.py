@@ -254,10 +254,11 @@ class PickAccuracy:
                 entry = json.loads(line)
                 self.known[entry["key"]] = entry
 
-    def __call__(self, study_dir: str, pick: Pick) -> dict[str, Any]:
-        key = f"{Path(study_dir).name}/{pick.trial_id}/{pick.epoch}/{self.n}/{self.autoattack_n}"
+    def __call__(self, study_dir: str, pick: Pick, *, autoattack: bool) -> dict[str, Any]:
+        autoattack_n = self.autoattack_n if autoattack else 0
+        key = f"{Path(study_dir).name}/{pick.trial_id}/{pick.epoch}/{self.n}/{autoattack_n}"
         if key not in self.known:
-            entry = {"key": key, **evaluate_pick(study_dir, pick, n=self.n, autoattack_n=self.autoattack_n)}
+            entry = {"key": key, **evaluate_pick(study_dir, pick, n=self.n, autoattack_n=autoattack_n)}
             self.known[key] = entry
             with self.cache.open("a") as f:
                 f.write(json.dumps(entry) + "\n")
@@ -313,8 +314,10 @@ def replicates(trials: Sequence[Trial]) -> dict[int, list[Trial]]:
     return dict(sorted(out.items()))
 
 
-def rule_rows(study_dir: str, trials: Sequence[Trial], accuracy: Callable[[str, Pick], dict[str, Any]]) -> list[dict[str, Any]]:
-    """One result per (family, k) on one recipe's study."""
+def rule_rows(study_dir: str, trials: Sequence[Trial], accuracy: Callable[..., dict[str, Any]], *,
+              autoattack_for: frozenset[tuple[str, int]] = frozenset()) -> list[dict[str, Any]]:
+    """One result per (family, k) on one recipe's study; the picks of `autoattack_for` (and the
+    full run's) are also evaluated under AutoAttack."""
     reps = replicates(trials)
     full = {seed: replay(ts, "none", 0) for seed, ts in reps.items()}
     out = []
@@ -332,7 +335,7 @@ def rule_rows(study_dir: str, trials: Sequence[Trial], accuracy: Callable[[str, 
                 seconds += sum(r["epoch_seconds"] + r["probe_seconds"] for t in ts for r in t.rows[: stops[t.trial_id] + 1])
                 pick = pick_of(ts, stops)
                 picks.append({"seed": seed, "trial_id": pick.trial_id, "epoch": pick.epoch, "val": pick.val, "config": pick.config,
-                              **accuracy(study_dir, pick)})
+                              **accuracy(study_dir, pick, autoattack=family == "none" or (family, k) in autoattack_for)})
                 rhos.append(spearman([running_best(t.rows, stops[t.trial_id])[0] for t in ts],
                                      [running_best(t.rows, full[seed][t.trial_id])[0] for t in ts]))
             out.append({"family": family, "k": k, "trial_epochs": trial_epochs, "seconds": round(seconds, 1), "picks": picks,
@@ -462,14 +465,15 @@ def replay_command(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     accuracy = PickAccuracy(out / "picks.jsonl", n=args.n, autoattack_n=args.autoattack_n)
     header = (f"# {time.strftime('%Y-%m-%d %H:%M')} {os.cpu_count()} CPUs, git {git_sha()[:12]}, versions {versions()}\n"
-              f"# python benchmarks/stoppers.py replay {' '.join(args.studies)} --n {args.n} --autoattack-n {args.autoattack_n}")
+              f"# python benchmarks/stoppers.py replay {' '.join(args.studies)} --n {args.n} --autoattack-n {args.autoattack_n}"
+              f" --autoattack-for {','.join(f'{f}:{k}' for f, k in sorted(args.autoattack_for))}")
     sections, by_recipe, everything = [header], {}, []
     for study_dir in args.studies:
         recipe = recipe_of(study_dir)
         trials = load_trials(study_dir)
         if not trials:
             raise SystemExit(f"{study_dir}: no finished trial")
-        results = rule_rows(study_dir, trials, accuracy)
+        results = rule_rows(study_dir, trials, accuracy, autoattack_for=args.autoattack_for)
         sections.append(table(recipe, results, n=args.n))
         pareto_figure(recipe, results, out / f"pareto-{recipe}.png")
         by_recipe[recipe] = onsets(trials)
@@ -483,17 +487,27 @@ def replay_command(args: argparse.Namespace) -> None:
     (out / "onsets.json").write_text(json.dumps(by_recipe, indent=1))
 
 
-def live_command(args: argparse.Namespace) -> None:
-    family, _, k = args.rule.partition(":")
+def parse_rule(text: str) -> tuple[str, int]:
+    """FAMILY:K (K omitted for none)."""
+    family, _, k = text.partition(":")
     if family not in FAMILIES or (family != "none" and not k.isdigit()):
-        raise SystemExit(f"--rule {args.rule!r}: expected FAMILY:K with FAMILY one of {', '.join(FAMILIES)}")
+        raise argparse.ArgumentTypeError(f"{text!r}: expected FAMILY:K with FAMILY one of {', '.join(FAMILIES)}")
+    return family, int(k or 0)
+
+
+def rule_list(text: str) -> frozenset[tuple[str, int]]:
+    return frozenset(parse_rule(t) for t in text.split(",") if t)
+
+
+def live_command(args: argparse.Namespace) -> None:
+    family, k = args.rule
     full = {(t.config, t.seed): t for t in load_trials(args.full)}
     live = load_trials(args.live)
     agree, lines = 0, []
     for seed, ts in replicates(live).items():
         # the full runs of the live study's configurations, in the live study's order
         mirrored = [full[(t.config, seed)] for t in ts]
-        stops = replay(mirrored, family, int(k or 0))
+        stops = replay(mirrored, family, k)
         for t, m in zip(ts, mirrored, strict=True):
             same = t.epochs == stops[m.trial_id] + 1
             agree += same
@@ -514,10 +528,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--out", default="runs/suite/report")
     p.add_argument("--n", type=int, default=2500, help="test images for the picks' PGD-20 accuracy")
     p.add_argument("--autoattack-n", type=int, default=1000, help="test images for the picks' AutoAttack accuracy (0: skip)")
+    p.add_argument("--autoattack-for", type=rule_list, default=frozenset(), metavar="FAMILY:K,...",
+                   help="the rules whose picks AutoAttack also evaluates, besides the full run's (it costs minutes per pick on a CPU)")
     p = sub.add_parser("live", help="a live study's stops against the replay of its rule")
     p.add_argument("live")
     p.add_argument("--full", required=True)
-    p.add_argument("--rule", required=True, help="FAMILY:K, e.g. patience:6 or asha:4")
+    p.add_argument("--rule", required=True, type=parse_rule, help="FAMILY:K, e.g. patience:6 or asha:4")
     args = parser.parse_args(argv)
     try:
         {"train": train, "replay": replay_command, "live": live_command}[args.command](args)
