@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from scipy import stats
+from scipy import integrate, stats
 
 from analysis.errors import EnergyatError
 from analysis.schema import TRIAL_OUTCOME
@@ -67,22 +67,48 @@ def interval(values: Sequence[float | None]) -> Interval:
     return Interval(mean, mean - half, mean + half, n, sd)
 
 
+def paired_t_power(d: float, n: int) -> float:
+    """Power of a two-sided paired t-test at the 5% level with n pairs, when the mean difference
+    is d standard deviations: P(|T| > t_crit), T noncentral t with n - 1 degrees of freedom and
+    noncentrality d sqrt(n).
+
+    SciPy's noncentral t returns NaN in its far tails (``nct.cdf(-4.3, 2, 13.98)``), and a NaN
+    power compares False with every target, so a number of seeds that suffices would be skipped.
+    The tail on the other side of the effect is treated as 0 when it is not finite (it is below
+    1e-12 wherever SciPy fails); the tail in the effect's direction, when not finite, is
+    integrated over the chi-square of the sample variance: P(T > c) = E_V[P(Z > c sqrt(V/df) - nc)].
+    """
+    df = n - 1
+    crit = float(stats.t.ppf(0.5 + CONFIDENCE / 2, df))
+    nc = abs(d) * math.sqrt(n)
+    toward = float(stats.nct.sf(crit, df, nc))
+    if not math.isfinite(toward):
+        toward = upper_tail_by_integration(crit, df, nc)
+    away = float(stats.nct.cdf(-crit, df, nc))
+    if not math.isfinite(away):
+        away = 0.0
+    return min(1.0, toward + away)
+
+
+def upper_tail_by_integration(crit: float, df: int, nc: float) -> float:
+    """P(T > crit) for T noncentral t (df, nc), as an integral over V ~ chi-square(df):
+    T = (Z + nc) / sqrt(V / df), so P(T > c) = E_V[P(Z > c sqrt(V / df) - nc)]."""
+    value, _ = integrate.quad(lambda v: stats.chi2.pdf(v, df) * stats.norm.sf(crit * math.sqrt(v / df) - nc), 0, math.inf)
+    return float(value)
+
+
 def seeds_needed(effect: float, sd: float, *, power: float = POWER, limit: int = 100_000) -> int | None:
     """Seeds a two-sided paired t-test at the 5% level needs to detect a mean difference
     `effect` with power `power`, when differences spread with standard deviation `sd`
-    (the noncentral t, not the normal shortcut, which undercounts for few seeds).
-    None when no number of seeds up to `limit` would (a zero effect)."""
+    (the noncentral t, not the normal shortcut, which undercounts for few seeds:
+    :func:`paired_t_power`). None when no number of seeds up to `limit` would (a zero effect)."""
     if not math.isfinite(effect) or not math.isfinite(sd) or effect == 0:
         return None
     if sd == 0:
         return 2
     d = abs(effect) / sd
     for n in range(2, limit + 1):
-        df = n - 1
-        crit = float(stats.t.ppf(0.5 + CONFIDENCE / 2, df))
-        nc = d * math.sqrt(n)
-        reached = float(stats.nct.sf(crit, df, nc) + stats.nct.cdf(-crit, df, nc))
-        if reached >= power:
+        if paired_t_power(d, n) >= power:
             return n
     return None
 

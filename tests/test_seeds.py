@@ -6,10 +6,12 @@ from __future__ import annotations
 import math
 import random
 
+import numpy as np
 import pytest
+from scipy import stats
 
 from analysis.errors import EnergyatError
-from analysis.seeds import arm_of, arms, interval, paired, seeds_needed, summarize
+from analysis.seeds import arm_of, arms, interval, paired, paired_t_power, seeds_needed, summarize, upper_tail_by_integration
 
 
 def _row(method: str, seed: int, pgd: float, **config: object) -> dict:
@@ -51,6 +53,34 @@ def test_seeds_needed_matches_the_noncentral_t_power() -> None:
     assert 0.77 < hits / 2000 < 0.9
     fewer = seeds_needed(0.02, 0.03, power=0.5)
     assert fewer is not None and fewer < n
+
+
+def test_seeds_needed_where_scipys_noncentral_t_returns_nan() -> None:
+    # docs/reproduction.md's TRADES - SAT AutoAttack difference: mean 0.024667, sd 0.0030551 over
+    # 3 seeds. At n = 3 the power is 0.99993, but scipy's nct.cdf in the far lower tail (df 2,
+    # noncentrality 13.98) is NaN, and a NaN power skipped n = 3
+    assert seeds_needed(0.024667, 0.0030551) == 3
+    assert paired_t_power(0.024667 / 0.0030551, 2) == pytest.approx(0.62968, abs=1e-4)
+    assert paired_t_power(0.024667 / 0.0030551, 3) == pytest.approx(0.99993, abs=1e-5)
+
+
+@pytest.mark.parametrize(("crit", "df", "nc"), [(2.0, 1, 0.5), (4.3, 2, 3.0), (2.26, 9, 3.16), (2.03, 33, 2.9), (4.3, 2, 13.98)])
+def test_the_integrated_upper_tail_is_scipys_where_scipy_is_finite(crit: float, df: int, nc: float) -> None:
+    # the fallback for a non-finite nct.sf, checked where nct.sf is finite
+    assert upper_tail_by_integration(crit, df, nc) == pytest.approx(float(stats.nct.sf(crit, df, nc)), abs=1e-7)
+
+
+@pytest.mark.parametrize(("d", "n"), [(8.074, 2), (8.074, 3), (2.0, 3), (1.0, 10), (0.5, 34), (12.0, 2)])
+def test_the_power_matches_a_simulated_paired_t_test(d: float, n: int) -> None:
+    # 40,000 simulated studies of n seeds, differences N(d, 1): the share a two-sided t-test at
+    # the 5% level calls significant, within 4 binomial SEs of the computed power
+    rng = np.random.default_rng(0)
+    x = rng.normal(d, 1.0, size=(40_000, n))
+    t = x.mean(1) / (x.std(1, ddof=1) / math.sqrt(n))
+    simulated = float((np.abs(t) > stats.t.ppf(0.975, n - 1)).mean())
+    power = paired_t_power(d, n)
+    assert math.isfinite(power)
+    assert abs(simulated - power) <= 4 * math.sqrt(max(power * (1 - power), 1e-4) / 40_000) + 1e-4, (simulated, power)
 
 
 def test_arms_are_named_by_what_varies_within_a_method() -> None:
