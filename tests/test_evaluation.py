@@ -107,6 +107,20 @@ def test_energyats_autoattack_is_configured_as_the_published_standard_version(tr
     assert autoattack_adversary(trained_cnn, norm="l2", eps=0.5, seed=0).norm == "L2"
 
 
+def test_autoattack_leaves_the_callers_random_stream_where_it_was(
+    trained_cnn: torch.nn.Module, digits_batch: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    # AutoAttack reseeds torch's global generator inside each attack; energyat runs it in a fork
+    from trainables.evaluate import autoattack_correct
+
+    x, y = digits_batch
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    autoattack_correct(trained_cnn, x[:8], y[:8], norm="linf", eps=0.15, seed=0)
+    assert torch.equal(torch.rand(3), expected)
+
+
 # -- 2. the validation split selects -------------------------------------------------------------------
 
 

@@ -74,7 +74,11 @@ def autoattack_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, no
     images, which are the adversarial ones where an attack succeeded.
     """
     adversary = autoattack_adversary(model, norm=norm, eps=eps, seed=seed)
-    with fp32(), eval_mode(model):
+    # AutoAttack seeds torch's global generators (torch.random.manual_seed(seed), and CUDA's) at
+    # the start of each of its attacks: in a fork, so that evaluating never moves the caller's
+    # random stream (a trial, a study's next draw) to a state that depends on the evaluation
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), fp32(), eval_mode(model):
         _x_adv, y_adv = adversary.run_standard_evaluation(x, y)
     return (y_adv == y).cpu().numpy()
 
