@@ -129,6 +129,8 @@ TRIAL_OUTCOME = pa.schema(
             "original AutoAttack (standard) accuracy of the best checkpoint on the first final_eval.autoattack_n test images (fp32); "
             "NaN when skipped",
         ),
+        _f("final_n", pa.int32(), "test images behind final_clean_acc and final_pgd_acc (the first n of the split); null until the final evaluation"),
+        _f("final_autoattack_n", pa.int32(), "test images behind final_autoattack_acc; null when AutoAttack was skipped or has not run"),
         _f("phase2_start", pa.int32(), "first epoch of phase 2 (offline detector); null if not reached"),
         _f("phase3_start", pa.int32(), "detected robust-overfitting onset (offline detector); null if none"),
         _f("alarm_epoch", pa.int32(), "first epoch the online detector raised its alarm; null if never"),

@@ -271,11 +271,12 @@ def read_trial_outcome(root: str, trial_id: str) -> dict[str, Any] | None:
     """The outcome columns of a trial's `trials` row, or None when it has none (or it is unreadable)."""
     fs, path = filesystem(root)
     try:
-        table = pq.read_table(trial_file(path, trial_id), filesystem=fs, columns=TRIAL_OUTCOME.names)
+        table = pq.read_table(trial_file(path, trial_id), filesystem=fs)
     except (OSError, pa.ArrowInvalid, KeyError):
         return None
-    rows = table.to_pylist()
-    return rows[0] if rows else None
+    rows = table.select([n for n in TRIAL_OUTCOME.names if n in table.column_names]).to_pylist()
+    # a row written before a column was added reads as that column's null
+    return {name: rows[0].get(name) for name in TRIAL_OUTCOME.names} if rows else None
 
 
 SHIPPED_SHA = "ENERGYAT_GIT_SHA"  # the driver's revision, for workers running its shipped code

@@ -64,6 +64,7 @@ def test_on_epoch_can_stop_a_trial_with_its_reason(tmp_path: Path) -> None:
     result = run_trial(cfg, out=tmp_path, on_epoch=lambda row, _: "scheduler" if row["epoch"] == 1 else None)
     assert result["stop_reason"] == "scheduler" and result["epochs_run"] == 2
     assert result["final_pgd_acc"] == result["final_pgd_acc"]  # the best checkpoint is still evaluated (not NaN)
+    assert result["final_n"] == TINY["final_eval"]["n"] and result["final_autoattack_n"] is None  # AutoAttack skipped
 
 
 def test_checkpoints_load_with_weights_only(tmp_path: Path) -> None:

@@ -91,6 +91,7 @@ def test_final_autoattack_is_the_original_called_directly_and_at_most_pgd(robust
     evals = open_tables(robust).sql("select attack, n, steps, accuracy, evaluated_by from evals order by attack").fetchall()
     assert evals == [("autoattack", AA_IMAGES, None, direct, "final_eval"), ("clean", 64, None, row["final_clean_acc"], "final_eval"),
                      ("pgd", 64, 20, row["final_pgd_acc"], "final_eval")]
+    assert (row["final_n"], row["final_autoattack_n"]) == (64, AA_IMAGES)  # the row says how many images each number used
 
 
 def test_energyats_autoattack_is_configured_as_the_published_standard_version(trained_cnn: torch.nn.Module) -> None:

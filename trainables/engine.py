@@ -107,7 +107,7 @@ class _Progress:
     best_epoch: int | None = None
     seconds: float = 0.0
     stop_reason: str | None = None
-    final: dict[str, float] = field(default_factory=dict)
+    final: dict[str, float | int | None] = field(default_factory=dict)  # the final_* columns, once evaluated
 
 
 def _train_epoch(
@@ -217,17 +217,19 @@ def probe_epoch(model: nn.Module, probes: EpochProbes, cfg: TrialConfig, params:
 
 def final_evaluation(
     model: nn.Module, data: ImageData, cfg: TrialConfig, *, out: str, trial_id: str, weights: str, device: torch.device
-) -> dict[str, float]:
+) -> dict[str, float | int | None]:
     """The best checkpoint on the test set (:func:`trainables.evaluate.evaluate`): clean and
     PGD-(final_eval.pgd_steps) on the first `final_eval.n` images, the original AutoAttack on the
-    first `final_eval.autoattack_n`; rows in `evals`, the `final_*` values returned."""
+    first `final_eval.autoattack_n`; rows in `evals`, the `final_*` values returned, with how many
+    images each used (`final_n`, `final_autoattack_n`)."""
     fe = cfg.final_eval
     results = evaluate(model, data, cfg, attacks=("clean", "pgd", "autoattack"), n=fe.n, autoattack_n=fe.autoattack_n,
                        pgd_steps=fe.pgd_steps, seed=cfg.seed)
     subject = Subject(trial_id, "trial", cfg, weights, cfg.method, cfg.model, cfg.name, load=lambda _data: model)
     write_evals(out, subject, results, seed=cfg.seed, evaluated_by="final_eval", device=device_label(device))
-    found = {r.attack: r.accuracy for r in results}
-    return {f"final_{name}_acc": found.get(name, math.nan) for name in ("clean", "pgd", "autoattack")}
+    found = {r.attack: r for r in results}
+    counts = {"final_n": found["clean"].n, "final_autoattack_n": found["autoattack"].n if "autoattack" in found else None}
+    return {f"final_{name}_acc": found[name].accuracy if name in found else math.nan for name in ("clean", "pgd", "autoattack")} | counts
 
 
 class OutputConflictError(EnergyatError):
@@ -554,6 +556,7 @@ def _outcome(
         "final_clean_acc": progress.final.get("final_clean_acc", math.nan),
         "final_pgd_acc": progress.final.get("final_pgd_acc", math.nan),
         "final_autoattack_acc": progress.final.get("final_autoattack_acc", math.nan),
+        "final_n": progress.final.get("final_n"), "final_autoattack_n": progress.final.get("final_autoattack_n"),
         "phase2_start": phases.phase2_start if phases else detector.phase2_start,
         "phase3_start": phases.phase3_start if phases else None,
         "alarm_epoch": detector.alarm_epoch,
@@ -562,7 +565,7 @@ def _outcome(
     }
 
 
-def _evaluate_best(trial: _Trial, output: _Output, progress: _Progress) -> dict[str, float]:
+def _evaluate_best(trial: _Trial, output: _Output, progress: _Progress) -> dict[str, float | int | None]:
     """:func:`final_evaluation` of best.pt's weights, loaded into a copy: `trial.model` keeps the
     last epoch's weights, which last.pt must hold."""
     best_model = copy.deepcopy(trial.model)
