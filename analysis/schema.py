@@ -67,9 +67,10 @@ EPOCHS = pa.schema(
         _f(
             "best_val_robust_acc",
             pa.float64(),
-            "running best of val_robust_acc up to this epoch (what the searcher optimises); NaN before the first probe",
+            "val_robust_acc at the best epoch so far, the epoch `select` picks (for an AT method the running best of "
+            "val_robust_acc); what the searcher optimises; NaN before the first probe",
         ),
-        _f("best_val_clean_acc", pa.float64(), "val_clean_acc at the epoch of best_val_robust_acc; NaN before the first probe"),
+        _f("best_val_clean_acc", pa.float64(), "val_clean_acc at the best epoch so far; NaN before the first probe"),
         _f("probed", pa.bool_(), "whether the energy probe and test evaluation ran this epoch"),
         _f("epoch_seconds", pa.float64(), "wall seconds of the epoch's training pass"),
         _f("probe_seconds", pa.float64(), "wall seconds of the probe and test evaluation (0 when not probed)"),
@@ -110,8 +111,10 @@ TRIAL_OUTCOME = pa.schema(
             "or `error: ...`; null while running",
         ),
         _f("epochs_run", pa.int32(), "epochs completed"),
-        _f("best_epoch", pa.int32(), "epoch of the best validation robust accuracy (the best checkpoint); null before the first probe"),
-        _f("best_val_robust_acc", pa.float64(), "best per-epoch validation robust accuracy (eval PGD); NaN before the first probe"),
+        _f("best_epoch", pa.int32(), "the epoch whose checkpoint is kept: the best of the selected_by metric; null before the first probe"),
+        _f("selected_by", pa.string(), "the validation metric that picked best_epoch (`select`: val_robust_acc for AT methods, "
+                                       "val_clean_acc for standard by default)"),
+        _f("best_val_robust_acc", pa.float64(), "validation robust accuracy (eval PGD) at best_epoch; NaN before the first probe"),
         _f("best_val_clean_acc", pa.float64(), "validation clean accuracy at best_epoch; NaN before the first probe"),
         _f(
             "final_clean_acc",

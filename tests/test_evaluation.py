@@ -140,6 +140,29 @@ def test_the_best_epoch_is_chosen_on_the_validation_split_without_a_test_curve(t
     assert [r["best_val_robust_acc"] for r in rows] == [max(val[: i + 1]) for i in range(len(val))]
     splits = open_tables(tmp_path).execute("select distinct split from samples").fetchall()
     assert splits == [("train",)]
+    assert result["selected_by"] == "val_robust_acc"  # TINY's method is an AT method
+
+
+@pytest.mark.parametrize(("method", "select", "metric"), [
+    ("standard", "auto", "val_clean_acc"),  # a model trained without an adversary: clean accuracy picks
+    ("sat", "auto", "val_robust_acc"),
+    ("sat", "val_clean_acc", "val_clean_acc"),  # `select` overrides the method's
+    ("standard", "val_robust_acc", "val_robust_acc"),
+])
+def test_select_picks_the_best_epoch_by_its_metric(tmp_path: Path, method: str, select: str, metric: str) -> None:
+    cfg = parse_trial({**TINY, "method": method, "select": select, "epochs": 5, "lr": 0.2, "probe": {"train_size": 32, "test_size": 0}})
+    result = run_trial(cfg, out=tmp_path)
+    rows = open_tables(tmp_path).sql("select * from epochs order by epoch").to_arrow_table().to_pylist()
+    best = int(np.argmax([r[metric] for r in rows]))  # the first maximum
+    assert result["selected_by"] == metric and result["best_epoch"] == best
+    assert (result["best_val_robust_acc"], result["best_val_clean_acc"]) == (rows[best]["val_robust_acc"], rows[best]["val_clean_acc"])
+    assert checkpoint.load(tmp_path / "checkpoints/train/best.pt")["epoch"] == best
+    # the epochs rows carry the best epoch's numbers so far, by the same metric
+    for i, r in enumerate(rows):
+        so_far = int(np.argmax([x[metric] for x in rows[: i + 1]]))
+        assert r["best_val_robust_acc"] == rows[so_far]["val_robust_acc"]
+    row = open_tables(tmp_path).execute("select selected_by, \"select\" from trials").fetchone()
+    assert row == (metric, select)  # the resolved metric, and the key as written
 
 
 def test_probing_does_not_shift_the_training_runs_random_numbers(tmp_path: Path) -> None:

@@ -31,6 +31,8 @@ MODEL_NAMES: tuple[str, ...] = get_args(ModelName)
 DatasetName = Literal["digits", "fashion_mnist", "cifar10", "cifar100", "svhn", "npz"]
 ScheduleName = Literal["piecewise", "onecycle", "cosine"]
 DeviceName = Literal["auto", "cpu", "cuda"]
+# the validation metrics that can pick a trial's best epoch (`select`)
+SelectMetric = Literal["val_robust_acc", "val_clean_acc"]
 
 # Keys a study spec may carry that one trial does not use (validated by study/spec.py).
 STUDY_KEYS = frozenset(
@@ -196,6 +198,10 @@ class TrialConfig:
     der: DerConfig = field(default_factory=DerConfig)
     final_eval: FinalEvalConfig = field(default_factory=FinalEvalConfig)
     seed: int = 0
+    # the validation metric whose best epoch is kept (best.pt, the best_val_* columns, what the final
+    # evaluation reads); `auto`: the method's (trainables.methods.Method.select), robust accuracy for
+    # every AT method and clean accuracy for `standard`
+    select: Literal["auto", "val_robust_acc", "val_clean_acc"] = "auto"
     # keep a copy of every new best checkpoint as best-e<epoch>.pt beside best.pt: the best epoch
     # up to any stop is one of them, so a stop rule replayed on the rows afterwards can have its
     # pick evaluated (benchmarks/stoppers.py)

@@ -59,7 +59,7 @@ from trainables import checkpoint
 from trainables.config import TrialConfig, flatten
 from trainables.data import ImageData, augment, load_dataset, to_float
 from trainables.evaluate import evaluate, write_evals
-from trainables.methods import METHODS, MethodParams
+from trainables.methods import METHODS, MethodParams, selection_metric
 from trainables.models import build_model
 from trainables.precision import autocast, training_precision
 from trainables.probe import (
@@ -102,8 +102,9 @@ class _Progress:
     """What the checkpoint carries besides weights: where the trial stands."""
 
     next_epoch: int = 0
-    best_acc: float = -math.inf  # best validation robust accuracy so far
+    best_acc: float = -math.inf  # the `select` metric's best value so far (validation robust accuracy unless select says otherwise)
     best_clean: float = math.nan  # validation clean accuracy at that epoch
+    best_robust: float = math.nan  # validation robust accuracy at that epoch
     best_epoch: int | None = None
     seconds: float = 0.0
     stop_reason: str | None = None
@@ -341,7 +342,7 @@ def run_trial(
             probed = _probe(trial, epoch, finite=finite)
             row = _epoch_row(output, cfg, epoch, train, probed)
             phase, alarm = detector.update({k: row.get(k) for k in DETECTOR_COLUMNS})
-            new_best = _select(progress, probed, epoch)
+            new_best = _select(progress, probed, epoch, selection_metric(cfg))
             row.update(
                 phase=phase, alarm=alarm, alarm_reason=detector.alarm_reason, **_best_columns(progress),
                 epoch_seconds=train_seconds, probe_seconds=probed.seconds,
@@ -500,18 +501,22 @@ def _epoch_row(output: _Output, cfg: TrialConfig, epoch: int, train: dict[str, f
     return row
 
 
-def _select(progress: _Progress, probed: _Probed, epoch: int) -> bool:
-    """Whether `epoch` is the new best, by validation robust accuracy (never test); `progress` is
-    updated when it is."""
-    new_best = probed.probed and probed.columns["val_robust_acc"] > progress.best_acc
+def _select(progress: _Progress, probed: _Probed, epoch: int, metric: str) -> bool:
+    """Whether `epoch` is the new best by the validation `metric` (`select`; never a test number);
+    `progress` is updated when it is."""
+    new_best = probed.probed and probed.columns[metric] > progress.best_acc
     if new_best:
-        progress.best_acc, progress.best_clean, progress.best_epoch = probed.columns["val_robust_acc"], probed.columns["val_clean_acc"], epoch
+        progress.best_acc, progress.best_epoch = probed.columns[metric], epoch
+        progress.best_robust, progress.best_clean = probed.columns["val_robust_acc"], probed.columns["val_clean_acc"]
     return new_best
 
 
 def _best_columns(progress: _Progress) -> dict[str, float]:
+    """The validation accuracies of the best epoch so far. A checkpoint written before `select`
+    existed carries no best_robust: its best_acc was the robust accuracy."""
+    robust = progress.best_acc if math.isnan(progress.best_robust) else progress.best_robust
     return {
-        "best_val_robust_acc": progress.best_acc if progress.best_epoch is not None else math.nan,
+        "best_val_robust_acc": robust if progress.best_epoch is not None else math.nan,
         "best_val_clean_acc": progress.best_clean,
     }
 
@@ -552,7 +557,8 @@ def _outcome(
     while it runs (None), the online detector's view."""
     return {
         "study": output.study, "trial_id": output.trial_id, "status": status, "stop_reason": progress.stop_reason,
-        "epochs_run": progress.next_epoch, "best_epoch": progress.best_epoch, **_best_columns(progress),
+        "epochs_run": progress.next_epoch, "best_epoch": progress.best_epoch, "selected_by": selection_metric(trial.cfg),
+        **_best_columns(progress),
         "final_clean_acc": progress.final.get("final_clean_acc", math.nan),
         "final_pgd_acc": progress.final.get("final_pgd_acc", math.nan),
         "final_autoattack_acc": progress.final.get("final_autoattack_acc", math.nan),
@@ -624,7 +630,8 @@ def _checkpoint_state(
         "optimizer": opt.state_dict(),
         "detector": detector.state_dict(),
         "progress": {
-            "next_epoch": progress.next_epoch, "best_acc": progress.best_acc, "best_clean": progress.best_clean, "best_epoch": progress.best_epoch,
+            "next_epoch": progress.next_epoch, "best_acc": progress.best_acc, "best_clean": progress.best_clean,
+            "best_robust": progress.best_robust, "best_epoch": progress.best_epoch,
             "seconds": progress.seconds, "stop_reason": progress.stop_reason, "final": dict(progress.final),
         },
         "rng": _rng_state(device),

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
-from trainables.config import DerConfig, TrialConfig, WeatConfig
+from trainables.config import DerConfig, SelectMetric, TrialConfig, WeatConfig
 
 if TYPE_CHECKING:
     import torch
@@ -254,6 +254,10 @@ class Method:
     # search suggests them in this method's trials only (study/space.py); a key that no method
     # names here is read by every method
     spec_keys: tuple[str, ...] = ()
+    # the validation metric that picks its best epoch under `select: auto`: robust accuracy for an
+    # AT method; clean accuracy for a model trained without an adversary, whose robust accuracy is
+    # highest before it has learnt anything (its epoch 0)
+    select: SelectMetric = "val_robust_acc"
 
     @property
     def summary(self) -> str:
@@ -269,7 +273,7 @@ class Method:
 METHODS: dict[str, Method] = {
     # trains on clean inputs and crafts nothing in training; its probes measure it against PGD,
     # the usual threat
-    "standard": Method(label="standard", loss=standard, craft=craft_pgd, bn="eval", start="uniform"),
+    "standard": Method(label="standard", loss=standard, craft=craft_pgd, bn="eval", start="uniform", select="val_clean_acc"),
     "sat": Method(label="SAT", loss=sat, craft=craft_pgd, bn="train", start="uniform"),
     "trades": Method(label="TRADES", loss=trades, craft=craft_trades, bn="eval", start="gaussian", spec_keys=("beta",)),
     "weat": Method(label="WEAT", loss=weat, craft=craft_trades, bn="eval", start="gaussian", spec_keys=("beta", "weat.")),
@@ -278,3 +282,8 @@ METHODS: dict[str, Method] = {
     "fgsm_rs": Method(label="FGSM-RS", loss=fgsm_rs, craft=craft_fgsm_rs, bn="train", start="uniform"),
     "mart": Method(label="MART", loss=mart, craft=craft_pgd, bn="eval", start="gaussian", spec_keys=("beta",)),
 }
+
+
+def selection_metric(cfg: TrialConfig) -> SelectMetric:
+    """The validation metric that picks the trial's best epoch: `select`, or its method's for `auto`."""
+    return METHODS[cfg.method].select if cfg.select == "auto" else cfg.select
