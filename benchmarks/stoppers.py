@@ -106,20 +106,24 @@ class Trial:
         return len(self.rows)
 
 
-def load_trials(study_dir: str) -> list[Trial]:
-    """The study's finished trials in the order the study started them (Optuna's trial number)."""
+ROW_COLUMNS = ("epoch", "lr", "probe_train_dE", "probe_train_E", "probed", "val_robust_acc", "val_robust_loss", "epoch_seconds",
+               "probe_seconds")  # what the replay reads of each epoch row, and all that `export` keeps
+
+
+def load_trials(source: str) -> list[Trial]:
+    """A study's finished trials (a study directory, or a file `export` wrote) in the order the
+    study started them (Optuna's trial number)."""
+    if source.endswith(".csv.gz"):
+        return load_exported(source)
+    study_dir = source
     con = open_tables(study_dir)
     keys = [*SEARCHED, "seed"]
     cols = ", ".join(f'"{config_column(k)}"' for k in keys)
     done = con.execute(f"select trial_id, {cols} from trials where status = 'TERMINATED'").fetchall()
-    epochs = con.execute(
-        "select trial_id, epoch, lr, probe_train_dE, probe_train_E, probed, val_robust_acc, val_robust_loss, "
-        "epoch_seconds, probe_seconds from epochs order by trial_id, epoch"
-    ).fetchall()
-    names = ("epoch", "lr", "probe_train_dE", "probe_train_E", "probed", "val_robust_acc", "val_robust_loss", "epoch_seconds", "probe_seconds")
+    epochs = con.execute(f"select trial_id, {', '.join(ROW_COLUMNS)} from epochs order by trial_id, epoch").fetchall()
     by_trial: dict[str, list[dict[str, Any]]] = {}
     for trial_id, *values in epochs:
-        by_trial.setdefault(trial_id, []).append(dict(zip(names, values, strict=True)))
+        by_trial.setdefault(trial_id, []).append(dict(zip(ROW_COLUMNS, values, strict=True)))
     order = _start_order(study_dir)
     trials = []
     for trial_id, *config in done:
@@ -129,6 +133,32 @@ def load_trials(study_dir: str) -> list[Trial]:
             raise SystemExit(f"{study_dir}: trial {trial_id}'s epochs are not contiguous from 0")
         trials.append(Trial(trial_id, json.dumps({k: values[k] for k in SEARCHED}, sort_keys=True), int(values["seed"]), rows))
     return sorted(trials, key=lambda t: (order.get(t.trial_id, math.inf), t.trial_id))
+
+
+def export(trials: Sequence[Trial], path: Path) -> None:
+    """The rows the replay reads, one gzipped CSV per recipe: what tests/data keeps of a suite run."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    records = [{"order": i, "trial_id": t.trial_id, "config": t.config, "seed": t.seed, **r} for i, t in enumerate(trials) for r in t.rows]
+    table = pa.Table.from_pylist(records)
+    with pa.CompressedOutputStream(str(path), "gzip") as out:
+        pacsv.write_csv(table, out)
+
+
+def load_exported(path: str) -> list[Trial]:
+    import pyarrow.csv as pacsv
+
+    records = pacsv.read_csv(path).to_pylist()  # gzip, from the file name
+    trials: dict[str, Trial] = {}
+    order: dict[str, int] = {}
+    for r in records:
+        tid = str(r["trial_id"])
+        if tid not in trials:
+            trials[tid] = Trial(tid, str(r["config"]), int(r["seed"]), [])
+            order[tid] = int(r["order"])
+        trials[tid].rows.append({k: r[k] for k in ROW_COLUMNS})
+    return sorted(trials.values(), key=lambda t: order[t.trial_id])
 
 
 def _start_order(study_dir: str) -> dict[str, int]:
@@ -248,8 +278,8 @@ class PickAccuracy:
     """Test accuracy of a trial's kept best checkpoint at an epoch, cached in a JSON-lines file so
     that a replay run again (more families, more k) evaluates only new picks."""
 
-    def __init__(self, cache: Path, *, n: int, autoattack_n: int) -> None:
-        self.cache, self.n, self.autoattack_n = cache, n, autoattack_n
+    def __init__(self, cache: Path, *, n: int, autoattack_n: int, frozen: bool = False) -> None:
+        self.cache, self.n, self.autoattack_n, self.frozen = cache, n, autoattack_n, frozen
         self.known: dict[str, dict[str, Any]] = {}
         if cache.exists():
             for line in cache.read_text().splitlines():
@@ -258,7 +288,9 @@ class PickAccuracy:
 
     def __call__(self, study_dir: str, pick: Pick, *, autoattack: bool) -> dict[str, Any]:
         autoattack_n = self.autoattack_n if autoattack else 0
-        key = f"{Path(study_dir).name}/{pick.trial_id}/{pick.epoch}/{self.n}/{autoattack_n}"
+        key = f"{study_key(study_dir)}/{pick.trial_id}/{pick.epoch}/{self.n}/{autoattack_n}"
+        if key not in self.known and self.frozen:
+            raise SystemExit(f"{self.cache} has no evaluation of the pick {key}: replay the study itself to evaluate it")
         if key not in self.known:
             entry = {"key": key, **evaluate_pick(study_dir, pick, n=self.n, autoattack_n=autoattack_n)}
             self.known[key] = entry
@@ -457,15 +489,24 @@ def train(args: argparse.Namespace) -> None:
         raise SystemExit(f"trials failed: {failed}; `energyat resume {study_dir}` retries what can be retried")
 
 
-def recipe_of(study_dir: str) -> str:
-    name = Path(study_dir).name
+def study_key(source: str) -> str:
+    """The study's name, from its directory or from the file `export` wrote of it."""
+    name = Path(source).name
+    return "stoppers-" + name.removesuffix(".csv.gz") if name.endswith(".csv.gz") else name
+
+
+def recipe_of(source: str) -> str:
+    name = study_key(source)
     return name.split("stoppers-", 1)[1] if name.startswith("stoppers-") else name
 
 
 def replay_command(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    accuracy = PickAccuracy(out / "picks.jsonl", n=args.n, autoattack_n=args.autoattack_n)
+    if args.picks is not None:  # evaluations kept from an earlier replay: nothing is evaluated again
+        accuracy = PickAccuracy(Path(args.picks), n=args.n, autoattack_n=args.autoattack_n, frozen=True)
+    else:
+        accuracy = PickAccuracy(out / "picks.jsonl", n=args.n, autoattack_n=args.autoattack_n)
     header = (f"# {time.strftime('%Y-%m-%d %H:%M')} {os.cpu_count()} CPUs, git {git_sha()[:12]}, versions {versions()}\n"
               f"# python benchmarks/stoppers.py replay {' '.join(args.studies)} --n {args.n} --autoattack-n {args.autoattack_n}"
               f" --autoattack-for {','.join(f'{f}:{k}' for f, k in sorted(args.autoattack_for))}")
@@ -487,6 +528,17 @@ def replay_command(args: argparse.Namespace) -> None:
     (out / "stoppers.md").write_text(text)
     (out / "stoppers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in everything))
     (out / "onsets.json").write_text(json.dumps(by_recipe, indent=1))
+
+
+def export_command(args: argparse.Namespace) -> None:
+    to = Path(args.to)
+    to.mkdir(parents=True, exist_ok=True)
+    for study_dir in args.studies:
+        export(load_trials(study_dir), to / f"{recipe_of(study_dir)}.csv.gz")
+    if args.picks:
+        keys = {study_key(s) for s in args.studies}
+        kept = [line for line in Path(args.picks).read_text().splitlines() if json.loads(line)["key"].split("/")[0] in keys]
+        (to / "picks.jsonl").write_text("".join(line + "\n" for line in kept))
 
 
 def parse_rule(text: str) -> tuple[str, int]:
@@ -532,13 +584,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--autoattack-n", type=int, default=1000, help="test images for the picks' AutoAttack accuracy (0: skip)")
     p.add_argument("--autoattack-for", type=rule_list, default=frozenset(), metavar="FAMILY:K,...",
                    help="the rules whose picks AutoAttack also evaluates, besides the full run's (it costs minutes per pick on a CPU)")
+    p.add_argument("--picks", default=None, help="a picks.jsonl kept from an earlier replay: read, never evaluated again (with exported rows)")
+    p = sub.add_parser("export", help="keep the rows the replay reads, one .csv.gz per recipe, with the picks' evaluations")
+    p.add_argument("studies", nargs="+")
+    p.add_argument("--to", required=True)
+    p.add_argument("--picks", default=None, help="the replay's picks.jsonl, whose entries for these studies are kept")
     p = sub.add_parser("live", help="a live study's stops against the replay of its rule")
     p.add_argument("live")
     p.add_argument("--full", required=True)
     p.add_argument("--rule", required=True, type=parse_rule, help="FAMILY:K, e.g. patience:6 or asha:4")
     args = parser.parse_args(argv)
     try:
-        {"train": train, "replay": replay_command, "live": live_command}[args.command](args)
+        {"train": train, "replay": replay_command, "export": export_command, "live": live_command}[args.command](args)
     except EnergyatError as exc:
         raise SystemExit(f"stoppers.py: {exc}") from None
 

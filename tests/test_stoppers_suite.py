@@ -74,6 +74,27 @@ def test_the_replay_reports_every_rule_and_evaluates_the_picks_from_their_checkp
     assert all(r["trial_epochs"] <= none["trial_epochs"] for r in results)  # no rule runs longer than the full run
 
 
+def test_exported_rows_and_kept_evaluations_replay_to_the_same_tables(full: Path, tmp_path: Path) -> None:
+    # what tests/data keeps of a suite run: the rows the replay reads and the picks' evaluations;
+    # replayed from those alone, the tables are the study's own
+    first = tmp_path / "first"
+    _suite("replay", str(full), "--out", str(first), "--n", "64", "--autoattack-n", "0")
+    _suite("export", str(full), "--to", str(tmp_path / "data"), "--picks", str(first / "picks.jsonl"))
+    again = tmp_path / "again"
+    data = tmp_path / "data" / "two_drops.csv.gz"
+    _suite("replay", str(data), "--out", str(again), "--n", "64", "--autoattack-n", "0", "--picks", str(tmp_path / "data" / "picks.jsonl"))
+
+    def tables(folder: Path) -> list[str]:
+        return [line for line in (folder / "stoppers.md").read_text().splitlines() if line.startswith(("|", "**"))]
+
+    assert tables(again) == tables(first) and len(tables(first)) > 30
+    assert (again / "onsets.json").read_text() == (first / "onsets.json").read_text()
+    # a pick the kept evaluations lack is refused, not evaluated (there are no checkpoints here)
+    proc = subprocess.run([sys.executable, "benchmarks/stoppers.py", "replay", str(data), "--out", str(tmp_path / "x"), "--n", "65",
+                           "--picks", str(tmp_path / "data" / "picks.jsonl")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "has no evaluation of the pick" in proc.stderr
+
+
 def test_a_live_study_with_a_stop_rule_stops_where_the_replay_does(full: Path, tmp_path: Path) -> None:
     sets = [f"--set={s}" for s in TINY]
     # patience 1: a trial stops at its first epoch without a new best (a tie counts), so in 8 epochs
