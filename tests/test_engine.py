@@ -94,7 +94,8 @@ def test_keep_best_checkpoints_keeps_one_file_per_new_best(tmp_path: Path) -> No
     cfg = parse_trial({**TINY, "epochs": 5, "method": "standard", "lr": 0.2, "keep_best_checkpoints": True})
     run_trial(cfg, out=tmp_path)
     con = open_tables(tmp_path)
-    accs = con.execute("select epoch, val_robust_acc from epochs where probed order by epoch").fetchall()
+    (metric,) = con.execute("select selected_by from trials").fetchone()  # standard's: val_clean_acc
+    accs = con.execute(f"select epoch, {metric} from epochs where probed order by epoch").fetchall()
     bests, best = [], -1.0
     for epoch, acc in accs:
         if acc > best:
