@@ -47,6 +47,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,15 @@ class Trial:
     @property
     def epochs(self) -> int:
         return len(self.rows)
+
+    # derived once per trial: every rule and every k reads them
+    @cached_property
+    def bests(self) -> list[tuple[float, int | None]]:
+        return running_bests(self.rows)
+
+    @cached_property
+    def alarms(self) -> list[bool]:
+        return alarms(self.rows)
 
 
 ROW_COLUMNS = ("epoch", "lr", "probe_train_dE", "probe_train_E", "probed", "val_robust_acc", "val_robust_loss", "epoch_seconds",
@@ -180,15 +190,16 @@ def _start_order(study_dir: str) -> dict[str, int]:
 # -- replaying a rule ------------------------------------------------------------------------------------
 
 
-def running_best(rows: Sequence[dict[str, Any]], stop: int) -> tuple[float, int | None]:
-    """(best validation robust accuracy, its first epoch) over the probed epochs up to `stop`, as
-    the engine selects (a new best must be strictly higher)."""
-    best, epoch = -math.inf, None
-    for row in rows[: stop + 1]:
+def running_bests(rows: Sequence[dict[str, Any]]) -> list[tuple[float, int | None]]:
+    """After each epoch: (best validation robust accuracy so far, its first epoch), over the probed
+    epochs, as the engine selects (a new best must be strictly higher)."""
+    best, epoch, out = -math.inf, None, []
+    for row in rows:
         acc = row["val_robust_acc"]
         if row["probed"] and acc is not None and math.isfinite(acc) and acc > best:
             best, epoch = acc, int(row["epoch"])
-    return best, epoch
+        out.append((best, epoch))
+    return out
 
 
 def alarms(rows: Sequence[dict[str, Any]]) -> list[bool]:
@@ -199,10 +210,9 @@ def alarms(rows: Sequence[dict[str, Any]]) -> list[bool]:
 
 def replay_rule(trial: Trial, rule: StopRule) -> int:
     """The last epoch the trial runs under `rule` (the engine's loop: alarm, then best, then decide)."""
-    raised = alarms(trial.rows)
     for epoch in range(trial.epochs):
-        _, best_epoch = running_best(trial.rows, epoch)
-        if rule.decide(epoch=epoch, alarm=raised[epoch], best_epoch=best_epoch) is not None:
+        _, best_epoch = trial.bests[epoch]
+        if rule.decide(epoch=epoch, alarm=trial.alarms[epoch], best_epoch=best_epoch) is not None:
             return epoch
     return trial.epochs - 1
 
@@ -222,11 +232,10 @@ def replay_asha(trials: Sequence[Trial], *, family: str, grace: int) -> dict[str
         for trial in trials:
             handle = _Handle(trial.trial_id)
             sched.on_trial_add(None, handle)
-            raised = alarms(trial.rows)
             stops[trial.trial_id] = trial.epochs - 1
             for epoch in range(trial.epochs - 1):  # the last epoch's report is the final one: no decision
-                best, _ = running_best(trial.rows, epoch)
-                result = {"training_iteration": epoch + 1, "alarm": raised[epoch],
+                best, _ = trial.bests[epoch]
+                result = {"training_iteration": epoch + 1, "alarm": trial.alarms[epoch],
                           "best_val_robust_acc": best if math.isfinite(best) else OBJECTIVE_FALLBACK}
                 sched.on_trial_result(None, handle, result)
                 if trial.trial_id in sched.asked:
@@ -266,7 +275,7 @@ def pick_of(trials: Sequence[Trial], stops: dict[str, int]) -> Pick:
     """The trial with the best validation robust accuracy up to its stop; ties by configuration."""
     scored = []
     for t in trials:
-        best, epoch = running_best(t.rows, stops[t.trial_id])
+        best, epoch = t.bests[stops[t.trial_id]]
         if epoch is not None:
             scored.append((-best, t.config, Pick(t.trial_id, epoch, best, t.config)))
     if not scored:
@@ -363,15 +372,14 @@ def rule_rows(study_dir: str, trials: Sequence[Trial], accuracy: Callable[..., d
             for seed, ts in reps.items():
                 stops = replay(ts, family, k)
                 # validation accuracy a trial gave up by stopping: what chooses a rule's constants
-                regrets += [running_best(t.rows, full[seed][t.trial_id])[0] - running_best(t.rows, stops[t.trial_id])[0] for t in ts]
+                regrets += [t.bests[full[seed][t.trial_id]][0] - t.bests[stops[t.trial_id]][0] for t in ts]
                 trial_epochs += sum(s + 1 for s in stops.values())
                 stopped += sum(stops[t.trial_id] + 1 < t.epochs for t in ts)
                 seconds += sum(r["epoch_seconds"] + r["probe_seconds"] for t in ts for r in t.rows[: stops[t.trial_id] + 1])
                 pick = pick_of(ts, stops)
                 picks.append({"seed": seed, "trial_id": pick.trial_id, "epoch": pick.epoch, "val": pick.val, "config": pick.config,
                               **accuracy(study_dir, pick, autoattack=family == "none" or (family, k) in autoattack_for)})
-                rhos.append(spearman([running_best(t.rows, stops[t.trial_id])[0] for t in ts],
-                                     [running_best(t.rows, full[seed][t.trial_id])[0] for t in ts]))
+                rhos.append(spearman([t.bests[stops[t.trial_id]][0] for t in ts], [t.bests[full[seed][t.trial_id]][0] for t in ts]))
             out.append({"family": family, "k": k, "trial_epochs": trial_epochs, "seconds": round(seconds, 1), "picks": picks,
                         "spearman": float(np.nanmean(rhos)) if not all(math.isnan(r) for r in rhos) else math.nan,
                         "stopped": stopped, "val_regret_median": float(np.median(regrets)), "val_regret_max": float(np.max(regrets))})
