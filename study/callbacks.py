@@ -113,6 +113,20 @@ class LiveView(tune.Callback):
     def __init__(self, board: Board, base_method: str) -> None:
         self.board = board
         self.base_method = base_method
+        self._seen_restored = False
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        # a resumed study's trials arrive here with the state and last result of the run before,
+        # and a finished one sends no event again: the board counts them once, at the first step
+        if self._seen_restored:
+            return
+        self._seen_restored = True
+        for trial in trials:
+            result = trial.last_result or {}
+            epochs = int(result.get("training_iteration", 0) or 0)
+            if epochs or trial.status in ("TERMINATED", "ERROR"):
+                state = trial.status if trial.status in ("TERMINATED", "ERROR") else "RUNNING"
+                self.board.restored(id_of(trial), str(trial.config.get("method", self.base_method)), row=result, state=state, epochs=epochs)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.board.started(id_of(trial), str(trial.config.get("method", self.base_method)))

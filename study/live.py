@@ -58,19 +58,30 @@ class Board:
         self.stream = stream or sys.stderr
         self.live = live_output(self.stream) if live is None else live
         self.trials: dict[str, TrialLine] = {}
-        self.trial_epochs = 0
         self._drawn = 0  # lines of the last table drawn
         self._last_draw = -math.inf
         self._dirty = False
 
     # -- events ------------------------------------------------------------------------------
+    def restored(self, trial_id: str, method: str, *, row: Mapping[str, Any] | None, state: str, epochs: int) -> None:
+        """A trial a resumed study already has (`energyat resume`): counted as it stands, silently,
+        so that the counts cover the whole study and not only what this driver runs."""
+        row = row or {}
+        phase = row.get("phase")
+        self.trials[trial_id] = TrialLine(trial_id, method, state=state, epoch=epochs,
+                                          best=float(row.get("best_val_robust_acc", math.nan)),
+                                          phase=phase if isinstance(phase, int) else None, alarm=bool(row.get("alarm")),
+                                          stop="" if state == "RUNNING" else str(row.get("stop_reason") or "completed"))
+        self._dirty = True
+
     def started(self, trial_id: str, method: str) -> None:
-        self.trials[trial_id] = TrialLine(trial_id, method)
+        known = self.trials.get(trial_id)  # a restored trial goes on from its checkpoint's epoch
+        self.trials[trial_id] = TrialLine(trial_id, method, epoch=known.epoch, best=known.best, phase=known.phase,
+                                          alarm=known.alarm) if known else TrialLine(trial_id, method)
         self._event(f"trial {trial_id} ({method}) started")
 
     def result(self, trial_id: str, row: Mapping[str, Any]) -> None:
         line = self.trials.setdefault(trial_id, TrialLine(trial_id, str(row.get("method", "?"))))
-        self.trial_epochs += 1  # every epoch is reported once, the last with the trial's outcome (done)
         line.epoch = int(row.get("epoch", line.epoch - 1)) + 1
         line.best = float(row.get("best_val_robust_acc", math.nan))
         phase = row.get("phase")
@@ -105,6 +116,12 @@ class Board:
             self.draw()
 
     # -- output ------------------------------------------------------------------------------
+    @property
+    def trial_epochs(self) -> int:
+        """Epochs done, summed over trials: a trial restarted from its checkpoint counts the
+        epochs it trains again once."""
+        return sum(t.epoch for t in self.trials.values())
+
     def counts(self) -> str:
         done = sum(t.state != "RUNNING" for t in self.trials.values())
         running = len(self.trials) - done

@@ -51,7 +51,7 @@ from study.loggers import logger_callbacks
 from study.recovery import Failed, failed_trials, reconcile_lost_trials, set_aside_errored
 from study.sampler import check_sampler_for
 from study.scheduler import build_scheduler, domain
-from study.scheduler_keys import STOPPING, check_scheduler_for, perturbation_interval
+from study.scheduler_keys import STOPPING, check_scheduler_for, perturbation_interval, ranked_metric
 from study.search import StudyLimiter, StudySearch, build_sampler
 from study.space import SearchSpace
 from study.spec import Study, check_placement, load_study
@@ -67,7 +67,7 @@ def run_study(study: Study, *, address: str | None, storage: str | None, name: s
     keys = study.keys
     check_sampler_for(keys.sampler, objectives=len(study.objectives), dims=study.search, points=keys.points_to_evaluate or ())
     check_scheduler_for(keys.scheduler, epochs=study.trial.epochs, dims=study.search, base_method=study.trial.method,
-                        objectives=len(study.objectives), sampler=keys.sampler)
+                        objectives=len(study.objectives), sampler=keys.sampler, probe_every=study.trial.probe.every)
     check_placement(study.trial, keys)
     check_dashboard(address, dashboard_port)
     study_dir = study_dir_for(storage or keys.storage, study.name)
@@ -150,8 +150,10 @@ def _trainable(study: Study, study_dir: str) -> Any:
         tune.with_parameters(energyat_trial, base_spec=dict(study.spec), study_dir=study_dir, objectives=list(study.objectives),
                              cpus=max(1, int(cpus)), stop=keys.early_stop, hang_timeout=keys.hang_timeout,
                              scheduled=keys.scheduler.name in STOPPING,
-                             # PBT clones a top trial's checkpoint at each perturbation: one must exist there
-                             checkpoint_every=perturbation_interval(keys.scheduler, epochs=study.trial.epochs) if pbt else None),
+                             # PBT ranks the trials and clones a top one's checkpoint at each perturbation: one must exist there
+                             checkpoint_every=perturbation_interval(keys.scheduler, epochs=study.trial.epochs,
+                                                                    probe_every=study.trial.probe.every) if pbt else None,
+                             pbt_metric=ranked_metric(study.objectives[0]) if pbt else None),
         {"cpu": cpus, "gpu": float(keys.resources.get("gpu", 0))},
     )
 
@@ -179,7 +181,8 @@ def _tune_config(study: Study, study_dir: str, study_name: str, journal: Path, u
         search_alg = StudyLimiter(searcher, max_concurrent=keys.max_concurrent)
     return tune.TuneConfig(
         search_alg=search_alg,
-        scheduler=build_scheduler(keys.scheduler, study_dir=study_dir, metric=study.objectives[0], epochs=study.trial.epochs, dims=study.search),
+        scheduler=build_scheduler(keys.scheduler, study_dir=study_dir, metric=study.objectives[0], epochs=study.trial.epochs, dims=study.search,
+                                  probe_every=study.trial.probe.every),
         num_samples=keys.samples,
         trial_dirname_creator=id_of,
         trial_name_creator=id_of,

@@ -19,7 +19,7 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, MedianSt
 
 from analysis.errors import EnergyatError
 from analysis.store import request_stop
-from study.scheduler_keys import SchedulerKeys, perturbation_interval
+from study.scheduler_keys import SchedulerKeys, perturbation_interval, ranked_metric
 from study.space import Dimension
 
 
@@ -137,7 +137,8 @@ class Median(FinishOnStop, MedianStoppingRule):
     reason = "scheduler: median"
 
 
-def build_scheduler(keys: SchedulerKeys, *, study_dir: str, metric: str, epochs: int, dims: Sequence[Dimension] = ()) -> TrialScheduler:
+def build_scheduler(keys: SchedulerKeys, *, study_dir: str, metric: str, epochs: int, dims: Sequence[Dimension] = (),
+                    probe_every: int = 1) -> TrialScheduler:
     """Tune's scheduler for the study; FIFO (every trial runs to its end) for `none`."""
     common: dict[str, Any] = {"study_dir": study_dir, "time_attr": "training_iteration", "metric": metric, "mode": "max"}
     if keys.name == "none":
@@ -150,7 +151,9 @@ def build_scheduler(keys: SchedulerKeys, *, study_dir: str, metric: str, epochs:
         return Median(**{"grace_period": 1, **keys.options}, **common)
     if keys.name == "pbt":  # never stops a trial: it pauses and restarts it from another's checkpoint
         common.pop("study_dir")
-        options = {**keys.options, "perturbation_interval": perturbation_interval(keys, epochs=epochs)}
+        # ranked on the epoch's own validation value at the epoch it checkpoints: the model it clones
+        common |= {"time_attr": "epoch", "metric": ranked_metric(metric)}
+        options = {**keys.options, "perturbation_interval": perturbation_interval(keys, epochs=epochs, probe_every=probe_every)}
         return PopulationBasedTraining(**common, **options, hyperparam_mutations={d.key: domain(d) for d in dims},
                                        custom_explore_fn=KeepInSearch(tuple(dims)))
     raise EnergyatError(f"unknown scheduler {keys.name!r}")  # check_scheduler refused it already

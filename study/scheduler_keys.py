@@ -38,6 +38,10 @@ configuration and value (:class:`study.callbacks.OptunaRecord`), so `status`, th
 optuna-dashboard read a PBT study like any other. A trial that exploited another continues that
 trial's epochs: its `epochs` rows jump to (or re-run from) the donor's epoch, as Tune's own
 `training_iteration` does, and Tune's `pbt_policy_<trial>.txt` files in `tune/` record each step.
+PBT ranks each trial on the objective's value at the epoch it checkpoints (`val_robust_acc` for
+`best_val_robust_acc`: :func:`ranked_metric`), not on its running best, so the checkpoint a bottom
+trial clones is the model that was ranked; those epochs (0-based multiples of the interval) must be
+validated ones, so the interval is a multiple of `probe.every`.
 
 This module reads and checks the keys (no Ray: `energyat train` reads spec files too); Ray Tune's
 classes are built in :mod:`study.scheduler`, which imports Ray.
@@ -108,16 +112,27 @@ def check_scheduler(value: Any) -> SchedulerKeys:
     return SchedulerKeys(name, options)
 
 
-def perturbation_interval(keys: SchedulerKeys, *, epochs: int) -> int:
-    """PBT's perturbation interval in epochs: `scheduler.perturbation_interval`, else a fifth of
-    the epochs. The trials checkpoint at these epochs (PBT clones those checkpoints)."""
-    return int(keys.options.get("perturbation_interval", max(1, epochs // 5)))
+def perturbation_interval(keys: SchedulerKeys, *, epochs: int, probe_every: int = 1) -> int:
+    """PBT's perturbation interval in epochs: `scheduler.perturbation_interval`, else the largest
+    multiple of `probe_every` up to a fifth of the epochs (at least one). The trials checkpoint at the epochs (0-based)
+    that are multiples of it, and PBT clones those checkpoints."""
+    if "perturbation_interval" in keys.options:
+        return int(keys.options["perturbation_interval"])
+    return probe_every * max(1, epochs // (5 * probe_every))
+
+
+def ranked_metric(objective: str) -> str:
+    """What PBT ranks trials on: the objective's value at the epoch it checkpoints
+    (`val_robust_acc` for `best_val_robust_acc`), not its running best, so that the checkpoint
+    it clones is the model it ranked."""
+    return "val_" + objective.removeprefix("best_val_")
 
 
 def check_scheduler_for(keys: SchedulerKeys, *, epochs: int, base_method: str, dims: Sequence[Dimension] = (),
-                        objectives: int = 1, sampler: Any = None) -> None:
+                        objectives: int = 1, sampler: Any = None, probe_every: int = 1) -> None:
     """Refuse what the scheduler cannot do with this study: a grace period or perturbation
-    interval no trial reaches; for PBT, a searched method, a sampler, several objectives."""
+    interval no trial reaches; for PBT, a searched method, a sampler, several objectives, a
+    perturbation interval whose epochs are not validated (not a multiple of `probe.every`)."""
     for key in ("grace_period", "perturbation_interval"):
         value = keys.options.get(key)
         if value is not None and value >= epochs:
@@ -134,6 +149,11 @@ def check_scheduler_for(keys: SchedulerKeys, *, epochs: int, base_method: str, d
             raise SpecError(f"search.{dim.key}", f"is not used by method {base_method}, so PBT would perturb nothing")
     if objectives > 1:
         raise SpecError("objective", "PBT ranks trials by one metric; give one objective")
+    interval = perturbation_interval(keys, epochs=epochs, probe_every=probe_every)
+    if interval % probe_every:
+        raise SpecError("scheduler.perturbation_interval",
+                        f"{interval} is not a multiple of probe.every ({probe_every}): PBT ranks each trial on the validation numbers "
+                        f"of the epoch it checkpoints, and only probed epochs have them; choose {probe_every * max(1, interval // probe_every)}")
     if sampler is not None and sampler != SamplerKeys():
         raise SpecError(
             "sampler", "PBT draws its starting configurations at random (Ray Tune refuses a search algorithm beside it); remove `sampler`"

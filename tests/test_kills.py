@@ -164,5 +164,7 @@ def test_driver_killed_three_times_then_resumed_completes_every_trial_once(tmp_p
         energyat("resume", str(study_dir), "--retry-errored")
     else:
         assert final.returncode == 0, final.stderr[-4000:]
+        # the last resume's progress counts the whole study, the trials the runs before it finished too
+        assert f"trials {SAMPLES}/{SAMPLES} done, 0 running, {SAMPLES * EPOCHS} trial-epochs" in final.stderr, final.stderr[-2000:]
     _assert_complete(study_dir)
 

@@ -49,6 +49,22 @@ def test_plain_board_prints_one_line_per_event_not_per_epoch() -> None:
     assert "trials 2/2 done, 0 running, 42 trial-epochs" in lines[-1]
 
 
+def test_a_resumed_board_counts_the_trials_the_run_before_finished() -> None:
+    # energyat resume: one trial finished before the driver died, one goes on from its epoch-5 checkpoint
+    out = io.StringIO()
+    board = Board(name="s", total=3, epochs=10, stream=out, live=False)
+    board.restored("a", "sat", row={"epoch": 9, "best_val_robust_acc": 0.7, "stop_reason": "completed", "phase": 3}, state="TERMINATED", epochs=10)
+    board.restored("b", "trades", row={"epoch": 7, "best_val_robust_acc": 0.6}, state="RUNNING", epochs=8)
+    assert out.getvalue() == ""  # nothing happened in this run yet
+    board.started("b", "trades")
+    for row in _rows(10)[5:]:  # b re-trains epochs 5-7, then goes on
+        board.result("b", row)
+    board.finished("b", {"stop_reason": "completed", "best_val_robust_acc": 0.6})
+    board.started("c", "sat")
+    assert "trials 2/3 done, 1 running, 20 trial-epochs" in out.getvalue().splitlines()[-1]
+    assert [t.stop for t in board.trials.values()] == ["completed", "completed", ""]
+
+
 def test_live_board_redraws_one_table_in_place() -> None:
     out = io.StringIO()
     board = Board(name="s", total=3, epochs=10, stream=out, live=True)
@@ -66,7 +82,7 @@ def test_live_board_redraws_one_table_in_place() -> None:
     for before, back in zip(parts[0::2], parts[1::2], strict=False):  # the text after the last redraw has no pair
         assert int(back) == before.count("\n")
     table = parts[-1].splitlines()
-    assert table[0].startswith("energyat s: trials 1/3 done, 2 running, 2 trial-epochs, best val robust 0.9000 (c, sat)")
+    assert table[0].startswith("energyat s: trials 1/3 done, 2 running, 6 trial-epochs, best val robust 0.9000 (c, sat)")
     # running trials first, best first; then the finished one with its stop reason
     assert [r.split()[0] for r in table[2:]] == ["b", "a", "c"] and table[-1].rstrip().endswith("energy_divergence")
     assert "1/10" in table[3] and "5/10" in table[2]

@@ -75,6 +75,25 @@ def test_each_scheduler_is_tunes_own_counted_in_epochs_on_the_objective() -> Non
     assert type(build_scheduler(check_scheduler("none"), study_dir="/s", metric="m", epochs=3)).__name__ == "FIFOScheduler"
 
 
+def test_pbt_ranks_on_the_value_of_the_checkpoint_it_clones() -> None:
+    # the epoch's own validation number at the (0-based) epochs the trials checkpoint at, not the
+    # running best, which may belong to an epoch whose weights are long gone
+    pbt = build_scheduler(check_scheduler("pbt"), study_dir="/s", metric="best_val_clean_acc", epochs=40, probe_every=3)
+    assert (pbt._metric, pbt._time_attr, pbt._perturbation_interval) == ("val_clean_acc", "epoch", 6)
+    assert build_scheduler(check_scheduler("pbt"), study_dir="/s", metric="best_val_robust_acc", epochs=40)._metric == "val_robust_acc"
+    check_scheduler_for(check_scheduler({"name": "pbt", "perturbation_interval": 4}), epochs=10, base_method="sat",
+                        dims=_lr_dims(), probe_every=2)
+    with pytest.raises(SpecError, match="not a multiple of probe.every"):
+        check_scheduler_for(check_scheduler({"name": "pbt", "perturbation_interval": 3}), epochs=10, base_method="sat",
+                            dims=_lr_dims(), probe_every=2)
+
+
+def _lr_dims() -> tuple:
+    from study.space import parse_search
+
+    return tuple(parse_search({"lr": [0.01, 0.1]}, {"method": "sat", "dataset": {"name": "digits"}}))
+
+
 @pytest.mark.parametrize(("grace", "rf", "max_t"), [(2, 3, 30), (1, 4, 4), (5, 2, 80), (15, 2, 30), (3, 2.5, 50)])
 def test_asha_energy_judges_at_tunes_own_rungs(grace: int, rf: float, max_t: int) -> None:
     asha = build_scheduler(check_scheduler({"name": "asha", "grace_period": grace, "reduction_factor": rf}), study_dir="/s",
@@ -215,6 +234,9 @@ def test_a_pbt_study_exploits_records_every_trial_in_optuna_and_evaluates_each(t
         trial = policy.stem.removeprefix("pbt_policy_")
         assert lr_of[trial] == pytest.approx(steps[-1][5]["lr"]) and 0.002 <= lr_of[trial] <= 0.3
         assert steps[-1][4]["lr"] != steps[-1][5]["lr"]  # perturbed, not copied
+        # ranked at a checkpointed, validated epoch (2 or 4). The log's steps are Tune's
+        # training_iteration (the epoch + 1) of the result before the one being decided: that epoch
+        assert all(step[2] in (2, 4) for step in steps), steps
         # its rows train with the new lr from the epoch after the exploit (the schedule's 0.1 after epoch 3)
         epoch_lr = dict(open_tables(study).execute("select epoch, lr from epochs where trial_id = $t", {"t": trial}).fetchall())
         assert epoch_lr[5] == pytest.approx(lr_of[trial] * 0.1 * 0.1) or epoch_lr[5] == pytest.approx(lr_of[trial] * 0.1)

@@ -149,6 +149,7 @@ def _running(pid: int) -> bool:
 def energyat_trial(
     config: dict[str, Any], *, base_spec: dict[str, Any], study_dir: str, objectives: list[str], cpus: int, stop: StopRule = StopRule(),
     hang_timeout: float | None = None, scheduled: bool = False, checkpoint_every: int | None = None,
+    pbt_metric: str | None = None,
 ) -> None:
     """Run one trial of a study under Ray Tune (see ``tune.with_parameters``)."""
     spec = trial_spec(base_spec, config)  # Optuna's flat suggestions: {"weat.power": 1.5}
@@ -179,12 +180,14 @@ def energyat_trial(
         nonlocal last_checkpoint
         if watchdog is not None:
             watchdog.beat()
-        metrics = _finite_metrics(row, objectives) | {"ray_node_id": node_id}
-        checkpoint = None
-        if checkpoint_every is not None:  # PBT: at its perturbation epochs, where it clones a top trial's checkpoint
-            due = (int(row["epoch"]) + 1) % checkpoint_every == 0
+        ranked: list[str] = []
+        if checkpoint_every is not None:  # PBT: at its perturbation epochs, where it ranks the trials and clones a top one's checkpoint
+            due = int(row["epoch"]) > 0 and int(row["epoch"]) % checkpoint_every == 0
+            ranked = [pbt_metric] if due and pbt_metric else []  # a diverged model's NaN ranks last, not unordered
         else:
             due = time.monotonic() - last_checkpoint >= CHECKPOINT_SECONDS
+        metrics = _finite_metrics(row, objectives + ranked) | {"ray_node_id": node_id}
+        checkpoint = None
         if row.get("done") or due:
             checkpoint = tune.Checkpoint.from_directory(str(ckpt_dir))
             last_checkpoint = time.monotonic()
