@@ -113,6 +113,17 @@ def seeds_needed(effect: float, sd: float, *, power: float = POWER, limit: int =
     return None
 
 
+def sd_bounds(sd: float, n: int) -> tuple[float, float]:
+    """The 95% interval of a standard deviation estimated from `n` values, from the chi-square
+    of (n - 1) s^2 / sigma^2: three values give 0.52x to 6.3x the estimate. Seeds counted at
+    the upper bound say how many a skeptic would plan for."""
+    if n < 2 or not math.isfinite(sd):
+        return math.nan, math.nan
+    tail = (1 - CONFIDENCE) / 2
+    return (sd * math.sqrt((n - 1) / float(stats.chi2.ppf(1 - tail, n - 1))),
+            sd * math.sqrt((n - 1) / float(stats.chi2.ppf(tail, n - 1))))
+
+
 def config_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """The configuration columns that differ between trials, the seed excluded."""
     keys = sorted({k for r in rows for k in r})
@@ -158,7 +169,9 @@ def paired(rows: Sequence[Mapping[str, Any]], *, a: str, b: str, metric: str) ->
     """Arm `a` minus arm `b` on `metric`, seed by seed (seeds both arms ran, with the number).
 
     Returns `by_seed` ({seed: difference}), `difference` (an :class:`Interval`), `wins` (seeds
-    where a > b) and `seeds_needed` for the measured mean difference and spread."""
+    where a > b), `seeds_needed` for the measured mean difference and spread, and
+    `seeds_needed_sd_high` for the same difference at the upper 95% bound of the spread
+    (:func:`sd_bounds`)."""
     by_arm = arms(rows)
     for label in (a, b):
         if label not in by_arm:
@@ -173,4 +186,5 @@ def paired(rows: Sequence[Mapping[str, Any]], *, a: str, b: str, metric: str) ->
     diffs = {s: va[s] - vb[s] for s in seeds}
     spread = interval(list(diffs.values()))
     return {"a": a, "b": b, "metric": metric, "by_seed": diffs, "difference": spread,
-            "wins": sum(d > 0 for d in diffs.values()), "seeds_needed": seeds_needed(spread.mean, spread.sd)}
+            "wins": sum(d > 0 for d in diffs.values()), "seeds_needed": seeds_needed(spread.mean, spread.sd),
+            "seeds_needed_sd_high": seeds_needed(spread.mean, sd_bounds(spread.sd, spread.n)[1])}

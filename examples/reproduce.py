@@ -24,7 +24,7 @@ import math
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +40,16 @@ from study.spec import load_spec  # noqa: E402
 
 SPEC = REPO / "examples" / "paper_fashion_cpu.yaml"
 ENERGYAT = [sys.executable, "-m", "study.cli"]
-# The paper's CIFAR-10 robust accuracy (ResNet-18, PGD-20 / AutoAttack, %), by our arm names
-PAPER = {"sat": (49.03, 45.37), "trades": (52.65, 49.46), "weat (weat_variant=adv)": (53.35, 49.75),
-         "weat (weat_variant=nat)": (52.43, 49.02)}
-NAMES = {"standard": "standard", "sat": "SAT", "trades": "TRADES", "weat (weat_variant=adv)": "WEAT_adv",
-         "weat (weat_variant=nat)": "WEAT_nat"}
+# The paper's CIFAR-10 robust accuracy (ResNet-18, PGD-20 / AutoAttack, %), by our arm names;
+# its WEAT weights are unnormalised (weat.normalize: false)
+PAPER = {"SAT": (49.03, 45.37), "TRADES": (52.65, 49.46), "WEAT_adv": (53.35, 49.75), "WEAT_nat": (52.43, 49.02)}
+ORDER = ("standard", "SAT", "TRADES", "WEAT_adv", "WEAT_nat", "WEAT_adv norm", "WEAT_nat norm")
+PAIRS = (("WEAT_adv", "TRADES"), ("TRADES", "SAT"), ("WEAT_nat", "TRADES"), ("WEAT_adv norm", "WEAT_adv"), ("WEAT_adv norm", "TRADES"))
 PAPER_COLUMN = {"final_pgd_acc": 0, "final_autoattack_acc": 1}
-PAIRS = (("weat (weat_variant=adv)", "trades"), ("trades", "sat"), ("weat (weat_variant=nat)", "trades"))
+INITS = ("pca", "noise", "gaussian")  # SGLD's starts: the paper's PCA, and two the judge does not recognise (finding 5)
+# At twice the epochs: is WEAT_adv's deficit under-training? (its unnormalised weights shrink its
+# effective lr) TRADES and WEAT_adv, normalised and not, under the main study's seeds
+LONG_ARMS = "method: [trades, weat], weat.variant: [adv], weat.normalize: [false, true]"
 
 # The one query behind each finding (docs/reproduction.md shows them with the study's path)
 QUERIES = {
@@ -100,13 +103,16 @@ def trial_rows(study: Path) -> list[dict[str, Any]]:
     return query(study, "select * from trials where status = 'TERMINATED' order by trial_id")
 
 
-def judge_scores(study: Path) -> dict[str, float]:
-    """Each trial's judge accuracy on its SGLD samples (PCA start), from `energyat sample`'s records."""
-    out = {}
-    for npz in sorted((study / "samples").glob("*-pca.npz")):
-        with np.load(npz) as archive:
-            record = json.loads(str(archive["record"]))
-        out[record["trial_id"]] = float(record["scores"]["judge_acc"])
+def judge_scores(study: Path) -> dict[str, dict[str, Any]]:
+    """Per SGLD start (`init`), each trial's judge accuracy on its samples and on the chains'
+    starting images, from `energyat sample`'s records."""
+    out: dict[str, dict[str, Any]] = {}
+    for init in INITS:
+        for npz in sorted((study / "samples").glob(f"*-{init}.npz")):
+            with np.load(npz) as archive:
+                record = json.loads(str(archive["record"]))
+            out.setdefault(init, {})[record["trial_id"]] = (float(record["scores"]["judge_acc"]),
+                                                            float(record["start_scores"]["judge_acc"]))
     return out
 
 
@@ -134,26 +140,26 @@ def comparison(rows: Sequence[dict[str, Any]]) -> list[str]:
     """The accuracy and paired sections, from finished trials' rows alone (docs/reproduction.md
     quotes them; tests/test_reproduce.py recomputes them from the measured run's rows)."""
     by_arm = arms_in_order(rows)
-    summary = {s["arm"]: s for s in summarize(rows, metrics=FINAL_METRICS)}
+    summary = {name_of(s["arm"]): s for s in summarize(rows, metrics=FINAL_METRICS)}
     out = ["## Accuracy per arm", ""]
     body = []
     for arm in by_arm:
         s, paper = summary[arm], PAPER.get(arm)
-        body.append([name_of(arm), len(s["seeds"]), pct(s["final_clean_acc"]), pct(s["final_pgd_acc"]), pct(s["final_autoattack_acc"]),
+        body.append([arm, len(s["seeds"]), pct(s["final_clean_acc"]), pct(s["final_pgd_acc"]), pct(s["final_autoattack_acc"]),
                      f"{paper[0]:.2f} / {paper[1]:.2f}" if paper else "-"])
     out += table(["arm", "seeds", "clean", "PGD-20", "AutoAttack", "paper, CIFAR-10 (PGD-20 / AA)"], body) + [""]
 
     out += ["## Paired by seed", "",
             "Differences in points, arm A minus arm B on the same seed. `seeds needed`: seeds a two-sided paired t-test "
-            "at 5% needs to detect the measured mean difference with power 0.8, given the measured spread (sd); "
-            "`paper's effect`: the same difference in the paper's CIFAR-10 numbers, and the seeds that effect would need "
-            "at the spread measured here.", ""]
+            "at 5% needs to detect the measured mean difference with power 0.8, given the measured spread (sd), and given "
+            "the upper bound of the spread's 95% interval (`at sd high`); `paper's effect`: the same difference in the "
+            "paper's CIFAR-10 numbers, and the seeds that effect would need at the spread measured here.", ""]
     body = []
     for a, b in PAIRS:
         if a not in by_arm or b not in by_arm:
             continue
         for metric in FINAL_METRICS:
-            p = paired(rows, a=a, b=b, metric=metric)
+            p = paired(rows, a=by_arm[a][0], b=by_arm[b][0], metric=metric)
             d = p["difference"]
             if d.n == 0:
                 continue
@@ -164,9 +170,10 @@ def comparison(rows: Sequence[dict[str, Any]]) -> list[str]:
             else:
                 gap = PAPER[a][column] - PAPER[b][column]
                 effect, needed = f"{gap:+.2f}", _needed(seeds_needed(gap / 100, d.sd))
-            body.append([f"{name_of(a)} - {name_of(b)}", metric.removeprefix("final_").removesuffix("_acc"), per_seed, pct(d),
-                         f"{100 * d.sd:.2f}" if d.n > 1 else "-", f"{p['wins']}/{d.n}", _needed(p["seeds_needed"]), effect, needed])
-    out += table(["comparison", "metric", "per seed", "mean [95%]", "sd", "A ahead", "seeds needed", "paper's effect",
+            body.append([f"{a} - {b}", metric.removeprefix("final_").removesuffix("_acc"), per_seed, pct(d),
+                         f"{100 * d.sd:.2f}" if d.n > 1 else "-", f"{p['wins']}/{d.n}", _needed(p["seeds_needed"]),
+                         _needed(p["seeds_needed_sd_high"]) if d.n > 1 else "-", effect, needed])
+    out += table(["comparison", "metric", "per seed", "mean [95%]", "sd", "A ahead", "seeds needed", "at sd high", "paper's effect",
                   "seeds for it"], body) + [""]
     return out
 
@@ -175,25 +182,47 @@ def _needed(n: int | None) -> str:
     return "never" if n is None else str(n)
 
 
-def arms_in_order(rows: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
-    """analysis.seeds.arms, in the paper's order: standard, SAT, TRADES, WEAT_adv, WEAT_nat, others after."""
-    order = {arm: i for i, arm in enumerate(NAMES)}
-    return dict(sorted(arms(rows).items(), key=lambda kv: order.get(kv[0], len(order))))
-
-
 def name_of(arm: str) -> str:
-    return NAMES.get(arm, arm)
+    """The paper's name of an arm (analysis.seeds.arm_of's label): WEAT_adv for `weat
+    (weat_variant=adv)`, with " norm" when its weights are normalised; others as they are."""
+    method, _, settings = arm.partition(" (")
+    if method == "standard":
+        return "standard"
+    if method in ("sat", "trades"):
+        return method.upper() if not settings else arm
+    if method != "weat":
+        return arm
+    values = dict(part.split("=", 1) for part in settings.rstrip(")").split(", ") if "=" in part)
+    variant = values.pop("weat_variant", "adv")
+    norm = values.pop("weat_normalize", "False") == "True"
+    if values:  # another setting varies too: the full label says which
+        return arm
+    return f"WEAT_{variant}" + (" norm" if norm else "")
 
 
-def markdown(study: Path, *, seconds: float | None) -> str:
+def arms_in_order(rows: Sequence[dict[str, Any]]) -> dict[str, tuple[str, list[Any]]]:
+    """analysis.seeds.arms by their paper names (each with its label), in the paper's order."""
+    named = {name_of(label): (label, members) for label, members in arms(rows).items()}
+    order = {name: i for i, name in enumerate(ORDER)}
+    return dict(sorted(named.items(), key=lambda kv: order.get(kv[0], len(order))))
+
+
+def markdown(study: Path, *, long: Path | None, seconds: float | None) -> str:
     rows = trial_rows(study)
     by_arm = arms_in_order(rows)
     out = [f"# Reproduction: {study.name}", ""]
     seeds = sorted({r["seed"] for r in rows})
     out += [f"{len(rows)} finished trials, seeds {seeds}; accuracy in % on the first {rows[0]['final_eval_n']} test images "
-            f"(AutoAttack on {rows[0]['final_eval_autoattack_n']}), of the checkpoint the validation split chose; "
-            "mean [95% t interval] over seeds." + (f" Wall time of the whole reproduction: {seconds / 60:.1f} min." if seconds else ""), ""]
+            f"(AutoAttack on {rows[0]['final_eval_autoattack_n']}), of the checkpoint the validation split chose "
+            "(robust accuracy; clean accuracy for the standard arm: `select`); mean [95% t interval] over seeds."
+            + (f" Wall time of the whole reproduction: {seconds / 60:.1f} min." if seconds else ""), ""]
     out += comparison(rows)
+    if long is not None:
+        long_rows = trial_rows(long)
+        out += [f"## At twice the epochs ({long.name}: {long_rows[0]['epochs_run'] if long_rows else '-'} epochs)", "",
+                "Is WEAT_adv's deficit under-training? Its unnormalised weights shrink its effective learning rate; "
+                "the same arms at twice the epochs, same seeds.", ""]
+        out += [line.replace("## ", "### ", 1) for line in comparison(long_rows)] if long_rows else ["(no finished trial)", ""]
 
     out += ["## The energy view", "",
             "Per trial: the training probe's dE = E(x) - E(x*) at the first and last probe, the online detector's alarm "
@@ -202,10 +231,10 @@ def markdown(study: Path, *, seconds: float | None) -> str:
         "select trial_id, arg_min(probe_train_dE, epoch) as dE_first, arg_max(probe_train_dE, epoch) as dE_last "
         "from epochs where probed group by trial_id"))}
     body = []
-    for arm, members in by_arm.items():
+    for arm, (_label, members) in by_arm.items():
         for m in members:
             fl = first_last.get(m["trial_id"], {})
-            body.append([name_of(arm), m["seed"], m["trial_id"], _num(fl.get("dE_first")), _num(fl.get("dE_last")),
+            body.append([arm, m["seed"], m["trial_id"], _num(fl.get("dE_first")), _num(fl.get("dE_last")),
                          _num(m.get("best_epoch")), _num(m.get("alarm_epoch")), _num(m.get("phase3_start"))])
     out += table(["arm", "seed", "trial", "dE first probe", "dE last probe", "best epoch", "alarm", "onset"], body) + [""]
 
@@ -221,16 +250,30 @@ def markdown(study: Path, *, seconds: float | None) -> str:
     out += table(["method", "weat_variant", "epoch", "lr", "dE mean", "dE min", "dE max"],
                  [[r["method"], r["weat_variant"] if r["method"] == "weat" else "", r["epoch"], r["lr"], r["dE"], r["dE_min"], r["dE_max"]]
                   for r in f23]) + [""]
+    return "\n".join(out + finding5(study, by_arm))
 
+
+def finding5(study: Path, by_arm: Mapping[str, tuple[str, list[Any]]]) -> list[str]:
+    """The judge's accuracy on each arm's SGLD samples, per start, beside its accuracy on the
+    starts themselves: samples can only show what SGLD added where the starts are not already
+    recognised (noise, gaussian); from PCA starts the metric rewards moving the chains less."""
     judged = judge_scores(study)
-    out += ["## Finding 5: the judge recognises samples of robust models", "",
-            f"    energyat sample {study} --trial ID --init pca    (one trial; the judge's accuracy on its samples)", ""]
+    out = ["## Finding 5: does the judge recognise samples of robust models?", "",
+           f"    energyat sample {study} --trial ID --init noise    (also pca, gaussian; the judge's accuracy on the samples and "
+           "on their starts)", "",
+           "Judge accuracy on each arm's samples, mean over seeds [min, max], per SGLD start; the last row is the judge on "
+           "the starts themselves (the same starts for every trial).", ""]
+    inits = [init for init in INITS if init in judged]
     body = []
-    for arm, members in by_arm.items():
-        accs = [judged[m["trial_id"]] for m in members if m["trial_id"] in judged]
-        body.append([name_of(arm), ", ".join(f"{a:.3f}" for a in accs) or "-", f"{sum(accs) / len(accs):.3f}" if accs else "-"])
-    out += table(["arm", "judge accuracy per seed", "mean"], body) + [""]
-    return "\n".join(out)
+    for arm, (_label, members) in by_arm.items():
+        cells = []
+        for init in inits:
+            accs = [judged[init][m["trial_id"]][0] for m in members if m["trial_id"] in judged[init]]
+            cells.append(f"{sum(accs) / len(accs):.3f} [{min(accs):.3f}, {max(accs):.3f}]" if accs else "-")
+        body.append([arm, *cells])
+    starts = [[v[1] for v in judged[init].values()] for init in inits]
+    body.append(["(the starts)", *(f"{sum(s) / len(s):.3f}" for s in starts)])
+    return out + table(["arm", *inits], body) + [""]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -251,20 +294,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.returncode
 
 
+def long_overrides(spec: Path, overrides: Sequence[str]) -> list[str]:
+    """The study at twice the epochs: LONG_ARMS under the main study's seeds, named `<name>_x2`."""
+    main = load_spec(spec, overrides)
+    seed = next((d for d in main.search if d.key == "seed"), None)
+    seeds = list(seed.choices) if seed is not None and seed.kind == "categorical" else [main.trial.seed]
+    return [*overrides, f"name={main.trial.name}_x2", f"epochs={2 * main.trial.epochs}",
+            f"search={{{LONG_ARMS}, seed: {{choices: {seeds}}}}}", f"samples={3 * len(seeds)}"]
+
+
 def _reproduce(args: argparse.Namespace) -> int:
     start = time.monotonic()
-    study = args.study if args.study is not None else run_study(args.storage.resolve(), args.spec.resolve(), args.overrides)
-    trials = [r["trial_id"] for r in trial_rows(study)]
-    if not trials:
-        print(f"reproduce: {study} has no finished trial: run it to the end first (`energyat resume {study}`)", file=sys.stderr)
-        return 2
-    sample_args = ["sample", str(study), "--init", "pca"]
-    for trial in trials:
-        sample_args += ["--trial", trial]
-    energyat(*sample_args)
-    energyat("report", str(study))
-    text = markdown(study, seconds=None if args.study is not None else time.monotonic() - start)
-    path = study / "report" / "reproduction.md"
+    if args.study is not None:
+        studies = [args.study, *([sibling] if (sibling := args.study.with_name(f"{args.study.name}_x2")).is_dir() else [])]
+    else:
+        spec, storage = args.spec.resolve(), args.storage.resolve()
+        studies = [run_study(storage, spec, args.overrides), run_study(storage, spec, long_overrides(spec, args.overrides))]
+    for study in studies:
+        trials = [r["trial_id"] for r in trial_rows(study)]
+        if not trials:
+            print(f"reproduce: {study} has no finished trial: run it to the end first (`energyat resume {study}`)", file=sys.stderr)
+            return 2
+        if study == studies[0]:  # finding 5 on the main study's arms
+            for init in INITS:
+                energyat("sample", str(study), "--init", init, *[a for t in trials for a in ("--trial", t)])
+        energyat("report", str(study))
+    text = markdown(studies[0], long=studies[1] if len(studies) > 1 else None,
+                    seconds=None if args.study is not None else time.monotonic() - start)
+    path = studies[0] / "report" / "reproduction.md"
     path.write_text(text + "\n")
     print(f"\n{text}\n\nreproduction: {path}")
     return 0

@@ -48,7 +48,8 @@ def _script():
 
 
 TINY = ["epochs=2", "dataset.train_size=200", "dataset.val_size=100", "probe.train_size=32", "probe.test_size=32", "probe.every=1",
-        "final_eval.n=64", "final_eval.autoattack_n=16", "search.seed={choices: [0, 1]}", "samples=10"]
+        "final_eval.n=64", "final_eval.autoattack_n=16", "search={method: [standard, sat, trades, weat], weat.variant: [adv, nat], seed: {choices: [0, 1]}}", "samples=10"]
+# (the normalised WEAT arm runs in the study at twice the epochs: 5 arms x 2 seeds here, 3 x 2 there)
 
 
 def test_the_reproduction_runs_end_to_end_and_its_tables_are_the_studys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -59,37 +60,49 @@ def test_the_reproduction_runs_end_to_end_and_its_tables_are_the_studys(tmp_path
     study = tmp_path / "studies" / "paper_fashion_cpu"
     text = (study / "report" / "reproduction.md").read_text()
     page = (study / "report" / "index.html").read_text()
-    assert "Arms over seeds" in page and "<td>trades</td><td>0, 1</td>" in page and "<td>weat (weat_variant=nat)</td><td>0, 1</td>" in page
+    assert "Arms over seeds" in page and "<td>trades</td><td>0, 1</td>" in page
+    assert "<td>weat (weat_variant=nat)</td><td>0, 1</td>" in page
 
     con = open_tables(study)
     try:
-        trials = con.execute("select trial_id, method, weat_variant, seed, final_pgd_acc, final_autoattack_acc, status "
-                             "from trials order by method, weat_variant, seed").fetchall()
+        trials = con.execute("select trial_id, method, weat_variant, weat_normalize, seed, final_pgd_acc, final_autoattack_acc, status, "
+                             "selected_by from trials order by method, weat_variant, seed").fetchall()
     finally:
         con.close()
     # the grid ran every arm under both seeds, once: 5 arms x 2 seeds
-    arms = sorted((m, v if m == "weat" else None, s) for _, m, v, s, *_ in trials)
-    assert arms == sorted((m, v, s) for m, v in (("standard", None), ("sat", None), ("trades", None), ("weat", "adv"), ("weat", "nat"))
-                          for s in (0, 1))
-    assert all(status == "TERMINATED" for *_, status in trials)
-    assert all(not math.isnan(aa) for *_, aa, _ in trials)  # AutoAttack ran on every trial
+    arms = sorted((m, (v, n) if m == "weat" else None, s) for _, m, v, n, s, *_ in trials)
+    assert arms == sorted((m, v, s) for m, v in (("standard", None), ("sat", None), ("trades", None), ("weat", ("adv", False)),
+                                                 ("weat", ("nat", False))) for s in (0, 1))
+    assert all(status == "TERMINATED" for *_, status, _ in trials)
+    assert all(not math.isnan(aa) for *_, aa, _, _ in trials)  # AutoAttack ran on every trial
+    # the standard arm is chosen on clean accuracy, the AT arms on robust accuracy
+    assert {m: sel for _, m, *_, sel in trials} == {"standard": "val_clean_acc", "sat": "val_robust_acc", "trades": "val_robust_acc",
+                                                     "weat": "val_robust_acc"}
 
     # the accuracy table is the trials table's mean over seeds, per arm
     row = re.search(r"^\| TRADES \| 2 \| [^|]+ \| ([0-9.]+) \[", text, re.M)
     assert row, text
-    trades = [pgd for _, m, _, _, pgd, _, _ in trials if m == "trades"]
+    trades = [pgd for _, m, _, _, _, pgd, *_ in trials if m == "trades"]
     assert float(row.group(1)) == pytest.approx(100 * sum(trades) / 2, abs=0.006)
-    for arm in ("standard", "SAT", "WEAT_adv", "WEAT_nat"):
+    for arm in ("standard", "SAT", "WEAT_adv", "WEAT_nat", "WEAT_adv norm"):  # the last at twice the epochs
         assert re.search(rf"^\| {arm} \| 2 \|", text, re.M), arm
-    # paired comparisons, seed by seed, for each metric
-    assert len(re.findall(r"^\| WEAT_adv - TRADES \| (clean|pgd|autoattack) \|", text, re.M)) == 3
+    # paired comparisons, seed by seed, for each metric, with seeds counted at the spread's upper bound too
+    assert len(re.findall(r"^\| WEAT_adv - TRADES \| (clean|pgd|autoattack) \|", text, re.M)) == 6  # at 2 and at 4 epochs
+    assert len(re.findall(r"^\| WEAT_adv norm - WEAT_adv \| ", text, re.M)) == 3
     assert len(re.findall(r"^\| TRADES - SAT \| ", text, re.M)) == 3
-    # the findings' tables have rows: the standard model's energies, dE per probe, the judge
+    assert "## At twice the epochs (paper_fashion_cpu_x2: 4 epochs)" in text
+    long = open_tables(tmp_path / "studies" / "paper_fashion_cpu_x2").execute(
+        "select method, weat_variant, weat_normalize, seed, epochs_run from trials").fetchall()
+    assert sorted((m, (v, n) if m == "weat" else None, s, e) for m, v, n, s, e in long) == sorted(
+        (m, vn, s, 4) for m, vn in (("trades", None), ("weat", ("adv", False)), ("weat", ("adv", True))) for s in (0, 1))
+    # the findings' tables have rows: the standard model's energies, dE per probe, the judge per start
     assert len(re.findall(r"^\| [01] \| 1 \| -?[0-9.]+ \| -?[0-9.]+ \| -?[0-9.]+ \|$", text, re.M)) == 2
     assert re.search(r"^\| sat \|  \| 1 \|", text, re.M) and re.search(r"^\| weat \| nat \| 0 \|", text, re.M)
-    judged = re.search(r"^\| WEAT_adv \| ([0-9.]+), ([0-9.]+) \|", text, re.M)
-    assert judged and all(0 <= float(a) <= 1 for a in judged.groups())
-    assert len(list((study / "samples").glob("*-pca.npz"))) == 10
+    judged = re.search(r"^\| WEAT_adv \| ([0-9.]+) \[[0-9., ]+\] \| ([0-9.]+) \[[0-9., ]+\] \| ([0-9.]+) \[", text, re.M)
+    assert judged and all(0 <= float(a) <= 1 for a in judged.groups()), text
+    assert re.search(r"^\| \(the starts\) \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \|$", text, re.M)
+    for init in ("pca", "noise", "gaussian"):
+        assert len(list((study / "samples").glob(f"*-{init}.npz"))) == 10
     assert "reproduction:" in capsys.readouterr().out
 
 
