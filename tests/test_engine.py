@@ -26,10 +26,12 @@ def _epochs(out: Path) -> list[tuple[Any, ...]]:
     return con.execute("select epoch, train_loss, probe_train_dE, test_robust_acc from epochs order by epoch").fetchall()
 
 
-def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("extra", [{}, {"ema": {"decay": 0.8, "start": 1}}], ids=["plain", "ema"])
+def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path: Path, extra: dict[str, Any]) -> None:
     # killed after epoch 1 and run again, the trial continues from its checkpoint and ends with
-    # the same rows (same RNG streams) as a run that was never interrupted
-    cfg = parse_trial({**TINY, "epochs": 4, "method": "sat"})
+    # the same rows (same RNG streams) as a run that was never interrupted; with `ema`, the
+    # probes read the average, so it too must come back whole
+    cfg = parse_trial({**TINY, "epochs": 4, "method": "sat", **extra})
     straight = tmp_path / "straight"
     run_trial(cfg, out=straight)
 

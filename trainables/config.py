@@ -130,6 +130,17 @@ class DerConfig:
 
 
 @dataclass(frozen=True)
+class EmaConfig:
+    """An exponential moving average of the weights, batch-norm statistics included, updated
+    after every optimiser step (docs/remedies.md). With it on, every evaluation reads the average:
+    validation, the energy probes, selection, best.pt, the final evaluation and `energyat eval`;
+    the live weights keep training (the `train_*` columns are theirs)."""
+
+    decay: float = 0.0  # 0 = off; e.g. 0.999 (an average over about 1 / (1 - decay) steps)
+    start: int = 0  # the epoch the average starts accumulating; before it, it follows the live weights
+
+
+@dataclass(frozen=True)
 class ScheduleConfig:
     """Learning-rate schedule; `lr` is the peak (onecycle) or starting (piecewise, cosine) rate."""
 
@@ -196,6 +207,7 @@ class TrialConfig:
     beta: float = 6.0  # TRADES / WEAT / MART KL weight, DER penalty weight
     weat: WeatConfig = field(default_factory=WeatConfig)
     der: DerConfig = field(default_factory=DerConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
     final_eval: FinalEvalConfig = field(default_factory=FinalEvalConfig)
     seed: int = 0
     # the validation metric whose best epoch is kept (best.pt, the best_val_* columns, what the final
@@ -362,6 +374,8 @@ def _check_ranges(cfg: TrialConfig) -> None:
         ("beta", cfg.beta >= 0, "must be non-negative"),
         ("weat.tau", cfg.weat.tau > 0, "must be positive"),
         ("der.gamma", cfg.der.gamma >= 0, "must be non-negative"),
+        ("ema.decay", 0 <= cfg.ema.decay < 1, "must be in [0, 1) (0: no average)"),
+        ("ema.start", 0 <= cfg.ema.start < max(cfg.epochs, 1), f"must be an epoch of the run, 0 to {cfg.epochs - 1}"),
         ("dataset.label_noise", 0 <= cfg.dataset.label_noise < 1, "must be in [0, 1)"),
         ("final_eval.pgd_steps", cfg.final_eval.pgd_steps >= 1, "must be at least 1"),
         ("schedule.gamma", 0 < cfg.schedule.gamma <= 1, "must be in (0, 1]"),

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import yaml
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from analysis.errors import EnergyatError
 from analysis.phases import DETECTOR_COLUMNS, OnlineDetector, PhaseResult, detect
@@ -119,8 +120,10 @@ def _train_epoch(
     params: MethodParams,
     epoch: int,
     device: torch.device,
+    average: Callable[[], None] | None = None,
 ) -> dict[str, float]:
-    """One pass over the training set. Metrics stay on the device until the end."""
+    """One pass over the training set. Metrics stay on the device until the end. `average`,
+    when given, runs after every optimiser step (the weight average's update)."""
     loss_fn = METHODS[cfg.method].loss
     n = len(data.train_y)
     order = torch.randperm(n, device=device)
@@ -150,6 +153,8 @@ def _train_epoch(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if average is not None:
+            average()
         w = parts.weights.detach().float()
         sums += torch.stack(
             [
@@ -359,7 +364,7 @@ def run_trial(
             if on_epoch is not None and progress.stop_reason is None and progress.next_epoch < cfg.epochs:
                 progress.stop_reason = on_epoch(row, output.checkpoints)
                 if progress.stop_reason is not None:  # the caller's stop (a scheduler), kept for a restart
-                    checkpoint.save(output.last, _checkpoint_state(trial.model, trial.opt, detector, progress, device))
+                    checkpoint.save(output.last, _checkpoint_state(trial, detector, progress))
 
     # -- final evaluation of the best checkpoint, on the test set ---------------------------------
     if not progress.final and output.best.exists():
@@ -368,7 +373,7 @@ def run_trial(
     if progress.stop_reason is None:
         progress.stop_reason = "completed"
     progress.seconds = seconds_before + time.perf_counter() - started
-    checkpoint.save(output.last, _checkpoint_state(trial.model, trial.opt, detector, progress, device))
+    checkpoint.save(output.last, _checkpoint_state(trial, detector, progress))
     phases = _offline_phases(output.out, trial_id)
     status = "ERROR" if progress.stop_reason.startswith("error") else "TERMINATED"
     result = _outcome(status, output, trial, detector, progress, phases=phases)
@@ -429,10 +434,31 @@ class _Trial:
     cfg: TrialConfig
     device: torch.device
     data: ImageData  # on the device
-    model: nn.Module  # eager, channels_last: probes, checkpoints and the final evaluation use it
+    model: nn.Module  # the live weights, eager, channels_last: what the optimiser trains
     opt: torch.optim.Optimizer
     params: MethodParams
     probes: EpochProbes
+    ema: AveragedModel | None = None  # `ema`: the average of `model`'s weights and buffers
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The weights every evaluation reads (probes, selection, checkpoints' `model`, the final
+        evaluation): the average when `ema` is on, else the live model."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def average(self, epoch: int) -> Callable[[], None] | None:
+        """The per-step update of the average in `epoch`, or None without one. Before `ema.start`
+        the average is not accumulated: :meth:`follow` sets it to the live weights instead."""
+        ema = self.ema
+        if ema is None or epoch < self.cfg.ema.start:
+            return None
+        return lambda: ema.update_parameters(self.model)
+
+    def follow(self, epoch: int) -> None:
+        """Before `ema.start`, after each epoch: the average restarts from the live weights."""
+        if self.ema is not None and epoch < self.cfg.ema.start:
+            self.ema.n_averaged.zero_()
+            self.ema.update_parameters(self.model)  # with nothing averaged yet, a copy
 
 
 def _set_up(cfg: TrialConfig, data: ImageData, device: torch.device) -> _Trial:
@@ -440,7 +466,14 @@ def _set_up(cfg: TrialConfig, data: ImageData, device: torch.device) -> _Trial:
     model = build_model(cfg.model, in_channels=in_channels, num_classes=data.num_classes, image_size=image_size, width=cfg.width, init=cfg.model_init)
     model = model.to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return _Trial(cfg=cfg, device=device, data=data, model=model, opt=opt, params=MethodParams.from_config(cfg), probes=epoch_probes(cfg, data))
+    ema = None
+    if cfg.ema.decay > 0:
+        # torch's own EMA: ema = decay * ema + (1 - decay) * live, the batch-norm buffers averaged
+        # too (use_buffers), so the average's statistics match its weights without a recalibration pass
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema.decay), use_buffers=True)
+        ema.module.requires_grad_(False)  # evaluated, never trained: attacks take input gradients only
+    return _Trial(cfg=cfg, device=device, data=data, model=model, opt=opt, params=MethodParams.from_config(cfg), probes=epoch_probes(cfg, data),
+                  ema=ema)
 
 
 def _resume(trial: _Trial, output: _Output) -> tuple[OnlineDetector, _Progress]:
@@ -449,7 +482,10 @@ def _resume(trial: _Trial, output: _Output) -> tuple[OnlineDetector, _Progress]:
     state = _resume_state(output.last, output.best)
     if state is None:
         return OnlineDetector(), _Progress()
-    trial.model.load_state_dict(state["model"])
+    trial.model.load_state_dict(state.get("live_model", state["model"]))
+    if trial.ema is not None:
+        trial.ema.module.load_state_dict(state["model"])
+        trial.ema.n_averaged.fill_(int(state["ema_averaged"]))
     trial.opt.load_state_dict(state["optimizer"])
     detector = OnlineDetector.from_state_dict(state["detector"])
     progress = _Progress(**state["progress"])
@@ -461,7 +497,8 @@ def _train(train_model: nn.Module, trial: _Trial, epoch: int) -> tuple[dict[str,
     """One epoch of training (:func:`_train_epoch`) and its seconds, the device synchronised so
     that they time the work and not its queueing."""
     t0 = time.perf_counter()
-    train = _train_epoch(train_model, trial.opt, trial.cfg, trial.data, trial.params, epoch, trial.device)
+    train = _train_epoch(train_model, trial.opt, trial.cfg, trial.data, trial.params, epoch, trial.device, average=trial.average(epoch))
+    trial.follow(epoch)
     if trial.device.type == "cuda":
         torch.cuda.synchronize()
     return train, time.perf_counter() - t0
@@ -486,7 +523,7 @@ def _probe(trial: _Trial, epoch: int, *, finite: bool) -> _Probed:
     columns = dict.fromkeys(PROBE_KEYS, math.nan)
     samples: list[tuple[ProbeSet, dict[str, np.ndarray]]] = []
     if probed:
-        values = probe_epoch(trial.model, probes, cfg, trial.params, epoch)
+        values = probe_epoch(trial.evaluated, probes, cfg, trial.params, epoch)
         columns = probe_columns(values["train"], values["val"], values["test"])
         samples = [(ps, v) for ps, v in ((probes.train, values["train"]), (probes.test, values["test"])) if ps is not None and v is not None]
     return _Probed(probed, columns, samples, time.perf_counter() - t1)
@@ -543,7 +580,7 @@ def _stop_reason(stop: StopRule, *, finite: bool, epoch: int, alarm: bool, best_
 
 
 def _save_checkpoint(trial: _Trial, output: _Output, detector: OnlineDetector, progress: _Progress, *, epoch: int, new_best: bool) -> None:
-    checkpoint.save(output.last, {**_checkpoint_state(trial.model, trial.opt, detector, progress, trial.device), "epoch": epoch})
+    checkpoint.save(output.last, {**_checkpoint_state(trial, detector, progress), "epoch": epoch})
     if new_best:  # the whole state, not only the weights: a damaged last.pt falls back to it
         checkpoint.copy(output.last, output.best)
         if trial.cfg.keep_best_checkpoints:
@@ -572,9 +609,9 @@ def _outcome(
 
 
 def _evaluate_best(trial: _Trial, output: _Output, progress: _Progress) -> dict[str, float | int | None]:
-    """:func:`final_evaluation` of best.pt's weights, loaded into a copy: `trial.model` keeps the
-    last epoch's weights, which last.pt must hold."""
-    best_model = copy.deepcopy(trial.model)
+    """:func:`final_evaluation` of best.pt's weights (the average's, with `ema`), loaded into a
+    copy: the trial keeps the last epoch's weights, which last.pt must hold."""
+    best_model = copy.deepcopy(trial.evaluated)
     best_model.load_state_dict(checkpoint.load(output.best)["model"])
     return final_evaluation(best_model, trial.data, trial.cfg, out=output.out, trial_id=output.trial_id,
                             weights=f"best.pt (epoch {progress.best_epoch})", device=trial.device)
@@ -622,19 +659,23 @@ def _resume_state(last: Path, best: Path) -> dict[str, Any] | None:
     return None
 
 
-def _checkpoint_state(
-    model: nn.Module, opt: torch.optim.Optimizer, detector: OnlineDetector, progress: _Progress, device: torch.device
-) -> dict[str, Any]:
+def _checkpoint_state(trial: _Trial, detector: OnlineDetector, progress: _Progress) -> dict[str, Any]:
+    """The whole state of a trial. `model` holds the weights its evaluations read (the average,
+    with `ema`), so every reader of a checkpoint (`energyat eval`, `sample`, the final
+    evaluation) gets them; with `ema`, `live_model` holds the trained weights and `ema_averaged`
+    the average's step count, for a resume."""
+    averaged = {} if trial.ema is None else {"live_model": trial.model.state_dict(), "ema_averaged": int(trial.ema.n_averaged)}
     return {
-        "model": model.state_dict(),
-        "optimizer": opt.state_dict(),
+        "model": trial.evaluated.state_dict(),
+        **averaged,
+        "optimizer": trial.opt.state_dict(),
         "detector": detector.state_dict(),
         "progress": {
             "next_epoch": progress.next_epoch, "best_acc": progress.best_acc, "best_clean": progress.best_clean,
             "best_robust": progress.best_robust, "best_epoch": progress.best_epoch,
             "seconds": progress.seconds, "stop_reason": progress.stop_reason, "final": dict(progress.final),
         },
-        "rng": _rng_state(device),
+        "rng": _rng_state(trial.device),
     }
 
 
