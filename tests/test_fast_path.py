@@ -140,7 +140,7 @@ def test_each_method_loss_and_weight_gradients_match_the_plain_path(trained, met
         net.train()
         torch.manual_seed(3)
         if fast:
-            loss, _ = METHODS[method].loss(net, x.contiguous(memory_format=torch.channels_last), y, params=MethodParams.from_config(cfg))
+            loss, _ = METHODS[method].batch_loss(net, x.contiguous(memory_format=torch.channels_last), y, params=MethodParams.from_config(cfg))
         else:
             loss = reference_at.batch_loss(net, x, y, method, hp)
         net.zero_grad()

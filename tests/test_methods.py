@@ -60,7 +60,7 @@ def test_the_search_space_suggests_a_methods_own_keys_to_that_method_only() -> N
 def test_method_returns_finite_scalar_loss_and_parts(name: str, trained_cnn, digits_batch) -> None:
     x, y = digits_batch
     trained_cnn.train()
-    loss, parts = METHODS[name].loss(trained_cnn, x, y, params=_params())
+    loss, parts = METHODS[name].batch_loss(trained_cnn, x, y, params=_params())
     trained_cnn.eval()
     assert loss.dim() == 0 and torch.isfinite(loss) and loss.requires_grad
     assert parts.logits.shape == parts.logits_adv.shape == (len(y), 10)
@@ -73,9 +73,9 @@ def test_weat_with_power_zero_is_trades(trained_cnn, digits_batch) -> None:
     x, y = digits_batch
     a, b = copy.deepcopy(trained_cnn).train(), copy.deepcopy(trained_cnn).train()
     torch.manual_seed(3)
-    trades_loss, _ = METHODS["trades"].loss(a, x, y, params=_params())
+    trades_loss, _ = METHODS["trades"].batch_loss(a, x, y, params=_params())
     torch.manual_seed(3)
-    weat_loss, parts = METHODS["weat"].loss(b, x, y, params=_params(weat=WeatConfig(power=0.0, variant="nat")))
+    weat_loss, parts = METHODS["weat"].batch_loss(b, x, y, params=_params(weat=WeatConfig(power=0.0, variant="nat")))
     assert torch.allclose(trades_loss, weat_loss, rtol=1e-5)
     assert torch.equal(parts.weights, torch.ones(len(y)))
 
@@ -107,7 +107,7 @@ def test_single_step_der_gate_is_ce_after_the_step_below_ce_before(digits_batch:
     torch.manual_seed(3)
     model = build_model("small_cnn", in_channels=1, num_classes=10, image_size=8).train()
     params = _params(eps=0.5, fgsm_step=1.0, der=DerConfig(single_step=True, gamma=0.0))
-    loss, parts = METHODS["der"].loss(model, x, y, params=params)
+    loss, parts = METHODS["der"].batch_loss(model, x, y, params=params)
     ce, ce_adv = _ce(parts.logits, y), _ce(parts.logits_adv, y)
     gate = (ce_adv < ce).double()
     assert 10 <= int(gate.sum()) <= len(y) - 10  # both kinds present (measured: 17 abnormal)
@@ -140,7 +140,7 @@ def test_weat_weights_are_the_closed_form_of_the_chosen_energy_over_tau(
     # Computed here in float64 from the logits the method returns.
     x, y = digits_batch
     model = copy.deepcopy(trained_cnn).train()  # a copy: a train-mode forward moves batch-norm statistics
-    loss, parts = METHODS["weat"].loss(model, x, y, params=_params(weat=weat))
+    loss, parts = METHODS["weat"].batch_loss(model, x, y, params=_params(weat=weat))
 
     def closed_form(logits: torch.Tensor) -> torch.Tensor:
         energy = -torch.logsumexp(logits.double(), 1)

@@ -141,6 +141,15 @@ class EmaConfig:
 
 
 @dataclass(frozen=True)
+class AwpConfig:
+    """Adversarial weight perturbation (trainables/awp.py, docs/remedies.md): each batch's loss is
+    taken at weights moved by `gamma` times each layer's norm up the method's loss."""
+
+    gamma: float = 0.0  # 0 = off; the reference's 0.01 for PGD-AT, 0.005 for TRADES
+    warmup: int | None = None  # epochs before it starts; None = the method's reference (TRADES and WEAT 10, others 0)
+
+
+@dataclass(frozen=True)
 class ScheduleConfig:
     """Learning-rate schedule; `lr` is the peak (onecycle) or starting (piecewise, cosine) rate."""
 
@@ -208,6 +217,7 @@ class TrialConfig:
     weat: WeatConfig = field(default_factory=WeatConfig)
     der: DerConfig = field(default_factory=DerConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
+    awp: AwpConfig = field(default_factory=AwpConfig)
     final_eval: FinalEvalConfig = field(default_factory=FinalEvalConfig)
     seed: int = 0
     # the validation metric whose best epoch is kept (best.pt, the best_val_* columns, what the final
@@ -375,6 +385,8 @@ def _check_ranges(cfg: TrialConfig) -> None:
         ("weat.tau", cfg.weat.tau > 0, "must be positive"),
         ("der.gamma", cfg.der.gamma >= 0, "must be non-negative"),
         ("ema.decay", 0 <= cfg.ema.decay < 1, "must be in [0, 1) (0: no average)"),
+        ("awp.gamma", 0 <= cfg.awp.gamma <= 1, "must be in [0, 1] (a fraction of each layer's weight norm; 0: off)"),
+        ("awp.warmup", cfg.awp.warmup is None or cfg.awp.warmup >= 0, "must be non-negative"),
         ("ema.start", 0 <= cfg.ema.start < max(cfg.epochs, 1), f"must be an epoch of the run, 0 to {cfg.epochs - 1}"),
         ("dataset.label_noise", 0 <= cfg.dataset.label_noise < 1, "must be in [0, 1)"),
         ("final_eval.pgd_steps", cfg.final_eval.pgd_steps >= 1, "must be at least 1"),

@@ -57,10 +57,11 @@ from analysis.store import (
     write_trial_row,
 )
 from trainables import checkpoint
+from trainables.awp import WeightPerturbation
 from trainables.config import TrialConfig, flatten
 from trainables.data import ImageData, augment, load_dataset, to_float
 from trainables.evaluate import evaluate, write_evals
-from trainables.methods import METHODS, MethodParams, selection_metric
+from trainables.methods import METHODS, MethodParams, awp_warmup, selection_metric
 from trainables.models import build_model
 from trainables.precision import autocast, training_precision
 from trainables.probe import (
@@ -121,10 +122,12 @@ def _train_epoch(
     epoch: int,
     device: torch.device,
     average: Callable[[], None] | None = None,
+    awp: WeightPerturbation | None = None,
 ) -> dict[str, float]:
     """One pass over the training set. Metrics stay on the device until the end. `average`,
-    when given, runs after every optimiser step (the weight average's update)."""
-    loss_fn = METHODS[cfg.method].loss
+    when given, runs after every optimiser step (the weight average's update); `awp`, when
+    given, perturbs the weights for each step's loss and restores them after it."""
+    method = METHODS[cfg.method]
     n = len(data.train_y)
     order = torch.randperm(n, device=device)
     bounds = list(range(0, n, cfg.batch_size)) + [n]
@@ -149,10 +152,16 @@ def _train_epoch(
         x = to_float(augment(data.train_x[idx], crop_pad=data.crop_pad, flip=data.flip))
         y = data.train_y[idx]
         with autocast(device, cfg.precision):
-            loss, parts = loss_fn(model, x, y, params=params)
+            x_adv = method.inputs(model, x, y, params)  # crafted with the unperturbed weights
+            if awp is not None:
+                v = awp.direction(method.loss, x, y, x_adv, params)
+                awp.shift(v, +1)
+            loss, parts = method.loss(model, x, y, x_adv, params=params)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if awp is not None:
+            awp.shift(v, -1)  # the step's update kept, the perturbation taken off
         if average is not None:
             average()
         w = parts.weights.detach().float()
@@ -439,6 +448,11 @@ class _Trial:
     params: MethodParams
     probes: EpochProbes
     ema: AveragedModel | None = None  # `ema`: the average of `model`'s weights and buffers
+    awp: WeightPerturbation | None = None  # `awp`: its proxy, once the warm-up is over (:meth:`perturbation`)
+
+    def perturbation(self, epoch: int) -> WeightPerturbation | None:
+        """AWP for the batches of `epoch`: None during `awp.warmup` and without `awp`."""
+        return self.awp if self.awp is not None and epoch >= awp_warmup(self.cfg) else None
 
     @property
     def evaluated(self) -> nn.Module:
@@ -472,8 +486,9 @@ def _set_up(cfg: TrialConfig, data: ImageData, device: torch.device) -> _Trial:
         # too (use_buffers), so the average's statistics match its weights without a recalibration pass
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema.decay), use_buffers=True)
         ema.module.requires_grad_(False)  # evaluated, never trained: attacks take input gradients only
+    awp = WeightPerturbation(model, gamma=cfg.awp.gamma) if cfg.awp.gamma > 0 else None
     return _Trial(cfg=cfg, device=device, data=data, model=model, opt=opt, params=MethodParams.from_config(cfg), probes=epoch_probes(cfg, data),
-                  ema=ema)
+                  ema=ema, awp=awp)
 
 
 def _resume(trial: _Trial, output: _Output) -> tuple[OnlineDetector, _Progress]:
@@ -497,7 +512,8 @@ def _train(train_model: nn.Module, trial: _Trial, epoch: int) -> tuple[dict[str,
     """One epoch of training (:func:`_train_epoch`) and its seconds, the device synchronised so
     that they time the work and not its queueing."""
     t0 = time.perf_counter()
-    train = _train_epoch(train_model, trial.opt, trial.cfg, trial.data, trial.params, epoch, trial.device, average=trial.average(epoch))
+    train = _train_epoch(train_model, trial.opt, trial.cfg, trial.data, trial.params, epoch, trial.device, average=trial.average(epoch),
+                         awp=trial.perturbation(epoch))
     trial.follow(epoch)
     if trial.device.type == "cuda":
         torch.cuda.synchronize()

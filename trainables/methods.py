@@ -1,9 +1,12 @@
 """Adversarial-training methods: one record per method, one registry.
 
-Every method is ``method_loss(model, x, y, *, params) -> (loss, parts)`` (TRADES'
-``trades_loss(..., beta=...)``): ``loss`` is the scalar to back-propagate, ``parts`` holds the
-detached per-batch values the engine reports (clean logits, the logits of the inputs trained
-on, per-sample weights). The training loop never branches on a method's name.
+Every method is ``method_loss(model, x, y, x_adv, *, params) -> (loss, parts)``, given the
+inputs `x_adv` its attack crafted (:attr:`Method.craft`; the clean `x` for a method without
+one): ``loss`` is the scalar to back-propagate, ``parts`` holds the detached per-batch values
+the engine reports (clean logits, the logits of the inputs trained on, per-sample weights).
+Crafting is kept out of the loss so that the same x* can be trained on with other weights:
+adversarial weight perturbation (trainables.awp) takes its ascent step on the method's own loss
+at the x* crafted before it. The training loop never branches on a method's name.
 
 A method is one :class:`Method` in :data:`METHODS`, holding all that is particular to it: its
 loss, the attack that crafts its x* (the energy probes use it too, so ``probe_train_dE`` is
@@ -115,8 +118,8 @@ def _ones(x: torch.Tensor) -> torch.Tensor:
     return torch.ones(x.shape[0], device=x.device)
 
 
-def standard(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, params: MethodParams) -> tuple[torch.Tensor, Parts]:
-    """Plain cross-entropy on clean inputs: the non-robust baseline."""
+def standard(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor, *, params: MethodParams) -> tuple[torch.Tensor, Parts]:
+    """Plain cross-entropy on clean inputs: the non-robust baseline (`x_adv` is `x`)."""
     import torch.nn.functional as F
 
     logits = model(x)
@@ -124,33 +127,30 @@ def standard(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, params: Meth
     return loss, Parts(logits.detach(), logits.detach(), _ones(x))
 
 
-def sat(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, params: MethodParams) -> tuple[torch.Tensor, Parts]:
+def sat(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor, *, params: MethodParams) -> tuple[torch.Tensor, Parts]:
     """PGD-AT (Madry et al. 2018, arXiv 1706.06083): CE(f(x*), y) with x* from untargeted PGD."""
     import torch.nn.functional as F
 
-    x_adv = craft_pgd(model, x, y, params)
     logits_adv = model(x_adv)
     loss = F.cross_entropy(logits_adv, y)
     return loss, Parts(_clean_logits_for_metrics(model, x), logits_adv.detach(), _ones(x))
 
 
-def fgsm_rs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, params: MethodParams) -> tuple[torch.Tensor, Parts]:
+def fgsm_rs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor, *, params: MethodParams) -> tuple[torch.Tensor, Parts]:
     """Single-step AT with FGSM and a random start (Wong et al. 2020, arXiv 2001.03994): the CO-prone case."""
     import torch.nn.functional as F
 
-    x_adv = craft_fgsm_rs(model, x, y, params)
     logits_adv = model(x_adv)
     loss = F.cross_entropy(logits_adv, y)
     return loss, Parts(_clean_logits_for_metrics(model, x), logits_adv.detach(), _ones(x))
 
 
-def trades(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, params: MethodParams) -> tuple[torch.Tensor, Parts]:
+def trades(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor, *, params: MethodParams) -> tuple[torch.Tensor, Parts]:
     """TRADES (Zhang et al. 2019, arXiv 1901.08573): CE(f(x), y) + beta * KL(p(.|x) || p(.|x*))."""
     import torch.nn.functional as F
 
     from trainables.energy import kl_per_sample
 
-    x_adv = craft_trades(model, x, y, params)
     logits, logits_adv = model(x), model(x_adv)
     per_sample = F.cross_entropy(logits, y, reduction="none") + params.beta * kl_per_sample(logits, logits_adv)
     return per_sample.mean(), Parts(logits.detach(), logits_adv.detach(), _ones(x))
@@ -168,7 +168,7 @@ def weat_weights(energy: torch.Tensor, w: WeatConfig) -> torch.Tensor:
     return weights / weights.mean() if w.normalize else weights
 
 
-def weat(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, params: MethodParams) -> tuple[torch.Tensor, Parts]:
+def weat(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor, *, params: MethodParams) -> tuple[torch.Tensor, Parts]:
     """WEAT (Mirza et al. 2024, arXiv 2407.06315): energy-weighted TRADES.
 
     sum_i w_i [CE(f(x*_i) or f(x_i), y_i) + beta * KL(p(.|x_i) || p(.|x*_i))] / B, with
@@ -179,7 +179,6 @@ def weat(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, params: MethodPa
     from trainables.energy import kl_per_sample, marginal_energy
 
     w = params.weat
-    x_adv = craft_trades(model, x, y, params)
     logits, logits_adv = model(x), model(x_adv)
     weights = weat_weights(marginal_energy(logits if w.energy == "natural" else logits_adv), w)
     ce = F.cross_entropy(logits_adv if w.variant == "adv" else logits, y, reduction="none")
@@ -200,7 +199,7 @@ def delta_energy_penalty(
     return (torch.stack([d_marginal, d_joint], dim=1).norm(dim=1) - gamma).clamp_min(0.0)
 
 
-def der(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, params: MethodParams) -> tuple[torch.Tensor, Parts]:
+def der(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor, *, params: MethodParams) -> tuple[torch.Tensor, Parts]:
     """Delta Energy Regularizer (arXiv 2505.22486): CE(f(x*), y) + beta * gate * max(||[dE, dE_y]|| - gamma, 0).
 
     Multi-step (PGD) x*: gate = 1. Single-step (``der.single_step``, FGSM-RS x*): gate = 1 only
@@ -208,7 +207,6 @@ def der(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, params: MethodPar
     """
     import torch.nn.functional as F
 
-    x_adv = craft_der(model, x, y, params)
     logits, logits_adv = model(x), model(x_adv)
     ce_adv = F.cross_entropy(logits_adv, y, reduction="none")
     if params.der.single_step:
@@ -220,14 +218,13 @@ def der(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, params: MethodPar
     return loss, Parts(logits.detach(), logits_adv.detach(), gate)
 
 
-def mart(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, params: MethodParams) -> tuple[torch.Tensor, Parts]:
+def mart(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor, *, params: MethodParams) -> tuple[torch.Tensor, Parts]:
     """MART (Wang et al. 2020, ICLR): boosted CE on x* + beta * KL(p(x)||p(x*)) * (1 - p_y(x))."""
     import torch
     import torch.nn.functional as F
 
     from trainables.energy import kl_per_sample
 
-    x_adv = craft_pgd(model, x, y, params)
     logits, logits_adv = model(x), model(x_adv)
     adv_probs = logits_adv.softmax(dim=1)
     top2 = adv_probs.topk(2, dim=1).indices
@@ -248,6 +245,7 @@ class Method:
     label: str  # its name in prose, tables and figures
     loss: MethodLoss
     craft: Craft  # the attack whose x* the method trains on; the probes use it too
+    trains_on_attack: bool = True  # False: training crafts nothing and the loss gets x as x_adv (standard)
     bn: BnMode  # batch-norm mode its reference code crafts the training x* in (`attack.bn: auto`)
     start: Start  # where its reference code starts the training attack (`attack.start: auto`)
     # the spec keys only this method reads, a trailing dot for a whole block ("weat."): a study's
@@ -258,6 +256,18 @@ class Method:
     # AT method; clean accuracy for a model trained without an adversary, whose robust accuracy is
     # highest before it has learnt anything (its epoch 0)
     select: SelectMetric = "val_robust_acc"
+    # epochs before adversarial weight perturbation starts under `awp.warmup: null`: the AWP
+    # reference's, 10 for TRADES (and WEAT, built on it), 0 for PGD-AT and the rest
+    awp_warmup: int = 0
+
+    def inputs(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, params: MethodParams) -> torch.Tensor:
+        """The x_adv its loss trains on: its attack's x*, or x for a method that crafts none."""
+        return self.craft(model, x, y, params) if self.trains_on_attack else x
+
+    def batch_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, params: MethodParams) -> tuple[torch.Tensor, Parts]:
+        """Craft and loss in one call: the method's training loss on a batch, as the engine
+        computes it without weight perturbation."""
+        return self.loss(model, x, y, self.inputs(model, x, y, params), params=params)
 
     @property
     def summary(self) -> str:
@@ -273,15 +283,21 @@ class Method:
 METHODS: dict[str, Method] = {
     # trains on clean inputs and crafts nothing in training; its probes measure it against PGD,
     # the usual threat
-    "standard": Method(label="standard", loss=standard, craft=craft_pgd, bn="eval", start="uniform", select="val_clean_acc"),
+    "standard": Method(label="standard", loss=standard, craft=craft_pgd, trains_on_attack=False, bn="eval", start="uniform",
+                       select="val_clean_acc"),
     "sat": Method(label="SAT", loss=sat, craft=craft_pgd, bn="train", start="uniform"),
-    "trades": Method(label="TRADES", loss=trades, craft=craft_trades, bn="eval", start="gaussian", spec_keys=("beta",)),
-    "weat": Method(label="WEAT", loss=weat, craft=craft_trades, bn="eval", start="gaussian", spec_keys=("beta", "weat.")),
+    "trades": Method(label="TRADES", loss=trades, craft=craft_trades, bn="eval", start="gaussian", spec_keys=("beta",), awp_warmup=10),
+    "weat": Method(label="WEAT", loss=weat, craft=craft_trades, bn="eval", start="gaussian", spec_keys=("beta", "weat."), awp_warmup=10),
     # DER builds on PGD-AT or FGSM-RS and crafts as they do (its code was not available to us)
     "der": Method(label="DER", loss=der, craft=craft_der, bn="train", start="uniform", spec_keys=("beta", "der.")),
     "fgsm_rs": Method(label="FGSM-RS", loss=fgsm_rs, craft=craft_fgsm_rs, bn="train", start="uniform"),
     "mart": Method(label="MART", loss=mart, craft=craft_pgd, bn="eval", start="gaussian", spec_keys=("beta",)),
 }
+
+
+def awp_warmup(cfg: TrialConfig) -> int:
+    """Epochs before adversarial weight perturbation starts: `awp.warmup`, or the method's reference."""
+    return METHODS[cfg.method].awp_warmup if cfg.awp.warmup is None else cfg.awp.warmup
 
 
 def selection_metric(cfg: TrialConfig) -> SelectMetric:
