@@ -228,6 +228,8 @@ def _subjects(args: argparse.Namespace, *, n: int | None, eval_steps: int) -> tu
     misplaced = sorted(given - _APPLIES[kind])
     if misplaced:
         raise EnergyatError(f"{', '.join(misplaced)} {'does' if len(misplaced) == 1 else 'do'} not apply to {kind}: {_WHY[kind]}")
+    if args.last and kind != "--trial":
+        raise EnergyatError(f"--last applies to --trial (a trial's last epoch); {kind} names one set of weights")
     if args.checkpoint is not None and args.model is None:
         raise EnergyatError("--checkpoint needs --model ARCH (the architecture the state dict is for)")
     if kind == "--trial":  # energyat's own trials, in DIR: their own dataset, model and threat model
@@ -238,7 +240,7 @@ def _subjects(args: argparse.Namespace, *, n: int | None, eval_steps: int) -> tu
             raise EnergyatError(
                 f"{args.directory} has no trial with a best checkpoint yet" if args.command == "landscape" else "give --trial ID (or best)"
             )
-        return args.directory, [trial_subject(args.directory, t) for t in found]
+        return args.directory, [trial_subject(args.directory, t, last=args.last) for t in found]
     out = args.directory or "."
     if is_uri(out):
         raise EnergyatError(f"{out}: results of models from outside are written to a local directory")
@@ -417,6 +419,8 @@ def _subject_flags(p: argparse.ArgumentParser, *, what: str) -> None:
         metavar="ID",
         help="a trial id of DIR, or `best` (the highest best validation robust accuracy); repeatable",
     )
+    g.add_argument("--last", action="store_true",
+                   help="with --trial: the weights of the trial's last epoch (last.pt) instead of its best (to measure robust overfitting)")
     g.add_argument("--checkpoint", type=Path, default=None, metavar="FILE", help="a plain state_dict (`module.` prefix stripped) for --model")
     g.add_argument(
         "--model",

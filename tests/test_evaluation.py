@@ -269,6 +269,20 @@ def test_eval_of_a_trial_reproduces_its_final_evaluation_and_writes_evals_rows(r
     assert "Test-set evaluations" in page and "energyat eval" in page
 
 
+def test_eval_last_reads_the_last_epochs_weights(robust: Path, tmp_path: Path) -> None:
+    # --last: last.pt's weights, the same numbers as that state dict given as a file, in rows of their own
+    file = tmp_path / "last.pt"
+    torch.save(checkpoint.load(robust / "checkpoints/train/last.pt")["model"], file)
+    assert main(["eval", str(robust), "--trial", "train", "--last", "--n", "64", "--attacks", "clean,pgd", "--pgd-steps", "20"]) == 0
+    assert main(["eval", str(tmp_path / "out"), "--checkpoint", str(file), "--model", "small_cnn", "--dataset", "digits", "--eps", "0.15",
+                 "--n", "64", "--attacks", "clean,pgd", "--pgd-steps", "20", "--seed", str(ROBUST["seed"])]) == 0
+    last = {r["attack"]: r["accuracy"] for r in _evals(robust) if r["checkpoint"].endswith("last.pt")}
+    assert last == {r["attack"]: r["accuracy"] for r in _evals(tmp_path / "out")}
+    best, final = _trial_row(robust)["best_epoch"], _trial_row(robust)["final_pgd_acc"]
+    assert best < ROBUST["epochs"] - 1 and last["pgd"] != final  # the fixture's best is not its last: the two differ
+    assert main(["eval", str(tmp_path / "x"), "--checkpoint", str(file), "--model", "small_cnn", "--last", "--n", "8"]) == 2
+
+
 @pytest.mark.parametrize("wrap", ["plain", "module", "state_dict"])
 def test_eval_of_a_state_dict_file_gives_the_trials_numbers(robust: Path, tmp_path: Path, wrap: str) -> None:
     # the trial's best weights as a researcher's own file: a plain state_dict, DataParallel's

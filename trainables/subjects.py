@@ -99,12 +99,14 @@ def _spec_document(spec_file: Path) -> dict[str, Any]:
     return document
 
 
-def trial_subject(directory: str | Path, trial_id: str, *, epoch: int | None = None) -> Subject:
+def trial_subject(directory: str | Path, trial_id: str, *, epoch: int | None = None, last: bool = False) -> Subject:
     """The spec and best checkpoint of `trial_id` in a local study or train-output directory
     (``best``: the trial with the highest best validation robust accuracy). With `epoch`, the
     checkpoint kept when that epoch was the new best (``best-e<epoch>.pt``, from
-    `keep_best_checkpoints`) instead of the last best."""
-    name = "best.pt" if epoch is None else f"best-e{epoch:04d}.pt"
+    `keep_best_checkpoints`) instead of the last best; with `last`, the last epoch's (``last.pt``)."""
+    if last and epoch is not None:
+        raise EnergyatError("give an epoch's kept checkpoint or the last one, not both")
+    name = "last.pt" if last else "best.pt" if epoch is None else f"best-e{epoch:04d}.pt"
     trial_id = best_trial(directory) if trial_id == "best" else check_name(trial_id, "--trial")
     if is_uri(directory):
         raise EnergyatError(f"{directory}: checkpoints are read from a local directory; copy the study (spec.yaml, tune/<trial>) to disk first")
