@@ -437,6 +437,70 @@ def table(recipe: str, results: Sequence[dict[str, Any]], *, n: int) -> str:
     return "\n".join(lines)
 
 
+ENERGY_FAMILIES = ("alarm_patience", "energy_patience", "asha_energy")
+BASELINE_FAMILIES = ("patience", "asha")
+GOAL_SAVED = 0.30  # the issue's goal: at least 30% of the full run's trial-epochs saved
+# STOP_PATIENCE's criterion, fixed before any replay of the suite's runs: the smallest k at which
+# "alarm, then patience k" gives up no validation robust accuracy in the median trial and at most
+# this much (10 of 1,000 validation images) in the worst trial, on every recipe. Validation only.
+PATIENCE_WORST_REGRET = 0.01
+
+
+def overfits(onset_rows: Sequence[dict[str, Any]]) -> bool:
+    """A recipe overfits when most of its trials' validation robust loss has a minimum it then rises from."""
+    return sum(r["truth"] is not None for r in onset_rows) > len(onset_rows) / 2
+
+
+def judge(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each energy rule at each k against the goal: trial-epochs saved against the full run, its
+    picks' test PGD-20 against the full run's (within 1 SE of it), and whether a baseline rule
+    (plain patience, ASHA) at any k dominates it: no more trial-epochs and a higher accuracy, or
+    fewer trial-epochs and no lower accuracy."""
+    base = next(r for r in results if r["family"] == "none")
+    base_pgd, base_se = mean_accuracy(base["picks"], "pgd")
+    points = [(r["family"], r["k"], r["trial_epochs"], mean_accuracy(r["picks"], "pgd")[0]) for r in results]
+    out = []
+    for family, k, epochs, pgd in points:
+        if family not in ENERGY_FAMILIES:
+            continue
+        dominated = [f"{f}:{kk}" for f, kk, e, a in points if f in BASELINE_FAMILIES
+                     and ((e <= epochs and a > pgd) or (e < epochs and a >= pgd))]
+        saved = 1 - epochs / base["trial_epochs"]
+        out.append({"family": family, "k": k, "saved": saved, "delta": pgd - base_pgd, "se": base_se,
+                    "within_1se": abs(pgd - base_pgd) <= base_se, "dominated_by": dominated,
+                    "meets_goal": saved >= GOAL_SAVED and abs(pgd - base_pgd) <= base_se and not dominated})
+    return out
+
+
+def verdict_text(by_recipe: dict[str, list[dict[str, Any]]], onset_rows: dict[str, list[dict[str, Any]]]) -> str:
+    """The goal's verdict per recipe: on a recipe that overfits, the energy rules that save 30% of
+    trial-epochs within 1 SE of the full run's picks and that no baseline dominates; on one that
+    does not, the energy rules that cost more than 1 SE."""
+    lines = []
+    for recipe, results in by_recipe.items():
+        judged = judge(results)
+        if overfits(onset_rows[recipe]):
+            winners = [f"{j['family']}:{j['k']} (saves {j['saved']:.0%}, {j['delta']:+.4f})" for j in judged if j["meets_goal"]]
+            lines.append(f"- **{recipe}** overfits (validation robust loss rises after its minimum in "
+                         f"{sum(r['truth'] is not None for r in onset_rows[recipe])} of {len(onset_rows[recipe])} trials): "
+                         + (f"the goal is met by {', '.join(winners)}." if winners else "no energy rule meets the goal."))
+        else:
+            costly = [f"{j['family']}:{j['k']} ({j['delta']:+.4f})" for j in judged if j["delta"] < -j["se"]]
+            lines.append(f"- **{recipe}** does not overfit: "
+                         + (f"energy rules costing more than 1 SE: {', '.join(costly)}." if costly else "no energy rule costs more than 1 SE."))
+    return "\n".join(lines)
+
+
+def chosen_patience(by_recipe: dict[str, list[dict[str, Any]]]) -> int | None:
+    """STOP_PATIENCE by :data:`PATIENCE_WORST_REGRET`'s criterion, on validation numbers only; None
+    when no k of the suite meets it."""
+    for k in KS:
+        rows = [r for results in by_recipe.values() for r in results if (r["family"], r["k"]) == ("alarm_patience", k)]
+        if rows and all(r["val_regret_median"] <= 0 and r["val_regret_max"] <= PATIENCE_WORST_REGRET for r in rows):
+            return k
+    return None
+
+
 def onset_table(by_recipe: dict[str, list[dict[str, Any]]]) -> str:
     lines = ["| recipe | trials | overfit (val loss) | onsets placed | matched | median abs error | worst abs error | false alarms | missed |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -518,7 +582,7 @@ def replay_command(args: argparse.Namespace) -> None:
     header = (f"# {time.strftime('%Y-%m-%d %H:%M')} {os.cpu_count()} CPUs, git {git_sha()[:12]}, versions {versions()}\n"
               f"# python benchmarks/stoppers.py replay {' '.join(args.studies)} --n {args.n} --autoattack-n {args.autoattack_n}"
               f" --autoattack-for {','.join(f'{f}:{k}' for f, k in sorted(args.autoattack_for))}")
-    sections, by_recipe, everything = [header], {}, []
+    sections, by_recipe, everything, results_by_recipe = [header], {}, [], {}
     for study_dir in args.studies:
         recipe = recipe_of(study_dir)
         trials = load_trials(study_dir)
@@ -528,9 +592,15 @@ def replay_command(args: argparse.Namespace) -> None:
         sections.append(table(recipe, results, n=args.n))
         pareto_figure(recipe, results, out / f"pareto-{recipe}.png")
         by_recipe[recipe] = onsets(trials)
+        results_by_recipe[recipe] = results
         everything += [{"recipe": recipe, **r} for r in results]
         print(sections[-1], flush=True)
     sections.append("Offline onset against the validation robust-loss minimum:\n\n" + onset_table(by_recipe))
+    patience = chosen_patience(results_by_recipe)
+    sections.append("Verdict (energy rules: alarm_patience, energy_patience, asha_energy; baselines: patience, asha):\n\n"
+                    + verdict_text(results_by_recipe, by_recipe)
+                    + f"\n\nSTOP_PATIENCE by its validation criterion (median trial gives up nothing, worst at most "
+                    f"{PATIENCE_WORST_REGRET}): {patience if patience is not None else 'no k of the suite meets it'}")
     text = "\n\n".join(sections) + "\n"
     print(sections[-1])
     (out / "stoppers.md").write_text(text)

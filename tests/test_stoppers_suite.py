@@ -114,3 +114,39 @@ def test_a_pick_at_an_epoch_without_a_kept_checkpoint_is_refused_in_one_line(ful
     with pytest.raises(StoreError, match="kept no checkpoint of epoch 999"):
         trial_subject(str(full), trial_id, epoch=999)
     assert trial_subject(str(full), trial_id, epoch=0).weights.endswith("best-e0000.pt")  # epoch 0 is always a new best
+
+
+def _result(family: str, k: int, trial_epochs: int, pgd: float, regret: tuple[float, float] = (0.0, 0.0)) -> dict:
+    picks = [{"seed": s, "pgd": {"accuracy": pgd, "n": 2500}} for s in (0, 1)]
+    return {"family": family, "k": k, "trial_epochs": trial_epochs, "picks": picks, "val_regret_median": regret[0], "val_regret_max": regret[1]}
+
+
+def test_the_verdict_applies_the_goal_saved_within_one_se_and_not_dominated() -> None:
+    # the full run's picks: 0.50 on 2 x 2,500 images, SE 0.0071
+    results = [_result("none", 0, 100, 0.50), _result("patience", 2, 60, 0.49), _result("asha", 2, 40, 0.47),
+               _result("alarm_patience", 2, 65, 0.50),  # saves 35%, no loss, no baseline dominates: meets the goal
+               _result("energy_patience", 2, 80, 0.50),  # saves 20%: short of 30%
+               _result("asha_energy", 2, 50, 0.48),  # 2 points below: more than 1 SE
+               _result("alarm_patience", 4, 62, 0.485)]  # patience:2 has fewer trial-epochs and more accuracy: dominated
+    judged = {(j["family"], j["k"]): j for j in stoppers.judge(results)}
+    assert set(judged) == {("alarm_patience", 2), ("energy_patience", 2), ("asha_energy", 2), ("alarm_patience", 4)}
+    assert judged[("alarm_patience", 2)]["meets_goal"] and judged[("alarm_patience", 2)]["saved"] == pytest.approx(0.35)
+    assert not judged[("energy_patience", 2)]["meets_goal"] and judged[("energy_patience", 2)]["within_1se"]
+    assert not judged[("asha_energy", 2)]["within_1se"] and judged[("asha_energy", 2)]["se"] == pytest.approx(math.sqrt(0.25 / 2500) / math.sqrt(2))
+    assert judged[("alarm_patience", 4)]["dominated_by"] == ["patience:2"]
+    overfit = [{"truth": 30}, {"truth": 41}, {"truth": None}]
+    flat = [{"truth": None}, {"truth": None}, {"truth": 12}]
+    text = stoppers.verdict_text({"rice": results, "onecycle": results}, {"rice": overfit, "onecycle": flat})
+    assert "**rice** overfits (validation robust loss rises after its minimum in 2 of 3 trials): the goal is met by alarm_patience:2 (saves 35%" in text
+    assert "**onecycle** does not overfit: energy rules costing more than 1 SE: asha_energy:2 (-0.0200), alarm_patience:4 (-0.0150)." in text
+
+
+def test_stop_patience_is_the_smallest_k_whose_validation_regret_meets_the_criterion() -> None:
+    def recipe(regrets: dict[int, tuple[float, float]]) -> list[dict]:
+        return [_result("alarm_patience", k, 100, 0.5, regrets.get(k, (0.0, 0.0))) for k in stoppers.KS]
+
+    a = recipe({2: (0.0, 0.05), 4: (0.0, 0.02)})
+    b = recipe({2: (0.001, 0.01), 4: (0.0, 0.01), 6: (0.0, 0.02)})
+    assert stoppers.chosen_patience({"a": a, "b": b}) == 8  # 2 and 4 fail on a, 6 on b
+    assert stoppers.chosen_patience({"a": a}) == 6
+    assert stoppers.chosen_patience({"a": recipe(dict.fromkeys(stoppers.KS, (0.0, 0.5)))}) is None
