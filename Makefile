@@ -23,7 +23,7 @@ lint: $(STAMP)
 	$(BIN)/mypy study trainables analysis
 
 test: lint
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
 
 # The quickstart study on digits (local Ray, CPU), samples from its best trial, the energy
 # landscape of all its trials, then its report. A second `make demo`
