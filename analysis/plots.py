@@ -28,6 +28,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 from analysis.phases import PhaseResult
+from analysis.trials import columns, online_alarm_epoch
 
 PHASE_COLOURS = {1: "#dbe9f6", 2: "#e2f0d9", 3: "#f9dcdc"}  # light blue, green, red
 PHASE_NAMES = {1: "phase 1: fast change", 2: "phase 2: flat dE", 3: "phase 3: divergence (RO)"}
@@ -43,29 +44,6 @@ class NoData(ValueError):
 
 
 # -- input -----------------------------------------------------------------------------------------
-def columns(rows: Any) -> dict[str, np.ndarray]:
-    """Rows as a dict of numpy columns: from a pyarrow Table, a mapping of sequences or a DataFrame.
-
-    Nulls become NaN in numeric columns and None in the others.
-    """
-    if hasattr(rows, "column_names") and hasattr(rows, "column"):  # pyarrow Table
-        return {name: _to_numpy(rows.column(name)) for name in rows.column_names}
-    if isinstance(rows, Mapping):
-        return {str(k): np.asarray(v) for k, v in rows.items()}
-    if hasattr(rows, "columns"):  # a pandas DataFrame, without importing pandas
-        return {str(k): np.asarray(rows[k]) for k in rows.columns}
-    raise TypeError(f"expected a pyarrow Table or a mapping of columns, got {type(rows).__name__}")
-
-
-def _to_numpy(column: Any) -> np.ndarray:
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    if pa.types.is_integer(column.type) or pa.types.is_floating(column.type):
-        return np.asarray(pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False), dtype=float)
-    return np.asarray(column.to_pylist(), dtype=object)
-
-
 def _float(cols: Mapping[str, np.ndarray], name: str, n: int) -> np.ndarray:
     """Column `name` as floats (NaN for nulls), or all NaN when the column is absent."""
     if name not in cols:
@@ -97,18 +75,6 @@ def _save(fig: Figure, path: Path) -> Path:
 
 
 # -- one trial ---------------------------------------------------------------------------------------
-def online_alarm_epoch(epochs: Mapping[str, np.ndarray], phases: PhaseResult) -> int | None:
-    """First epoch whose `alarm` was raised during training (as the stopper saw it).
-
-    Falls back on the alarm of the online rule replayed by :func:`analysis.phases.detect` when
-    the rows have no `alarm` column.
-    """
-    if "alarm" not in epochs:
-        return phases.alarm_epoch
-    raised = [int(e) for e, a in zip(epochs["epoch"], epochs["alarm"], strict=True) if a is not None and bool(a)]
-    return min(raised) if raised else None
-
-
 def _shade_phases(ax: Axes, epochs: np.ndarray, labels: np.ndarray) -> None:
     """Shade each run of equal phase labels, from half an epoch before to half an epoch after."""
     start = 0

@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import html
 import json
-import math
 import os
 import re
 import shutil
@@ -34,9 +33,9 @@ import pyarrow.parquet as pq
 
 from analysis import plots, seeds
 from analysis.errors import EnergyatError, StoreError, one_line
-from analysis.phases import DETECTOR_COLUMNS, PhaseResult, detect
 from analysis.query import open_tables
 from analysis.store import filesystem, is_uri, join
+from analysis.trials import epochs_of, fetch, int_or_none, missing, online_alarm_epoch, phases_of, rows_of, trial_rows
 
 # the trials table's columns, in this order (config columns weat_* are added after `beta`)
 _TABLE_HEAD = ("trial_id", "status", "stop_reason", "method", "beta")
@@ -46,98 +45,18 @@ _TABLE_TAIL = (
 )
 
 
-def _fetch(con: duckdb.DuckDBPyConnection, sql: str, **params: Any) -> dict[str, Any]:
-    return plots.columns(con.sql(sql, params=params or None).to_arrow_table())
-
-
-def _rows(cols: Mapping[str, Any]) -> list[dict[str, Any]]:
-    n = len(next(iter(cols.values()))) if cols else 0
-    return [{k: _plain(v[i]) for k, v in cols.items()} for i in range(n)]
-
-
-def _plain(value: Any) -> Any:
-    """numpy scalars as Python values; NaN stays NaN."""
-    return value.item() if hasattr(value, "item") else value
-
-
-def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
-def _int_or_none(value: Any) -> int | None:
-    return None if _missing(value) else int(value)
-
-
-def _trial_rows(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
-    """The `trials` rows, plus a bare row for a trial with `epochs` rows but no `trials` row yet."""
-    rows = _rows(_fetch(con, "select * from trials"))
-    known = {r["trial_id"] for r in rows}
-    for r in _rows(_fetch(con, "select trial_id, any_value(method) as method, count(*) as epochs_run from epochs group by 1")):
-        if r["trial_id"] not in known:
-            rows.append({**r, "status": "RUNNING"})
-    return rows
-
-
 def _best_first(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     def key(r: dict[str, Any]) -> tuple[bool, float, str]:
         acc = r.get("best_val_robust_acc")
-        missing = _missing(acc)
-        return (missing, 0.0 if missing else -float(cast(float, acc)), str(r["trial_id"]))
+        absent = missing(acc)
+        return (absent, 0.0 if absent else -float(cast(float, acc)), str(r["trial_id"]))
 
     return sorted(rows, key=key)
 
 
-def _epochs_of(con: duckdb.DuckDBPyConnection, trial_id: str) -> dict[str, Any]:
-    return _fetch(con, "select * from epochs where trial_id = $id order by epoch", id=trial_id)
-
-
-def _phases(epochs: Mapping[str, Any]) -> PhaseResult:
-    # the detector's own columns, so that offline labels replay exactly what the stopper saw
-    return detect({name: epochs[name] for name in DETECTOR_COLUMNS})
-
-
-def phases_table(directory: str | os.PathLike[str], trial: str | None = None) -> list[dict[str, Any]]:
-    """Offline phases and the robust-overfitting onset of every trial (or of one), by trial id.
-
-    Each row: ``trial_id, method, epochs, phase2_start, phase3_start`` (offline
-    :func:`analysis.phases.detect` on the trial's `epochs` rows), ``alarm_epoch`` (the online
-    alarm as recorded during training), ``best_epoch, best_val_robust_acc``.
-
-    Raises:
-        StoreError: `directory` holds no tables, or `trial` is not one of its trial ids.
-    """
-    con = open_tables(directory)
-    try:
-        trials = {r["trial_id"]: r for r in _trial_rows(con)}
-        ids = sorted(trials)
-        if trial is not None:
-            if trial not in trials:
-                known = ", ".join(ids) if ids else "none yet"
-                raise StoreError(f"no trial `{trial}` in {directory}; known trial ids: {known}")
-            ids = [trial]
-        out = []
-        for tid in ids:
-            epochs = _epochs_of(con, tid)
-            phases = _phases(epochs)
-            best = trials[tid].get("best_val_robust_acc")
-            out.append({
-                "trial_id": tid,
-                "method": trials[tid].get("method"),
-                "epochs": len(epochs["epoch"]),
-                "phase2_start": phases.phase2_start,
-                "phase3_start": phases.phase3_start,
-                "alarm_epoch": plots.online_alarm_epoch(epochs, phases),
-                "best_epoch": _int_or_none(trials[tid].get("best_epoch")),
-                "best_val_robust_acc": None if _missing(best) else float(cast(float, best)),
-            })
-        return out
-    finally:
-        con.close()
-
-
 # -- HTML ----------------------------------------------------------------------------------------
 def _cell(value: Any) -> str:
-    if _missing(value):
+    if missing(value):
         return "&ndash;"
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -215,8 +134,8 @@ def _seeds(page: _Page, trials: Sequence[dict[str, Any]]) -> None:
              "<tr><th>arm</th><th>seeds</th>" + "".join(f"<th>{html.escape(m)}</th>" for m in _SEED_METRICS) + "</tr>"]
     for r in rows:
         cells = "".join(f"<td>{html.escape(str(r[m]))}</td>" for m in _SEED_METRICS)
-        # the page reads every number column as float64 (plots.columns): seed 1.0 is shown as 1
-        shown = ", ".join(str(_int_or_none(s)) if not _missing(s) and float(s).is_integer() else str(s) for s in r["seeds"])
+        # the page reads every number column as float64 (columns): seed 1.0 is shown as 1
+        shown = ", ".join(str(int_or_none(s)) if not missing(s) and float(s).is_integer() else str(s) for s in r["seeds"])
         lines.append(f"<tr><td>{html.escape(r['arm'])}</td><td>{html.escape(shown)}</td>{cells}</tr>")
     lines.append("</table>")
     page.add("\n".join(lines))
@@ -228,7 +147,7 @@ _EVAL_COLUMNS = ("trial_id", "source", "model", "attack", "steps", "norm", "eps"
 def _evals(page: _Page, con: duckdb.DuckDBPyConnection) -> None:
     """The `evals` rows, newest first: test-set accuracy in fp32 (docs/evaluation.md)."""
     page.add("<h2>Test-set evaluations</h2>")
-    rows = _rows(_fetch(con, f"select {', '.join(_EVAL_COLUMNS)} from evals order by evaluated_at desc, trial_id, attack"))
+    rows = rows_of(fetch(con, f"select {', '.join(_EVAL_COLUMNS)} from evals order by evaluated_at desc, trial_id, attack"))
     if not rows:
         page.add('<p class="note">no evaluations yet: each trial writes its final evaluation; `energyat eval DIR --trial ID` adds more</p>')
         return
@@ -240,7 +159,7 @@ def _evals(page: _Page, con: duckdb.DuckDBPyConnection) -> None:
 
 
 def _sample_epochs(con: duckdb.DuckDBPyConnection, trial_id: str) -> list[int]:
-    cols = _fetch(con, "select distinct epoch from samples where trial_id = $id and split = 'train' order by epoch", id=trial_id)
+    cols = fetch(con, "select distinct epoch from samples where trial_id = $id and split = 'train' order by epoch", id=trial_id)
     return [int(e) for e in cols.get("epoch", [])]
 
 
@@ -349,14 +268,14 @@ def _render(
     `local`: the directory itself when it is local (its samples/ and landscape/ are shown)."""
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        trials = _trial_rows(con)
-        epochs_by_trial = {str(r["trial_id"]): _epochs_of(con, str(r["trial_id"])) for r in trials}
-        phases_by_trial = {t: _phases(e) for t, e in epochs_by_trial.items()}
+        trials = trial_rows(con)
+        epochs_by_trial = {str(r["trial_id"]): epochs_of(con, str(r["trial_id"])) for r in trials}
+        phases_by_trial = {t: phases_of(e) for t, e in epochs_by_trial.items()}
         for r in trials:  # the table shows the phases the figures show: this detector's, now
             e, p = epochs_by_trial[str(r["trial_id"])], phases_by_trial[str(r["trial_id"])]
-            r.update(phase2_start=p.phase2_start, phase3_start=p.phase3_start, alarm_epoch=plots.online_alarm_epoch(e, p))
+            r.update(phase2_start=p.phase2_start, phase3_start=p.phase3_start, alarm_epoch=online_alarm_epoch(e, p))
         trials = _best_first(trials)
-        study = next((str(r["study"]) for r in trials if not _missing(r.get("study"))), name)
+        study = next((str(r["study"]) for r in trials if not missing(r.get("study"))), name)
 
         page = _Page(folder)
         page.add(f"<h1>energyat report: {html.escape(study)}</h1>")
@@ -370,8 +289,8 @@ def _render(
         _evals(page, con)
 
         page.add("<h2>Study</h2>")
-        trial_cols = _fetch(con, "select * from trials")
-        all_epochs = _fetch(con, "select trial_id, epoch, probe_train_dE from epochs")
+        trial_cols = fetch(con, "select * from trials")
+        all_epochs = fetch(con, "select trial_id, epoch, probe_train_dE from epochs")
         page.figure("study-pareto.png", "clean vs robust accuracy (Pareto front)", lambda p: plots.pareto_front(trial_cols, path=p))
         page.figure("study-delta-energy.png", "final delta energy vs best robust accuracy",
                     lambda p: plots.delta_energy_vs_robust(all_epochs, trial_cols, path=p))
@@ -395,7 +314,7 @@ def _render(
                 page.add(f'<p class="note">energy histograms and arrow plot of trial {html.escape(tid)}: skipped, no `samples` rows</p>')
                 continue
             chosen = _first_middle_last(with_samples)
-            samples = _fetch(
+            samples = fetch(
                 con,
                 "select * from samples where trial_id = $id and split = 'train' and list_contains($ep, epoch) order by epoch, index",
                 id=tid, ep=chosen,

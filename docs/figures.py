@@ -47,7 +47,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from analysis.phases import detect, ground_truth_onset
-from analysis.plots import columns, lr_drops, online_alarm_epoch, phase_figure
+from analysis.plots import lr_drops, phase_figure
+from analysis.trials import columns, online_alarm_epoch
 
 DATA = ROOT / "tests" / "data" / "phases"
 EXAMPLES = ROOT / "examples"

@@ -96,7 +96,7 @@ def _write_table(table: Any, fmt: str) -> None:
 def cmd_phases(args: argparse.Namespace) -> int:
     import pyarrow as pa
 
-    from analysis.report import phases_table
+    from analysis.trials import phases_table
 
     rows = phases_table(args.directory, args.trial)
     _write_table(pa.Table.from_pylist(rows), args.format)
@@ -173,7 +173,7 @@ def _status_text(study_dir: str) -> str:
     import pyarrow as pa
 
     from analysis.query import open_tables
-    from analysis.report import phases_table
+    from analysis.trials import phases_table
 
     con = open_tables(study_dir)
     lines = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,8 @@ from analysis import plots
 from analysis.errors import StoreError
 from analysis.phases import detect
 from analysis.query import open_tables
-from analysis.report import phases_table, write_report
+from analysis.report import write_report
+from analysis.trials import columns, phases_table
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -34,7 +36,7 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _rows(root: Path, sql: str) -> dict:
     con = open_tables(root)
     try:
-        return plots.columns(con.sql(sql).to_arrow_table())
+        return columns(con.sql(sql).to_arrow_table())
     finally:
         con.close()
 
@@ -150,3 +152,14 @@ def test_importances_need_a_journal_and_two_finished_trials(tmp_path: Path) -> N
     study.optimize(objective, n_trials=5)
     importances, note = study_importances(tmp_path)
     assert importances is not None and set(importances) == {"beta", "method"} and note is None
+
+
+@pytest.mark.parametrize("command", [["query", "select count(*) from epochs"], ["phases"]])
+def test_a_command_that_reads_tables_imports_neither_ray_nor_matplotlib_nor_torch(study: Path, command: list[str]) -> None:
+    # `status`, `query` and `phases` start in the time their imports take: Ray, matplotlib (and
+    # scipy through the report) and torch are seconds each, and none of them reads a table
+    code = ("import sys; from study.cli import main; code = main([sys.argv[1], sys.argv[2], *sys.argv[3:]]); "
+            "print(sorted(m for m in ('ray', 'matplotlib', 'torch', 'scipy') if m in sys.modules)); sys.exit(code)")
+    proc = subprocess.run([sys.executable, "-c", code, command[0], str(study), *command[1:]], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout

@@ -137,7 +137,8 @@ def test_the_verdict_applies_the_goal_saved_within_one_se_and_not_dominated() ->
     overfit = [{"truth": 30}, {"truth": 41}, {"truth": None}]
     flat = [{"truth": None}, {"truth": None}, {"truth": 12}]
     text = stoppers.verdict_text({"rice": results, "onecycle": results}, {"rice": overfit, "onecycle": flat})
-    assert "**rice** overfits (validation robust loss rises after its minimum in 2 of 3 trials): the goal is met by alarm_patience:2 (saves 35%" in text
+    assert ("**rice** overfits (validation robust loss rises after its minimum in 2 of 3 trials): "
+            "the goal is met by alarm_patience:2 (saves 35%") in text
     assert "**onecycle** does not overfit: energy rules costing more than 1 SE: asha_energy:2 (-0.0200), alarm_patience:4 (-0.0150)." in text
 
 
