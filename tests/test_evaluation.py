@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -270,16 +271,25 @@ def test_eval_of_a_trial_reproduces_its_final_evaluation_and_writes_evals_rows(r
 
 
 def test_eval_last_reads_the_last_epochs_weights(robust: Path, tmp_path: Path) -> None:
-    # --last: last.pt's weights, the same numbers as that state dict given as a file, in rows of their own
+    # --last: last.pt's weights, the same numbers as that state dict given as a file, in rows of
+    # their own. The copy's last.pt is made unlike its best.pt (the output layer's bias pushed to
+    # class 0), so that reading best.pt instead could not give the same numbers
+    study = tmp_path / "study"
+    shutil.copytree(robust, study)
+    last_pt = study / "checkpoints/train/last.pt"
+    state = checkpoint.load(last_pt)
+    bias = [k for k in state["model"] if k.endswith("bias")][-1]
+    state["model"][bias] = torch.zeros_like(state["model"][bias])
+    state["model"][bias][0] = 100.0
+    checkpoint.save(last_pt, state)
     file = tmp_path / "last.pt"
-    torch.save(checkpoint.load(robust / "checkpoints/train/last.pt")["model"], file)
-    assert main(["eval", str(robust), "--trial", "train", "--last", "--n", "64", "--attacks", "clean,pgd", "--pgd-steps", "20"]) == 0
+    torch.save(state["model"], file)
+    assert main(["eval", str(study), "--trial", "train", "--last", "--n", "64", "--attacks", "clean,pgd", "--pgd-steps", "20"]) == 0
     assert main(["eval", str(tmp_path / "out"), "--checkpoint", str(file), "--model", "small_cnn", "--dataset", "digits", "--eps", "0.15",
                  "--n", "64", "--attacks", "clean,pgd", "--pgd-steps", "20", "--seed", str(ROBUST["seed"])]) == 0
-    last = {r["attack"]: r["accuracy"] for r in _evals(robust) if r["checkpoint"].endswith("last.pt")}
+    last = {r["attack"]: r["accuracy"] for r in _evals(study) if r["checkpoint"].endswith("last.pt")}
     assert last == {r["attack"]: r["accuracy"] for r in _evals(tmp_path / "out")}
-    best, final = _trial_row(robust)["best_epoch"], _trial_row(robust)["final_pgd_acc"]
-    assert best < ROBUST["epochs"] - 1 and last["pgd"] != final  # the fixture's best is not its last: the two differ
+    assert last["clean"] != _trial_row(study)["final_clean_acc"]  # not the best checkpoint's numbers
     assert main(["eval", str(tmp_path / "x"), "--checkpoint", str(file), "--model", "small_cnn", "--last", "--n", "8"]) == 2
 
 
