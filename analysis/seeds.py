@@ -52,6 +52,16 @@ class Interval:
             return f"{self.mean:.4f} (1 seed)"
         return f"{self.mean:.4f} [{self.low:.4f}, {self.high:.4f}]"
 
+    def percent(self, *, signed: bool = False) -> str:
+        """In points, for tables: `71.23 [68.93, 73.54]`, the mean alone for one seed, `-` for none;
+        `signed` writes the sign (a difference: `+2.47 [+1.71, +3.23]`)."""
+        fmt = "+.2f" if signed else ".2f"
+        if self.n == 0:
+            return "-"
+        if self.n < 2:
+            return f"{100 * self.mean:{fmt}}"
+        return f"{100 * self.mean:{fmt}} [{100 * self.low:{fmt}}, {100 * self.high:{fmt}}]"
+
 
 def interval(values: Sequence[float | None]) -> Interval:
     """Mean and 95% t interval of `values` (NaNs, runs without the number, are left out)."""

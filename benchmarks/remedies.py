@@ -113,14 +113,6 @@ def last_numbers(study: str) -> dict[str, dict[str, float]]:
     return out
 
 
-def _pct(iv: Any) -> str:
-    if iv.n == 0:
-        return "-"
-    if iv.n < 2:
-        return f"{100 * iv.mean:+.2f}"
-    return f"{100 * iv.mean:+.2f} [{100 * iv.low:+.2f}, {100 * iv.high:+.2f}]"
-
-
 def report(args: argparse.Namespace) -> None:
     trials = finished(args.study)
     if not trials:
@@ -144,7 +136,7 @@ def report(args: argparse.Namespace) -> None:
         for name, values in pairs.items():
             best, lst = interval([b for b, _ in values]), interval([la for _, la in values])
             gap = interval([b - la for b, la in values])
-            cells += [f"{100 * best.mean:.2f}", f"{100 * lst.mean:.2f}" if lst.n else "-", _pct(gap)]
+            cells += [f"{100 * best.mean:.2f}", f"{100 * lst.mean:.2f}" if lst.n else "-", gap.percent(signed=True)]
             record[name] = {"best": best.mean, "last": lst.mean, "gap": gap.mean, "gap_low": gap.low, "gap_high": gap.high, "n": gap.n}
         alarms = [t["alarm_epoch"] for t in members]
         onsets = [t["phase3_start"] for t in members]

@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))  # run as a script from a checkout: analysis/ is b
 
 from analysis.errors import EnergyatError  # noqa: E402
 from analysis.query import open_tables  # noqa: E402
-from analysis.seeds import FINAL_METRICS, Interval, arms, paired, seeds_needed, summarize  # noqa: E402
+from analysis.seeds import FINAL_METRICS, arms, paired, seeds_needed, summarize  # noqa: E402
 from study.spec import load_spec  # noqa: E402
 
 SPEC = REPO / "examples" / "paper_fashion_cpu.yaml"
@@ -116,14 +116,6 @@ def judge_scores(study: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-def pct(iv: Interval) -> str:
-    if iv.n == 0:
-        return "-"
-    if iv.n < 2:
-        return f"{100 * iv.mean:.2f}"
-    return f"{100 * iv.mean:.2f} [{100 * iv.low:.2f}, {100 * iv.high:.2f}]"
-
-
 def table(head: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -145,7 +137,7 @@ def comparison(rows: Sequence[dict[str, Any]]) -> list[str]:
     body = []
     for arm in by_arm:
         s, paper = summary[arm], PAPER.get(arm)
-        body.append([arm, len(s["seeds"]), pct(s["final_clean_acc"]), pct(s["final_pgd_acc"]), pct(s["final_autoattack_acc"]),
+        body.append([arm, len(s["seeds"]), s["final_clean_acc"].percent(), s["final_pgd_acc"].percent(), s["final_autoattack_acc"].percent(),
                      f"{paper[0]:.2f} / {paper[1]:.2f}" if paper else "-"])
     out += table(["arm", "seeds", "clean", "PGD-20", "AutoAttack", "paper, CIFAR-10 (PGD-20 / AA)"], body) + [""]
 
@@ -170,7 +162,7 @@ def comparison(rows: Sequence[dict[str, Any]]) -> list[str]:
             else:
                 gap = PAPER[a][column] - PAPER[b][column]
                 effect, needed = f"{gap:+.2f}", _needed(seeds_needed(gap / 100, d.sd))
-            body.append([f"{a} - {b}", metric.removeprefix("final_").removesuffix("_acc"), per_seed, pct(d),
+            body.append([f"{a} - {b}", metric.removeprefix("final_").removesuffix("_acc"), per_seed, d.percent(),
                          f"{100 * d.sd:.2f}" if d.n > 1 else "-", f"{p['wins']}/{d.n}", _needed(p["seeds_needed"]),
                          _needed(p["seeds_needed_sd_high"]) if d.n > 1 else "-", effect, needed])
     out += table(["comparison", "metric", "per seed", "mean [95%]", "sd", "A ahead", "seeds needed", "at sd high", "paper's effect",
