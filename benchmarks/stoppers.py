@@ -443,6 +443,8 @@ GOAL_SAVED = 0.30  # the issue's goal: at least 30% of the full run's trial-epoc
 # STOP_PATIENCE's criterion, fixed before any replay of the suite's runs: the smallest k at which
 # "alarm, then patience k" gives up no validation robust accuracy in the median trial and at most
 # this much (10 of 1,000 validation images) in the worst trial, on every recipe. Validation only.
+# A rule that stopped no trial gives up nothing at every k and so tells nothing: with no alarmed
+# stop on any recipe there is no choice to make (the first replay, of `rice`, showed that case).
 PATIENCE_WORST_REGRET = 0.01
 
 
@@ -493,7 +495,9 @@ def verdict_text(by_recipe: dict[str, list[dict[str, Any]]], onset_rows: dict[st
 
 def chosen_patience(by_recipe: dict[str, list[dict[str, Any]]]) -> int | None:
     """STOP_PATIENCE by :data:`PATIENCE_WORST_REGRET`'s criterion, on validation numbers only; None
-    when no k of the suite meets it."""
+    when no k of the suite meets it, or when the rule stopped no trial at any k (no alarm led to a stop)."""
+    if not any(r["stopped"] for results in by_recipe.values() for r in results if r["family"] == "alarm_patience"):
+        return None
     for k in KS:
         rows = [r for results in by_recipe.values() for r in results if (r["family"], r["k"]) == ("alarm_patience", k)]
         if rows and all(r["val_regret_median"] <= 0 and r["val_regret_max"] <= PATIENCE_WORST_REGRET for r in rows):
@@ -600,7 +604,7 @@ def replay_command(args: argparse.Namespace) -> None:
     sections.append("Verdict (energy rules: alarm_patience, energy_patience, asha_energy; baselines: patience, asha):\n\n"
                     + verdict_text(results_by_recipe, by_recipe)
                     + f"\n\nSTOP_PATIENCE by its validation criterion (median trial gives up nothing, worst at most "
-                    f"{PATIENCE_WORST_REGRET}): {patience if patience is not None else 'no k of the suite meets it'}")
+                    f"{PATIENCE_WORST_REGRET}): {patience if patience is not None else 'none: no k meets it, or no alarm stopped a trial'}")
     text = "\n\n".join(sections) + "\n"
     print(sections[-1])
     (out / "stoppers.md").write_text(text)

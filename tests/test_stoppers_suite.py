@@ -116,9 +116,10 @@ def test_a_pick_at_an_epoch_without_a_kept_checkpoint_is_refused_in_one_line(ful
     assert trial_subject(str(full), trial_id, epoch=0).weights.endswith("best-e0000.pt")  # epoch 0 is always a new best
 
 
-def _result(family: str, k: int, trial_epochs: int, pgd: float, regret: tuple[float, float] = (0.0, 0.0)) -> dict:
+def _result(family: str, k: int, trial_epochs: int, pgd: float, regret: tuple[float, float] = (0.0, 0.0), stopped: int = 3) -> dict:
     picks = [{"seed": s, "pgd": {"accuracy": pgd, "n": 2500}} for s in (0, 1)]
-    return {"family": family, "k": k, "trial_epochs": trial_epochs, "picks": picks, "val_regret_median": regret[0], "val_regret_max": regret[1]}
+    return {"family": family, "k": k, "trial_epochs": trial_epochs, "picks": picks, "val_regret_median": regret[0], "val_regret_max": regret[1],
+            "stopped": stopped}
 
 
 def test_the_verdict_applies_the_goal_saved_within_one_se_and_not_dominated() -> None:
@@ -151,3 +152,6 @@ def test_stop_patience_is_the_smallest_k_whose_validation_regret_meets_the_crite
     assert stoppers.chosen_patience({"a": a, "b": b}) == 8  # 2 and 4 fail on a, 6 on b
     assert stoppers.chosen_patience({"a": a}) == 6
     assert stoppers.chosen_patience({"a": recipe(dict.fromkeys(stoppers.KS, (0.0, 0.5)))}) is None
+    # a rule that stopped nothing gives up nothing at every k: no choice, not the smallest k
+    silent = [_result("alarm_patience", k, 100, 0.5, stopped=0) for k in stoppers.KS]
+    assert stoppers.chosen_patience({"a": silent}) is None
