@@ -15,10 +15,10 @@ so a query, whoever wrote it, cannot read other files, reach the network or chan
 
 from __future__ import annotations
 
-import fnmatch
 import glob
 import os
-from concurrent.futures import ThreadPoolExecutor
+import re
+from collections.abc import Collection
 from pathlib import Path
 
 import duckdb
@@ -28,15 +28,7 @@ import pyarrow.parquet as pq
 
 from analysis.errors import QueryError, StoreError, one_line
 from analysis.schema import TABLES
-from analysis.store import check_schema_version, is_uri, open_storage
-
-_GLOBS = {
-    "epochs": "tables/epochs/trial=*/epoch-*.parquet",
-    "samples": "tables/samples/trial=*/epoch-*.parquet",
-    "trials": "tables/trials/trial=*.parquet",
-    "evals": "tables/evals/trial=*/eval-*.parquet",
-}
-_READERS = 8  # parallel GETs from an object store; each file is small
+from analysis.store import SOURCE, TableFiles, check_name, check_schema_version, is_uri, open_storage, read_rows, table_files
 
 
 def _file_version(metadata: dict[bytes, bytes] | None) -> str | None:
@@ -46,10 +38,6 @@ def _file_version(metadata: dict[bytes, bytes] | None) -> str | None:
 
 def _sql_string(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
-
-
-def _pattern(view: str, trial: str | None) -> str:
-    return _GLOBS[view] if trial is None else _GLOBS[view].replace("trial=*", f"trial={glob.escape(trial)}")
 
 
 def sandboxed(tables: Path | None) -> duckdb.DuckDBPyConnection:
@@ -74,49 +62,85 @@ def sandboxed(tables: Path | None) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def open_tables(directory: str | os.PathLike[str], *, trial: str | None = None) -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with the views `epochs`, `samples` and `trials` of `directory`.
+def open_tables(directory: str | os.PathLike[str], *, trial: str | None = None,
+                views: Collection[str] | None = None) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with the views `epochs`, `samples`, `trials` and `evals` of `directory`.
+
+    Each view reads the rows that count (analysis.store.table_files): the loose files of running
+    trials and the compacted parts of finished ones. Opening reads the footers of the loose files
+    and parts only: a compacted study opens in a few file reads, whatever its number of epochs.
 
     Args:
         directory: a study directory or an ``energyat train --out`` directory, local or a URI.
-        trial: only this trial's files (the same rows as ``where trial_id = ...``, read faster).
+        trial: only this trial's rows (the same rows as ``where trial_id = ...``, read faster:
+            only its loose files are listed, and the parts' row groups of other trials are skipped).
+        views: only these views (default all four): a lookup in `trials` lists no epoch file.
 
     Example::
 
         con = analysis.open("studies/quickstart")
         con.sql("select trial_id, max(test_robust_acc) from epochs group by 1").show()
     """
+    if trial is not None:
+        check_name(trial, "trial")
+    chosen = [view for view in TABLES if views is None or view in views]
     if is_uri(directory):
-        return _open_remote(str(directory), trial)
+        return _open_remote(str(directory), trial, chosen)
     root = Path(directory).expanduser().resolve()
     if not (root / "tables").is_dir():
         raise _no_tables(directory)
     con = sandboxed(root / "tables")
-    for view in _GLOBS:
-        pattern = _pattern(view, trial)
-        first = next(root.glob(pattern), None)
-        if first is not None:
-            try:  # one footer per view tells which energyat wrote the directory
-                check_schema_version(_file_version(pq.read_schema(first).metadata), where=str(directory))
-            except (OSError, pa.ArrowInvalid):
-                pass  # a damaged file: read_parquet below names it
-            except StoreError:
-                con.close()
-                raise
-            # the directory's own name may hold glob characters (`exp[1]` would also match `exp1`)
-            source = (
-                f"read_parquet({_sql_string(glob.escape(str(root)) + '/' + pattern)}, "
-                "union_by_name = true, hive_partitioning = false)"
-            )
-        else:  # no file yet: an empty view with the declared columns
-            source = _register_empty(con, view)
-        try:  # union_by_name reads every file's footer here: a damaged file fails now
-            con.execute(f"create view {view} as select * from {source}")
+    fs = pafs.LocalFileSystem()
+    for view in chosen:
+        try:
+            files = table_files(fs, str(root), view, trial=trial)
+            _check_version(files, where=str(directory))
+            # binding reads each file's footer (union_by_name): a damaged file fails now
+            con.execute(f"create view {view} as {_local_source(con, view, files, trial)}")
         except duckdb.Error as exc:
             con.close()
             # DuckDB's first line names the file; the rest quotes our SQL back
             raise _damaged(directory, str(exc).splitlines()[0]) from exc
+        except StoreError:
+            con.close()
+            raise
+        except (pa.ArrowInvalid, OSError) as exc:  # a part's footer (its trial list) unreadable
+            con.close()
+            raise _damaged(directory, one_line(exc)) from exc
     return con
+
+
+def _check_version(files: TableFiles, *, where: str) -> None:
+    """One footer per view tells which energyat wrote the directory."""
+    first = files.parts[0].path if files.parts else (files.loose[0] if files.loose else None)
+    if first is None:
+        return
+    try:
+        metadata = pq.read_schema(first).metadata
+    except (OSError, pa.ArrowInvalid):
+        return  # a damaged file: reading the view names it
+    check_schema_version(_file_version(metadata), where=where)
+
+
+def _local_source(con: duckdb.DuckDBPyConnection, view: str, files: TableFiles, trial: str | None) -> str:
+    """The SQL that reads `view`'s rows that count: the loose files (an explicit list, so that a
+    file a compaction removes after the listing fails the query rather than vanish from it) and
+    each part, filtered where a newer part or a loose file holds some of its rows."""
+    selects = []
+    if files.loose:
+        files_sql = ", ".join(_sql_string(glob.escape(name)) for name in files.loose)
+        selects.append(f"select * from read_parquet([{files_sql}], union_by_name = true, hive_partitioning = false)")
+    for part in files.parts:
+        where = [] if trial is None else [f"trial_id = {_sql_string(trial)}"]
+        if part.superseded:
+            where.append(f"trial_id not in ({', '.join(map(_sql_string, sorted(part.superseded)))})")
+        if part.overridden:
+            where.append(f"{SOURCE} not in ({', '.join(map(_sql_string, sorted(part.overridden)))})")
+        selects.append(f"select * exclude ({SOURCE}) from read_parquet({_sql_string(glob.escape(part.path))}, hive_partitioning = false)"
+                       + (f" where {' and '.join(where)}" if where else ""))
+    if not selects:  # no file yet: an empty view with the declared columns
+        return f"select * from {_register_empty(con, view)}"
+    return " union all by name ".join(f"({s})" for s in selects)
 
 
 def _damaged(directory: str | os.PathLike[str], problem: str) -> StoreError:
@@ -138,59 +162,27 @@ def _register_empty(con: duckdb.DuckDBPyConnection, view: str) -> str:
     return f"_empty_{view}"
 
 
-def _open_remote(directory: str, trial: str | None) -> duckdb.DuckDBPyConnection:
-    """The views of a study on an object store, read into memory through pyarrow."""
+def _open_remote(directory: str, trial: str | None, views: list[str]) -> duckdb.DuckDBPyConnection:
+    """The views of a study on an object store, read into memory through pyarrow
+    (analysis.store.read_rows: the rows that count, 8 files at a time)."""
     fs, root = open_storage(directory)
     if fs.get_file_info(f"{root}/tables").type != pafs.FileType.Directory:
         raise _no_tables(directory)
     con = sandboxed(None)
-    with ThreadPoolExecutor(_READERS) as pool:
-        try:
-            for view in _GLOBS:
-                # list only what the view can hold: one table's folder, or one trial's
-                folder = f"tables/{view}" if trial is None or view == "trials" else f"tables/{view}/trial={trial}"
-                found = fs.get_file_info(pafs.FileSelector(f"{root}/{folder}", recursive=True, allow_not_found=True))
-                names = sorted(f.path[len(root) + 1:] for f in found if f.type == pafs.FileType.File)
-                names = [name for name in names if fnmatch.fnmatchcase(name, _pattern(view, trial))]
-                tables = list(pool.map(lambda name: _read_file(fs, root, name), names))
-                source = _union_by_name(con, view, tables) if tables else _register_empty(con, view)
-                con.execute(f"create view {view} as select * from {source}")
-        except OSError as exc:
-            con.close()
-            raise StoreError(f"cannot read the tables of {directory}: {one_line(exc)}") from exc
-        except pa.ArrowInvalid as exc:  # from _read_file: a damaged file, named
-            con.close()
-            raise _damaged(directory, one_line(exc)) from exc
-        except StoreError:  # from _read_file: another schema version
-            con.close()
-            raise
-    return con
-
-
-def _read_file(fs: pafs.FileSystem, root: str, name: str) -> pa.Table:
     try:
-        table = pq.read_table(f"{root}/{name}", filesystem=fs, partitioning=None)
-    except pa.ArrowInvalid as exc:
-        raise pa.ArrowInvalid(f"{name}: {one_line(exc)}") from exc
-    check_schema_version(_file_version(table.schema.metadata), where=f"{root}/{name}")
-    return table
-
-
-def _union_by_name(con: duckdb.DuckDBPyConnection, view: str, tables: list[pa.Table]) -> str:
-    """The files as one relation, columns matched by name as ``read_parquet(union_by_name)`` does.
-
-    Files with the same schema are concatenated by pyarrow; the few distinct schemas (`trials`
-    has config columns per method) are unioned by DuckDB, which promotes types as locally.
-    """
-    groups: dict[pa.Schema, list[pa.Table]] = {}
-    for table in tables:
-        table = table.replace_schema_metadata(None)
-        groups.setdefault(table.schema, []).append(table)
-    parts = []
-    for i, group in enumerate(groups.values()):
-        con.register(f"_{view}_{i}", pa.concat_tables(group))
-        parts.append(f"select * from _{view}_{i}")
-    return "(" + " union all by name ".join(parts) + ")"
+        for view in views:
+            con.register(f"_{view}", read_rows(directory, table=view, trial=trial))
+            con.execute(f"create view {view} as select * from _{view}")
+    except OSError as exc:
+        con.close()
+        raise StoreError(f"cannot read the tables of {directory}: {one_line(exc)}") from exc
+    except pa.ArrowInvalid as exc:  # a damaged file, named
+        con.close()
+        raise _damaged(directory, one_line(exc)) from exc
+    except StoreError:  # another schema version
+        con.close()
+        raise
+    return con
 
 
 def run_query(directory: str | os.PathLike[str], sql: str) -> pa.Table:
@@ -206,7 +198,9 @@ def run_query(directory: str | os.PathLike[str], sql: str) -> pa.Table:
             f"only read-only SELECT queries are allowed, got {statements[0].type.name}; "
             "the tables are not modified through `query`"
         )
-    con = open_tables(directory)
+    # the views the statement names (a word match: one named in a string or a comment opens for nothing)
+    named = [view for view in TABLES if re.search(rf"\b{view}\b", sql, flags=re.IGNORECASE)]
+    con = open_tables(directory, views=named)
     try:
         return con.sql(sql).to_arrow_table()
     except duckdb.PermissionException as exc:

@@ -35,7 +35,7 @@ from analysis import plots, seeds
 from analysis.errors import EnergyatError, StoreError, one_line
 from analysis.query import open_tables
 from analysis.store import filesystem, is_uri, join
-from analysis.trials import epochs_of, fetch, int_or_none, missing, online_alarm_epoch, phases_of, rows_of, trial_rows
+from analysis.trials import epochs_by_trial, fetch, int_or_none, missing, online_alarm_epoch, phases_of, rows_of, trial_rows
 
 # the trials table's columns, in this order (config columns weat_* are added after `beta`)
 _TABLE_HEAD = ("trial_id", "status", "stop_reason", "method", "beta")
@@ -269,10 +269,10 @@ def _render(
     folder.mkdir(parents=True, exist_ok=True)
     try:
         trials = trial_rows(con)
-        epochs_by_trial = {str(r["trial_id"]): epochs_of(con, str(r["trial_id"])) for r in trials}
-        phases_by_trial = {t: phases_of(e) for t, e in epochs_by_trial.items()}
+        epochs_of_trial = epochs_by_trial(con, [str(r["trial_id"]) for r in trials])
+        phases_by_trial = {t: phases_of(e) for t, e in epochs_of_trial.items()}
         for r in trials:  # the table shows the phases the figures show: this detector's, now
-            e, p = epochs_by_trial[str(r["trial_id"])], phases_by_trial[str(r["trial_id"])]
+            e, p = epochs_of_trial[str(r["trial_id"])], phases_by_trial[str(r["trial_id"])]
             r.update(phase2_start=p.phase2_start, phase3_start=p.phase3_start, alarm_epoch=online_alarm_epoch(e, p))
         trials = _best_first(trials)
         study = next((str(r["study"]) for r in trials if not missing(r.get("study"))), name)
@@ -306,7 +306,7 @@ def _render(
             tid = str(r["trial_id"])
             stem = _safe_name(rank, tid)
             page.add(f'<h2 id="trial-{html.escape(tid, quote=True)}">trial {html.escape(tid)} ({html.escape(str(r.get("method")))})</h2>')
-            epochs, phases = epochs_by_trial[tid], phases_by_trial[tid]
+            epochs, phases = epochs_of_trial[tid], phases_by_trial[tid]
             # each figure is drawn inside page.figure, before the loop moves on (B023 does not apply)
             page.figure(f"{stem}-phases.png", f"phases of trial {tid}", lambda p: plots.phase_figure(epochs, phases, path=p))  # noqa: B023
             with_samples = _sample_epochs(con, tid)

@@ -1,11 +1,19 @@
-"""The Parquet store: one file per (table, trial, epoch), written atomically.
+"""The Parquet store: one file per (table, trial, epoch), written atomically, and compacted parts.
 
 Layout (docs/design.md section 3), under a study or train-output directory ``root``::
 
-    tables/epochs/trial=<id>/epoch-<NNNN>.parquet
+    tables/epochs/trial=<id>/epoch-<NNNN>.parquet     (a "loose" file: one row, or one epoch's rows)
     tables/samples/trial=<id>/epoch-<NNNN>.parquet
     tables/trials/trial=<id>.parquet
     tables/evals/trial=<id>/eval-<key>.parquet
+    tables/<table>/parts/part-<time>-<random>.parquet (compacted rows of finished trials)
+
+A part (analysis/compaction.py) holds the rows of whole trials, each tagged with the loose file it
+came from (``_source``), and lists its trials in its metadata. Which copy of a row counts is one
+rule, :func:`table_files`: a loose file always counts; a part's rows of a trial count only if no
+newer part holds that trial, and minus the sources a loose file still holds. Compaction writes
+its part before it deletes anything, so a crash between any two of its steps leaves every row
+counted exactly once.
 
 ``root`` is a local path or a pyarrow filesystem URI (s3://, gs://). A file is written under a
 hidden temporary name and renamed into place, so a reader never sees half a file and rewriting
@@ -18,6 +26,7 @@ versions) in its Parquet metadata.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import platform
@@ -26,6 +35,8 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
@@ -33,6 +44,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -153,6 +165,153 @@ def trial_file(root: str, trial_id: str) -> str:
     return f"{root}/tables/trials/trial={trial_id}.parquet"
 
 
+# What a table's loose files are called, relative to tables/<table>/ (one trial: `*` is its id).
+LOOSE = {
+    "epochs": "trial=*/epoch-*.parquet",
+    "samples": "trial=*/epoch-*.parquet",
+    "trials": "trial=*.parquet",
+    "evals": "trial=*/eval-*.parquet",
+}
+PARTS = "parts"  # tables/<table>/parts/part-<time>-<random>.parquet
+SOURCE = "_source"  # a part's column: the loose file (relative to tables/<table>/) a row came from
+PART_TRIALS = b"energyat.trials"  # a part's metadata: the JSON list of the trials it holds
+PART_PROVENANCE = b"energyat.provenance_by_trial"  # and each one's provenance, from its loose files
+
+
+@dataclass(frozen=True)
+class Part:
+    """A compacted file and which of its rows count: all but those of `superseded` trials (a
+    newer part holds them) and those from `overridden` sources (a loose file holds them)."""
+
+    path: str
+    trials: frozenset[str]
+    superseded: frozenset[str] = frozenset()
+    overridden: frozenset[str] = frozenset()
+
+    @property
+    def whole(self) -> bool:
+        return not self.superseded and not self.overridden
+
+
+@dataclass(frozen=True)
+class TableFiles:
+    """Where a table's rows live: loose files (full paths) and parts, newest part first."""
+
+    loose: list[str]
+    parts: list[Part]
+
+
+def source_trial(source: str) -> str:
+    """The trial of a loose file named relative to its table's folder: ``trial=<id>/...`` or ``trial=<id>.parquet``."""
+    head = source.split("/", 1)[0]
+    return head[len("trial="):].removesuffix(".parquet")
+
+
+def table_files(fs: pafs.FileSystem, root: str, table: str, *, trial: str | None = None) -> TableFiles:
+    """The files holding `table`'s rows under study directory `root` (a path inside `fs`), and
+    which rows of each part count (the module's rule); `trial` lists only that trial's loose files.
+
+    The loose files are listed before the parts: a compaction writes its part before it deletes
+    the files the part absorbed, so every row is in one listing or the other.
+    """
+    folder = f"{root}/tables/{table}"
+    pattern = LOOSE[table] if trial is None else LOOSE[table].replace("trial=*", f"trial={trial}")
+    if trial is not None and table == "trials":
+        info = fs.get_file_info(f"{folder}/{pattern}")
+        loose = [info.path] if info.type == pafs.FileType.File else []
+    else:
+        where = folder if trial is None else f"{folder}/trial={trial}"
+        found = fs.get_file_info(pafs.FileSelector(where, recursive=True, allow_not_found=True))
+        loose = sorted(f.path for f in found if f.type == pafs.FileType.File and fnmatch.fnmatchcase(f.path[len(folder) + 1:], pattern))
+    found = fs.get_file_info(pafs.FileSelector(f"{folder}/{PARTS}", allow_not_found=True))
+    names = sorted((f.path for f in found if f.type == pafs.FileType.File and fnmatch.fnmatchcase(f.base_name, "part-*.parquet")), reverse=True)
+    by_trial: dict[str, set[str]] = {}
+    for path in loose:
+        source = path[len(folder) + 1:]
+        by_trial.setdefault(source_trial(source), set()).add(source)
+    parts: list[Part] = []
+    seen: set[str] = set()
+    for name in names:  # newest first: the part's name starts with its time
+        trials = part_trials(fs, name)
+        if trial is not None and trial not in trials:
+            continue
+        overridden = {s for t in trials - seen for s in by_trial.get(t, ())}
+        parts.append(Part(name, trials, frozenset(trials & seen), frozenset(overridden)))
+        seen |= trials
+    return TableFiles(loose, parts)
+
+
+def part_trials(fs: pafs.FileSystem, path: str) -> frozenset[str]:
+    """The trials a part holds, from its footer."""
+    try:
+        meta = pq.read_metadata(path, filesystem=fs).metadata or {}
+        return frozenset(json.loads(meta[PART_TRIALS]))
+    except (KeyError, ValueError, TypeError) as exc:
+        raise StoreError(
+            f"{path} is not a part energyat wrote (no readable trial list: {one_line(exc)}); move it out of the table's parts/ folder"
+        ) from exc
+
+
+def part_filter(part: Part, *, trial: str | None = None) -> pc.Expression | None:
+    """The rows of `part` that count (of `trial` only, if given), as a pyarrow filter; None for all."""
+    keep = []
+    if trial is not None:
+        keep.append(pc.field("trial_id") == trial)
+    if part.superseded:
+        keep.append(~pc.field("trial_id").isin(sorted(part.superseded)))
+    if part.overridden:
+        keep.append(~pc.field(SOURCE).isin(sorted(part.overridden)))
+    if not keep:
+        return None
+    out = keep[0]
+    for expr in keep[1:]:
+        out = out & expr
+    return out
+
+
+def read_rows(root: str, *, table: str, trial: str | None = None, columns: Sequence[str] | None = None,
+              with_source: bool = False) -> pa.Table:
+    """`table`'s rows that count (of `trial` only, if given), read with pyarrow from a local path or
+    a URI; `columns` only, if given; with each row's `_source` if `with_source` (for compaction).
+    Columns are matched by name across files; a column a file lacks reads as null."""
+    fs, path = filesystem(root)
+    files = table_files(fs, path, table, trial=trial)
+    folder = f"{path}/tables/{table}/"
+    wanted = None if columns is None else list(columns)
+
+    def loose(name: str) -> pa.Table:
+        rows = _read_checked(fs, name, columns=wanted)
+        if with_source:
+            rows = rows.append_column(SOURCE, pa.array([name.removeprefix(folder)] * rows.num_rows, pa.string()))
+        return rows
+
+    def part(p: Part) -> pa.Table:
+        present = pq.read_schema(p.path, filesystem=fs).names
+        keep = [c for c in present if (wanted is None or c in wanted) and (with_source or c != SOURCE)]
+        return _read_checked(fs, p.path, columns=keep, filters=part_filter(p, trial=trial))
+
+    with ThreadPoolExecutor(READERS) as pool:  # parallel GETs on an object store; each file is small
+        pieces = list(pool.map(loose, files.loose)) + list(pool.map(part, files.parts))
+    if not pieces:
+        schema = TABLES[table] if wanted is None else pa.schema([TABLES[table].field(c) for c in wanted])
+        return schema.empty_table()
+    return pa.concat_tables([p.replace_schema_metadata(None) for p in pieces], promote_options="permissive")
+
+
+READERS = 8
+
+
+def _read_checked(fs: pafs.FileSystem, path: str, **options: Any) -> pa.Table:
+    """One file, refused in one line naming it when it is damaged or of another schema version."""
+    try:
+        table = pq.read_table(path, filesystem=fs, partitioning=None, **options)
+    except pa.ArrowInvalid as exc:
+        raise pa.ArrowInvalid(f"{path}: {one_line(exc)}") from exc
+    found = (table.schema.metadata or {}).get(b"schema_version")
+    check_schema_version(found.decode() if found is not None else None, where=path)
+    return table
+
+
 def durable_replace(tmp: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
     """Rename the finished file `tmp` to `path`, durably: the data reaches the disk before the
     rename (else a power loss can leave the new name on an empty file, as ext4 and XFS allow),
@@ -170,20 +329,20 @@ def _fsync(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def _write_atomic(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
+def write_atomic(fs: pafs.FileSystem, path: str, table: pa.Table, *, row_group_size: int | None = None) -> None:
     parent = path.rsplit("/", 1)[0]
     fs.create_dir(parent, recursive=True)
     if isinstance(fs, pafs.LocalFileSystem):
         name = path.rsplit("/", 1)[1]
         tmp = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp"
-        pq.write_table(table, tmp, filesystem=fs)
+        pq.write_table(table, tmp, filesystem=fs, row_group_size=row_group_size)
         durable_replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
         # a writer killed mid-write (a trial's worker, the test_kills way) left its temporary file;
         # the restarted trial rewrites the same file, and this is the moment it is certainly stale
         for stale in Path(parent).glob(f".{name}.*.tmp"):
             stale.unlink(missing_ok=True)
     else:
-        pq.write_table(table, path, filesystem=fs)
+        pq.write_table(table, path, filesystem=fs, row_group_size=row_group_size)
 
 
 def _with_metadata(table: pa.Table, provenance: Mapping[str, Any]) -> pa.Table:
@@ -208,14 +367,14 @@ def write_epoch_rows(
     a missing or extra column is a bug in the caller and raises ``KeyError``/``ValueError``.
     """
     fs, path = filesystem(root)
-    _write_atomic(fs, epoch_file(path, table, trial_id, epoch), _table(table, columns, provenance))
+    write_atomic(fs, epoch_file(path, table, trial_id, epoch), _table(table, columns, provenance))
 
 
 def write_eval_rows(root: str, *, trial_id: str, key: str, columns: Mapping[str, Sequence[Any]], provenance: Mapping[str, Any]) -> None:
     """Write one evaluation's `evals` rows (:data:`analysis.schema.EVALS`), replacing the file of
     the same `key` (the same evaluation run again)."""
     fs, path = filesystem(root)
-    _write_atomic(fs, eval_file(path, trial_id, key), _table("evals", columns, provenance))
+    write_atomic(fs, eval_file(path, trial_id, key), _table("evals", columns, provenance))
 
 
 def _table(table: str, columns: Mapping[str, Sequence[Any] | Any], provenance: Mapping[str, Any]) -> pa.Table:
@@ -231,14 +390,9 @@ def _table(table: str, columns: Mapping[str, Sequence[Any] | Any], provenance: M
 def read_trial_rows(root: str, *, table: str, trial_id: str, columns: Sequence[str]) -> dict[str, list[Any]]:
     """One trial's rows of `epochs` or `samples` (`columns` only), sorted by epoch, read with
     pyarrow from a local path or a URI: the writer's own reader, which needs no DuckDB."""
-    fs, path = filesystem(root)
-    folder = f"{path}/tables/{table}/trial={trial_id}"
-    found = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
-    names = sorted(f.path for f in found if f.type == pafs.FileType.File and f.base_name.startswith("epoch-") and f.path.endswith(".parquet"))
-    tables = [pq.read_table(name, filesystem=fs, columns=list(columns)) for name in names]
-    if not tables:
-        return {c: [] for c in columns}
-    rows = pa.concat_tables(tables).sort_by("epoch") if "epoch" in columns else pa.concat_tables(tables)
+    rows = read_rows(root, table=table, trial=trial_id, columns=columns)
+    if rows.num_rows and "epoch" in columns:
+        rows = rows.sort_by("epoch")
     return rows.to_pydict()
 
 
@@ -264,15 +418,14 @@ def write_trial_row(
         arrays.append(arr)
     fs, path = filesystem(root)
     data = pa.Table.from_arrays(arrays, schema=pa.schema(fields))
-    _write_atomic(fs, trial_file(path, trial_id), _with_metadata(data, provenance))
+    write_atomic(fs, trial_file(path, trial_id), _with_metadata(data, provenance))
 
 
 def read_trial_outcome(root: str, trial_id: str) -> dict[str, Any] | None:
     """The outcome columns of a trial's `trials` row, or None when it has none (or it is unreadable)."""
-    fs, path = filesystem(root)
     try:
-        table = pq.read_table(trial_file(path, trial_id), filesystem=fs)
-    except (OSError, pa.ArrowInvalid, KeyError):
+        table = read_rows(root, table="trials", trial=trial_id)
+    except (OSError, pa.ArrowInvalid, KeyError, StoreError):
         return None
     rows = table.select([n for n in TRIAL_OUTCOME.names if n in table.column_names]).to_pylist()
     # a row written before a column was added reads as that column's null
@@ -329,7 +482,7 @@ def write_table_file(table: pa.Table, path: str | os.PathLike[str], *, config: M
     """One Parquet file outside the three tables (e.g. ``energyat landscape``'s), written atomically
     with ``schema_version`` and the provenance of `config` in its metadata."""
     fs, resolved = filesystem(path)
-    _write_atomic(fs, resolved, _with_metadata(table, provenance(config)))
+    write_atomic(fs, resolved, _with_metadata(table, provenance(config)))
 
 
 # ---------------------------------------------------------------------------------------------

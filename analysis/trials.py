@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 import duckdb
@@ -72,8 +72,16 @@ def trial_rows(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
     return rows
 
 
-def epochs_of(con: duckdb.DuckDBPyConnection, trial_id: str) -> dict[str, Any]:
-    return fetch(con, "select * from epochs where trial_id = $id order by epoch", id=trial_id)
+def epochs_by_trial(con: duckdb.DuckDBPyConnection, ids: Sequence[str], columns: Sequence[str] | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """The `epochs` rows of each of `ids` (`columns` only, if given; none for a trial without
+    rows), sorted by epoch: one scan of the table, not a query per trial (1,000 trials would be
+    1,000 scans of a part)."""
+    wanted = "*" if columns is None else ", ".join(dict.fromkeys(["trial_id", *columns]))
+    cols = fetch(con, f"select {wanted} from epochs order by trial_id, epoch")
+    found = cols["trial_id"]
+    starts = [0, *(np.flatnonzero(found[1:] != found[:-1]) + 1).tolist(), len(found)] if len(found) else [0]
+    spans = {str(found[a]): (a, b) for a, b in zip(starts[:-1], starts[1:], strict=True)}
+    return {tid: {k: v[slice(*spans.get(tid, (0, 0)))] for k, v in cols.items()} for tid in ids}
 
 
 def phases_of(epochs: Mapping[str, Any]) -> PhaseResult:
@@ -100,9 +108,10 @@ def phases_table(directory: str | os.PathLike[str], trial: str | None = None) ->
                 known = ", ".join(ids) if ids else "none yet"
                 raise StoreError(f"no trial `{trial}` in {directory}; known trial ids: {known}")
             ids = [trial]
+        by_trial = epochs_by_trial(con, ids, [*DETECTOR_COLUMNS, "alarm"])
         out = []
         for tid in ids:
-            epochs = epochs_of(con, tid)
+            epochs = by_trial[tid]
             phases = phases_of(epochs)
             best = trials[tid].get("best_val_robust_acc")
             out.append({

@@ -3,6 +3,7 @@
 - :class:`LiveView` feeds the live view (:class:`study.live.Board`).
 - :class:`TrialErrors` ends the `trials` row of a trial Tune gave up on as ERROR, with its reason.
 - :class:`JournalUpload` uploads the journal of a study on object storage at each trial event.
+- :class:`Compaction` compacts each trial's table files once it has finished (analysis.compaction).
 - :class:`OptunaRecord` adds each finished trial of a PBT study (which has no Optuna searcher) to
   the study's Optuna journal.
 """
@@ -15,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import pyarrow as pa
 from ray import tune
 
+from analysis.compaction import compact
 from analysis.errors import EnergyatError, StoreError, one_line
 from analysis.store import read_trial_outcome
 from study.journal import TUNE_ID_ATTR, journal_storage, outcome_attrs, upload_journal
@@ -67,6 +70,29 @@ class JournalUpload(tune.Callback):
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.send()
 
+
+
+class Compaction(tune.Callback):
+    """Rewrites a finished trial's per-epoch files as one part per table, so that a study of many
+    trials stays a few files per table to read. The driver is its only writer of parts while the
+    study runs; a compaction that fails leaves the loose files, which still count, and says so in
+    one line (the study goes on; `energyat compact` finishes the job)."""
+
+    def __init__(self, study_dir: str) -> None:
+        self.study_dir = study_dir
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        compact_or_warn(self.study_dir, trials=[id_of(trial)])
+
+
+def compact_or_warn(study_dir: str, *, trials: list[str] | None = None, merge: bool | None = None) -> None:
+    """:func:`analysis.compaction.compact`, a failure reported in one warning line: the loose
+    files it would have replaced still hold every row."""
+    try:
+        compact(study_dir, trials=trials, merge=merge)
+    except (EnergyatError, OSError, pa.ArrowException) as exc:
+        print(f"energyat: warning: compacting {study_dir} failed ({one_line(exc)}); its rows are intact; "
+              f"run `energyat compact {study_dir}` to try again", file=sys.stderr, flush=True)
 
 
 class TrialErrors(tune.Callback):

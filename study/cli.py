@@ -54,6 +54,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         stop=stop_rule_from_flags(stop_on_alarm=args.stop_on_alarm, stop_patience=args.stop_patience),
         spec_file=out / "spec.yaml",
     )
+    from analysis.compaction import compact
+
+    compact(str(out), trials=[args.trial_id])  # its per-epoch files as one part per table
     print(
         f"{result['status']} ({result['stop_reason']}): {result['epochs_run']} epochs, best validation robust acc "
         f"{result['best_val_robust_acc']:.4f} at epoch {result['best_epoch']}; its test accuracy: clean {result['final_clean_acc']:.4f}, "
@@ -91,6 +94,13 @@ def _write_table(table: Any, fmt: str) -> None:
         print(json.dumps(table.to_pylist(), default=str))
     else:
         _print_table(table)
+
+
+def cmd_compact(args: argparse.Namespace) -> int:
+    from analysis.compaction import compact_study
+
+    print(compact_study(args.directory))
+    return 0
 
 
 def cmd_phases(args: argparse.Namespace) -> int:
@@ -488,6 +498,12 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("sql", type=str, help='one SELECT, e.g. "select count(*) from epochs"')
     query.add_argument("--format", type=str, choices=("table", "csv", "json"), default="table")
     query.set_defaults(func=cmd_query)
+
+    compact = sub.add_parser(
+        "compact", help="rewrite finished trials' per-epoch files as a few files per table (run and resume do it at their end)"
+    )
+    compact.add_argument("directory", type=str, help="study directory (local path or URI) or train --out directory")
+    compact.set_defaults(func=cmd_compact)
 
     phases = sub.add_parser("phases", help="offline phase labels and robust-overfitting onset per trial")
     phases.add_argument("directory", type=str, help="study directory (local path or URI) or train --out directory")

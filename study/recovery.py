@@ -19,9 +19,10 @@ import optuna
 from pyarrow.fs import FileSelector, FileSystem, FileType
 from ray.tune import ExperimentAnalysis
 
+from analysis.compaction import set_aside
 from analysis.errors import one_line
 from analysis.schema import TABLES
-from analysis.store import STOPS, filesystem, join, read_trial_outcome
+from analysis.store import STOPS, filesystem, join, read_rows, read_trial_outcome, table_files
 from study.journal import LOST_ATTR, TUNE_ID_ATTR, journal_storage
 
 RETRIED = "retried"  # STUDY_DIR/retried/: the rows of a trial's failed life, before its retry
@@ -47,13 +48,17 @@ def reconcile_lost_trials(location: str, journal: Path, tune_dir: str, storage_f
 
     for folder in (*_TRIAL_TABLES, "tables/trials"):
         for info in listing(folder):  # trial=<id>/ folders, and tables/trials/trial=<id>.parquet
-            lost.add(info.base_name.removeprefix("trial=").removesuffix(".parquet"))
+            if info.base_name.startswith("trial="):
+                lost.add(info.base_name.removeprefix("trial=").removesuffix(".parquet"))
+    in_parts = {t for table in TABLES for part in table_files(fs, root, table).parts for t in part.trials - part.superseded}
+    # a compaction put these trials' rows in parts; one set aside before holds none any more
+    lost |= {t for t in in_parts - known if read_rows(location, table="trials", trial=t).num_rows}
     for info in listing("tune"):  # a trial's folder holds params.json; Tune's own files stay
         if info.type == FileType.Directory and fs.get_file_info(f"{info.path}/params.json").type == FileType.File:
             lost.add(info.base_name)
     lost -= known
     for trial in lost:
-        _move_trial(fs, root, trial, f"{root}/{LOST}")
+        _move_trial(location, fs, root, trial, f"{root}/{LOST}")
     storage = journal_storage(journal)
     for name in optuna.study.get_all_study_names(storage):
         for t in optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False):
@@ -74,9 +79,11 @@ def reconcile_lost_trials(location: str, journal: Path, tune_dir: str, storage_f
 _TRIAL_TABLES = tuple(f"tables/{table}" for table in TABLES if table != "trials")
 
 
-def _move_trial(fs: FileSystem, root: str, trial: str, target: str) -> None:
+def _move_trial(location: str, fs: FileSystem, root: str, trial: str, target: str) -> None:
     """Move every file of `trial` in the study at `root` (its table files and its Tune folder)
-    under `target`, keeping their paths inside the study (`lost/` or `retried/...`)."""
+    under `target`, keeping their paths inside the study (`lost/` or `retried/...`); its rows in
+    compacted parts are copied there and taken out of the views (analysis.compaction.set_aside)."""
+    set_aside(location, trial, target)
     places = [f"{folder}/trial={trial}" for folder in _TRIAL_TABLES] + [f"tables/trials/trial={trial}.parquet", f"tune/{trial}", f"{STOPS}/{trial}"]
     for place in places:
         info = fs.get_file_info(f"{root}/{place}")
@@ -110,7 +117,7 @@ def set_aside_errored(location: str, tune_dir: str, storage_fs: FileSystem | Non
     stamp = time.strftime("%Y%m%dT%H%M%S")
     for trial in errored:
         # its Tune folder too, or the next resume would take it for a lost trial's
-        _move_trial(fs, root, trial, f"{root}/{RETRIED}/{trial}/{stamp}")
+        _move_trial(location, fs, root, trial, f"{root}/{RETRIED}/{trial}/{stamp}")
         print(f"energyat: retrying trial {trial} from epoch 0 under a new trial id; its failed run moved to {join(location, RETRIED, trial, stamp)}",
               file=sys.stderr, flush=True)
     return errored

@@ -43,7 +43,7 @@ import trainables
 from analysis.errors import EnergyatError, StoreError, one_line
 from analysis.schema import SCHEMA_VERSION
 from analysis.store import SHIPPED_SHA, filesystem, git_sha, is_uri, join, open_storage
-from study.callbacks import JournalUpload, LiveView, OptunaRecord, TrialErrors, id_of
+from study.callbacks import Compaction, JournalUpload, LiveView, OptunaRecord, TrialErrors, compact_or_warn, id_of
 from study.journal import check_journal, journal_storage, reconcile_journals, upload_journal
 from study.layout import JOURNAL, journal_dir, journal_file, study_dir_for
 from study.live import Board
@@ -105,6 +105,7 @@ def run_study(study: Study, *, address: str | None, storage: str | None, name: s
         results = tuner.fit()
     if upload is not None:
         upload_journal(journal, study_dir)  # the final state; JournalUpload sent the ones before
+    compact_or_warn(study_dir, merge=True)  # the finished study: a part per table
     return study_dir, failed_trials(results, study_dir)
 
 
@@ -138,6 +139,7 @@ def resume_study(study_dir: str | Path, *, address: str | None, retry_errored: b
         results = tuner.fit()
     if remote:
         upload_journal(loaded.journal, location)
+    compact_or_warn(location, merge=True)
     return location, failed_trials(results, location)
 
 
@@ -194,7 +196,7 @@ def _run_config(study: Study, study_dir: str, study_name: str, upload: JournalUp
     keys = study.keys
     pbt = keys.scheduler.name == "pbt"
     board = Board(name=study.name, total=keys.samples, epochs=study.trial.epochs)
-    callbacks: list[tune.Callback] = [LiveView(board, study.trial.method), TrialErrors(dict(study.spec), study_dir)]
+    callbacks: list[tune.Callback] = [LiveView(board, study.trial.method), TrialErrors(dict(study.spec), study_dir), Compaction(study_dir)]
     if pbt:
         callbacks.append(OptunaRecord(study_dir, study_name, study.objectives[0], study.search))
     if upload is not None:

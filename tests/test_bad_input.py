@@ -60,7 +60,15 @@ def _study_spec(**changes: Any) -> dict[str, Any]:
 
 
 def _corrupt_parquet(d: Path) -> None:
-    target = next((d / "studies/s/tables/epochs").glob("*/epoch-0000.parquet"))
+    """The finished study's epochs are one compacted part: damage it."""
+    (target,) = (d / "studies/s/tables/epochs/parts").glob("part-*.parquet")
+    target.write_bytes(b"PAR1 this is not a parquet file")
+
+
+def _corrupt_loose_parquet(d: Path) -> None:
+    """A running trial's epoch file (loose, not compacted), damaged."""
+    target = d / "studies/s/tables/epochs/trial=zz/epoch-0000.parquet"
+    target.parent.mkdir(parents=True)
     target.write_bytes(b"PAR1 this is not a parquet file")
 
 
@@ -89,7 +97,7 @@ def _old_train_spec(d: Path) -> None:
 
 
 def _old_table_file(d: Path) -> None:
-    target = next((d / "studies/s/tables/epochs").glob("*/epoch-0000.parquet"))
+    (target,) = (d / "studies/s/tables/epochs/parts").glob("part-*.parquet")
     table = pq.read_table(target)
     pq.write_table(table.replace_schema_metadata({**table.schema.metadata, b"schema_version": b"1"}), target)
 
@@ -211,8 +219,13 @@ CASES = [
     Case("query downloading over https", ["query", STUDY, "select * from read_parquet('https://127.0.0.1:9/x.parquet')"], "query refused"),
     Case("query reaching a bucket", ["query", STUDY, "select * from 's3://bucket/x.parquet'"], "query refused"),
     Case("query sniffing a CSV", ["query", STUDY, "select * from sniff_csv('/etc/passwd')"], "query refused"),
-    Case("corrupted Parquet, query", ["query", STUDY, "select count(*) from epochs"], "epoch-0000.parquet", prepare=_corrupt_parquet),
-    Case("corrupted Parquet, status", ["status", STUDY], "epoch-0000.parquet", prepare=_corrupt_parquet),
+    Case("corrupted Parquet part, query", ["query", STUDY, "select count(*) from epochs"], "epochs/parts/part-", prepare=_corrupt_parquet),
+    Case("corrupted Parquet part, status", ["status", STUDY], "epochs/parts/part-", prepare=_corrupt_parquet),
+    Case("corrupted Parquet part, compact", ["compact", STUDY], "epochs/parts/part-", prepare=_corrupt_parquet),
+    Case("corrupted epoch file, query", ["query", STUDY, "select count(*) from epochs"], "trial=zz/epoch-0000.parquet",
+         prepare=_corrupt_loose_parquet),
+    Case("corrupted epoch file, status", ["status", STUDY], "trial=zz/epoch-0000.parquet", prepare=_corrupt_loose_parquet),
+    Case("compact a missing directory", ["compact", "{d}/nowhere"], "no energyat tables"),
     Case("truncated journal, status", ["status", STUDY], "optuna.journal", prepare=_truncate_journal),
     Case("truncated journal, resume", ["resume", STUDY], "optuna.journal", prepare=_truncate_journal),
     Case("truncated journal, report", ["report", STUDY], "optuna.journal", prepare=_truncate_journal),

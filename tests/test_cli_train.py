@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import EXAMPLES, ROOT, energyat_cmd
 
+from analysis.query import open_tables
 from analysis.schema import EPOCHS, SAMPLES, SCHEMA_VERSION, TRIAL_OUTCOME
 
 QUICK = [
@@ -74,14 +75,19 @@ def test_train_writes_samples_for_both_probes(sat_run: Path) -> None:
         ).stdout
     )
     assert rows == [{"split": "test", "n": 3 * 64, "e": 3}, {"split": "train", "n": 3 * 64, "e": 3}]
-    assert pq.read_schema(next((sat_run / "tables/samples").rglob("*.parquet"))).names == SAMPLES.names
+    # the trial's files, compacted at its end, are one part per table: the declared columns and each row's source file
+    (part,) = (sat_run / "tables/samples/parts").glob("part-*.parquet")
+    assert pq.read_schema(part).names == [*SAMPLES.names, "_source"]
+    assert [c[0] for c in open_tables(sat_run).execute("select * from samples").description] == SAMPLES.names
 
 
 def test_every_file_carries_schema_version_and_provenance(sat_run: Path) -> None:
-    for path in (sat_run / "tables").rglob("*.parquet"):
+    paths = list((sat_run / "tables").rglob("*.parquet"))
+    assert len(paths) == 4  # a part per table
+    for path in paths:
         meta = pq.read_schema(path).metadata
         assert meta[b"schema_version"] == str(SCHEMA_VERSION).encode()
-        prov = json.loads(meta[b"energyat.provenance"])
+        prov = json.loads(meta[b"energyat.provenance_by_trial"])["train"]
         assert prov["config"]["method"] == "sat" and "torch" in prov["versions"] and prov["git_sha"]
 
 

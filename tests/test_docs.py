@@ -49,11 +49,12 @@ def test_readme_opens_with_the_two_commands() -> None:
 
 def test_reliability_doc_quotes_the_suites_own_figures() -> None:
     from test_bad_input import CASES
+    from test_compaction import COMPACT_KILLS
     from test_kills import DRIVER_KILLS, EPOCHS, PROBE_ROWS, SAMPLES, WORKER_KILLS
 
     text = " ".join((ROOT / "docs" / "reliability.md").read_text().split())
     assert f"**{len(CASES)} bad inputs**" in text
-    assert f"**{WORKER_KILLS + DRIVER_KILLS + 1} kills**" in text  # + the S3 driver kill
+    assert f"**{WORKER_KILLS + DRIVER_KILLS + 1 + len(COMPACT_KILLS)} kills**" in text  # + the S3 driver kill
     assert f"{SAMPLES * EPOCHS} `epochs` rows, {SAMPLES * EPOCHS * PROBE_ROWS:,} `samples` rows" in text
 
 

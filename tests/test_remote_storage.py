@@ -28,6 +28,7 @@ from conftest import EXAMPLES, energyat_cmd
 from test_store import _row
 from test_study import assert_journal_matches_tune, assert_tables_consistent
 
+from analysis.compaction import compact
 from analysis.query import open_tables
 from analysis.store import write_epoch_rows, write_trial_row
 
@@ -121,6 +122,13 @@ def test_open_tables_reads_a_uri_like_a_local_directory(s3: S3) -> None:
     assert con.execute("select count(*) from samples").fetchall() == [(0,)]  # no file yet: empty, with its columns
     only_b = open_tables(root, trial="b")
     assert only_b.execute("select distinct trial_id from epochs").fetchall() == [("b",)]
+    # compacted in the bucket as on a disk: the same rows, from a part; a later write overrides it
+    before = sorted(con.execute("select * from epochs").fetchall(), key=repr)
+    compact(root)
+    assert s3.files("unit/tables/epochs") == [f for f in s3.files("unit/tables/epochs") if f.startswith("parts/part-")] != []
+    assert sorted(open_tables(root).execute("select * from epochs").fetchall(), key=repr) == before
+    write_epoch_rows(root, table="epochs", trial_id="b", epoch=1, columns=_row("b", 1, 5.0), provenance={})
+    assert open_tables(root, trial="b").execute("select epoch, train_loss from epochs order by 1").fetchall() == [(0, 0.0), (1, 5.0)]
 
 
 @pytest.mark.parametrize(
@@ -175,9 +183,10 @@ def test_a_study_on_s3_writes_tables_checkpoints_spec_and_journal_to_the_bucket(
     _study, cwd, journals, _env = s3_study
     files = s3.files("studies/remote")
     assert "spec.yaml" in files and "optuna.journal" in files
-    epochs = [f for f in files if f.startswith("tables/epochs/")]
-    trials = [f for f in files if f.startswith("tables/trials/")]
-    assert len(epochs) == 4 and len(trials) == 2 and any(f.startswith("tables/samples/") for f in files)
+    # the two finished trials, compacted at the study's end: one part per table
+    for table in ("epochs", "samples", "trials", "evals"):
+        (part,) = [f for f in files if f.startswith(f"tables/{table}/")]
+        assert part.startswith(f"tables/{table}/parts/part-") and part.endswith(".parquet")
     # Tune's experiment state and the trials' checkpoints, uploaded by Ray Tune through the same filesystem
     assert any(f.startswith("tune/experiment_state") for f in files)
     assert any(f.startswith("tune/") and "/checkpoint_" in f and f.endswith("last.pt") for f in files)

@@ -154,7 +154,7 @@ def test_importances_need_a_journal_and_two_finished_trials(tmp_path: Path) -> N
     assert importances is not None and set(importances) == {"beta", "method"} and note is None
 
 
-@pytest.mark.parametrize("command", [["query", "select count(*) from epochs"], ["phases"]])
+@pytest.mark.parametrize("command", [["query", "select count(*) from epochs"], ["phases"], ["compact"]])
 def test_a_command_that_reads_tables_imports_neither_ray_nor_matplotlib_nor_torch(study: Path, command: list[str]) -> None:
     # `status`, `query` and `phases` start in the time their imports take: Ray, matplotlib (and
     # scipy through the report) and torch are seconds each, and none of them reads a table

@@ -75,7 +75,7 @@ def best_trial(directory: str | Path) -> str:
     """The id of the trial with the highest best validation robust accuracy (the `trials` table)."""
     from analysis.query import open_tables
 
-    con = open_tables(directory)
+    con = open_tables(directory, views=("trials",))
     try:
         found = con.execute(
             "select trial_id from trials where best_val_robust_acc = best_val_robust_acc "
