@@ -209,11 +209,17 @@ def _sample_record(npz: Path) -> dict[str, Any]:
         return json.loads(str(archive["record"])) if "record" in archive else {}
 
 
+# Trials whose own figures a report draws by default: three figures each, so a study of 1,000
+# trials would be 3,000 figures (and as many minutes of matplotlib) in one page.
+TOP_TRIALS = 24
+
+
 def write_report(
     directory: str | os.PathLike[str],
     *,
     importances: Mapping[str, float] | None = None,
     importances_note: str | None = None,
+    top: int | None = TOP_TRIALS,
 ) -> Path | str:
     """Write ``directory/report/index.html`` and its PNG figures; returns the HTML's path.
 
@@ -225,6 +231,8 @@ def write_report(
             caller (``study/`` uses Optuna; analysis does not import it).
         importances_note: shown instead of the importances figure when they could not be
             computed (for example, too few finished trials).
+        top: draw each trial's own figures (phases, histograms, arrows) for the best `top`
+            trials by validation robust accuracy (None: every trial); the table lists them all.
 
     Raises:
         StoreError: `directory` holds no energyat tables.
@@ -237,14 +245,14 @@ def write_report(
         root = Path(directory).expanduser()
         folder = root / "report"
         return _render(open_tables(root), folder, shown=str(root.resolve()), name=root.name,
-                       importances=importances, importances_note=importances_note, local=root)
+                       importances=importances, importances_note=importances_note, local=root, top=top)
     con = open_tables(directory)
     fs, path = filesystem(directory)
     url = urlsplit(str(directory))
     shown = f"{url.scheme}://{path}"  # no query, no user info: nothing that could hold a secret
     with tempfile.TemporaryDirectory(prefix="energyat-report-") as tmp:
         index = _render(con, Path(tmp), shown=shown, name=path.rsplit("/", 1)[-1],
-                        importances=importances, importances_note=importances_note, local=None)
+                        importances=importances, importances_note=importances_note, local=None, top=top)
         try:
             for item in sorted(Path(tmp).iterdir(), key=lambda p: p == index):  # the page last
                 pafs.copy_files(str(item), f"{path}/report/{item.name}",
@@ -263,6 +271,7 @@ def _render(
     importances: Mapping[str, float] | None,
     importances_note: str | None,
     local: Path | None,
+    top: int | None,
 ) -> Path:
     """Draw the report of the tables behind `con` into `folder`; returns index.html's path.
     `local`: the directory itself when it is local (its samples/ and landscape/ are shown)."""
@@ -302,7 +311,11 @@ def _render(
 
         _generation(page, local, {str(r["trial_id"]): str(r.get("method")) for r in trials})
 
-        for rank, r in enumerate(trials):
+        shown_trials = trials if top is None else trials[:top]
+        if len(shown_trials) < len(trials):
+            page.add(f'<p class="note">each trial\'s figures: the best {len(shown_trials)} of {len(trials)} trials by validation robust '
+                     "accuracy (`energyat report DIR --top N`, 0 for every trial); the table above lists them all.</p>")
+        for rank, r in enumerate(shown_trials):
             tid = str(r["trial_id"])
             stem = _safe_name(rank, tid)
             page.add(f'<h2 id="trial-{html.escape(tid, quote=True)}">trial {html.escape(tid)} ({html.escape(str(r.get("method")))})</h2>')

@@ -109,8 +109,8 @@ def write_study(root: str, trials: int, epochs: int, probe_every: int, *, compac
             outcome = {"study": "bench", "trial_id": trial, "status": status, "epochs_run": epoch + 1,
                        "best_val_robust_acc": float(0.4 + 0.1 * rng.random()), "best_epoch": epoch, "seconds": 1.0}
             write_trial_row(root, trial_id=trial, outcome=outcome, config=config, provenance=prov)
-        evals: dict[str, list[Any]] = {name: [None] for name in EVALS.names} | {"study": ["bench"], "trial_id": [trial], "attack": ["pgd"], "n": [10000],
-                                                          "correct": [4500], "accuracy": [0.45]}
+        evals: dict[str, list[Any]] = {name: [None] for name in EVALS.names}
+        evals |= {"study": ["bench"], "trial_id": [trial], "attack": ["pgd"], "n": [10000], "correct": [4500], "accuracy": [0.45]}
         write_eval_rows(root, trial_id=trial, key="pgd", columns=evals, provenance=prov)
         write_s += time.perf_counter() - t0
         if compact_each:

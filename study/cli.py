@@ -117,8 +117,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     from analysis.report import write_report
     from study.importances import study_importances
 
+    if args.top is not None and args.top < 0:
+        raise EnergyatError(f"--top {args.top}: give how many trials get their own figures (0 for every trial)")
     importances, note = study_importances(args.directory)
-    index = write_report(args.directory, importances=importances, importances_note=note)
+    top = {} if args.top is None else {"top": args.top or None}  # else the report's default, TOP_TRIALS
+    index = write_report(args.directory, importances=importances, importances_note=note, **top)
     if note is not None:  # after the report: a directory without tables gets its one error line alone
         print(f"importances: {note}", file=sys.stderr)
     print(index)
@@ -513,6 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="DIR/report/index.html with the study's and each trial's figures")
     report.add_argument("directory", type=str, help="study directory (local path or URI) or train --out directory")
+    report.add_argument("--top", type=int, default=None, metavar="N",
+                        help="each trial's own figures for the best N trials by validation robust accuracy (default 24; 0: every trial)")
     report.set_defaults(func=cmd_report)
 
     run = sub.add_parser("run", help="launch a study: Ray Tune trials searched by Optuna, stopped on energy divergence")

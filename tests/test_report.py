@@ -115,6 +115,18 @@ def test_report_cli_writes_index_with_existing_images(study: Path) -> None:
         assert_png(index.parent / src)  # relative paths, next to the page
 
 
+def test_report_draws_each_trials_figures_for_the_best_top_trials_only(study: Path, tmp_path: Path) -> None:
+    copy = Path(shutil.copytree(study, tmp_path / "study"))
+    proc = run_cli("report", str(copy), "--top", "1")
+    assert proc.returncode == 0, proc.stderr
+    page = (copy / "report" / "index.html").read_text()
+    best = max(phases_table(copy), key=lambda r: r["best_val_robust_acc"])["trial_id"]
+    other = ({"t-sat", "t-trades"} - {best}).pop()
+    assert f"{best}-phases.png" in page and f"{other}-phases.png" not in page
+    assert "the best 1 of 2 trials" in page and f"<td>{other}</td>" in page  # still in the table
+    assert run_cli("report", str(copy), "--top", "-1").returncode == 2
+
+
 def test_phases_cli_prints_one_row_per_trial(study: Path) -> None:
     proc = run_cli("phases", str(study), "--format", "csv")
     assert proc.returncode == 0, proc.stderr
@@ -155,11 +167,13 @@ def test_importances_need_a_journal_and_two_finished_trials(tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize("command", [["query", "select count(*) from epochs"], ["phases"], ["compact"]])
-def test_a_command_that_reads_tables_imports_neither_ray_nor_matplotlib_nor_torch(study: Path, command: list[str]) -> None:
+def test_a_command_that_reads_tables_imports_neither_ray_nor_matplotlib_nor_torch(study: Path, command: list[str], tmp_path: Path) -> None:
     # `status`, `query` and `phases` start in the time their imports take: Ray, matplotlib (and
     # scipy through the report) and torch are seconds each, and none of them reads a table
     code = ("import sys; from study.cli import main; code = main([sys.argv[1], sys.argv[2], *sys.argv[3:]]); "
             "print(sorted(m for m in ('ray', 'matplotlib', 'torch', 'scipy') if m in sys.modules)); sys.exit(code)")
+    if command[0] == "compact":  # it rewrites the files: of a copy, the other tests read the module's study
+        study = Path(shutil.copytree(study, tmp_path / "study"))
     proc = subprocess.run([sys.executable, "-c", code, command[0], str(study), *command[1:]], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
