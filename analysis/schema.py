@@ -134,6 +134,8 @@ TRIAL_OUTCOME = pa.schema(
         ),
         _f("final_n", pa.int32(), "test images behind final_clean_acc and final_pgd_acc (the first n of the split); null until the final evaluation"),
         _f("final_autoattack_n", pa.int32(), "test images behind final_autoattack_acc; null when AutoAttack was skipped or has not run"),
+        _f("final_seconds", pa.float64(), "wall seconds of the final evaluation (clean, PGD and AutoAttack on the test set); "
+           "null until it has run (a trial written before this column: null)"),
         _f("phase2_start", pa.int32(), "first epoch of phase 2 (offline detector); null if not reached"),
         _f("phase3_start", pa.int32(), "detected robust-overfitting onset (offline detector); null if none"),
         _f("alarm_epoch", pa.int32(), "first epoch the online detector raised its alarm; null if never"),

@@ -33,6 +33,7 @@ import platform
 import re
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -524,3 +525,86 @@ def stop_request(study_dir: str, trial_id: str) -> str | None:
         print(f"energyat: warning: ignoring {path}: not a stop request energyat writes ({text[:40]!r})", file=sys.stderr, flush=True)
         return None
     return text
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages: what a trial runs after its last epoch (the final evaluation), for the driver's view.
+#
+# A trial's worker prints nothing the driver sees (Ray's log_to_driver is off) and reports to
+# Tune once per epoch, so a final evaluation of many minutes would show as a silent trial. The
+# worker writes STUDY_DIR/stages/<trial id>, one JSON object, every few seconds; the driver's
+# live view reads it. Like a stop request: a file, so it reaches the driver from any node.
+STAGES = "stages"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A long stage's progress: `what` runs (e.g. "PGD-20 on 10,000 test images"), `done` of `total`."""
+
+    what: str
+    done: int
+    total: int
+    eta_seconds: float | None
+
+    def text(self) -> str:
+        eta = "" if self.eta_seconds is None else f", eta {self.eta_seconds:.0f} s"
+        return f"final evaluation: {self.what}: {self.done:,}/{self.total:,}{eta}"
+
+
+class StageClock:
+    """(what, done, total) progress calls as :class:`Stage` values with an ETA: the rate since
+    `what` started, over what is left of it."""
+
+    def __init__(self) -> None:
+        self.what: str | None = None
+        self.started = 0.0
+        self.first = 0  # done at the stage's first call: its rate counts from there
+
+    def __call__(self, what: str, done: int, total: int) -> Stage:
+        now = time.monotonic()
+        if what != self.what:
+            self.what, self.started, self.first = what, now, done
+            return Stage(what, done, total, None)
+        rate = (now - self.started) / (done - self.first) if done > self.first else None
+        return Stage(what, done, total, None if rate is None else rate * (total - done))
+
+
+def write_stage(study_dir: str, trial_id: str, stage: Stage) -> None:
+    fs, root = filesystem(study_dir)
+    fs.create_dir(f"{root}/{STAGES}", recursive=True)
+    write_atomic_bytes(fs, f"{root}/{STAGES}/{check_name(trial_id, 'trial id')}", json.dumps(stage.__dict__).encode())
+
+
+def read_stage(study_dir: str, trial_id: str) -> Stage | None:
+    """Trial `trial_id`'s current stage, or None. The file comes from the study's storage: one
+    that is not a stage energyat writes (a bad type, an overlong or unprintable text) is None."""
+    fs, root = filesystem(study_dir)
+    try:
+        with fs.open_input_stream(f"{root}/{STAGES}/{check_name(trial_id, 'trial id')}") as f:
+            found = json.loads(f.read(1024))
+        stage = Stage(str(found["what"]), int(found["done"]), int(found["total"]),
+                      None if found["eta_seconds"] is None else float(found["eta_seconds"]))
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, gone, or not ours
+        return None
+    return stage if stage.what.isprintable() and len(stage.what) <= 120 and 0 <= stage.done <= stage.total else None
+
+
+def clear_stage(study_dir: str, trial_id: str) -> None:
+    fs, root = filesystem(study_dir)
+    try:
+        fs.delete_file(f"{root}/{STAGES}/{check_name(trial_id, 'trial id')}")
+    except FileNotFoundError:
+        pass  # the trial never wrote one
+
+
+def write_atomic_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """`data` as the file `path`, whole or not at all (a temporary name renamed; one PUT on an object store)."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        parent, name = path.rsplit("/", 1)
+        tmp = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)  # no fsync: a stage lost to a power cut is only a stale progress line
+    else:
+        with fs.open_output_stream(path) as f:
+            f.write(data)

@@ -212,7 +212,8 @@ def s3_measure(size: int, epochs: int, probe_every: int, repeat: int) -> list[di
     os.environ.update(env)
     proc, endpoint, log = start_moto()
     try:
-        fs = pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", access_key="x", secret_key="x", region="us-east-1")
+        fs = pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", access_key="x", secret_key="x", region="us-east-1",
+                               allow_bucket_creation=True)
         fs.create_dir("bench")
         uri = f"s3://bench/t{size}?endpoint_override={endpoint}&scheme=http"
         rows = []
@@ -242,12 +243,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "tables")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--s3", type=str, default="", help="sizes to run on a moto S3 server too, e.g. 10,100")
+    parser.add_argument("--skip-local", action="store_true", help="only the --s3 sizes")
     args = parser.parse_args()
     rows = []
-    for name, cmd in (("python -c pass", [PY, "-c", "pass"]), ("python -c 'import duckdb'", [PY, "-c", "import duckdb"])):
+    for name, cmd in (("python -c pass", [PY, "-c", "pass"]), ("python -c 'import duckdb'", [PY, "-c", "import duckdb"]),
+                      ("energyat --help", [*ENERGYAT, "--help"])):
         rows.append({"reference": name, "seconds": timed(cmd, args.repeat)[0]})
         print(json.dumps(rows[-1]), flush=True)
-    for size in [int(s) for s in args.trials.split(",") if s]:
+    for size in [] if args.skip_local else [int(s) for s in args.trials.split(",") if s]:
         study, floor = args.out / f"t{size}", args.out / f"t{size}-floor"
         shutil.rmtree(study, ignore_errors=True)
         write = write_study(str(study), size, args.epochs, args.probe_every, compact_each=False)
@@ -263,17 +266,19 @@ def main() -> None:
         row = {**measure(study, floor, args.repeat, "compacted", size), "compact_s": compact_s, "files": files}
         print(json.dumps(row), flush=True)
         rows.append(row)
-    # the write path with the driver's compaction of each finished trial, on the smallest size
-    smallest = min(int(s) for s in args.trials.split(",") if s)
-    each = args.out / "each"
-    shutil.rmtree(each, ignore_errors=True)
-    write = write_study(str(each), smallest, args.epochs, args.probe_every, compact_each=True)
-    row = {"trials": smallest, "stage": "write, each trial compacted at its end", **write}
-    print(json.dumps(row), flush=True)
-    rows.append(row)
+    if not args.skip_local:  # the write path with the driver's compaction of each finished trial, on the smallest size
+        smallest = min(int(s) for s in args.trials.split(",") if s)
+        each = args.out / "each"
+        shutil.rmtree(each, ignore_errors=True)
+        write = write_study(str(each), smallest, args.epochs, args.probe_every, compact_each=True)
+        row = {"trials": smallest, "stage": "write, each trial compacted at its end", **write}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
     for size in [int(s) for s in args.s3.split(",") if s]:
         rows += s3_measure(size, args.epochs, args.probe_every, args.repeat)
-    (args.out / "tables.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args.out.mkdir(parents=True, exist_ok=True)
+    with (args.out / "tables.jsonl").open("a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +22,15 @@ from ray import tune
 
 from analysis.compaction import compact
 from analysis.errors import EnergyatError, StoreError, one_line
-from analysis.store import read_trial_outcome
+from analysis.store import read_stage, read_trial_outcome
 from study.journal import TUNE_ID_ATTR, journal_storage, outcome_attrs, upload_journal
 from study.layout import journal_file
 from study.live import Board
 from study.space import Dimension
 from trainables.config import parse_trial, trial_spec
 from trainables.engine import write_error_row
+
+STAGE_POLL_SECONDS = 5.0  # how often the live view reads the running trials' stage files
 
 
 def id_of(trial: Any) -> str:
@@ -134,12 +137,15 @@ def _last_line(trial: Any) -> str:
 
 class LiveView(tune.Callback):
     """Feeds Ray Tune's trial events to a :class:`study.live.Board` (Tune's own status table is off:
-    `verbose=0`)."""
+    `verbose=0`), and every STAGE_POLL_SECONDS the running trials' stage files (their final
+    evaluation's progress, which reaches Tune by no report)."""
 
-    def __init__(self, board: Board, base_method: str) -> None:
+    def __init__(self, board: Board, base_method: str, study_dir: str) -> None:
         self.board = board
         self.base_method = base_method
+        self.study_dir = study_dir
         self._seen_restored = False
+        self._polled = -math.inf
 
     def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
         # a resumed study's trials arrive here with the state and last result of the run before,
@@ -167,6 +173,12 @@ class LiveView(tune.Callback):
         self.board.finished(id_of(trial), trial.last_result, error=f"error: {_last_line(trial)}")
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        if time.monotonic() - self._polled >= STAGE_POLL_SECONDS:
+            self._polled = time.monotonic()
+            for trial_id in self.board.running():
+                stage = read_stage(self.study_dir, trial_id)
+                if stage is not None:
+                    self.board.staged(trial_id, stage)
         self.board.tick()
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:

@@ -53,6 +53,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         on_epoch=progress,
         stop=stop_rule_from_flags(stop_on_alarm=args.stop_on_alarm, stop_patience=args.stop_patience),
         spec_file=out / "spec.yaml",
+        on_stage=progress.stage,
     )
     from analysis.compaction import compact
 

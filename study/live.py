@@ -20,8 +20,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from analysis.store import Stage, StageClock
+
 ENV = "ENERGYAT_PROGRESS"
 REDRAW_SECONDS = 1.0  # a terminal table redrawn at most once a second: the eye needs no more
+STAGE_LINE_SECONDS = 30.0  # in a log, a long stage's progress line at most this often
 
 
 def live_output(stream: TextIO) -> bool:
@@ -46,6 +49,7 @@ class TrialLine:
     phase: int | None = None
     alarm: bool = False
     stop: str = ""
+    stage: str = ""  # what runs after the last epoch (the final evaluation), while it runs
 
 
 class Board:
@@ -95,8 +99,21 @@ class Board:
             self._event(f"trial {trial_id} ({line.method}) energy alarm at epoch {line.epoch - 1}" + (f": {reason}" if reason else ""))
         self._dirty = True
 
+    def staged(self, trial_id: str, stage: Stage) -> None:
+        """A running trial's stage after its last epoch (its stage file, read by the driver):
+        shown in its row; in a log, a line when a new part of it starts."""
+        line = self.trials.get(trial_id)
+        if line is None or line.state != "RUNNING":
+            return
+        text = stage.text()
+        if text.split(":", 2)[:2] != line.stage.split(":", 2)[:2]:
+            self._event(f"trial {trial_id} ({line.method}) {text}")
+        line.stage = text
+        self._dirty = True
+
     def finished(self, trial_id: str, row: Mapping[str, Any] | None, *, error: str | None = None) -> None:
         line = self.trials.setdefault(trial_id, TrialLine(trial_id, "?"))
+        line.stage = ""
         row = row or {}
         line.state = "ERROR" if error else "TERMINATED"
         line.stop = error or str(row.get("stop_reason") or "completed")
@@ -105,6 +122,9 @@ class Board:
         verb = "failed" if error else "finished"
         self._event(f"trial {trial_id} ({line.method}) {verb}: {line.stop} after {line.epoch}/{self.epochs} epochs, "
                     f"best val robust {_acc(line.best)}")
+
+    def running(self) -> list[str]:
+        return [t.trial_id for t in self.trials.values() if t.state == "RUNNING"]
 
     def tick(self) -> None:
         """Redraw the table when something changed and a redraw is due (live output only)."""
@@ -144,7 +164,7 @@ class Board:
         order = sorted(self.trials.values(), key=lambda t: (t.state != "RUNNING", -(t.best if math.isfinite(t.best) else -1.0), t.trial_id))
         rows = [
             f"{t.trial_id:<10} {t.state:<10} {t.method:<8} {f'{t.epoch}/{self.epochs}':>7} {_acc(t.best):>8} "
-            f"{t.phase if t.phase is not None else '-':>5} {'yes' if t.alarm else '-':>5}  {t.stop}"
+            f"{t.phase if t.phase is not None else '-':>5} {'yes' if t.alarm else '-':>5}  {t.stop or t.stage}"
             for t in order
         ]
         room = max(height - 2, 1)
@@ -176,13 +196,17 @@ class TrainProgress:
         self.first_epoch: int | None = None
         self.phase: int | None = None
         self.alarm = False
+        self.clock = StageClock()
+        self.last_stage: tuple[str | None, float] = (None, -math.inf)
+        self.evaluating_since: float | None = None
 
     def __call__(self, row: dict[str, Any], _ckpt: Any) -> None:
         epoch = int(row["epoch"])
         if self.first_epoch is None:
             self.first_epoch = epoch  # a continued run starts past 0: its rate counts from here
         done = epoch + 1
-        rate = (time.monotonic() - self.started) / max(done - self.first_epoch, 1)
+        trained = (self.evaluating_since or time.monotonic()) - self.started  # the final evaluation is no epoch's
+        rate = trained / max(done - self.first_epoch, 1)
         eta = rate * (self.epochs - done)
         status = (f"epoch {done}/{self.epochs}  loss {row.get('train_loss', math.nan):.3f}  val robust {_acc(row.get('val_robust_acc'))}"
                   f"  best {_acc(row.get('best_val_robust_acc'))}  dE {row.get('probe_train_dE', math.nan):.3f}  phase {row.get('phase')}"
@@ -209,3 +233,18 @@ class TrainProgress:
         tenth = max(self.epochs // 10, 1)
         if events or done % tenth == 0 or row.get("done") or epoch == self.first_epoch:
             print(status + "".join(f"  | {e}" for e in events), file=self.stream, flush=True)
+
+    def stage(self, what: str, done: int, total: int) -> None:
+        """The final evaluation's progress (the engine's `on_stage`): redrawn in place on a
+        terminal; elsewhere a line when a new part of it starts and then every STAGE_LINE_SECONDS."""
+        stage = self.clock(what, done, total)
+        now = time.monotonic()
+        if self.evaluating_since is None:
+            self.evaluating_since = now
+        if self.live:
+            width = shutil.get_terminal_size((100, 24)).columns - 1
+            self.stream.write(f"\r\x1b[K{stage.text()}"[: width + 4])
+            self.stream.flush()
+        elif what != self.last_stage[0] or now - self.last_stage[1] >= STAGE_LINE_SECONDS or done == total:
+            print(stage.text(), file=self.stream, flush=True)
+            self.last_stage = (what, now)

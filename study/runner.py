@@ -196,7 +196,7 @@ def _run_config(study: Study, study_dir: str, study_name: str, upload: JournalUp
     keys = study.keys
     pbt = keys.scheduler.name == "pbt"
     board = Board(name=study.name, total=keys.samples, epochs=study.trial.epochs)
-    callbacks: list[tune.Callback] = [LiveView(board, study.trial.method), TrialErrors(dict(study.spec), study_dir), Compaction(study_dir)]
+    callbacks: list[tune.Callback] = [LiveView(board, study.trial.method, study_dir), TrialErrors(dict(study.spec), study_dir), Compaction(study_dir)]
     if pbt:
         callbacks.append(OptunaRecord(study_dir, study_name, study.objectives[0], study.search))
     if upload is not None:

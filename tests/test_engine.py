@@ -135,3 +135,36 @@ def test_a_trial_runs_where_duckdb_ray_and_optuna_are_not_installed(tmp_path: Pa
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("TERMINATED"), proc.stderr[-2000:]
+
+
+def test_the_final_evaluation_reports_its_progress_and_its_seconds(tmp_path: Path) -> None:
+    # what `energyat train` and a study's live view show after the last epoch: PGD batch by batch
+    # to the last test image, then AutoAttack attack by attack (from its own log), and the time
+    # it all took in the trials row
+    calls: list[tuple[str, int, int]] = []
+    cfg = parse_trial({**TINY, "epochs": 1, "final_eval": {"n": 150, "pgd_steps": 3, "autoattack_n": 6}})
+    result = run_trial(cfg, out=tmp_path, on_stage=lambda what, done, total: calls.append((what, done, total)))
+    pgd = [c for c in calls if c[0] == "PGD-3 on 150 test images"]
+    assert [done for _w, done, _t in pgd] == [64, 128, 150] and {t for *_x, t in pgd} == {150}
+    autoattack = [c for c in calls if c[0].startswith("AutoAttack on 6 test images: ")]
+    # each of its attacks announced as it starts (the later ones only while some image is still robust)
+    assert autoattack[0] == ("AutoAttack on 6 test images: apgd-ce on the images still robust", 0, 1)
+    assert calls.index(pgd[-1]) < calls.index(autoattack[0])
+    assert result["final_seconds"] > 0
+    con = open_tables(tmp_path)
+    assert con.execute("select final_seconds > 0 and final_seconds <= seconds from trials").fetchall() == [(True,)]
+
+
+def test_autoattacks_batch_lines_become_progress() -> None:
+    # the line AutoAttack logs after each batch of an attack (pyautoattack/autoattack.py, verbose)
+    import logging
+
+    from trainables.evaluate import _AutoAttackProgress
+
+    calls: list[tuple[str, int, int]] = []
+    handler = _AutoAttackProgress(lambda *c: calls.append(c), 1000)
+    for message in ("running apgd-t", "{} - {}/{} - {} out of {} successfully perturbed".format("apgd-t", 3, 4, 17, 250),
+                    "robust accuracy after APGD-T: 45.00% (total time 12.3 s)"):
+        handler.emit(logging.LogRecord("auto-attack", logging.DEBUG, __file__, 0, message, None, None))
+    what = "AutoAttack on 1,000 test images: apgd-t on the images still robust"
+    assert calls == [(what, 0, 1), (what, 3, 4)]

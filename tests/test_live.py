@@ -123,6 +123,50 @@ def test_train_progress_live_is_one_line_redrawn() -> None:
     assert "[####################] epoch 5/5" in text
 
 
+def test_train_progress_shows_the_final_evaluation_with_an_eta() -> None:
+    out = io.StringIO()
+    progress = TrainProgress(5, stream=out, live=False)
+    what = "PGD-20 on 10,000 test images"
+    for done in range(128, 10_001, 128):
+        progress.stage(what, done, 10_000)
+    progress.stage(what, 10_000, 10_000)
+    progress.stage("AutoAttack on 1,000 test images: apgd-ce on the images still robust", 1, 4)
+    lines = out.getvalue().splitlines()
+    # a line when a part starts, none in between (all within STAGE_LINE_SECONDS), one at its end
+    assert lines[0] == "final evaluation: PGD-20 on 10,000 test images: 128/10,000"
+    assert lines[1].startswith("final evaluation: PGD-20 on 10,000 test images: 10,000/10,000, eta 0 s")
+    assert lines[2] == "final evaluation: AutoAttack on 1,000 test images: apgd-ce on the images still robust: 1/4"
+    assert len(lines) == 3
+
+
+def test_the_live_view_shows_a_running_trials_final_evaluation_from_its_stage_file(tmp_path: Path) -> None:
+    from analysis.store import Stage, clear_stage, write_stage
+    from study.callbacks import LiveView
+
+    out = io.StringIO()
+    board = Board(name="s", total=2, epochs=10, stream=out, live=False)
+    board.started("a", "sat")
+    board.started("b", "sat")
+    view = LiveView(board, "sat", str(tmp_path))
+    write_stage(str(tmp_path), "a", Stage("PGD-20 on 10,000 test images", 2048, 10_000, 180.0))
+    view.on_step_end(0, [])
+    assert out.getvalue().splitlines()[-1].endswith("trial a (sat) final evaluation: PGD-20 on 10,000 test images: 2,048/10,000, eta 180 s")
+    assert any("final evaluation: PGD-20" in line and line.startswith("a ") for line in board.table(10))
+    # the next poll of the same part updates the row and prints no new line; the end clears it
+    write_stage(str(tmp_path), "a", Stage("PGD-20 on 10,000 test images", 4096, 10_000, 120.0))
+    view._polled = -1e9
+    view.on_step_end(0, [])
+    assert len(out.getvalue().splitlines()) == 3 and any("4,096/10,000" in line for line in board.table(10))
+    clear_stage(str(tmp_path), "a")
+    board.finished("a", {"stop_reason": "completed"})
+    assert not any("final evaluation" in line for line in board.table(10))
+    # a stage file is read from the study's storage: one that is not energyat's is ignored
+    (tmp_path / "stages" / "b").write_text(json.dumps({"what": "\x1b[2J" * 3, "done": 1, "total": 2, "eta_seconds": None}))
+    view._polled = -1e9
+    view.on_step_end(0, [])
+    assert len(out.getvalue().splitlines()) == 4  # only a's end
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -83,6 +83,8 @@ from trainables.subjects import Subject
 # reported after the final evaluation, with the `trials` outcome merged into its row, so that
 # a caller (Ray Tune) that stops listening after it has seen everything.
 EpochCallback = Callable[[dict[str, Any], Path], "str | None"]
+# A long stage's progress, as trainables.evaluate.Progress: (what runs, done, total).
+StageCallback = Callable[[str, int, int], None]
 
 
 def select_device(name: str) -> torch.device:
@@ -231,7 +233,8 @@ def probe_epoch(model: nn.Module, probes: EpochProbes, cfg: TrialConfig, params:
 
 
 def final_evaluation(
-    model: nn.Module, data: ImageData, cfg: TrialConfig, *, out: str, trial_id: str, weights: str, device: torch.device
+    model: nn.Module, data: ImageData, cfg: TrialConfig, *, out: str, trial_id: str, weights: str, device: torch.device,
+    progress: StageCallback | None = None,
 ) -> dict[str, float | int | None]:
     """The best checkpoint on the test set (:func:`trainables.evaluate.evaluate`): clean and
     PGD-(final_eval.pgd_steps) on the first `final_eval.n` images, the original AutoAttack on the
@@ -239,7 +242,7 @@ def final_evaluation(
     images each used (`final_n`, `final_autoattack_n`)."""
     fe = cfg.final_eval
     results = evaluate(model, data, cfg, attacks=("clean", "pgd", "autoattack"), n=fe.n, autoattack_n=fe.autoattack_n,
-                       pgd_steps=fe.pgd_steps, seed=cfg.seed)
+                       pgd_steps=fe.pgd_steps, seed=cfg.seed, progress=progress)
     subject = Subject(trial_id, "trial", cfg, weights, cfg.method, cfg.model, cfg.name, load=lambda _data: model)
     write_evals(out, subject, results, seed=cfg.seed, evaluated_by="final_eval", device=device_label(device))
     found = {r.attack: r for r in results}
@@ -303,6 +306,7 @@ def run_trial(
     stop: StopRule = StopRule(),
     spec_file: Path | None = None,
     device: torch.device | None = None,
+    on_stage: StageCallback | None = None,
 ) -> dict[str, Any]:
     """Train one trial, writing its tables under `out` and checkpoints every epoch.
 
@@ -326,6 +330,8 @@ def run_trial(
             Studies pass None: their trials differ by design and `trials` carries each config.
         device: where to train; None resolves `cfg.device` (:func:`select_device`). Under Ray the
             adapter passes the device Ray assigned (its GPU, or the CPU when it assigned none).
+        on_stage: told, per batch, what the final evaluation runs and how far it is (PGD on the
+            test set can take longer than the training; nothing else reports meanwhile).
 
     Returns:
         The trial's `trials` row (outcome columns) as a dict.
@@ -377,7 +383,7 @@ def run_trial(
 
     # -- final evaluation of the best checkpoint, on the test set ---------------------------------
     if not progress.final and output.best.exists():
-        progress.final = _evaluate_best(trial, output, progress)
+        progress.final = _evaluate_best(trial, output, progress, on_stage)
     # -- final row: the outcome, with the offline phase labels over every epoch row ----------------
     if progress.stop_reason is None:
         progress.stop_reason = "completed"
@@ -616,6 +622,7 @@ def _outcome(
         "final_pgd_acc": progress.final.get("final_pgd_acc", math.nan),
         "final_autoattack_acc": progress.final.get("final_autoattack_acc", math.nan),
         "final_n": progress.final.get("final_n"), "final_autoattack_n": progress.final.get("final_autoattack_n"),
+        "final_seconds": progress.final.get("final_seconds"),
         "phase2_start": phases.phase2_start if phases else detector.phase2_start,
         "phase3_start": phases.phase3_start if phases else None,
         "alarm_epoch": detector.alarm_epoch,
@@ -624,13 +631,15 @@ def _outcome(
     }
 
 
-def _evaluate_best(trial: _Trial, output: _Output, progress: _Progress) -> dict[str, float | int | None]:
+def _evaluate_best(trial: _Trial, output: _Output, progress: _Progress, on_stage: StageCallback | None) -> dict[str, float | int | None]:
     """:func:`final_evaluation` of best.pt's weights (the average's, with `ema`), loaded into a
-    copy: the trial keeps the last epoch's weights, which last.pt must hold."""
+    copy: the trial keeps the last epoch's weights, which last.pt must hold; with its seconds."""
+    started = time.perf_counter()
     best_model = copy.deepcopy(trial.evaluated)
     best_model.load_state_dict(checkpoint.load(output.best)["model"])
-    return final_evaluation(best_model, trial.data, trial.cfg, out=output.out, trial_id=output.trial_id,
-                            weights=f"best.pt (epoch {progress.best_epoch})", device=trial.device)
+    final = final_evaluation(best_model, trial.data, trial.cfg, out=output.out, trial_id=output.trial_id,
+                             weights=f"best.pt (epoch {progress.best_epoch})", device=trial.device, progress=on_stage)
+    return final | {"final_seconds": time.perf_counter() - started}
 
 
 def write_error_row(cfg: TrialConfig, *, out: str, trial_id: str, reason: str) -> dict[str, Any]:

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
@@ -61,13 +63,44 @@ def parse_attacks(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def autoattack_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: float, seed: int) -> np.ndarray:
+# A long evaluation's progress: (what runs, e.g. "PGD-20 on 10,000 test images", done, total).
+Progress = Callable[[str, int, int], None]
+
+
+class _AutoAttackProgress(logging.Handler):
+    """AutoAttack's own per-batch log lines (logger `auto-attack`, DEBUG: "apgd-ce - 3/40 - ...")
+    turned into :data:`Progress` calls: which of its attacks runs, and its batches done. Reading
+    its log, not re-batching its input, keeps its numbers those of one standard run."""
+
+    LINE = re.compile(r"^(?P<attack>[a-z-]+) - (?P<done>\d+)/(?P<total>\d+) - ")
+    START = re.compile(r"^running (?P<attack>[a-z-]+)$")
+
+    def __init__(self, progress: Progress, images: int) -> None:
+        super().__init__(logging.DEBUG)
+        self.progress = progress
+        self.images = images
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        started, batch = self.START.match(message), self.LINE.match(message)
+        if started is not None:  # its batches are not counted yet: 0 of 1 until the first ends
+            self.progress(self._what(started["attack"]), 0, 1)
+        elif batch is not None:
+            self.progress(self._what(batch["attack"]), int(batch["done"]), int(batch["total"]))
+
+    def _what(self, attack: str) -> str:
+        return f"AutoAttack on {self.images:,} test images: {attack} on the images still robust"
+
+
+def autoattack_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: float, seed: int,
+                       progress: Progress | None = None) -> np.ndarray:
     """Per image, whether the original AutoAttack (standard) leaves it classified correctly.
 
     Args:
         model: logits in fp32; run in eval mode here.
         x: (N, C, H, W) float in [0, 1], on the model's device; y: (N,) labels.
         norm: ``linf`` or ``l2``; eps: the threat radius; seed: AutoAttack's ``seed``.
+        progress: told which attack runs and its batches done, from AutoAttack's own log.
 
     Equals ``AutoAttack(model, norm=..., eps=eps, version="standard", seed=seed).run_standard_evaluation(x, y)``
     with its default batch size (250): its second output are the predictions on the returned
@@ -78,8 +111,19 @@ def autoattack_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, no
     # the start of each of its attacks: in a fork, so that evaluating never moves the caller's
     # random stream (a trial, a study's next draw) to a state that depends on the evaluation
     devices = [x.device] if x.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), fp32(), eval_mode(model):
-        _x_adv, y_adv = adversary.run_standard_evaluation(x, y)
+    logger = logging.getLogger("auto-attack")
+    handler = _AutoAttackProgress(progress, len(y)) if progress is not None else None
+    level = logger.level
+    if handler is not None:
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+    try:
+        with torch.random.fork_rng(devices=devices), fp32(), eval_mode(model):
+            _x_adv, y_adv = adversary.run_standard_evaluation(x, y)
+    finally:
+        if handler is not None:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
     return (y_adv == y).cpu().numpy()
 
 
@@ -105,9 +149,11 @@ def evaluate(
     autoattack_n: int | None,
     pgd_steps: int,
     seed: int,
+    progress: Progress | None = None,
 ) -> list[EvalResult]:
     """Accuracy of `model` on the first `n` test images (clean, PGD) and the first
-    `autoattack_n` (AutoAttack); None takes the whole test set, 0 skips AutoAttack.
+    `autoattack_n` (AutoAttack); None takes the whole test set, 0 skips AutoAttack. `progress`
+    is told what runs and how far it is, per batch.
 
     Threat model from `cfg.attack` (eps, step, norm); `seed` seeds PGD's random starts and
     AutoAttack. All in fp32 and eval mode, whatever the model was trained in.
@@ -121,8 +167,10 @@ def evaluate(
     if wants:
         started = time.perf_counter()
         attack = partial(pgd, eps=a.eps, step_size=a.step, steps=pgd_steps, norm=a.norm) if "pgd" in wants else _identity
+        what = f"{f'PGD-{pgd_steps}' if 'pgd' in wants else 'clean accuracy'} on {count:,} test images"
+        on_batch = None if progress is None else (lambda done: progress(what, done, count))
         values = probe(model, data.test_x[:count], data.test_y[:count], attack=attack, batch_size=cfg.batch_size,
-                       seed=eval_seed(seed, -1, "final"))
+                       seed=eval_seed(seed, -1, "final"), on_batch=on_batch)
         seconds = time.perf_counter() - started
         if "clean" in wants:
             results.append(EvalResult("clean", count, int(values["correct"].sum()), None, seconds))
@@ -133,7 +181,7 @@ def evaluate(
         started = time.perf_counter()
         device = next(model.parameters()).device
         x = to_float(data.test_x[:m].to(device))
-        correct = autoattack_correct(model, x, data.test_y[:m].to(device), norm=a.norm, eps=a.eps, seed=seed)
+        correct = autoattack_correct(model, x, data.test_y[:m].to(device), norm=a.norm, eps=a.eps, seed=seed, progress=progress)
         results.append(EvalResult("autoattack", m, int(correct.sum()), None, time.perf_counter() - started))
     return results
 

@@ -113,6 +113,7 @@ def probe(
     targets: torch.Tensor | None = None,
     batch_size: int = 128,
     seed: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """Per-sample energies and correctness of `images` and of their adversarial examples.
 
@@ -130,6 +131,7 @@ def probe(
         batch_size: images per forward pass.
         seed: seeds the attacks' random starts (:func:`seeded`); None draws from torch's
             current stream.
+        on_batch: called after each batch with the number of images done so far (progress).
 
     Returns:
         float64 numpy arrays ``E, E_adv, Ey, Ey_adv, ce, ce_adv, E_tgt`` (NaN without a
@@ -170,6 +172,8 @@ def probe(
             }
             for name in names:
                 cols[name].append(values[name].detach())
+            if on_batch is not None:
+                on_batch(lo + len(y))
     # float64 on the host, so that mean(E - E*) equals mean(E) - mean(E*) to 1e-12
     return {k: torch.cat(v).cpu().double().numpy() if v[0].is_floating_point() else torch.cat(v).cpu().numpy() for k, v in cols.items()}
 

@@ -26,7 +26,7 @@ import torch
 
 from analysis.errors import EnergyatError
 from analysis.stopping import StopRule
-from analysis.store import stop_request
+from analysis.store import StageClock, clear_stage, stop_request, write_stage
 from trainables.config import parse_trial, trial_spec
 from trainables.engine import run_trial, write_error_row
 
@@ -78,6 +78,7 @@ def ray_device(requested: str) -> torch.device:
 # rows are rewritten, the same).
 CHECKPOINT_SECONDS = 10.0
 
+STAGE_SECONDS = 5.0  # how often a trial's final evaluation rewrites its stage file
 HANG_EXIT = 75  # the exit status of a worker ended by its watchdog (EX_TEMPFAIL)
 
 
@@ -196,10 +197,26 @@ def energyat_trial(
         tune.report(metrics, checkpoint=checkpoint)
         return stop_request(study_dir, trial_id) if scheduled and not row.get("done") else None
 
+    clock = StageClock()
+    last_stage: tuple[str | None, float] = (None, -math.inf)
+
+    def stage(what: str, done: int, total: int) -> None:
+        # the final evaluation: no epoch ends meanwhile, so the watchdog hears from here, and the
+        # driver's view reads the stage file (written at a new stage, then every STAGE_SECONDS)
+        nonlocal last_stage
+        if watchdog is not None:
+            watchdog.beat()
+        now = time.monotonic()
+        current = clock(what, done, total)
+        if what != last_stage[0] or now - last_stage[1] >= STAGE_SECONDS or done == total:
+            write_stage(study_dir, trial_id, current)
+            last_stage = (what, now)
+
     try:
         run_trial(cfg, out=study_dir, trial_id=trial_id, checkpoint_dir=work, on_epoch=report, stop=stop,
-                  device=ray_device(cfg.device))
+                  device=ray_device(cfg.device), on_stage=stage)
     finally:
         if watchdog is not None:
             watchdog.stop()
         shutil.rmtree(work, ignore_errors=True)
+        clear_stage(study_dir, trial_id)
