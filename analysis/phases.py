@@ -41,6 +41,7 @@ Rule (every threshold is a keyword of :class:`OnlineDetector`):
 from __future__ import annotations
 
 import math
+import statistics  # its median: the same value as numpy's, 50x faster on the few values of a window
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeGuard
@@ -143,7 +144,7 @@ class OnlineDetector:
 
     # -- the rule -------------------------------------------------------------------------
     def _smoothed(self) -> float:
-        return float(np.median(self._s.mags[-self.params.smooth:]))
+        return float(statistics.median(self._s.mags[-self.params.smooth:]))
 
     def update(self, row: Mapping[str, Any]) -> tuple[int, bool]:
         """Feed one epoch; returns (phase, alarm) as of this epoch.
@@ -223,7 +224,7 @@ class OnlineDetector:
         if i < 0:
             return None
         lo = max(0, i + 1 - self.params.smooth)
-        return float(np.median(self._s.mags[lo : i + 1]))
+        return float(statistics.median(self._s.mags[lo : i + 1]))
 
     @property
     def last_epoch(self) -> int:
@@ -376,7 +377,7 @@ def _change_point(epoch: np.ndarray, d_e: np.ndarray, start: int, alarm: int, sm
     before the drop on the real runs, where the true onsets sit at the drop (docs/phases.md)."""
     ok = np.isfinite(d_e)
     e, m = epoch[ok], np.abs(d_e[ok])
-    m = np.array([np.median(m[max(0, i + 1 - smooth) : i + 1]) for i in range(len(m))])
+    m = np.array([statistics.median(m[max(0, i + 1 - smooth) : i + 1].tolist()) for i in range(len(m))])
     keep = e >= start
     e, m = e[keep], m[keep]
     best, best_cost = alarm, math.inf

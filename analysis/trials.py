@@ -77,7 +77,7 @@ def epochs_by_trial(con: duckdb.DuckDBPyConnection, ids: Sequence[str], columns:
     rows), sorted by epoch: one scan of the table, not a query per trial (1,000 trials would be
     1,000 scans of a part)."""
     wanted = "*" if columns is None else ", ".join(dict.fromkeys(["trial_id", *columns]))
-    cols = fetch(con, f"select {wanted} from epochs order by trial_id, epoch")
+    cols = fetch(con, f"select {wanted} from epochs where list_contains($ids, trial_id) order by trial_id, epoch", ids=list(ids))
     found = cols["trial_id"]
     starts = [0, *(np.flatnonzero(found[1:] != found[:-1]) + 1).tolist(), len(found)] if len(found) else [0]
     spans = {str(found[a]): (a, b) for a, b in zip(starts[:-1], starts[1:], strict=True)}
@@ -89,12 +89,18 @@ def phases_of(epochs: Mapping[str, Any]) -> PhaseResult:
     return detect({name: epochs[name] for name in DETECTOR_COLUMNS})
 
 
-def phases_table(directory: str | os.PathLike[str], trial: str | None = None) -> list[dict[str, Any]]:
+def phases_table(directory: str | os.PathLike[str], trial: str | None = None, *, recorded: bool = False) -> list[dict[str, Any]]:
     """Offline phases and the robust-overfitting onset of every trial (or of one), by trial id.
 
     Each row: ``trial_id, method, epochs, phase2_start, phase3_start`` (offline
     :func:`analysis.phases.detect` on the trial's `epochs` rows), ``alarm_epoch`` (the online
     alarm as recorded during training), ``best_epoch, best_val_robust_acc``.
+
+    With `recorded`, a TERMINATED trial's phases are those its `trials` row recorded when it
+    finished (the same detector on the same rows, unless the detector changed since) and its
+    epochs are not read: `energyat status` of 1,000 finished trials reads the `trials` table and
+    the running trials' epochs only. Without it (`energyat phases`, the report), every trial's
+    phases are detected now.
 
     Raises:
         StoreError: `directory` holds no tables, or `trial` is not one of its trial ids.
@@ -108,22 +114,22 @@ def phases_table(directory: str | os.PathLike[str], trial: str | None = None) ->
                 known = ", ".join(ids) if ids else "none yet"
                 raise StoreError(f"no trial `{trial}` in {directory}; known trial ids: {known}")
             ids = [trial]
-        by_trial = epochs_by_trial(con, ids, [*DETECTOR_COLUMNS, "alarm"])
+        done = {tid for tid in ids if recorded and trials[tid].get("status") == "TERMINATED"}
+        by_trial = epochs_by_trial(con, [tid for tid in ids if tid not in done], [*DETECTOR_COLUMNS, "alarm"])
         out = []
         for tid in ids:
-            epochs = by_trial[tid]
-            phases = phases_of(epochs)
-            best = trials[tid].get("best_val_robust_acc")
-            out.append({
-                "trial_id": tid,
-                "method": trials[tid].get("method"),
-                "epochs": len(epochs["epoch"]),
-                "phase2_start": phases.phase2_start,
-                "phase3_start": phases.phase3_start,
-                "alarm_epoch": online_alarm_epoch(epochs, phases),
-                "best_epoch": int_or_none(trials[tid].get("best_epoch")),
-                "best_val_robust_acc": None if missing(best) else float(cast(float, best)),
-            })
+            row = trials[tid]
+            if tid in done:
+                found = {"epochs": int_or_none(row.get("epochs_run")), "phase2_start": int_or_none(row.get("phase2_start")),
+                         "phase3_start": int_or_none(row.get("phase3_start")), "alarm_epoch": int_or_none(row.get("alarm_epoch"))}
+            else:
+                epochs = by_trial[tid]
+                phases = phases_of(epochs)
+                found = {"epochs": len(epochs["epoch"]), "phase2_start": phases.phase2_start, "phase3_start": phases.phase3_start,
+                         "alarm_epoch": online_alarm_epoch(epochs, phases)}
+            best = row.get("best_val_robust_acc")
+            out.append({"trial_id": tid, "method": row.get("method"), **found, "best_epoch": int_or_none(row.get("best_epoch")),
+                        "best_val_robust_acc": None if missing(best) else float(cast(float, best))})
         return out
     finally:
         con.close()

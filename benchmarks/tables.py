@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 
 from analysis.compaction import compact  # noqa: E402
 from analysis.schema import EPOCHS, EVALS, SAMPLES, SCHEMA_VERSION  # noqa: E402
-from analysis.store import provenance, write_epoch_rows, write_eval_rows, write_trial_row  # noqa: E402
+from analysis.store import filesystem, provenance, write_epoch_rows, write_eval_rows, write_trial_row  # noqa: E402
 
 PY = sys.executable
 ENERGYAT = [PY, "-m", "study.cli"]
@@ -119,8 +119,9 @@ def write_study(root: str, trials: int, epochs: int, probe_every: int, *, compac
             compact_s += time.perf_counter() - t0
     # spec.yaml as a study has one: `status` and `eval` read the study's directory as a study's
     spec = {"schema_version": SCHEMA_VERSION, "study_name": "bench", "spec": {"name": "bench"}, "resolved": {}}
-    if "://" not in root:
-        Path(root, "spec.yaml").write_text(yaml.safe_dump(spec))
+    fs, path = filesystem(root)
+    with fs.open_output_stream(f"{path}/spec.yaml") as f:
+        f.write(yaml.safe_dump(spec).encode())
     per_epoch = trials * epochs
     return {"write_ms_per_epoch": 1000 * write_s / per_epoch, "compact_ms_per_epoch": 1000 * compact_s / per_epoch}
 

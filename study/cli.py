@@ -202,7 +202,7 @@ def _status_text(study_dir: str) -> str:
         lines.append(f"best so far: {t} ({m}) validation robust acc {acc:.4f} at epoch {ep}")
     reasons = {t: (s, r, e) for t, s, r, e in con.execute("select trial_id, status, stop_reason, epochs_run from trials").fetchall()}
     con.close()
-    rows = phases_table(study_dir, None)
+    rows = phases_table(study_dir, None, recorded=True)  # a finished trial's phases as its row recorded them
     for row in rows:
         status, reason, epochs_run = reasons.get(row["trial_id"], ("?", None, None))
         row.update(status=status, stop_reason=reason, epochs_run=epochs_run)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from conftest import ROOT, TINY, energyat_cmd
 
@@ -92,6 +94,23 @@ def test_single_trial_report_notes_the_skipped_study_figures(study: Path, tmp_pa
     assert "skipped: Pareto front" in page and "skipped: delta energy" in page
     assert "no `samples` rows" in page
     assert page.count("<img") == 1  # the phase figure only
+
+
+def test_the_phases_a_finished_trial_recorded_are_the_phases_detected_now(study: Path, tmp_path: Path) -> None:
+    # `energyat status` reads a TERMINATED trial's phases from its trials row instead of its epochs
+    assert phases_table(study, recorded=True) == phases_table(study)
+    # and it does read them from there: a trial whose epochs are gone still shows them
+    copy = Path(shutil.copytree(study, tmp_path / "study"))
+    shutil.rmtree(copy / "tables" / "epochs")
+    (copy / "tables" / "epochs").mkdir()
+    assert phases_table(copy, recorded=True) == phases_table(study)
+    row = copy / "tables" / "trials" / "trial=t-sat.parquet"
+    table = pq.read_table(row)
+    for name, value in (("phase2_start", 1), ("phase3_start", 2), ("alarm_epoch", 2)):
+        table = table.set_column(table.column_names.index(name), name, pa.array([value], table.schema.field(name).type))
+    pq.write_table(table, row)
+    shown = {r["trial_id"]: r for r in phases_table(copy, recorded=True)}["t-sat"]
+    assert (shown["phase2_start"], shown["phase3_start"], shown["alarm_epoch"], shown["epochs"]) == (1, 2, 2, 3)
 
 
 def test_phases_table_names_known_ids_for_an_unknown_trial(study: Path) -> None:
