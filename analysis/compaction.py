@@ -46,6 +46,8 @@ from analysis.store import (
     Part,
     filesystem,
     open_storage,
+    part_filter,
+    read_files,
     read_rows,
     source_trial,
     table_files,
@@ -118,17 +120,29 @@ def _compact_table(fs: pafs.FileSystem, path: str, root: str, table: str, absorb
     folder = f"{path}/tables/{table}"
     files = table_files(fs, path, table)
     loose = {name: fs.get_file_info(name) for name in files.loose if source_trial(name[len(folder) + 1:]) in absorb}
-    if merge is None:
-        merge = len(files.parts) + 1 > MAX_PARTS
-    merged = files.parts if merge else []
+    if merge is None:  # the smaller half of the parts once there would be too many: each row is rewritten O(log n) times
+        by_size = sorted(files.parts, key=lambda p: fs.get_file_info(p.path).size or 0)
+        merged = by_size[: len(by_size) // 2 + 1] if len(files.parts) + 1 > MAX_PARTS else []
+    else:
+        merged = files.parts if merge else []
     if not loose and len(merged) < 2:
         return
-    owners = {source_trial(name[len(folder) + 1:]) for name in loose} | {t for p in merged for t in p.trials}
-    if merge or len(owners) > 16:  # one read of the whole table
-        rows = read_rows(root, table=table, with_source=True)
-        rows = rows.filter(pc.is_in(rows.column("trial_id"), value_set=pa.array(sorted(owners))))
-    else:  # a trial or a few, just finished: read only theirs
-        rows = pa.concat_tables([read_rows(root, table=table, trial=t, with_source=True) for t in sorted(owners)], promote_options="permissive")
+    # Each trial the new part holds gets all its rows that count, so that the part, the newest,
+    # can supersede every older copy: a merged part's trials (those it is the newest for), and
+    # the absorbed loose files' trials, with their rows in an unmerged part when one is the newest
+    # for them (a trial run again after it was compacted).
+    absorbed = {source_trial(name[len(folder) + 1:]) for name in loose}
+    owners = absorbed | {t for p in merged for t in p.trials - p.superseded}
+    merged_paths = {p.path for p in merged}
+    reads = [(p, part_filter(p)) for p in merged]
+    for p in files.parts:
+        theirs = absorbed & (p.trials - p.superseded)
+        if p.path not in merged_paths and theirs:
+            only = pc.field("trial_id").isin(sorted(theirs))
+            where = part_filter(p)
+            reads.append((p, only if where is None else where & only))
+    rows = read_files(fs, path, table, list(loose), reads, with_source=True)
+    rows = rows.filter(pc.is_in(rows.column("trial_id"), value_set=pa.array(sorted(owners), pa.string())))
     rows = rows.sort_by([("trial_id", "ascending"), (SOURCE, "ascending")])
     meta = {b"schema_version": str(SCHEMA_VERSION).encode(), PART_TRIALS: json.dumps(sorted(owners)).encode(),
             PART_PROVENANCE: json.dumps(_provenance(fs, folder, loose, merged, owners), sort_keys=True).encode()}

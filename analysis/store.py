@@ -277,22 +277,30 @@ def read_rows(root: str, *, table: str, trial: str | None = None, columns: Seque
     Columns are matched by name across files; a column a file lacks reads as null."""
     fs, path = filesystem(root)
     files = table_files(fs, path, table, trial=trial)
+    return read_files(fs, path, table, files.loose, [(p, part_filter(p, trial=trial)) for p in files.parts],
+                      columns=columns, with_source=with_source)
+
+
+def read_files(fs: pafs.FileSystem, path: str, table: str, loose: Sequence[str], parts: Sequence[tuple[Part, pc.Expression | None]], *,
+               columns: Sequence[str] | None = None, with_source: bool = False) -> pa.Table:
+    """The rows of these loose files and of these parts (each read with its filter), as one table."""
     folder = f"{path}/tables/{table}/"
     wanted = None if columns is None else list(columns)
 
-    def loose(name: str) -> pa.Table:
+    def one_loose(name: str) -> pa.Table:
         rows = _read_checked(fs, name, columns=wanted)
         if with_source:
             rows = rows.append_column(SOURCE, pa.array([name.removeprefix(folder)] * rows.num_rows, pa.string()))
         return rows
 
-    def part(p: Part) -> pa.Table:
+    def one_part(item: tuple[Part, pc.Expression | None]) -> pa.Table:
+        p, where = item
         present = pq.read_schema(p.path, filesystem=fs).names
         keep = [c for c in present if (wanted is None or c in wanted) and (with_source or c != SOURCE)]
-        return _read_checked(fs, p.path, columns=keep, filters=part_filter(p, trial=trial))
+        return _read_checked(fs, p.path, columns=keep, filters=where)
 
     with ThreadPoolExecutor(READERS) as pool:  # parallel GETs on an object store; each file is small
-        pieces = list(pool.map(loose, files.loose)) + list(pool.map(part, files.parts))
+        pieces = list(pool.map(one_loose, loose)) + list(pool.map(one_part, parts))
     if not pieces:
         schema = TABLES[table] if wanted is None else pa.schema([TABLES[table].field(c) for c in wanted])
         return schema.empty_table()

@@ -245,6 +245,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--s3", type=str, default="", help="sizes to run on a moto S3 server too, e.g. 10,100")
     parser.add_argument("--skip-local", action="store_true", help="only the --s3 sizes")
+    parser.add_argument("--loose-max", type=int, default=100,
+                        help="above this many trials, write the study as a run does (each trial compacted at its end) "
+                             "and time the commands on the compacted study only (default 100)")
     args = parser.parse_args()
     rows = []
     for name, cmd in (("python -c pass", [PY, "-c", "pass"]), ("python -c 'import duckdb'", [PY, "-c", "import duckdb"]),
@@ -254,17 +257,22 @@ def main() -> None:
     for size in [] if args.skip_local else [int(s) for s in args.trials.split(",") if s]:
         study, floor = args.out / f"t{size}", args.out / f"t{size}-floor"
         shutil.rmtree(study, ignore_errors=True)
-        write = write_study(str(study), size, args.epochs, args.probe_every, compact_each=False)
-        files = sum(1 for _ in (study / "tables").rglob("*.parquet"))
-        floor_copy(study, floor)
-        row = {**measure(study, floor, args.repeat, "loose", size), **write, "files": files}
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+        shutil.rmtree(floor, ignore_errors=True)
+        as_run = size > args.loose_max  # written as a study's driver leaves it: each trial compacted at its end
+        write = write_study(str(study), size, args.epochs, args.probe_every, compact_each=as_run)
+        if not as_run:  # the commands on the loose files, as before compaction existed
+            files = sum(1 for _ in (study / "tables").rglob("*.parquet"))
+            floor_copy(study, floor)
+            row = {**measure(study, floor, args.repeat, "loose", size), **write, "files": files}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
         t0 = time.perf_counter()
         compact(str(study), merge=True)
         compact_s = time.perf_counter() - t0
+        if as_run:
+            floor_copy(study, floor)
         files = sum(1 for _ in (study / "tables").rglob("*.parquet"))
-        row = {**measure(study, floor, args.repeat, "compacted", size), "compact_s": compact_s, "files": files}
+        row = {**measure(study, floor, args.repeat, "compacted", size), "compact_s": compact_s, "files": files, **(write if as_run else {})}
         print(json.dumps(row), flush=True)
         rows.append(row)
     if not args.skip_local:  # the write path with the driver's compaction of each finished trial, on the smallest size
