@@ -340,8 +340,8 @@ def _fsync(path: str | os.PathLike[str]) -> None:
 
 def write_atomic(fs: pafs.FileSystem, path: str, table: pa.Table, *, row_group_size: int | None = None) -> None:
     parent = path.rsplit("/", 1)[0]
-    fs.create_dir(parent, recursive=True)
     if isinstance(fs, pafs.LocalFileSystem):
+        fs.create_dir(parent, recursive=True)
         name = path.rsplit("/", 1)[1]
         tmp = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp"
         pq.write_table(table, tmp, filesystem=fs, row_group_size=row_group_size)
@@ -350,7 +350,7 @@ def write_atomic(fs: pafs.FileSystem, path: str, table: pa.Table, *, row_group_s
         # the restarted trial rewrites the same file, and this is the moment it is certainly stale
         for stale in Path(parent).glob(f".{name}.*.tmp"):
             stale.unlink(missing_ok=True)
-    else:
+    else:  # an object store: no folders to create (a key's prefix is its folder; pyarrow would PUT a marker per level)
         pq.write_table(table, path, filesystem=fs, row_group_size=row_group_size)
 
 

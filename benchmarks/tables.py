@@ -198,11 +198,16 @@ def start_moto() -> tuple[subprocess.Popen[bytes], str, Path]:
     return proc, f"127.0.0.1:{port}", log
 
 
+REQUEST = re.compile(r"(GET|HEAD|PUT|POST|DELETE) /\S*")  # a request in moto's log (werkzeug colours some lines)
+
+
 def requests(log: Path, since: int) -> dict[str, int]:
-    lines = log.read_text(errors="replace").splitlines()[since:]
-    gets = sum(1 for line in lines if '"GET ' in line and "list-type" not in line and "prefix=" not in line)
-    lists = sum(1 for line in lines if '"GET ' in line and ("list-type" in line or "prefix=" in line))
-    return {"get": gets, "list": lists, "lines": len(lines)}
+    """The S3 requests moto logged after line `since`, by kind: object reads (GET, ranged reads
+    included), listings (GET with list-type), HEADs, and writes (PUT, POST, DELETE)."""
+    found = [m.group(0) for line in log.read_text(errors="replace").splitlines()[since:] if (m := REQUEST.search(line))]
+    lists = sum(r.startswith("GET") and "list-type=" in r for r in found)
+    return {"get": sum(r.startswith("GET") for r in found) - lists, "list": lists, "head": sum(r.startswith("HEAD") for r in found),
+            "write": sum(r.startswith(("PUT", "POST", "DELETE")) for r in found)}
 
 
 def s3_measure(size: int, epochs: int, probe_every: int, repeat: int) -> list[dict[str, Any]]:

@@ -140,3 +140,54 @@ def test_a_bad_value_stops_energyat_train_in_one_line_before_anything_is_written
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and AUTO_PRECISION_ENV in err[0], err
     assert not out.exists()
+
+
+# What crafting the per-epoch probes' adversarial examples in bf16 may change, against crafting
+# them in fp32 (probe.craft): the mean |dE| of a probe by at most 1% of itself. The detector sees
+# relative changes of |dE| of 15% (`settle`, phase 2) and 30% (`ratio`, the alarm); measured on
+# digits: 0.02% to 0.2% (tests below; docs/evaluation.md).
+CRAFT_DE_TOLERANCE = 0.01
+
+
+def test_probes_crafted_in_bf16_keep_the_energies_the_detector_reads() -> None:
+    from functools import partial
+
+    from trainables.attacks import pgd
+    from trainables.config import DatasetConfig
+    from trainables.data import load_dataset
+    from trainables.models import build_model
+    from trainables.probe import probe
+
+    torch.manual_seed(0)
+    data = load_dataset(DatasetConfig(name="digits"))
+    x, y = data.train_x[:512].float() / 255, data.train_y[:512]
+    model = build_model("small_cnn", in_channels=1, num_classes=10, image_size=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for step in range(200):  # adversarially trained a little, so that PGD has work to do
+        i = torch.randint(0, 512, (64,))
+        xa = pgd(model, x[i], y[i], eps=0.15, step_size=0.05, steps=3) if step > 50 else x[i]
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(xa), y[i]).backward()
+        opt.step()
+    attack = partial(pgd, eps=0.15, step_size=0.0375, steps=10)
+    exact = probe(model, data.test_x, data.test_y, attack=attack, seed=1)
+    crafted = probe(model, data.test_x, data.test_y, attack=attack, seed=1, craft=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    assert (crafted["E"] == exact["E"]).all()  # x itself: fp32 both ways, to the bit
+    assert (crafted["E_adv"] != exact["E_adv"]).any()  # x* was crafted in bf16: other examples
+    d_exact, d_crafted = abs((exact["E"] - exact["E_adv"]).mean()), abs((crafted["E"] - crafted["E_adv"]).mean())
+    assert abs(d_crafted - d_exact) <= CRAFT_DE_TOLERANCE * d_exact, (d_exact, d_crafted)
+    assert crafted["E_adv"].dtype == exact["E_adv"].dtype  # energies of x* in fp32 (float64 on the host)
+    # x* differs (bf16 gradients), so robust accuracy may differ by a few images, not more
+    assert abs(crafted["correct_adv"].mean() - exact["correct_adv"].mean()) <= 0.03
+
+
+def test_a_trial_crafts_its_probes_in_its_training_precision_unless_told_fp32(tmp_path: Path) -> None:
+    def rows(craft: str, precision_: str) -> list[tuple]:
+        out = tmp_path / f"{craft}-{precision_}"
+        run_trial(parse_trial({**TINY, "epochs": 1, "precision": precision_, "probe": {**TINY["probe"], "craft": craft}}), out=out)
+        return open_tables(out).execute("select val_clean_acc, probe_train_E, probe_train_dE, val_robust_acc from epochs").fetchall()
+
+    bf16_train, bf16_fp32 = rows("train", "bf16"), rows("fp32", "bf16")
+    assert bf16_train[0][:2] == bf16_fp32[0][:2]  # the clean side is fp32 whatever crafts x*
+    assert bf16_train[0][2] != bf16_fp32[0][2]  # x* crafted in bf16 here, in fp32 there
+    assert rows("train", "fp32") == rows("fp32", "fp32")  # training in fp32: both craft in fp32

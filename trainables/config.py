@@ -108,6 +108,10 @@ class ProbeConfig:
     test_size: int = 1000
     every: int = 1  # probe and evaluate the validation split every this many epochs (the last epoch always)
     samples_every: int = 1  # write per-sample rows every this many probed epochs (0 = never)
+    # where the probes' and validation's adversarial examples are crafted: `train`, in the
+    # training precision (bf16 under bf16 training: crafting is most of a probe's cost), or
+    # `fp32`; their energies and accuracies are fp32 either way, as the final evaluation is end to end
+    craft: Literal["train", "fp32"] = "train"
 
 
 @dataclass(frozen=True)

@@ -217,18 +217,22 @@ def probe_epoch(model: nn.Module, probes: EpochProbes, cfg: TrialConfig, params:
     (:func:`trainables.probe.eval_seed`), so the same weights give the same numbers again."""
     train_attack, eval_attack, targeted = probe_attacks(cfg, params)
     b = cfg.batch_size
+    device = next(model.parameters()).device
+    # the adversarial examples in the training precision (crafting is most of a probe), their
+    # energies and accuracies in fp32 (probe): tests/test_precision.py bounds what this changes
+    craft = (lambda: autocast(device, cfg.precision)) if cfg.probe.craft == "train" else None
 
     def seed(split: str) -> int:
         return eval_seed(cfg.seed, epoch, split)
 
     out: dict[str, dict[str, np.ndarray] | None] = {
         "train": probe(model, probes.train.x, probes.train.y, attack=train_attack, targeted=targeted, targets=probes.train.targets,
-                       batch_size=b, seed=seed("train")),
-        "val": probe(model, probes.val.x, probes.val.y, attack=eval_attack, batch_size=b, seed=seed("val")),
+                       batch_size=b, seed=seed("train"), craft=craft),
+        "val": probe(model, probes.val.x, probes.val.y, attack=eval_attack, batch_size=b, seed=seed("val"), craft=craft),
         "test": None,
     }
     if probes.test is not None:
-        out["test"] = probe(model, probes.test.x, probes.test.y, attack=eval_attack, batch_size=b, seed=seed("test"))
+        out["test"] = probe(model, probes.test.x, probes.test.y, attack=eval_attack, batch_size=b, seed=seed("test"), craft=craft)
     return out
 
 

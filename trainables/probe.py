@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,6 +114,7 @@ def probe(
     batch_size: int = 128,
     seed: int | None = None,
     on_batch: Callable[[int], None] | None = None,
+    craft: Callable[[], AbstractContextManager[Any]] | None = None,
 ) -> dict[str, np.ndarray]:
     """Per-sample energies and correctness of `images` and of their adversarial examples.
 
@@ -132,6 +133,9 @@ def probe(
         seed: seeds the attacks' random starts (:func:`seeded`); None draws from torch's
             current stream.
         on_batch: called after each batch with the number of images done so far (progress).
+        craft: the context the attacks run in (the training precision's autocast, for per-epoch
+            probes: crafting is most of a probe's cost); None crafts in fp32. The energies and
+            accuracies of x and x* are computed in fp32 either way.
 
     Returns:
         float64 numpy arrays ``E, E_adv, Ey, Ey_adv, ce, ce_adv, E_tgt`` (NaN without a
@@ -150,13 +154,15 @@ def probe(
             batch = images[lo : lo + batch_size].to(device)
             x = to_float(batch) if batch.dtype == torch.uint8 else batch.float().contiguous(memory_format=torch.channels_last)
             y = labels[lo : lo + batch_size].to(device)
-            x_adv = attack(model, x, y)
+            with craft() if craft is not None else nullcontext():
+                x_adv = attack(model, x, y).float()
             with torch.no_grad():
                 logits, logits_adv = model(x).float(), model(x_adv).float()
             values: dict[str, torch.Tensor] = {"E_tgt": torch.full((len(y),), math.nan, device=device)}
             if targeted is not None:
                 assert targets is not None
-                x_tgt = targeted(model, x, targets[lo : lo + batch_size].to(device))
+                with craft() if craft is not None else nullcontext():
+                    x_tgt = targeted(model, x, targets[lo : lo + batch_size].to(device)).float()
                 with torch.no_grad():
                     logits_tgt = model(x_tgt).float()
                 values = {"E_tgt": marginal_energy(logits_tgt), "Ey_tgt": joint_energy(logits_tgt, y), "correct_tgt": logits_tgt.argmax(1) == y}
