@@ -15,10 +15,13 @@ ratios: a shared machine's slow spells hit both sides of a round alike (this VM'
 moves single runs by 5x), so the ratio is steadier than either median.
 
 ``probe_overhead`` is the energy probe's share of an epoch at the default probe sizes
-(``probe.train_size`` training images with the method's attack and the targeted attack,
-``probe.test_size`` test images with the ``eval_attack``) over a whole training set of the
-case's size (digits 1,400 images, CIFAR 50,000): the probe is timed on one batch per split and
-scaled by image count, the epoch from energyat's measured images per second.
+(``probe.train_size`` training images with the method's attack and the targeted attack, the
+validation split and ``probe.test_size`` test images with the ``eval_attack``) over a whole
+training set of the case's size (digits 1,400 images, CIFAR 50,000): the probe is timed on one
+batch per split and scaled by image count, the epoch from energyat's measured images per second.
+It is the default ``probe.craft: probes`` (the training and test probes' examples crafted in the
+training precision, the validation split's in fp32); ``probe_overhead_fp32_crafting``, measured
+in the same run, crafts every one in fp32.
 
 ``peak_mem_mb`` and ``peak_reserved_mb`` are the CUDA allocator's peaks (allocated, reserved)
 during one more run of energyat's alone, after the timed rounds (null on the CPU, where no
@@ -61,6 +64,7 @@ from trainables.data import ImageData, load_dataset  # noqa: E402
 from trainables.engine import _train_epoch, device_label, select_device  # noqa: E402
 from trainables.methods import MethodParams  # noqa: E402
 from trainables.models import build_model  # noqa: E402
+from trainables.precision import autocast  # noqa: E402
 from trainables.probe import probe, probe_attacks, probe_set  # noqa: E402
 
 # bf16 dense peak, TFLOP/s, for MFU when --peak-tflops is not given
@@ -110,35 +114,35 @@ def _timed(fn: Callable[[], int], device: torch.device) -> float:
     return images / (time.perf_counter() - t0)
 
 
-def probe_seconds_per_image(model: torch.nn.Module, cfg: TrialConfig, data: ImageData, device: torch.device) -> tuple[float, float]:
-    """Seconds per probed image, (training probe, evaluation PGD of the validation and test sets),
-    each timed on one batch, as the engine probes: fp32, eval mode (trainables.probe)."""
+def probe_seconds_per_image(model: torch.nn.Module, cfg: TrialConfig, data: ImageData, device: torch.device) -> dict[str, float]:
+    """Seconds per probed image, each timed on one batch, as the engine probes (trainables.probe):
+    the training probe (`train`) and evaluation PGD (`eval`, the validation and test sets), with
+    the adversarial examples crafted in fp32 and in the training precision (`*_crafted`,
+    `probe.craft`); energies and accuracies in fp32 either way."""
     n = min(cfg.batch_size, len(data.test_y))
     train_probe = probe_set("train", data.train_x, data.train_y, n, 1, data.num_classes)
     test_probe = probe_set("test", data.test_x, data.test_y, n, 2, data.num_classes)
     train_attack, eval_attack, targeted = probe_attacks(cfg, MethodParams.from_config(cfg))
-    runs = [
-        lambda: probe(
-            model,
-            train_probe.x,
-            train_probe.y,
-            attack=train_attack,
-            targeted=targeted,
-            targets=train_probe.targets,
-            batch_size=cfg.batch_size,
-            seed=0,
-        ),
-        lambda: probe(model, test_probe.x, test_probe.y, attack=eval_attack, batch_size=cfg.batch_size, seed=0),
-    ]
-    out = []
-    for run in runs:
+    def crafted() -> Any:
+        return autocast(device, cfg.precision)
+
+    def train(craft: Any) -> Any:
+        return probe(model, train_probe.x, train_probe.y, attack=train_attack, targeted=targeted, targets=train_probe.targets,
+                     batch_size=cfg.batch_size, seed=0, craft=craft)
+
+    def evaluation(craft: Any) -> Any:
+        return probe(model, test_probe.x, test_probe.y, attack=eval_attack, batch_size=cfg.batch_size, seed=0, craft=craft)
+
+    out = {}
+    for name, run in (("train", lambda: train(None)), ("eval", lambda: evaluation(None)),
+                      ("train_crafted", lambda: train(crafted)), ("eval_crafted", lambda: evaluation(crafted))):
         run()  # warm-up
         _sync(device)
         t0 = time.perf_counter()
         run()
         _sync(device)
-        out.append((time.perf_counter() - t0) / n)
-    return out[0], out[1]
+        out[name] = (time.perf_counter() - t0) / n
+    return out
 
 
 def bench(case: Case, method: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -195,8 +199,12 @@ def bench(case: Case, method: str, args: argparse.Namespace, device: torch.devic
         torch.cuda.synchronize(device)
         peak = {"allocated": torch.cuda.max_memory_allocated(device) / 2**20, "reserved": torch.cuda.max_memory_reserved(device) / 2**20}
 
-    train_s, eval_s = probe_seconds_per_image(ours_model, cfg, sub, device)
-    probe_s = train_s * cfg.probe.train_size + eval_s * (case.val_size + cfg.probe.test_size)
+    per_image = probe_seconds_per_image(ours_model, cfg, sub, device)
+    # as the engine probes at the default `probe.craft: probes`: the training and test probes
+    # crafted in the training precision, the validation split in fp32; and all in fp32 beside it
+    probe_s = (per_image["train_crafted"] * cfg.probe.train_size + per_image["eval"] * case.val_size
+               + per_image["eval_crafted"] * cfg.probe.test_size)
+    probe_fp32_s = per_image["train"] * cfg.probe.train_size + per_image["eval"] * (case.val_size + cfg.probe.test_size)
     ours_med, ref_med = statistics.median(ours_ips), statistics.median(ref_ips)
     epoch_s = case.full_train_size / ours_med
     row: dict[str, Any] = {
@@ -209,6 +217,7 @@ def bench(case: Case, method: str, args: argparse.Namespace, device: torch.devic
         "reference_ips": round(ref_med, 2),
         "speedup": round(statistics.median(o / r for o, r in zip(ours_ips, ref_ips, strict=True)), 2),
         "probe_overhead": round(probe_s / (probe_s + epoch_s), 4),
+        "probe_overhead_fp32_crafting": round(probe_fp32_s / (probe_fp32_s + epoch_s), 4),
         "peak_mem_mb": None if peak is None else round(peak["allocated"], 1),
         "peak_reserved_mb": None if peak is None else round(peak["reserved"], 1),
         "ours_runs": [round(v, 2) for v in ours_ips],

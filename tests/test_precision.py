@@ -181,13 +181,18 @@ def test_probes_crafted_in_bf16_keep_the_energies_the_detector_reads() -> None:
     assert abs(crafted["correct_adv"].mean() - exact["correct_adv"].mean()) <= 0.03
 
 
-def test_a_trial_crafts_its_probes_in_its_training_precision_unless_told_fp32(tmp_path: Path) -> None:
+def test_a_trial_crafts_its_probes_in_its_training_precision_and_selects_as_in_fp32(tmp_path: Path) -> None:
     def rows(craft: str, precision_: str) -> list[tuple]:
         out = tmp_path / f"{craft}-{precision_}"
-        run_trial(parse_trial({**TINY, "epochs": 1, "precision": precision_, "probe": {**TINY["probe"], "craft": craft}}), out=out)
-        return open_tables(out).execute("select val_clean_acc, probe_train_E, probe_train_dE, val_robust_acc from epochs").fetchall()
+        run_trial(parse_trial({**TINY, "epochs": 2, "precision": precision_, "probe": {**TINY["probe"], "craft": craft}}), out=out)
+        sql = "select val_clean_acc, val_robust_acc, probe_train_E, probe_train_dE, test_robust_acc, best_val_robust_acc from epochs order by epoch"
+        picked = open_tables(out).execute("select best_epoch from trials").fetchall()
+        return [(*row, picked) for row in open_tables(out).execute(sql).fetchall()]
 
-    bf16_train, bf16_fp32 = rows("train", "bf16"), rows("fp32", "bf16")
-    assert bf16_train[0][:2] == bf16_fp32[0][:2]  # the clean side is fp32 whatever crafts x*
-    assert bf16_train[0][2] != bf16_fp32[0][2]  # x* crafted in bf16 here, in fp32 there
-    assert rows("train", "fp32") == rows("fp32", "fp32")  # training in fp32: both craft in fp32
+    probes, everything, none = rows("probes", "bf16"), rows("all", "bf16"), rows("fp32", "bf16")
+    # the validation split (which selects) is crafted in fp32 by default: the same numbers, the same pick
+    assert [(r[:2], r[5:]) for r in probes] == [(r[:2], r[5:]) for r in none]
+    assert [r[2] for r in probes] == [r[2] for r in none]  # E(x): fp32 whatever crafts x*
+    assert [r[3] for r in probes] != [r[3] for r in none]  # x* crafted in bf16 here, in fp32 there
+    assert [r[1] for r in everything] != [r[1] for r in none] or [r[3] for r in everything] != [r[3] for r in none]
+    assert rows("probes", "fp32") == rows("fp32", "fp32")  # training in fp32: everything crafts in fp32

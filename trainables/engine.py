@@ -219,8 +219,10 @@ def probe_epoch(model: nn.Module, probes: EpochProbes, cfg: TrialConfig, params:
     b = cfg.batch_size
     device = next(model.parameters()).device
     # the adversarial examples in the training precision (crafting is most of a probe), their
-    # energies and accuracies in fp32 (probe): tests/test_precision.py bounds what this changes
-    craft = (lambda: autocast(device, cfg.precision)) if cfg.probe.craft == "train" else None
+    # energies and accuracies in fp32 (probe): tests/test_precision.py bounds what this changes;
+    # the validation split's too only with `all`, since it selects the best epoch
+    craft = (lambda: autocast(device, cfg.precision)) if cfg.probe.craft in ("probes", "all") else None
+    craft_val = craft if cfg.probe.craft == "all" else None
 
     def seed(split: str) -> int:
         return eval_seed(cfg.seed, epoch, split)
@@ -228,7 +230,7 @@ def probe_epoch(model: nn.Module, probes: EpochProbes, cfg: TrialConfig, params:
     out: dict[str, dict[str, np.ndarray] | None] = {
         "train": probe(model, probes.train.x, probes.train.y, attack=train_attack, targeted=targeted, targets=probes.train.targets,
                        batch_size=b, seed=seed("train"), craft=craft),
-        "val": probe(model, probes.val.x, probes.val.y, attack=eval_attack, batch_size=b, seed=seed("val"), craft=craft),
+        "val": probe(model, probes.val.x, probes.val.y, attack=eval_attack, batch_size=b, seed=seed("val"), craft=craft_val),
         "test": None,
     }
     if probes.test is not None:
