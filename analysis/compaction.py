@@ -35,7 +35,6 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from analysis.errors import StoreError
 from analysis.store import (
     PART_PROVENANCE,
     PART_TRIALS,
@@ -45,6 +44,7 @@ from analysis.store import (
     TABLES,
     Part,
     filesystem,
+    no_tables,
     open_storage,
     part_filter,
     read_files,
@@ -96,7 +96,7 @@ def compact_study(directory: str) -> str:
     directory holds tables; returns one line saying what it did."""
     fs, path = open_storage(directory)
     if fs.get_file_info(f"{path}/tables").type != pafs.FileType.Directory:
-        raise StoreError(f"{directory} holds no energyat tables (no tables/ folder); give a study directory or an `energyat train --out` directory")
+        raise no_tables(directory)
     done = compact(directory, merge=True)
     if not done:
         return f"{directory}: nothing to compact (no finished trial has per-epoch files, and each table has at most one part)"

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from analysis.errors import QueryError, StoreError, one_line
 from analysis.schema import TABLES
-from analysis.store import SOURCE, TableFiles, check_name, check_schema_version, is_uri, open_storage, read_rows, table_files
+from analysis.store import SOURCE, TableFiles, check_name, check_schema_version, is_uri, no_tables, open_storage, read_rows, table_files
 
 
 def _file_version(metadata: dict[bytes, bytes] | None) -> str | None:
@@ -88,7 +88,7 @@ def open_tables(directory: str | os.PathLike[str], *, trial: str | None = None,
         return _open_remote(str(directory), trial, chosen)
     root = Path(directory).expanduser().resolve()
     if not (root / "tables").is_dir():
-        raise _no_tables(directory)
+        raise no_tables(directory)
     con = sandboxed(root / "tables")
     fs = pafs.LocalFileSystem()
     for view in chosen:
@@ -150,13 +150,6 @@ def _damaged(directory: str | os.PathLike[str], problem: str) -> StoreError:
     )
 
 
-def _no_tables(directory: str | os.PathLike[str]) -> StoreError:
-    return StoreError(
-        f"{directory} holds no energyat tables (no tables/ folder); "
-        "give a study directory or an `energyat train --out` directory"
-    )
-
-
 def _register_empty(con: duckdb.DuckDBPyConnection, view: str) -> str:
     con.register(f"_empty_{view}", pa.Table.from_pylist([], schema=TABLES[view]))
     return f"_empty_{view}"
@@ -167,7 +160,7 @@ def _open_remote(directory: str, trial: str | None, views: list[str]) -> duckdb.
     (analysis.store.read_rows: the rows that count, 8 files at a time)."""
     fs, root = open_storage(directory)
     if fs.get_file_info(f"{root}/tables").type != pafs.FileType.Directory:
-        raise _no_tables(directory)
+        raise no_tables(directory)
     con = sandboxed(None)
     try:
         for view in views:

@@ -142,6 +142,13 @@ _OLD_VERSIONS = {
 }
 
 
+def no_tables(directory: str | os.PathLike[str]) -> StoreError:
+    return StoreError(
+        f"{directory} holds no energyat tables (no tables/ folder); "
+        "give a study directory or an `energyat train --out` directory"
+    )
+
+
 def check_schema_version(found: object, *, where: str) -> None:
     """Refuse, in one line that says what to do, a directory another schema version wrote."""
     if found is None or str(found) == str(SCHEMA_VERSION):
