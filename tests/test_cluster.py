@@ -187,9 +187,12 @@ def test_two_node_cluster_on_loopback_runs_the_smoke_study(cluster: Cluster, tmp
         node_ids |= {r["ray_node_id"] for r in _reports(s3, f"studies/two/tune/{name}")}
     assert len(node_ids) == 2  # trials ran on both nodes
     # the trials ran the driver's code, shipped by Ray, and say so with the driver's revision
-    for name in [f for f in s3.files("studies/two/tables/trials")]:
-        meta = pq.read_schema(f"{BUCKET}/studies/two/tables/trials/{name}", filesystem=s3.fs).metadata
-        prov = json.loads(meta[b"energyat.provenance"])
+    # (compacted at the study's end: one part, each trial's provenance in its footer)
+    (name,) = s3.files("studies/two/tables/trials")
+    meta = pq.read_schema(f"{BUCKET}/studies/two/tables/trials/{name}", filesystem=s3.fs).metadata
+    by_trial = json.loads(meta[b"energyat.provenance_by_trial"])
+    assert len(by_trial) == 2
+    for prov in by_trial.values():
         assert "runtime_resources" in prov["code"] and prov["git_sha"] == git_sha(), prov["code"]
 
 
