@@ -119,9 +119,9 @@ def steps(root: str, *, trials: Collection[str] | None = None, merge: bool | Non
 def _compact_table(fs: pafs.FileSystem, path: str, root: str, table: str, absorb: set[str], merge: bool | None) -> Iterator[Compacted]:
     folder = f"{path}/tables/{table}"
     files = table_files(fs, path, table)
-    loose = {name: fs.get_file_info(name) for name in files.loose if source_trial(name[len(folder) + 1:]) in absorb}
+    loose = {f.path: f for f in files.listed if source_trial(f.path[len(folder) + 1:]) in absorb}  # as listed: size and time
     if merge is None:  # the smaller half of the parts once there would be too many: each row is rewritten O(log n) times
-        by_size = sorted(files.parts, key=lambda p: fs.get_file_info(p.path).size or 0)
+        by_size = sorted(files.parts, key=lambda p: p.size)
         merged = by_size[: len(by_size) // 2 + 1] if len(files.parts) + 1 > MAX_PARTS else []
     else:
         merged = files.parts if merge else []
@@ -148,7 +148,7 @@ def _compact_table(fs: pafs.FileSystem, path: str, root: str, table: str, absorb
             PART_PROVENANCE: json.dumps(_provenance(fs, folder, loose, merged, owners), sort_keys=True).encode()}
     part = f"{folder}/{PARTS}/{_part_name()}"
     write_atomic(fs, part, rows.replace_schema_metadata(meta), row_group_size=ROW_GROUP)
-    yield Compacted(table, len({source_trial(n[len(folder) + 1:]) for n in loose}), 0, 0, part)
+    yield Compacted(table, len(absorbed), 0, 0, part)
     for name, seen in loose.items():
         now = fs.get_file_info(name)
         if now.type == pafs.FileType.File and (now.size, now.mtime) == (seen.size, seen.mtime):

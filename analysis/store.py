@@ -188,25 +188,28 @@ PART_PROVENANCE = b"energyat.provenance_by_trial"  # and each one's provenance, 
 
 @dataclass(frozen=True)
 class Part:
-    """A compacted file and which of its rows count: all but those of `superseded` trials (a
-    newer part holds them) and those from `overridden` sources (a loose file holds them)."""
+    """A compacted file (its `size` and `columns` as listed and read once, from its footer) and
+    which of its rows count: all but those of `superseded` trials (a newer part holds them) and
+    those from `overridden` sources (a loose file holds them)."""
 
     path: str
+    size: int
     trials: frozenset[str]
+    columns: tuple[str, ...]
     superseded: frozenset[str] = frozenset()
     overridden: frozenset[str] = frozenset()
-
-    @property
-    def whole(self) -> bool:
-        return not self.superseded and not self.overridden
 
 
 @dataclass(frozen=True)
 class TableFiles:
-    """Where a table's rows live: loose files (full paths) and parts, newest part first."""
+    """Where a table's rows live: loose files (as listed: path, size, time) and parts, newest part first."""
 
-    loose: list[str]
+    listed: list[pafs.FileInfo]
     parts: list[Part]
+
+    @property
+    def loose(self) -> list[str]:
+        return [f.path for f in self.listed]
 
 
 def source_trial(source: str) -> str:
@@ -226,34 +229,36 @@ def table_files(fs: pafs.FileSystem, root: str, table: str, *, trial: str | None
     pattern = LOOSE[table] if trial is None else LOOSE[table].replace("trial=*", f"trial={trial}")
     if trial is not None and table == "trials":
         info = fs.get_file_info(f"{folder}/{pattern}")
-        loose = [info.path] if info.type == pafs.FileType.File else []
+        listed = [info] if info.type == pafs.FileType.File else []
     else:
         where = folder if trial is None else f"{folder}/trial={trial}"
         found = fs.get_file_info(pafs.FileSelector(where, recursive=True, allow_not_found=True))
-        loose = sorted(f.path for f in found if f.type == pafs.FileType.File and fnmatch.fnmatchcase(f.path[len(folder) + 1:], pattern))
+        listed = sorted((f for f in found if f.type == pafs.FileType.File and fnmatch.fnmatchcase(f.path[len(folder) + 1:], pattern)),
+                        key=lambda f: f.path)
     found = fs.get_file_info(pafs.FileSelector(f"{folder}/{PARTS}", allow_not_found=True))
-    names = sorted((f.path for f in found if f.type == pafs.FileType.File and fnmatch.fnmatchcase(f.base_name, "part-*.parquet")), reverse=True)
+    names = sorted((f for f in found if f.type == pafs.FileType.File and fnmatch.fnmatchcase(f.base_name, "part-*.parquet")),
+                   key=lambda f: f.path, reverse=True)
     by_trial: dict[str, set[str]] = {}
-    for path in loose:
-        source = path[len(folder) + 1:]
+    for f in listed:
+        source = f.path[len(folder) + 1:]
         by_trial.setdefault(source_trial(source), set()).add(source)
     parts: list[Part] = []
     seen: set[str] = set()
-    for name in names:  # newest first: the part's name starts with its time
-        trials = part_trials(fs, name)
+    for info in names:  # newest first: the part's name starts with its time
+        trials, columns = _part_footer(fs, info.path)
         if trial is not None and trial not in trials:
             continue
         overridden = {s for t in trials - seen for s in by_trial.get(t, ())}
-        parts.append(Part(name, trials, frozenset(trials & seen), frozenset(overridden)))
+        parts.append(Part(info.path, info.size or 0, trials, columns, frozenset(trials & seen), frozenset(overridden)))
         seen |= trials
-    return TableFiles(loose, parts)
+    return TableFiles(listed, parts)
 
 
-def part_trials(fs: pafs.FileSystem, path: str) -> frozenset[str]:
-    """The trials a part holds, from its footer."""
+def _part_footer(fs: pafs.FileSystem, path: str) -> tuple[frozenset[str], tuple[str, ...]]:
+    """The trials a part holds and its columns, from its footer."""
     try:
-        meta = pq.read_metadata(path, filesystem=fs).metadata or {}
-        return frozenset(json.loads(meta[PART_TRIALS]))
+        footer = pq.read_metadata(path, filesystem=fs)
+        return frozenset(json.loads((footer.metadata or {})[PART_TRIALS])), tuple(footer.schema.to_arrow_schema().names)
     except (KeyError, ValueError, TypeError) as exc:
         raise StoreError(
             f"{path} is not a part energyat wrote (no readable trial list: {one_line(exc)}); move it out of the table's parts/ folder"
@@ -302,8 +307,7 @@ def read_files(fs: pafs.FileSystem, path: str, table: str, loose: Sequence[str],
 
     def one_part(item: tuple[Part, pc.Expression | None]) -> pa.Table:
         p, where = item
-        present = pq.read_schema(p.path, filesystem=fs).names
-        keep = [c for c in present if (wanted is None or c in wanted) and (with_source or c != SOURCE)]
+        keep = [c for c in p.columns if (wanted is None or c in wanted) and (with_source or c != SOURCE)]
         return _read_checked(fs, p.path, columns=keep, filters=where)
 
     with ThreadPoolExecutor(READERS) as pool:  # parallel GETs on an object store; each file is small
