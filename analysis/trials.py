@@ -105,34 +105,41 @@ def phases_table(directory: str | os.PathLike[str], trial: str | None = None, *,
     Raises:
         StoreError: `directory` holds no tables, or `trial` is not one of its trial ids.
     """
-    con = open_tables(directory)
+    con = open_tables(directory, views=("trials", "epochs"))
     try:
-        trials = {r["trial_id"]: r for r in trial_rows(con)}
-        ids = sorted(trials)
-        if trial is not None:
-            if trial not in trials:
-                known = ", ".join(ids) if ids else "none yet"
-                raise StoreError(f"no trial `{trial}` in {directory}; known trial ids: {known}")
-            ids = [trial]
-        done = {tid for tid in ids if recorded and trials[tid].get("status") == "TERMINATED"}
-        by_trial = epochs_by_trial(con, [tid for tid in ids if tid not in done], [*DETECTOR_COLUMNS, "alarm"])
-        out = []
-        for tid in ids:
-            row = trials[tid]
-            if tid in done:
-                found = {"epochs": int_or_none(row.get("epochs_run")), "phase2_start": int_or_none(row.get("phase2_start")),
-                         "phase3_start": int_or_none(row.get("phase3_start")), "alarm_epoch": int_or_none(row.get("alarm_epoch"))}
-            else:
-                epochs = by_trial[tid]
-                phases = phases_of(epochs)
-                found = {"epochs": len(epochs["epoch"]), "phase2_start": phases.phase2_start, "phase3_start": phases.phase3_start,
-                         "alarm_epoch": online_alarm_epoch(epochs, phases)}
-            best = row.get("best_val_robust_acc")
-            out.append({"trial_id": tid, "method": row.get("method"), **found, "best_epoch": int_or_none(row.get("best_epoch")),
-                        "best_val_robust_acc": None if missing(best) else float(cast(float, best))})
-        return out
+        return phases_rows(con, trial, recorded=recorded, where=directory)
     finally:
         con.close()
+
+
+def phases_rows(con: duckdb.DuckDBPyConnection, trial: str | None = None, *, recorded: bool = False,
+                where: str | os.PathLike[str] = "the study") -> list[dict[str, Any]]:
+    """:func:`phases_table` on tables already open (`energyat status` reads the same connection
+    for its counts); `where` names them in the error for an unknown `trial`."""
+    trials = {r["trial_id"]: r for r in trial_rows(con)}
+    ids = sorted(trials)
+    if trial is not None:
+        if trial not in trials:
+            known = ", ".join(ids) if ids else "none yet"
+            raise StoreError(f"no trial `{trial}` in {where}; known trial ids: {known}")
+        ids = [trial]
+    done = {tid for tid in ids if recorded and trials[tid].get("status") == "TERMINATED"}
+    by_trial = epochs_by_trial(con, [tid for tid in ids if tid not in done], [*DETECTOR_COLUMNS, "alarm"])
+    out = []
+    for tid in ids:
+        row = trials[tid]
+        if tid in done:
+            found = {"epochs": int_or_none(row.get("epochs_run")), "phase2_start": int_or_none(row.get("phase2_start")),
+                     "phase3_start": int_or_none(row.get("phase3_start")), "alarm_epoch": int_or_none(row.get("alarm_epoch"))}
+        else:
+            epochs = by_trial[tid]
+            phases = phases_of(epochs)
+            found = {"epochs": len(epochs["epoch"]), "phase2_start": phases.phase2_start, "phase3_start": phases.phase3_start,
+                     "alarm_epoch": online_alarm_epoch(epochs, phases)}
+        best = row.get("best_val_robust_acc")
+        out.append({"trial_id": tid, "method": row.get("method"), **found, "best_epoch": int_or_none(row.get("best_epoch")),
+                    "best_val_robust_acc": None if missing(best) else float(cast(float, best))})
+    return out
 
 
 def online_alarm_epoch(epochs: Mapping[str, np.ndarray], phases: PhaseResult) -> int | None:

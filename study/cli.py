@@ -187,9 +187,9 @@ def _status_text(study_dir: str) -> str:
     import pyarrow as pa
 
     from analysis.query import open_tables
-    from analysis.trials import phases_table
+    from analysis.trials import phases_rows
 
-    con = open_tables(study_dir)
+    con = open_tables(study_dir, views=("trials", "epochs"))  # one open for the counts and the phases
     lines = []
     states = con.execute("select status, count(*) from trials group by 1 order by 1").fetchall()
     lines.append("trials: " + (", ".join(f"{n} {s}" for s, n in states) or "none yet"))
@@ -201,8 +201,10 @@ def _status_text(study_dir: str) -> str:
         t, m, acc, ep = best[0]
         lines.append(f"best so far: {t} ({m}) validation robust acc {acc:.4f} at epoch {ep}")
     reasons = {t: (s, r, e) for t, s, r, e in con.execute("select trial_id, status, stop_reason, epochs_run from trials").fetchall()}
-    con.close()
-    rows = phases_table(study_dir, None, recorded=True)  # a finished trial's phases as its row recorded them
+    try:
+        rows = phases_rows(con, recorded=True)  # a finished trial's phases as its row recorded them
+    finally:
+        con.close()
     for row in rows:
         status, reason, epochs_run = reasons.get(row["trial_id"], ("?", None, None))
         row.update(status=status, stop_reason=reason, epochs_run=epochs_run)
