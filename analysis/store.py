@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import os
 import platform
 import re
@@ -571,21 +572,30 @@ class Stage:
 
 
 class StageClock:
-    """(what, done, total) progress calls as :class:`Stage` values with an ETA: the rate since
-    `what` started, over what is left of it."""
+    """(what, done, total) progress calls as :class:`Stage` values with an ETA (the rate since
+    `what` started, over what is left of it), and whether one is due to be shown: at a new
+    `what`, at its end, and otherwise at most every `every` seconds."""
 
-    def __init__(self) -> None:
+    def __init__(self, every: float) -> None:
+        self.every = every
         self.what: str | None = None
         self.started = 0.0
         self.first = 0  # done at the stage's first call: its rate counts from there
+        self.shown = -math.inf
 
-    def __call__(self, what: str, done: int, total: int) -> Stage:
+    def __call__(self, what: str, done: int, total: int) -> tuple[Stage, bool]:
         now = time.monotonic()
-        if what != self.what:
+        new = what != self.what
+        if new:
             self.what, self.started, self.first = what, now, done
-            return Stage(what, done, total, None)
-        rate = (now - self.started) / (done - self.first) if done > self.first else None
-        return Stage(what, done, total, None if rate is None else rate * (total - done))
+            stage = Stage(what, done, total, None)
+        else:
+            rate = (now - self.started) / (done - self.first) if done > self.first else None
+            stage = Stage(what, done, total, None if rate is None else rate * (total - done))
+        due = new or done == total or now - self.shown >= self.every
+        if due:
+            self.shown = now
+        return stage, due
 
 
 def write_stage(study_dir: str, trial_id: str, stage: Stage) -> None:

@@ -196,8 +196,7 @@ class TrainProgress:
         self.first_epoch: int | None = None
         self.phase: int | None = None
         self.alarm = False
-        self.clock = StageClock()
-        self.last_stage: tuple[str | None, float] = (None, -math.inf)
+        self.clock = StageClock(every=STAGE_LINE_SECONDS)
         self.evaluating_since: float | None = None
 
     def __call__(self, row: dict[str, Any], _ckpt: Any) -> None:
@@ -237,14 +236,12 @@ class TrainProgress:
     def stage(self, what: str, done: int, total: int) -> None:
         """The final evaluation's progress (the engine's `on_stage`): redrawn in place on a
         terminal; elsewhere a line when a new part of it starts and then every STAGE_LINE_SECONDS."""
-        stage = self.clock(what, done, total)
-        now = time.monotonic()
+        stage, due = self.clock(what, done, total)
         if self.evaluating_since is None:
-            self.evaluating_since = now
+            self.evaluating_since = time.monotonic()
         if self.live:
             width = shutil.get_terminal_size((100, 24)).columns - 1
             self.stream.write(f"\r\x1b[K{stage.text()}"[: width + 4])
             self.stream.flush()
-        elif what != self.last_stage[0] or now - self.last_stage[1] >= STAGE_LINE_SECONDS or done == total:
+        elif due:
             print(stage.text(), file=self.stream, flush=True)
-            self.last_stage = (what, now)

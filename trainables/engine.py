@@ -60,7 +60,7 @@ from trainables import checkpoint
 from trainables.awp import WeightPerturbation
 from trainables.config import TrialConfig, flatten
 from trainables.data import ImageData, augment, load_dataset, to_float
-from trainables.evaluate import evaluate, write_evals
+from trainables.evaluate import StageCallback, evaluate, write_evals
 from trainables.methods import METHODS, MethodParams, awp_warmup, selection_metric
 from trainables.models import build_model
 from trainables.precision import autocast, training_precision
@@ -83,8 +83,6 @@ from trainables.subjects import Subject
 # reported after the final evaluation, with the `trials` outcome merged into its row, so that
 # a caller (Ray Tune) that stops listening after it has seen everything.
 EpochCallback = Callable[[dict[str, Any], Path], "str | None"]
-# A long stage's progress, as trainables.evaluate.Progress: (what runs, done, total).
-StageCallback = Callable[[str, int, int], None]
 
 
 def select_device(name: str) -> torch.device:

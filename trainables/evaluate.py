@@ -64,18 +64,18 @@ def parse_attacks(text: str) -> list[str]:
 
 
 # A long evaluation's progress: (what runs, e.g. "PGD-20 on 10,000 test images", done, total).
-Progress = Callable[[str, int, int], None]
+StageCallback = Callable[[str, int, int], None]
 
 
 class _AutoAttackProgress(logging.Handler):
     """AutoAttack's own per-batch log lines (logger `auto-attack`, DEBUG: "apgd-ce - 3/40 - ...")
-    turned into :data:`Progress` calls: which of its attacks runs, and its batches done. Reading
+    turned into :data:`StageCallback` calls: which of its attacks runs, and its batches done. Reading
     its log, not re-batching its input, keeps its numbers those of one standard run."""
 
     LINE = re.compile(r"^(?P<attack>[a-z-]+) - (?P<done>\d+)/(?P<total>\d+) - ")
     START = re.compile(r"^running (?P<attack>[a-z-]+)$")
 
-    def __init__(self, progress: Progress, images: int) -> None:
+    def __init__(self, progress: StageCallback, images: int) -> None:
         super().__init__(logging.DEBUG)
         self.progress = progress
         self.images = images
@@ -93,7 +93,7 @@ class _AutoAttackProgress(logging.Handler):
 
 
 def autoattack_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: float, seed: int,
-                       progress: Progress | None = None) -> np.ndarray:
+                       progress: StageCallback | None = None) -> np.ndarray:
     """Per image, whether the original AutoAttack (standard) leaves it classified correctly.
 
     Args:
@@ -149,7 +149,7 @@ def evaluate(
     autoattack_n: int | None,
     pgd_steps: int,
     seed: int,
-    progress: Progress | None = None,
+    progress: StageCallback | None = None,
 ) -> list[EvalResult]:
     """Accuracy of `model` on the first `n` test images (clean, PGD) and the first
     `autoattack_n` (AutoAttack); None takes the whole test set, 0 skips AutoAttack. `progress`

@@ -197,20 +197,16 @@ def energyat_trial(
         tune.report(metrics, checkpoint=checkpoint)
         return stop_request(study_dir, trial_id) if scheduled and not row.get("done") else None
 
-    clock = StageClock()
-    last_stage: tuple[str | None, float] = (None, -math.inf)
+    clock = StageClock(every=STAGE_SECONDS)
 
     def stage(what: str, done: int, total: int) -> None:
         # the final evaluation: no epoch ends meanwhile, so the watchdog hears from here, and the
         # driver's view reads the stage file (written at a new stage, then every STAGE_SECONDS)
-        nonlocal last_stage
         if watchdog is not None:
             watchdog.beat()
-        now = time.monotonic()
-        current = clock(what, done, total)
-        if what != last_stage[0] or now - last_stage[1] >= STAGE_SECONDS or done == total:
+        current, due = clock(what, done, total)
+        if due:
             write_stage(study_dir, trial_id, current)
-            last_stage = (what, now)
 
     try:
         run_trial(cfg, out=study_dir, trial_id=trial_id, checkpoint_dir=work, on_epoch=report, stop=stop,
