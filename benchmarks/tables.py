@@ -1,7 +1,7 @@
 """How reading a study's tables scales with its size, before and after compaction.
 
     python benchmarks/tables.py [--trials 10,100,1000] [--epochs 200] [--probe-every 5]
-        [--out runs/tables] [--s3] [--repeat 3]
+        [--out runs/tables] [--repeat 3] [--loose-max 100] [--s3 10,100] [--skip-local]
 
 For each size, a synthetic study is written through the store as trials write it
 (analysis.store: per epoch an `epochs` file, a `samples` file on probed epochs and the
@@ -10,21 +10,23 @@ then read by the commands users run, each a fresh process as a user starts it:
 
 - ``energyat query DIR "<an aggregate over epochs>"``
 - ``energyat status DIR``
-- ``energyat report DIR`` (figures included; the part that reads tables is printed apart)
+- ``energyat report DIR`` (figures included: the table reads are not timed apart)
 - ``energyat eval --trial best``'s lookup (:func:`trainables.subjects.best_trial`, timed inside
   its process: the rest of `eval` is evaluating a model)
 
-first on the loose per-epoch files, then after ``energyat compact`` (timed too), against the
+first on the loose per-epoch files, then after compaction (:func:`analysis.compaction.compact`
+with a merge, timed; above ``--loose-max`` trials the study is written as a run leaves it, each
+trial compacted at its end, and timed compacted only), against the
 floor: plain DuckDB, in a fresh process, over a copy of the same rows as one Parquet file per
-table, reading what the command reads. Process start counts in every number: `python -c pass`
-and `python -c "import duckdb"` are printed for reference.
+table, reading what the command reads. Process start counts in every number: `python -c pass`,
+`python -c "import duckdb"` and `energyat --help` are printed for reference.
 
 The write path's cost per epoch is timed while writing (the store's writes of one epoch, and the
 compaction of a finished trial spread over its epochs). With ``--s3``, the same study is written
 to a moto S3 server on 127.0.0.1 and `query` and `status` are run against it, counting the
-server's GET and LIST requests per command.
+server's requests per command by kind (GET, LIST, HEAD, writes).
 
-Prints one JSON line per measurement and a summary table (markdown) at the end.
+Prints one JSON line per measurement, and appends them to ``OUT/tables.jsonl``.
 """
 
 from __future__ import annotations
