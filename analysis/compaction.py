@@ -141,7 +141,7 @@ def _compact_table(fs: pafs.FileSystem, path: str, root: str, table: str, absorb
             only = pc.field("trial_id").isin(sorted(theirs))
             where = part_filter(p)
             reads.append((p, only if where is None else where & only))
-    rows = read_files(fs, path, table, list(loose), reads, with_source=True)
+    rows = read_files(fs, path, table, list(loose.values()), reads, with_source=True)
     rows = rows.filter(pc.is_in(rows.column("trial_id"), value_set=pa.array(sorted(owners), pa.string())))
     rows = rows.sort_by([("trial_id", "ascending"), (SOURCE, "ascending")])
     meta = {b"schema_version": str(SCHEMA_VERSION).encode(), PART_TRIALS: json.dumps(sorted(owners)).encode(),

@@ -47,6 +47,7 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -246,7 +247,7 @@ def table_files(fs: pafs.FileSystem, root: str, table: str, *, trial: str | None
     parts: list[Part] = []
     seen: set[str] = set()
     for info in names:  # newest first: the part's name starts with its time
-        trials, columns = _part_footer(fs, info.path)
+        trials, columns = _part_footer(fs, info)
         if trial is not None and trial not in trials:
             continue
         overridden = {s for t in trials - seen for s in by_trial.get(t, ())}
@@ -255,15 +256,24 @@ def table_files(fs: pafs.FileSystem, root: str, table: str, *, trial: str | None
     return TableFiles(listed, parts)
 
 
-def _part_footer(fs: pafs.FileSystem, path: str) -> tuple[frozenset[str], tuple[str, ...]]:
-    """The trials a part holds and its columns, from its footer."""
+def _part_footer(fs: pafs.FileSystem, info: pafs.FileInfo) -> tuple[frozenset[str], tuple[str, ...]]:
+    """The trials a part holds and its columns, from its footer (a part is never rewritten, so its listed size holds)."""
     try:
-        footer = pq.read_metadata(path, filesystem=fs)
+        footer = _at_listed_size(fs, info.path, info.size).metadata
         return frozenset(json.loads((footer.metadata or {})[PART_TRIALS])), tuple(footer.schema.to_arrow_schema().names)
     except (KeyError, ValueError, TypeError) as exc:
         raise StoreError(
-            f"{path} is not a part energyat wrote (no readable trial list: {one_line(exc)}); move it out of the table's parts/ folder"
+            f"{info.path} is not a part energyat wrote (no readable trial list: {one_line(exc)}); move it out of the table's parts/ folder"
         ) from exc
+
+
+def _at_listed_size(fs: pafs.FileSystem, path: str, size: int | None) -> ds.ParquetFileFragment:
+    """A Parquet file opened at the size its listing gave: on an object store, reading it is then
+    GETs only (opened by name, pyarrow first asks each file's size: three HEADs per file)."""
+    return _PARQUET.make_fragment(path, filesystem=fs, file_size=size)
+
+
+_PARQUET = ds.ParquetFileFormat()
 
 
 def part_filter(part: Part, *, trial: str | None = None) -> pc.Expression | None:
@@ -290,26 +300,26 @@ def read_rows(root: str, *, table: str, trial: str | None = None, columns: Seque
     Columns are matched by name across files; a column a file lacks reads as null."""
     fs, path = filesystem(root)
     files = table_files(fs, path, table, trial=trial)
-    return read_files(fs, path, table, files.loose, [(p, part_filter(p, trial=trial)) for p in files.parts],
+    return read_files(fs, path, table, files.listed, [(p, part_filter(p, trial=trial)) for p in files.parts],
                       columns=columns, with_source=with_source)
 
 
-def read_files(fs: pafs.FileSystem, path: str, table: str, loose: Sequence[str], parts: Sequence[tuple[Part, pc.Expression | None]], *,
+def read_files(fs: pafs.FileSystem, path: str, table: str, loose: Sequence[pafs.FileInfo], parts: Sequence[tuple[Part, pc.Expression | None]], *,
                columns: Sequence[str] | None = None, with_source: bool = False) -> pa.Table:
-    """The rows of these loose files and of these parts (each read with its filter), as one table."""
+    """The rows of these loose files (as listed) and of these parts (each read with its filter), as one table."""
     folder = f"{path}/tables/{table}/"
     wanted = None if columns is None else list(columns)
 
-    def one_loose(name: str) -> pa.Table:
-        rows = _read_checked(fs, name, columns=wanted)
+    def one_loose(info: pafs.FileInfo) -> pa.Table:
+        rows = _read_checked(fs, info.path, info.size, columns=wanted)
         if with_source:
-            rows = rows.append_column(SOURCE, pa.array([name.removeprefix(folder)] * rows.num_rows, pa.string()))
+            rows = rows.append_column(SOURCE, pa.array([info.path.removeprefix(folder)] * rows.num_rows, pa.string()))
         return rows
 
     def one_part(item: tuple[Part, pc.Expression | None]) -> pa.Table:
         p, where = item
         keep = [c for c in p.columns if (wanted is None or c in wanted) and (with_source or c != SOURCE)]
-        return _read_checked(fs, p.path, columns=keep, filters=where)
+        return _read_checked(fs, p.path, p.size, columns=keep, filter=where)
 
     with ThreadPoolExecutor(READERS) as pool:  # parallel GETs on an object store; each file is small
         pieces = list(pool.map(one_loose, loose)) + list(pool.map(one_part, parts))
@@ -322,10 +332,15 @@ def read_files(fs: pafs.FileSystem, path: str, table: str, loose: Sequence[str],
 READERS = 8
 
 
-def _read_checked(fs: pafs.FileSystem, path: str, **options: Any) -> pa.Table:
-    """One file, refused in one line naming it when it is damaged or of another schema version."""
+def _read_checked(fs: pafs.FileSystem, path: str, size: int | None, **options: Any) -> pa.Table:
+    """One file, read at its listed `size`, refused in one line naming it when it is damaged or of
+    another schema version. A loose file rewritten since the listing (a trial's row updated, an
+    epoch trained again after a resume) no longer has that size: it is read again by name."""
     try:
-        table = pq.read_table(path, filesystem=fs, partitioning=None, **options)
+        try:
+            table = _at_listed_size(fs, path, size).to_table(**options)
+        except (pa.ArrowInvalid, OSError):
+            table = _at_listed_size(fs, path, None).to_table(**options)
     except pa.ArrowInvalid as exc:
         raise pa.ArrowInvalid(f"{path}: {one_line(exc)}") from exc
     found = (table.schema.metadata or {}).get(b"schema_version")

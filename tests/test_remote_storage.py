@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import shutil
 import signal
 import socket
@@ -30,7 +31,7 @@ from test_study import assert_journal_matches_tune, assert_tables_consistent
 
 from analysis.compaction import compact
 from analysis.query import open_tables
-from analysis.store import write_epoch_rows, write_trial_row
+from analysis.store import filesystem, read_files, table_files, write_epoch_rows, write_trial_row
 
 BUCKET = "bucket"
 # moto accepts any credentials; they live in the environment only, never in a file. Distinctive
@@ -46,8 +47,9 @@ CREDENTIALS = {
 
 
 class S3:
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, log: Path) -> None:
         self.endpoint = f"127.0.0.1:{port}"
+        self.log = log
         self.fs = pafs.S3FileSystem(
             endpoint_override=self.endpoint, scheme="http", access_key="testing", secret_key="testing",
             region="us-east-1", allow_bucket_creation=True,
@@ -59,6 +61,10 @@ class S3:
     def files(self, prefix: str) -> list[str]:
         found = self.fs.get_file_info(pafs.FileSelector(f"{BUCKET}/{prefix}", recursive=True, allow_not_found=True))
         return sorted(f.path[len(BUCKET) + len(prefix) + 2:] for f in found if f.type == pafs.FileType.File)
+
+    def requests(self) -> list[str]:
+        """Every request the server has logged so far, as "METHOD /path"."""
+        return re.findall(r"(?:GET|HEAD|PUT|POST|DELETE) /\S*", self.log.read_text())
 
 
 def _download(s3: S3, key: str, to: Path) -> Path:
@@ -87,7 +93,7 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3]:
             except OSError:
                 assert server.poll() is None and time.monotonic() < deadline, f"moto did not start:\n{log.read_text()}"
                 time.sleep(0.2)
-        store = S3(port)
+        store = S3(port, log)
         store.fs.create_dir(BUCKET)
         yield store
     finally:
@@ -129,6 +135,31 @@ def test_open_tables_reads_a_uri_like_a_local_directory(s3: S3) -> None:
     assert sorted(open_tables(root).execute("select * from epochs").fetchall(), key=repr) == before
     write_epoch_rows(root, table="epochs", trial_id="b", epoch=1, columns=_row("b", 1, 5.0), provenance={})
     assert open_tables(root, trial="b").execute("select epoch, train_loss from epochs order by 1").fetchall() == [(0, 0.0), (1, 5.0)]
+
+
+def test_reads_open_files_at_their_listed_size_and_a_file_rewritten_since_is_read_again(s3: S3) -> None:
+    root = s3.uri("sized")
+    for epoch in range(3):
+        write_epoch_rows(root, table="epochs", trial_id="a", epoch=epoch, columns=_row("a", epoch, float(epoch)), provenance={})
+    write_trial_row(root, trial_id="a", outcome={"trial_id": "a", "status": "TERMINATED"}, config={"method": "sat"}, provenance={})
+    fs, path = filesystem(root)
+    listed = table_files(fs, path, "epochs").listed
+    # epoch 1 trained again after the listing (a resume): its file now has another size
+    row = _row("a", 1, 7.0)
+    row["alarm_reason"] = ["rewritten with a longer row, so the file's size changes"]
+    write_epoch_rows(root, table="epochs", trial_id="a", epoch=1, columns=row, provenance={})
+    rows = read_files(fs, path, "epochs", listed, [])
+    assert sorted(zip(rows.column("epoch").to_pylist(), rows.column("train_loss").to_pylist(), strict=True)) == [(0, 0.0), (1, 7.0), (2, 2.0)]
+
+    compact(root)
+    since = len(s3.requests())
+    con = open_tables(root)
+    assert con.execute("select count(*) from epochs").fetchall() == [(3,)]
+    con.close()
+    time.sleep(0.5)  # the server logs after it answers
+    opened = [r for r in s3.requests()[since:] if ".parquet" in r]
+    # one footer read per part at listing, then its rows: GETs, never a HEAD asking a file's size
+    assert opened and all(r.startswith("GET") for r in opened), opened
 
 
 @pytest.mark.parametrize(
