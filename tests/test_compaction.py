@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import energyat_cmd
@@ -18,7 +19,7 @@ from test_store import _row
 from analysis.compaction import compact, steps
 from analysis.query import open_tables
 from analysis.schema import EVALS, SAMPLES
-from analysis.store import read_trial_outcome, read_trial_rows, write_epoch_rows, write_eval_rows, write_trial_row
+from analysis.store import read_rows, read_trial_outcome, read_trial_rows, write_epoch_rows, write_eval_rows, write_trial_row
 
 VIEWS = ("epochs", "samples", "trials", "evals")
 COMPACT_KILLS = (0.5, 0.7, 0.8, 0.9, 0.95)  # when `energyat compact` is killed, as fractions of its run (docs/reliability.md)
@@ -52,9 +53,19 @@ def snapshot(root: Path, *, trial: str | None = None) -> dict[str, list[tuple[An
     """Every view's rows, sorted, as a reader sees them."""
     con = open_tables(root, trial=trial)
     try:
-        return {view: sorted(map(tuple, con.sql(f"select * from {view}").fetchall()), key=repr) for view in VIEWS}
+        views = {view: con.sql(f"select * from {view}").to_arrow_table() for view in VIEWS}
     finally:
         con.close()
+    # the rule rendered for pyarrow (the engine's and the driver's reads, and every read on S3)
+    # selects the same rows as its rendering in the views' SQL
+    for view, table in views.items():
+        assert _as_records(read_rows(str(root), table=view, trial=trial)) == _as_records(table), view
+    return {view: sorted(map(tuple, zip(*table.to_pydict().values(), strict=True)), key=repr) for view, table in views.items()}
+
+
+def _as_records(table: pa.Table) -> list[str]:
+    """The rows, column order aside, comparable (NaN included) and sorted."""
+    return sorted(repr(sorted(row.items())) for row in table.to_pylist())
 
 
 def loose_files(root: Path) -> list[str]:
