@@ -1,7 +1,7 @@
 """How reading a study's tables scales with its size, before and after compaction.
 
     python benchmarks/tables.py [--trials 10,100,1000] [--epochs 200] [--probe-every 5]
-        [--out runs/tables] [--repeat 3] [--loose-max 100] [--s3 10,100] [--skip-local]
+        [--out runs/tables] [--repeat 3] [--loose-max 100] [--continue] [--s3 10,100] [--skip-local]
 
 For each size, a synthetic study is written through the store as trials write it
 (analysis.store: per epoch an `epochs` file, a `samples` file on probed epochs and the
@@ -16,7 +16,8 @@ then read by the commands users run, each a fresh process as a user starts it:
 
 first on the loose per-epoch files, then after compaction (:func:`analysis.compaction.compact`
 with a merge, timed; above ``--loose-max`` trials the study is written as a run leaves it, each
-trial compacted at its end, and timed compacted only), against the
+trial compacted at its end, and timed compacted only; ``--continue`` keeps the trials a stopped
+run of such a size finished and writes the rest), against the
 floor: plain DuckDB, in a fresh process, over a copy of the same rows as one Parquet file per
 table, reading what the command reads. Process start counts in every number: `python -c pass`,
 `python -c "import duckdb"` and `energyat --help` are printed for reference.
@@ -51,7 +52,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from analysis.compaction import compact  # noqa: E402
+from analysis.compaction import compact, finished_trials  # noqa: E402
 from analysis.schema import EPOCHS, EVALS, SAMPLES, SCHEMA_VERSION  # noqa: E402
 from analysis.store import filesystem, provenance, write_epoch_rows, write_eval_rows, write_trial_row  # noqa: E402
 
@@ -93,11 +94,16 @@ def _samples(rng: np.random.Generator, trial: str, epoch: int) -> dict[str, list
 
 def write_study(root: str, trials: int, epochs: int, probe_every: int, *, compact_each: bool) -> dict[str, float]:
     """The synthetic study, through the store; returns the write path's seconds per epoch (and
-    per trial's compaction, with `compact_each`, as a study's driver does)."""
-    rng = np.random.default_rng(0)
-    write_s, compact_s = 0.0, 0.0
+    per trial's compaction, with `compact_each`, as a study's driver does), over the trials this
+    call wrote: a trial already finished and compacted in `root` is kept (a run continued)."""
+    write_s, compact_s, written = 0.0, 0.0, 0
+    kept = finished_trials(root) if compact_each else set()
     for i in range(trials):
         trial, method = f"t{i:04d}", ("sat", "trades")[i % 2]
+        if trial in kept:
+            continue
+        rng = np.random.default_rng(i)  # per trial, so that a continued run writes what one run would
+        written += 1
         config = {"method": method, "lr": float(rng.choice([0.02, 0.05, 0.1])), "epochs": epochs}
         prov = provenance(config)
         t0 = time.perf_counter()
@@ -124,8 +130,8 @@ def write_study(root: str, trials: int, epochs: int, probe_every: int, *, compac
     fs, path = filesystem(root)
     with fs.open_output_stream(f"{path}/spec.yaml") as f:
         f.write(yaml.safe_dump(spec).encode())
-    per_epoch = trials * epochs
-    return {"write_ms_per_epoch": 1000 * write_s / per_epoch, "compact_ms_per_epoch": 1000 * compact_s / per_epoch}
+    per_epoch = max(written, 1) * epochs
+    return {"write_ms_per_epoch": 1000 * write_s / per_epoch, "compact_ms_per_epoch": 1000 * compact_s / per_epoch, "trials_written": written}
 
 
 def timed(cmd: list[str], repeat: int, env: dict[str, str] | None = None) -> tuple[float, str]:
@@ -255,6 +261,8 @@ def main() -> None:
     parser.add_argument("--loose-max", type=int, default=100,
                         help="above this many trials, write the study as a run does (each trial compacted at its end) "
                              "and time the commands on the compacted study only (default 100)")
+    parser.add_argument("--continue", dest="continue_", action="store_true",
+                        help="keep the trials a stopped run of a size above --loose-max finished, and write the rest")
     args = parser.parse_args()
     rows = []
     for name, cmd in (("python -c pass", [PY, "-c", "pass"]), ("python -c 'import duckdb'", [PY, "-c", "import duckdb"]),
@@ -263,9 +271,10 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     for size in [] if args.skip_local else [int(s) for s in args.trials.split(",") if s]:
         study, floor = args.out / f"t{size}", args.out / f"t{size}-floor"
-        shutil.rmtree(study, ignore_errors=True)
-        shutil.rmtree(floor, ignore_errors=True)
         as_run = size > args.loose_max  # written as a study's driver leaves it: each trial compacted at its end
+        if not (as_run and args.continue_):
+            shutil.rmtree(study, ignore_errors=True)
+        shutil.rmtree(floor, ignore_errors=True)
         write = write_study(str(study), size, args.epochs, args.probe_every, compact_each=as_run)
         if not as_run:  # the commands on the loose files, as before compaction existed
             files = sum(1 for _ in (study / "tables").rglob("*.parquet"))
