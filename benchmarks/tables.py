@@ -291,8 +291,9 @@ def main() -> None:
         row = {**measure(study, floor, args.repeat, "compacted", size), "compact_s": compact_s, "files": files, **(write if as_run else {})}
         print(json.dumps(row), flush=True)
         rows.append(row)
-    if not args.skip_local:  # the write path with the driver's compaction of each finished trial, on the smallest size
-        smallest = min(int(s) for s in args.trials.split(",") if s)
+    smallest = min(int(s) for s in args.trials.split(",") if s)
+    if not args.skip_local and smallest <= args.loose_max:  # the write path with the driver's compaction of each
+        # finished trial, on the smallest size (a size above --loose-max was written so already)
         each = args.out / "each"
         shutil.rmtree(each, ignore_errors=True)
         write = write_study(str(each), smallest, args.epochs, args.probe_every, compact_each=True)
