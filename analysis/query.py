@@ -178,8 +178,9 @@ def _open_remote(directory: str, trial: str | None, views: list[str]) -> duckdb.
     return con
 
 
-def run_query(directory: str | os.PathLike[str], sql: str) -> pa.Table:
-    """Run one read-only SELECT over the views; anything else raises :class:`QueryError`."""
+def run_query(directory: str | os.PathLike[str], sql: str, *, trial: str | None = None) -> pa.Table:
+    """Run one read-only SELECT over the views (of `trial` only, if given: :func:`open_tables`);
+    anything else raises :class:`QueryError`."""
     try:
         statements = duckdb.extract_statements(sql)
     except duckdb.Error as exc:
@@ -193,7 +194,7 @@ def run_query(directory: str | os.PathLike[str], sql: str) -> pa.Table:
         )
     # the views the statement names (a word match: one named in a string or a comment opens for nothing)
     named = [view for view in TABLES if re.search(rf"\b{view}\b", sql, flags=re.IGNORECASE)]
-    con = open_tables(directory, views=named)
+    con = open_tables(directory, views=named, trial=trial)
     try:
         return con.sql(sql).to_arrow_table()
     except duckdb.PermissionException as exc:

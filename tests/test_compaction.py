@@ -121,6 +121,19 @@ def test_one_trial_queries_read_the_same_rows_from_parts_and_loose_files(study: 
             assert got.num_rows > 0 or view == "evals"
 
 
+def test_query_trial_reads_one_trials_rows_and_refuses_a_bad_id_in_one_line(study: Path) -> None:
+    compact(str(study), trials=["a"])
+    sql = "select trial_id, count(*) from epochs group by 1 order by 1"
+    for trial, count in (("a", 4), ("c", 2)):  # from a part, from loose files
+        done = subprocess.run([*energyat_cmd(), "query", str(study), sql, "--trial", trial, "--format", "csv"],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines()[1:] == [f'"{trial}",{count}'], done.stdout
+    for bad in ("../a", "a' or 1=1 --"):
+        done = subprocess.run([*energyat_cmd(), "query", str(study), sql, "--trial", bad], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "trial" in done.stderr, done.stderr
+
+
 def test_every_crash_point_of_a_compaction_and_of_a_merge_counts_each_row_once(study: Path, tmp_path: Path) -> None:
     compact(str(study), trials=["a"])  # a part holding a, so that the merge below has two to merge
     before = snapshot(study)
