@@ -9,6 +9,7 @@ RUNNING `trials` row; at the end the TERMINATED row and a final evaluation's `ev
 then read by the commands users run, each a fresh process as a user starts it:
 
 - ``energyat query DIR "<an aggregate over epochs>"``
+- the same with ``--trial t0000`` (one trial's files, the parts' other row groups skipped)
 - ``energyat status DIR``
 - ``energyat report DIR`` (figures included: the table reads are not timed apart)
 - ``energyat eval --trial best``'s lookup (:func:`trainables.subjects.best_trial`, timed inside
@@ -182,6 +183,7 @@ LOOKUP = ("import sys, time; from trainables.subjects import best_trial; t = tim
 def measure(study: Path, floor: Path, repeat: int, stage: str, size: int) -> dict[str, Any]:
     out: dict[str, Any] = {"trials": size, "stage": stage}
     out["query_s"], _ = timed([*ENERGYAT, "query", str(study), QUERY], repeat)
+    out["query_one_trial_s"], _ = timed([*ENERGYAT, "query", str(study), QUERY, "--trial", "t0000"], repeat)
     out["status_s"], _ = timed([*ENERGYAT, "status", str(study)], repeat)
     out["report_s"], _ = timed([*ENERGYAT, "report", str(study)], 1)
     out["lookup_in_process_s"] = float(timed([PY, "-c", LOOKUP, str(study)], repeat)[1].strip())
