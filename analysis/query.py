@@ -194,8 +194,12 @@ def run_query(directory: str | os.PathLike[str], sql: str, *, trial: str | None 
         )
     # the views the statement names (a word match: one named in a string or a comment opens for nothing)
     named = [view for view in TABLES if re.search(rf"\b{view}\b", sql, flags=re.IGNORECASE)]
-    con = open_tables(directory, views=named, trial=trial)
+    # with `trial`, its `trials` row too: every trial with rows has one, so a mistyped id is told
+    # apart from a trial with no matching rows
+    con = open_tables(directory, views=named if trial is None else [*named, "trials"], trial=trial)
     try:
+        if trial is not None and con.execute("select count(*) from trials").fetchall() == [(0,)]:
+            raise QueryError(f"no trial `{trial}` in {directory}; `energyat status {directory}` lists its trials")
         return con.sql(sql).to_arrow_table()
     except duckdb.PermissionException as exc:
         raise QueryError(

@@ -129,7 +129,7 @@ def test_query_trial_reads_one_trials_rows_and_refuses_a_bad_id_in_one_line(stud
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
         assert done.stdout.splitlines()[1:] == [f'"{trial}",{count}'], done.stdout
-    for bad in ("../a", "a' or 1=1 --"):
+    for bad in ("../a", "a' or 1=1 --", "nosuch"):  # a name refused, a name quoted, a trial the study lacks
         done = subprocess.run([*energyat_cmd(), "query", str(study), sql, "--trial", bad], capture_output=True, text=True, timeout=300)
         assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "trial" in done.stderr, done.stderr
 
