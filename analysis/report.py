@@ -14,14 +14,15 @@ The HTML is self-contained apart from its images, which it names by relative pat
 
 from __future__ import annotations
 
-import functools
 import html
 import json
+import multiprocessing
 import os
 import re
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -69,26 +70,68 @@ def _safe_name(index: int, trial_id: str) -> str:
 
 
 class _Page:
-    """The page's body, written as figures are drawn; notes stand in for figures without data."""
+    """The page's body, in order; its figures are drawn by `jobs` processes while the page is built.
 
-    def __init__(self, folder: Path) -> None:
+    A report of many trials is mostly matplotlib (each trial's three figures), and each figure is
+    independent of the others, so they are drawn in parallel; the page is assembled in its own order
+    once every figure is back, and a figure without data becomes a note saying why.
+    """
+
+    def __init__(self, folder: Path, *, jobs: int) -> None:
         self.folder = folder
-        self.parts: list[str] = []
+        self.parts: list[str | tuple[str, Future[Path]]] = []
+        self._pool: ProcessPoolExecutor | None = None
+        if jobs > 1:
+            # forkserver: workers are forked from a fresh server that has imported matplotlib once,
+            # not from this process, whose DuckDB threads a fork could catch holding a lock
+            methods = multiprocessing.get_all_start_methods()
+            context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+            if "forkserver" in methods:
+                context.set_forkserver_preload(["analysis.plots"])
+            self._pool = ProcessPoolExecutor(max_workers=jobs, mp_context=context)
 
     def add(self, text: str) -> None:
         self.parts.append(text)
 
-    def figure(self, name: str, caption: str, draw: Callable[[Path], Path]) -> None:
-        try:
-            path = draw(self.folder / name)
-        except plots.NoData as exc:
-            self.parts.append(f'<p class="note">skipped: {html.escape(str(exc))}</p>')  # the message names the figure
-            return
-        src = html.escape(path.name, quote=True)
-        self.parts.append(
-            f'<figure><img src="{src}" alt="{html.escape(caption, quote=True)}">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
-        )
+    def figure(self, name: str, caption: str, draw: Callable[..., Path], /, *args: Any, **kwargs: Any) -> None:
+        """`draw(*args, path=folder/name, **kwargs)`, in a worker when there are several."""
+        path = self.folder / name
+        if self._pool is not None:
+            future = self._pool.submit(draw, *args, path=path, **kwargs)
+        else:
+            future = Future()
+            try:
+                future.set_result(draw(*args, path=path, **kwargs))
+            except plots.NoData as exc:
+                future.set_exception(exc)
+        self.parts.append((caption, future))
+
+    def html(self) -> str:
+        """The body, every figure drawn (a drawing's error other than NoData is raised here)."""
+        out = []
+        for part in self.parts:
+            if isinstance(part, str):
+                out.append(part)
+                continue
+            caption, future = part
+            try:
+                path = future.result()
+            except plots.NoData as exc:
+                out.append(f'<p class="note">skipped: {html.escape(str(exc))}</p>')  # the message names the figure
+                continue
+            out.append(f'<figure><img src="{html.escape(path.name, quote=True)}" alt="{html.escape(caption, quote=True)}">'
+                       f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        return "\n".join(out)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+
+
+def default_jobs() -> int:
+    """Processes that draw a report's figures: the CPUs this process may use, at most 8."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(usable, 8))
 
 
 _CSS = """
@@ -169,9 +212,9 @@ def _first_middle_last(values: Sequence[int]) -> list[int]:
     return list(dict.fromkeys([values[0], values[len(values) // 2], values[-1]]))
 
 
-def _copied(src: Path, dest: Path) -> Path:
-    """`src` copied to `dest` (a figure the page takes as it is)."""
-    return Path(shutil.copyfile(src, dest))
+def _copied(src: Path, *, path: Path) -> Path:
+    """`src` copied to `path` (a figure the page takes as it is)."""
+    return Path(shutil.copyfile(src, path))
 
 
 def _generation(page: _Page, local: Path | None, methods: Mapping[str, str]) -> None:
@@ -184,7 +227,7 @@ def _generation(page: _Page, local: Path | None, methods: Mapping[str, str]) -> 
     if landscape.is_file():
         rows = pq.read_table(landscape)
         page.figure("landscape.png", "per-sample energy shifts of the test probe under each attack, by trial (energyat landscape)",
-                    lambda p: plots.landscape_violins(rows, path=p))
+                    plots.landscape_violins, rows)
     else:
         page.add(f'<p class="note">energy landscape: none yet; `energyat landscape {html.escape(str(local))}` draws it</p>')
     grids = []
@@ -198,7 +241,7 @@ def _generation(page: _Page, local: Path | None, methods: Mapping[str, str]) -> 
         scores = record.get("scores", {})
         judged = f", judge acc {scores['judge_acc']:.2f}, judge FD {scores['judge_fd']:.1f}" if "judge_acc" in scores else ""
         caption = f"{method}: samples of trial {trial}, {record.get('init', '?')} start{judged}"
-        page.figure(f"samples-{png.name}", caption, functools.partial(_copied, png))
+        page.figure(f"samples-{png.name}", caption, _copied, png)
 
 
 def _sample_record(npz: Path) -> dict[str, Any]:
@@ -220,6 +263,7 @@ def write_report(
     importances: Mapping[str, float] | None = None,
     importances_note: str | None = None,
     top: int | None = TOP_TRIALS,
+    jobs: int | None = None,
 ) -> Path | str:
     """Write ``directory/report/index.html`` and its PNG figures; returns the HTML's path.
 
@@ -233,6 +277,8 @@ def write_report(
             computed (for example, too few finished trials).
         top: draw each trial's own figures (phases, histograms, arrows) for the best `top`
             trials by validation robust accuracy (None: every trial); the table lists them all.
+        jobs: processes drawing the figures (None: :func:`default_jobs`; 1: this process alone).
+            The figures are the same whatever the number.
 
     Raises:
         StoreError: `directory` holds no energyat tables.
@@ -241,18 +287,21 @@ def write_report(
 
         index = write_report("studies/quickstart")   # studies/quickstart/report/index.html
     """
+    if jobs is not None and jobs < 1:
+        raise EnergyatError(f"report: jobs must be at least 1, got {jobs}")
+    jobs = default_jobs() if jobs is None else jobs
     if not is_uri(directory):
         root = Path(directory).expanduser()
         folder = root / "report"
         return _render(open_tables(root), folder, shown=str(root.resolve()), name=root.name,
-                       importances=importances, importances_note=importances_note, local=root, top=top)
+                       importances=importances, importances_note=importances_note, local=root, top=top, jobs=jobs)
     con = open_tables(directory)
     fs, path = filesystem(directory)
     url = urlsplit(str(directory))
     shown = f"{url.scheme}://{path}"  # no query, no user info: nothing that could hold a secret
     with tempfile.TemporaryDirectory(prefix="energyat-report-") as tmp:
         index = _render(con, Path(tmp), shown=shown, name=path.rsplit("/", 1)[-1],
-                        importances=importances, importances_note=importances_note, local=None, top=top)
+                        importances=importances, importances_note=importances_note, local=None, top=top, jobs=jobs)
         try:
             for item in sorted(Path(tmp).iterdir(), key=lambda p: p == index):  # the page last
                 pafs.copy_files(str(item), f"{path}/report/{item.name}",
@@ -272,10 +321,36 @@ def _render(
     importances_note: str | None,
     local: Path | None,
     top: int | None,
+    jobs: int,
 ) -> Path:
     """Draw the report of the tables behind `con` into `folder`; returns index.html's path.
     `local`: the directory itself when it is local (its samples/ and landscape/ are shown)."""
     folder.mkdir(parents=True, exist_ok=True)
+    page = _Page(folder, jobs=jobs)
+    try:
+        body = _body(page, con, shown=shown, name=name, importances=importances, importances_note=importances_note,
+                     local=local, top=top)
+    finally:
+        page.close()
+    index = folder / "index.html"
+    tmp = index.with_name(".index.html.tmp")
+    tmp.write_text(body, encoding="utf-8")
+    tmp.replace(index)  # atomic: a reader sees the old page or the new one
+    return index
+
+
+def _body(
+    page: _Page,
+    con: duckdb.DuckDBPyConnection,
+    *,
+    shown: str,
+    name: str,
+    importances: Mapping[str, float] | None,
+    importances_note: str | None,
+    local: Path | None,
+    top: int | None,
+) -> str:
+    """The page's HTML, its figures drawn into the page's folder."""
     try:
         trials = trial_rows(con)
         epochs_of_trial = epochs_by_trial(con, [str(r["trial_id"]) for r in trials])
@@ -286,7 +361,6 @@ def _render(
         trials = _best_first(trials)
         study = next((str(r["study"]) for r in trials if not missing(r.get("study"))), name)
 
-        page = _Page(folder)
         page.add(f"<h1>energyat report: {html.escape(study)}</h1>")
         page.add(f"<p>{len(trials)} trial(s) in <code>{html.escape(shown)}</code>, best validation robust accuracy first "
                  "(the validation split selects; the test set only reports).</p>")
@@ -300,11 +374,11 @@ def _render(
         page.add("<h2>Study</h2>")
         trial_cols = fetch(con, "select * from trials")
         all_epochs = fetch(con, "select trial_id, epoch, probe_train_dE from epochs")
-        page.figure("study-pareto.png", "clean vs robust accuracy (Pareto front)", lambda p: plots.pareto_front(trial_cols, path=p))
+        page.figure("study-pareto.png", "clean vs robust accuracy (Pareto front)", plots.pareto_front, trial_cols)
         page.figure("study-delta-energy.png", "final delta energy vs best robust accuracy",
-                    lambda p: plots.delta_energy_vs_robust(all_epochs, trial_cols, path=p))
+                    plots.delta_energy_vs_robust, all_epochs, trial_cols)
         if importances:
-            page.figure("study-importances.png", "hyperparameter importances", lambda p: plots.param_importances(importances, path=p))
+            page.figure("study-importances.png", "hyperparameter importances", plots.param_importances, importances)
         else:
             why = importances_note or "no Optuna study to compute them from (not given)"
             page.add(f'<p class="note">hyperparameter importances: skipped, {html.escape(why)}</p>')
@@ -320,8 +394,7 @@ def _render(
             stem = _safe_name(rank, tid)
             page.add(f'<h2 id="trial-{html.escape(tid, quote=True)}">trial {html.escape(tid)} ({html.escape(str(r.get("method")))})</h2>')
             epochs, phases = epochs_of_trial[tid], phases_by_trial[tid]
-            # each figure is drawn inside page.figure, before the loop moves on (B023 does not apply)
-            page.figure(f"{stem}-phases.png", f"phases of trial {tid}", lambda p: plots.phase_figure(epochs, phases, path=p))  # noqa: B023
+            page.figure(f"{stem}-phases.png", f"phases of trial {tid}", plots.phase_figure, epochs, phases)
             with_samples = _sample_epochs(con, tid)
             if not with_samples:
                 page.add(f'<p class="note">energy histograms and arrow plot of trial {html.escape(tid)}: skipped, no `samples` rows</p>')
@@ -333,22 +406,13 @@ def _render(
                 id=tid, ep=chosen,
             )
             page.figure(f"{stem}-histograms.png", f"per-sample energies of trial {tid} at epochs {', '.join(map(str, chosen))}",
-                        lambda p: plots.energy_histograms(samples, epochs=chosen, path=p))  # noqa: B023
+                        plots.energy_histograms, samples, epochs=chosen)
             last = chosen[-1]
             at_last = {k: v[samples["epoch"] == last] for k, v in samples.items()}
             page.figure(f"{stem}-arrows.png", f"natural to adversarial energies of trial {tid} at epoch {last}",
-                        lambda p: plots.arrow_plot(at_last, path=p))  # noqa: B023
+                        plots.arrow_plot, at_last)
     finally:
         con.close()
-
-    index = folder / "index.html"
-    text = (
-        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
-        f"<title>energyat report: {html.escape(study)}</title><style>{_CSS}</style></head><body>\n"
-        + "\n".join(page.parts)
-        + "\n</body></html>\n"
-    )
-    tmp = index.with_name(".index.html.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(index)  # atomic: a reader sees the old page or the new one
-    return index
+    return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
+            f"<title>energyat report: {html.escape(study)}</title><style>{_CSS}</style></head><body>\n"
+            + page.html() + "\n</body></html>\n")

@@ -120,9 +120,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     if args.top is not None and args.top < 0:
         raise EnergyatError(f"--top {args.top}: give how many trials get their own figures (0 for every trial)")
+    if args.jobs is not None and args.jobs < 1:
+        raise EnergyatError(f"--jobs {args.jobs}: give how many processes draw the figures (1: this one alone)")
     importances, note = study_importances(args.directory)
     top = {} if args.top is None else {"top": args.top or None}  # else the report's default, TOP_TRIALS
-    index = write_report(args.directory, importances=importances, importances_note=note, **top)
+    index = write_report(args.directory, importances=importances, importances_note=note, jobs=args.jobs, **top)
     if note is not None:  # after the report: a directory without tables gets its one error line alone
         print(f"importances: {note}", file=sys.stderr)
     print(index)
@@ -523,6 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("directory", type=str, help="study directory (local path or URI) or train --out directory")
     report.add_argument("--top", type=int, default=None, metavar="N",
                         help="each trial's own figures for the best N trials by validation robust accuracy (default 24; 0: every trial)")
+    report.add_argument("--jobs", type=int, default=None, metavar="N",
+                        help="processes drawing the figures (default: the usable CPUs, at most 8; 1: this process alone)")
     report.set_defaults(func=cmd_report)
 
     run = sub.add_parser("run", help="launch a study: Ray Tune trials searched by Optuna, stopped on energy divergence")

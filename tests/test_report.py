@@ -86,11 +86,7 @@ def test_figures_without_data_raise_no_data(tmp_path: Path) -> None:
 
 def test_single_trial_report_notes_the_skipped_study_figures(study: Path, tmp_path: Path) -> None:
     # one trial and no `samples` table: every figure but the phase figure becomes a note
-    single = tmp_path / "one"
-    shutil.copytree(study / "tables" / "epochs" / "trial=t-sat", single / "tables" / "epochs" / "trial=t-sat")
-    (single / "tables" / "trials").mkdir(parents=True)
-    shutil.copy(study / "tables" / "trials" / "trial=t-sat.parquet", single / "tables" / "trials")
-    page = write_report(single).read_text()
+    page = write_report(_one_trial(study, tmp_path / "one")).read_text()
     assert "skipped: Pareto front" in page and "skipped: delta energy" in page
     assert "no `samples` rows" in page
     assert page.count("<img") == 1  # the phase figure only
@@ -144,6 +140,32 @@ def test_report_draws_each_trials_figures_for_the_best_top_trials_only(study: Pa
     assert f"{best}-phases.png" in page and f"{other}-phases.png" not in page
     assert "the best 1 of 2 trials" in page and f"<td>{other}</td>" in page  # still in the table
     assert run_cli("report", str(copy), "--top", "-1").returncode == 2
+
+
+def _one_trial(study: Path, dest: Path) -> Path:
+    """`study`'s trial t-sat alone, without `samples`: every figure but its phase figure has no data."""
+    shutil.copytree(study / "tables" / "epochs" / "trial=t-sat", dest / "tables" / "epochs" / "trial=t-sat")
+    (dest / "tables" / "trials").mkdir(parents=True)
+    shutil.copy(study / "tables" / "trials" / "trial=t-sat.parquet", dest / "tables" / "trials")
+    return dest
+
+
+def test_figures_drawn_in_parallel_are_the_figures_drawn_in_one_process(study: Path, tmp_path: Path) -> None:
+    # the page in its order and every PNG byte for byte, whatever the number of drawing processes;
+    # a figure without data is the same note in both (NoData crosses the process boundary)
+    for layout in ("study", "one trial"):
+        pages = {}
+        for jobs in (1, 2):
+            dest = tmp_path / layout / str(jobs)
+            copy = Path(shutil.copytree(study, dest)) if layout == "study" else _one_trial(study, dest)
+            write_report(copy, jobs=jobs)
+            pages[jobs] = {p.name: p.read_bytes().replace(str(copy.resolve()).encode(), b"DIR") for p in (copy / "report").iterdir()}
+        assert pages[1] == pages[2], layout
+        figures = len([n for n in pages[1] if n.endswith(".png")])
+        assert figures == (8 if layout == "study" else 1), (layout, sorted(pages[1]))  # 3 per trial and 2 of the study, or the phases
+        if layout == "one trial":
+            assert b"skipped: Pareto front" in pages[2]["index.html"] and b"skipped: delta energy" in pages[2]["index.html"]
+    assert run_cli("report", str(study), "--jobs", "0").returncode == 2
 
 
 def test_phases_cli_prints_one_row_per_trial(study: Path) -> None:
