@@ -11,7 +11,8 @@ then read by the commands users run, each a fresh process as a user starts it:
 - ``energyat query DIR "<an aggregate over epochs>"``
 - the same with ``--trial t0000`` (one trial's files, the parts' other row groups skipped)
 - ``energyat status DIR``
-- ``energyat report DIR`` (figures included: the table reads are not timed apart)
+- ``energyat report DIR`` (figures included: the table reads are not timed apart), with its
+  default processes and with ``--jobs 1``
 - ``energyat eval --trial best``'s lookup (:func:`trainables.subjects.best_trial`, timed inside
   its process: the rest of `eval` is evaluating a model)
 
@@ -54,6 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from analysis.compaction import compact, finished_trials  # noqa: E402
+from analysis.report import default_jobs  # noqa: E402
 from analysis.schema import EPOCHS, EVALS, SAMPLES, SCHEMA_VERSION  # noqa: E402
 from analysis.store import filesystem, provenance, write_epoch_rows, write_eval_rows, write_trial_row  # noqa: E402
 
@@ -185,7 +187,9 @@ def measure(study: Path, floor: Path, repeat: int, stage: str, size: int) -> dic
     out["query_s"], _ = timed([*ENERGYAT, "query", str(study), QUERY], repeat)
     out["query_one_trial_s"], _ = timed([*ENERGYAT, "query", str(study), QUERY, "--trial", "t0000"], repeat)
     out["status_s"], _ = timed([*ENERGYAT, "status", str(study)], repeat)
-    out["report_s"], _ = timed([*ENERGYAT, "report", str(study)], 1)
+    out["report_s"], _ = timed([*ENERGYAT, "report", str(study)], 1)  # figures drawn by the usable CPUs
+    out["report_one_process_s"], _ = timed([*ENERGYAT, "report", str(study), "--jobs", "1"], 1)
+    out["report_jobs"] = default_jobs()
     out["lookup_in_process_s"] = float(timed([PY, "-c", LOOKUP, str(study)], repeat)[1].strip())
     out["floor_query_s"], _ = timed(floor_cmd(floor, QUERY), repeat)
     out["floor_status_s"], _ = timed(floor_cmd(floor, STATUS_SQL, EPOCHS_SQL), repeat)

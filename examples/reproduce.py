@@ -274,9 +274,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--spec", type=Path, default=SPEC, help="the study's spec (default: examples/paper_fashion_cpu.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a spec key, repeatable")
     parser.add_argument("--study", type=Path, default=None, help="a study already run: only sample, report and summarise it")
+    parser.add_argument("--sample-steps", type=int, default=None, metavar="N", help="SGLD steps per chain (default: energyat sample's, 50)")
+    parser.add_argument("--sample-n", type=int, default=None, metavar="N", help="SGLD chains per class (default: energyat sample's, 8)")
     args = parser.parse_args(argv)
     if args.study is not None and args.overrides:
         parser.error("--set changes the study to run; with --study nothing is run")
+    for flag, value in (("--sample-steps", args.sample_steps), ("--sample-n", args.sample_n)):
+        if value is not None and value < 1:  # refused now, not after hours of training
+            parser.error(f"{flag} {value}: give at least 1")
     try:
         return _reproduce(args)
     except EnergyatError as exc:  # bad input: one line, exit 2, as energyat's own commands
@@ -297,6 +302,8 @@ def long_overrides(spec: Path, overrides: Sequence[str]) -> list[str]:
 
 def _reproduce(args: argparse.Namespace) -> int:
     start = time.monotonic()
+    sgld = [*(["--steps", str(args.sample_steps)] if args.sample_steps is not None else []),
+            *(["--n", str(args.sample_n)] if args.sample_n is not None else [])]
     if args.study is not None:
         studies = [args.study, *([sibling] if (sibling := args.study.with_name(f"{args.study.name}_x2")).is_dir() else [])]
     else:
@@ -309,7 +316,7 @@ def _reproduce(args: argparse.Namespace) -> int:
             return 2
         if study == studies[0]:  # finding 5 on the main study's arms
             for init in INITS:
-                energyat("sample", str(study), "--init", init, *[a for t in trials for a in ("--trial", t)])
+                energyat("sample", str(study), "--init", init, *sgld, *[a for t in trials for a in ("--trial", t)])
         energyat("report", str(study))
     text = markdown(studies[0], long=studies[1] if len(studies) > 1 else None,
                     seconds=None if args.study is not None else time.monotonic() - start)

@@ -58,7 +58,7 @@ def test_the_reproduction_runs_end_to_end_and_its_tables_are_the_studys(tmp_path
     _digits_as_fashion(tmp_path / "data")
     reproduce = _script()
     assert reproduce.main(["--storage", str(tmp_path / "studies"), "--set", f"dataset.root={tmp_path / 'data'}",
-                           *[a for item in TINY for a in ("--set", item)]]) == 0
+                           *[a for item in TINY for a in ("--set", item)], "--sample-steps", "3", "--sample-n", "2"]) == 0
     study = tmp_path / "studies" / "paper_fashion_cpu"
     text = (study / "report" / "reproduction.md").read_text()
     page = (study / "report" / "index.html").read_text()
@@ -145,3 +145,6 @@ def test_bad_input_is_one_line_and_exit_2_and_moves_nothing(tmp_path: Path, caps
     assert [p.name for p in (tmp_path / "studies").iterdir()] == ["paper_fashion_cpu"]
     assert reproduce.main(["--study", str(tmp_path / "nowhere")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+    with pytest.raises(SystemExit) as exc:  # refused before any study runs
+        reproduce.main(["--storage", str(tmp_path / "studies"), "--sample-steps", "0"])
+    assert exc.value.code == 2 and "--sample-steps 0: give at least 1" in capsys.readouterr().err
