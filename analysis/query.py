@@ -28,7 +28,18 @@ import pyarrow.parquet as pq
 
 from analysis.errors import QueryError, StoreError, one_line
 from analysis.schema import TABLES
-from analysis.store import SOURCE, TableFiles, check_name, check_schema_version, is_uri, no_tables, open_storage, read_rows, table_files
+from analysis.store import (
+    SOURCE,
+    TableFiles,
+    check_name,
+    check_schema_version,
+    is_uri,
+    no_tables,
+    open_storage,
+    part_conditions,
+    read_rows,
+    table_files,
+)
 
 
 def _file_version(metadata: dict[bytes, bytes] | None) -> str | None:
@@ -131,11 +142,9 @@ def _local_source(con: duckdb.DuckDBPyConnection, view: str, files: TableFiles, 
         files_sql = ", ".join(_sql_string(glob.escape(name)) for name in files.loose)
         selects.append(f"select * from read_parquet([{files_sql}], union_by_name = true, hive_partitioning = false)")
     for part in files.parts:
-        where = [] if trial is None else [f"trial_id = {_sql_string(trial)}"]
-        if part.superseded:
-            where.append(f"trial_id not in ({', '.join(map(_sql_string, sorted(part.superseded)))})")
-        if part.overridden:
-            where.append(f"{SOURCE} not in ({', '.join(map(_sql_string, sorted(part.overridden)))})")
+        where = [f"{column} = {_sql_string(values[0])}" if wanted and len(values) == 1
+                 else f"{column} {'in' if wanted else 'not in'} ({', '.join(map(_sql_string, values))})"
+                 for column, wanted, values in part_conditions(part, trial=trial)]
         selects.append(f"select * exclude ({SOURCE}) from read_parquet({_sql_string(glob.escape(part.path))}, hive_partitioning = false)"
                        + (f" where {' and '.join(where)}" if where else ""))
     if not selects:  # no file yet: an empty view with the declared columns

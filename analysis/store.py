@@ -281,20 +281,30 @@ def _at_listed_size(fs: pafs.FileSystem, path: str, size: int | None) -> ds.Parq
     return ds.ParquetFileFormat().make_fragment(path, filesystem=fs, file_size=size)
 
 
-def part_filter(part: Part, *, trial: str | None = None) -> pc.Expression | None:
-    """The rows of `part` that count (of `trial` only, if given), as a pyarrow filter; None for all."""
+def part_conditions(part: Part, *, trial: str | None = None) -> list[tuple[str, bool, list[str]]]:
+    """The rows of `part` that count (of `trial` only, if given), as conditions that must all hold:
+    ``(column, wanted, values)``, the column's value in `values` when `wanted`, else not in them.
+    The one statement of the rule; :func:`part_filter` renders it for pyarrow and
+    ``analysis.query`` for DuckDB's SQL."""
     keep = []
     if trial is not None:
-        keep.append(pc.field("trial_id") == trial)
+        keep.append(("trial_id", True, [trial]))
     if part.superseded:
-        keep.append(~pc.field("trial_id").isin(sorted(part.superseded)))
+        keep.append(("trial_id", False, sorted(part.superseded)))
     if part.overridden:
-        keep.append(~pc.field(SOURCE).isin(sorted(part.overridden)))
-    if not keep:
-        return None
-    out = keep[0]
-    for expr in keep[1:]:
-        out = out & expr
+        keep.append((SOURCE, False, sorted(part.overridden)))
+    return keep
+
+
+def part_filter(part: Part, *, trial: str | None = None) -> pc.Expression | None:
+    """:func:`part_conditions` as a pyarrow filter; None for all rows."""
+    out = None
+    for column, wanted, values in part_conditions(part, trial=trial):
+        if wanted and len(values) == 1:  # an equality: what row-group statistics can skip on
+            expr = pc.field(column) == values[0]
+        else:
+            expr = pc.field(column).isin(values) if wanted else ~pc.field(column).isin(values)
+        out = expr if out is None else out & expr
     return out
 
 
