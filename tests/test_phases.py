@@ -292,6 +292,30 @@ def test_onecycle_counts_alarms_past_the_middle_of_its_decay() -> None:
     assert result.alarm_epoch is not None and opens + 5 < result.alarm_epoch <= opens + 10
 
 
+@pytest.mark.parametrize("every", [1, 2])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_slow_growth_after_the_drop_alarms_once_it_has_added_up_to_the_ratio(every: int, seed: int) -> None:
+    # robust overfitting as the stopping suite's single-drop SAT runs and the stored Fashion-MNIST
+    # run show it: |dE| grows about 1% of its level per epoch from the drop on, for the rest of the
+    # run. The baseline taken after the drop stays put, so the growth adds up: the alarm comes once
+    # it reaches 30% (epoch 40 + 30), and the offline onset sits at the drop, where the growth starts
+    lr = piecewise(100, [40])
+    result = detect(rows_of(growth(100, 40, 0.01), lr, every=every, noise=0.01, seed=seed))
+    assert result.alarm_epoch is not None and 40 + 28 <= result.alarm_epoch <= 40 + 30 + 4 * every, result
+    assert result.phase3_start is not None and 40 <= result.phase3_start <= 46, result
+    # drift that stops short of the ratio (20% here) raises nothing
+    assert detect(rows_of(growth(100, 40, 0.01, stop=60), lr, every=every, noise=0.01, seed=seed)).alarm_epoch is None
+
+
+def test_without_lr_slow_drift_joins_the_baseline_and_fast_growth_still_alarms() -> None:
+    # rows without `lr` show no drop to measure from: alarms count from phase 2 on, against a
+    # baseline that follows drift below the alarm level (1% a probed epoch lags it by ~20%)
+    no_lr = np.full(100, np.nan)
+    assert detect(rows_of(growth(100, 20, 0.01), no_lr, noise=0.01)).alarm_epoch is None
+    result = detect(rows_of(growth(100, 40, 0.15), no_lr, noise=0.01))
+    assert result.alarm_epoch is not None and 40 < result.alarm_epoch <= 45
+
+
 def test_the_baseline_is_retaken_after_each_drop_and_survives_a_checkpoint() -> None:
     lr = piecewise(40, [15, 23])
     data = rows_of(steps(40, [15, 23], 0.5), lr)
