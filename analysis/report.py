@@ -23,6 +23,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import closing
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -329,69 +330,66 @@ def _render(
     """Draw the report of the tables behind `con` into `folder`; returns index.html's path.
     `local`: the directory itself when it is local (its samples/ and landscape/ are shown)."""
     folder.mkdir(parents=True, exist_ok=True)
-    with _Page(folder, jobs=jobs) as page:
-        try:
-            trials = trial_rows(con)
-            epochs_of_trial = epochs_by_trial(con, [str(r["trial_id"]) for r in trials])
-            phases_by_trial = {t: phases_of(e) for t, e in epochs_of_trial.items()}
-            for r in trials:  # the table shows the phases the figures show: this detector's, now
-                e, p = epochs_of_trial[str(r["trial_id"])], phases_by_trial[str(r["trial_id"])]
-                r.update(phase2_start=p.phase2_start, phase3_start=p.phase3_start, alarm_epoch=online_alarm_epoch(e, p))
-            trials = _best_first(trials)
-            study = next((str(r["study"]) for r in trials if not missing(r.get("study"))), name)
+    with closing(con), _Page(folder, jobs=jobs) as page:
+        trials = trial_rows(con)
+        epochs_of_trial = epochs_by_trial(con, [str(r["trial_id"]) for r in trials])
+        phases_by_trial = {t: phases_of(e) for t, e in epochs_of_trial.items()}
+        for r in trials:  # the table shows the phases the figures show: this detector's, now
+            e, p = epochs_of_trial[str(r["trial_id"])], phases_by_trial[str(r["trial_id"])]
+            r.update(phase2_start=p.phase2_start, phase3_start=p.phase3_start, alarm_epoch=online_alarm_epoch(e, p))
+        trials = _best_first(trials)
+        study = next((str(r["study"]) for r in trials if not missing(r.get("study"))), name)
 
-            page.add(f"<h1>energyat report: {html.escape(study)}</h1>")
-            page.add(f"<p>{len(trials)} trial(s) in <code>{html.escape(shown)}</code>, best validation robust accuracy first "
-                     "(the validation split selects; the test set only reports).</p>")
-            if not trials:
-                page.add('<p class="note">no trials yet: nothing to show.</p>')
-            else:
-                page.add(_trials_table(trials))
-                _seeds(page, trials)
-            _evals(page, con)
+        page.add(f"<h1>energyat report: {html.escape(study)}</h1>")
+        page.add(f"<p>{len(trials)} trial(s) in <code>{html.escape(shown)}</code>, best validation robust accuracy first "
+                 "(the validation split selects; the test set only reports).</p>")
+        if not trials:
+            page.add('<p class="note">no trials yet: nothing to show.</p>')
+        else:
+            page.add(_trials_table(trials))
+            _seeds(page, trials)
+        _evals(page, con)
 
-            page.add("<h2>Study</h2>")
-            trial_cols = fetch(con, "select * from trials")
-            all_epochs = fetch(con, "select trial_id, epoch, probe_train_dE from epochs")
-            page.figure("study-pareto.png", "clean vs robust accuracy (Pareto front)", plots.pareto_front, trial_cols)
-            page.figure("study-delta-energy.png", "final delta energy vs best robust accuracy",
-                        plots.delta_energy_vs_robust, all_epochs, trial_cols)
-            if importances:
-                page.figure("study-importances.png", "hyperparameter importances", plots.param_importances, importances)
-            else:
-                why = importances_note or "no Optuna study to compute them from (not given)"
-                page.add(f'<p class="note">hyperparameter importances: skipped, {html.escape(why)}</p>')
+        page.add("<h2>Study</h2>")
+        trial_cols = fetch(con, "select * from trials")
+        all_epochs = fetch(con, "select trial_id, epoch, probe_train_dE from epochs")
+        page.figure("study-pareto.png", "clean vs robust accuracy (Pareto front)", plots.pareto_front, trial_cols)
+        page.figure("study-delta-energy.png", "final delta energy vs best robust accuracy",
+                    plots.delta_energy_vs_robust, all_epochs, trial_cols)
+        if importances:
+            page.figure("study-importances.png", "hyperparameter importances", plots.param_importances, importances)
+        else:
+            why = importances_note or "no Optuna study to compute them from (not given)"
+            page.add(f'<p class="note">hyperparameter importances: skipped, {html.escape(why)}</p>')
 
-            _generation(page, local, {str(r["trial_id"]): str(r.get("method")) for r in trials})
+        _generation(page, local, {str(r["trial_id"]): str(r.get("method")) for r in trials})
 
-            shown_trials = trials if top is None else trials[:top]
-            if len(shown_trials) < len(trials):
-                page.add(f'<p class="note">each trial\'s figures: the best {len(shown_trials)} of {len(trials)} trials by validation robust '
-                         "accuracy (`energyat report DIR --top N`, 0 for every trial); the table above lists them all.</p>")
-            for rank, r in enumerate(shown_trials):
-                tid = str(r["trial_id"])
-                stem = _safe_name(rank, tid)
-                page.add(f'<h2 id="trial-{html.escape(tid, quote=True)}">trial {html.escape(tid)} ({html.escape(str(r.get("method")))})</h2>')
-                epochs, phases = epochs_of_trial[tid], phases_by_trial[tid]
-                page.figure(f"{stem}-phases.png", f"phases of trial {tid}", plots.phase_figure, epochs, phases)
-                with_samples = _sample_epochs(con, tid)
-                if not with_samples:
-                    page.add(f'<p class="note">energy histograms and arrow plot of trial {html.escape(tid)}: skipped, no `samples` rows</p>')
-                    continue
-                chosen = _first_middle_last(with_samples)
-                samples = fetch(
-                    con,
-                    "select * from samples where trial_id = $id and split = 'train' and list_contains($ep, epoch) order by epoch, index",
-                    id=tid, ep=chosen,
-                )
-                page.figure(f"{stem}-histograms.png", f"per-sample energies of trial {tid} at epochs {', '.join(map(str, chosen))}",
-                            plots.energy_histograms, samples, epochs=chosen)
-                last = chosen[-1]
-                at_last = {k: v[samples["epoch"] == last] for k, v in samples.items()}
-                page.figure(f"{stem}-arrows.png", f"natural to adversarial energies of trial {tid} at epoch {last}",
-                            plots.arrow_plot, at_last)
-        finally:
-            con.close()
+        shown_trials = trials if top is None else trials[:top]
+        if len(shown_trials) < len(trials):
+            page.add(f'<p class="note">each trial\'s figures: the best {len(shown_trials)} of {len(trials)} trials by validation robust '
+                     "accuracy (`energyat report DIR --top N`, 0 for every trial); the table above lists them all.</p>")
+        for rank, r in enumerate(shown_trials):
+            tid = str(r["trial_id"])
+            stem = _safe_name(rank, tid)
+            page.add(f'<h2 id="trial-{html.escape(tid, quote=True)}">trial {html.escape(tid)} ({html.escape(str(r.get("method")))})</h2>')
+            epochs, phases = epochs_of_trial[tid], phases_by_trial[tid]
+            page.figure(f"{stem}-phases.png", f"phases of trial {tid}", plots.phase_figure, epochs, phases)
+            with_samples = _sample_epochs(con, tid)
+            if not with_samples:
+                page.add(f'<p class="note">energy histograms and arrow plot of trial {html.escape(tid)}: skipped, no `samples` rows</p>')
+                continue
+            chosen = _first_middle_last(with_samples)
+            samples = fetch(
+                con,
+                "select * from samples where trial_id = $id and split = 'train' and list_contains($ep, epoch) order by epoch, index",
+                id=tid, ep=chosen,
+            )
+            page.figure(f"{stem}-histograms.png", f"per-sample energies of trial {tid} at epochs {', '.join(map(str, chosen))}",
+                        plots.energy_histograms, samples, epochs=chosen)
+            last = chosen[-1]
+            at_last = {k: v[samples["epoch"] == last] for k, v in samples.items()}
+            page.figure(f"{stem}-arrows.png", f"natural to adversarial energies of trial {tid} at epoch {last}",
+                        plots.arrow_plot, at_last)
         body = ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
                 f"<title>energyat report: {html.escape(study)}</title><style>{_CSS}</style></head><body>\n"
                 + page.html() + "\n</body></html>\n")
