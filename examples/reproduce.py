@@ -281,7 +281,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--set changes the study to run; with --study nothing is run")
     for flag, value in (("--sample-steps", args.sample_steps), ("--sample-n", args.sample_n)):
         if value is not None and value < 1:  # refused now, not after hours of training
-            parser.error(f"{flag} {value}: give at least 1")
+            print(f"reproduce: {flag} {value}: give at least 1", file=sys.stderr)
+            return 2
     try:
         return _reproduce(args)
     except EnergyatError as exc:  # bad input: one line, exit 2, as energyat's own commands
