@@ -531,16 +531,24 @@ def pareto_figure(recipe: str, results: Sequence[dict[str, Any]], path: Path) ->
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.axhspan(base_pgd - base_se, base_pgd + base_se, color="0.85", label="full run's picks +- 1 SE")
     ax.axhline(base_pgd, color="0.4", lw=1)
-    markers = {"patience": "o", "alarm_patience": "s", "energy_patience": "D", "asha": "^", "asha_energy": "v"}
-    for family, marker in markers.items():
+    markers = {"patience": "o", "asha": "^", "alarm_patience": "s", "energy_patience": "D", "asha_energy": "v"}
+    labels: dict[tuple[float, float], list[str]] = {}  # one label per point: the k of every rule on it
+    for family, marker in markers.items():  # baselines first: an energy rule that stops where one does lies on it
         rows = sorted((r for r in results if r["family"] == family), key=lambda r: r["trial_epochs"])
         if not rows:
             continue
         x = [r["trial_epochs"] / base["trial_epochs"] for r in rows]
         y = [mean_accuracy(r["picks"], "pgd")[0] for r in rows]
-        ax.plot(x, y, marker=marker, label=family)
+        if family in ENERGY_FAMILIES:  # dashed and hollow, so the baseline under it stays visible
+            ax.plot(x, y, marker=marker, ls="--", markersize=5, markerfacecolor="none", label=family)
+        else:
+            ax.plot(x, y, marker=marker, markersize=9, alpha=0.7, label=family)
         for xi, yi, r in zip(x, y, rows, strict=True):
-            ax.annotate(str(r["k"]), (xi, yi), textcoords="offset points", xytext=(3, 3), fontsize=7)
+            ks = labels.setdefault((xi, yi), [])
+            if str(r["k"]) not in ks:
+                ks.append(str(r["k"]))
+    for (xi, yi), ks in labels.items():
+        ax.annotate(",".join(ks), (xi, yi), textcoords="offset points", xytext=(3, 3), fontsize=7)
     ax.axvline(0.7, color="0.6", ls=":", lw=1)
     ax.set_xlabel("trial-epochs, fraction of the full run's (dotted: the goal, 30% saved)")
     ax.set_ylabel("picks' test PGD-20 accuracy (mean of replicates)")

@@ -10,6 +10,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import ROOT
@@ -155,3 +156,48 @@ def test_stop_patience_is_the_smallest_k_whose_validation_regret_meets_the_crite
     # a rule that stopped nothing gives up nothing at every k: no choice, not the smallest k
     silent = [_result("alarm_patience", k, 100, 0.5, stopped=0) for k in stoppers.KS]
     assert stoppers.chosen_patience({"a": silent}) is None
+
+
+KEPT = ROOT / "tests" / "data" / "stoppers"  # the suite's four recipes, 96 trials (BENCHMARKS.md section 4.1)
+
+
+@pytest.fixture(scope="module")
+def kept_replay(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("kept")
+    recipes = ("rice", "two_drops", "single_drop", "onecycle")
+    stoppers.main(["replay", *(str(KEPT / f"{r}.csv.gz") for r in recipes), "--out", str(out), "--n", "2500",
+                   "--autoattack-n", "0", "--picks", str(KEPT / "picks.jsonl")])
+    rows = [json.loads(line) for line in (out / "stoppers.jsonl").read_text().splitlines()]
+    return {"by": {(r["recipe"], r["family"], r["k"]): r for r in rows}, "onsets": json.loads((out / "onsets.json").read_text()),
+            "text": (out / "stoppers.md").read_text()}
+
+
+def test_the_suites_kept_rows_replay_to_what_benchmarks_quotes(kept_replay: dict[str, Any]) -> None:
+    by = kept_replay["by"]
+    recipes = ("rice", "two_drops", "single_drop", "onecycle")
+    # the energy signal changed almost no stop: below k = 20 energy-informed patience stops where
+    # plain patience does and ASHA's energy cut where ASHA does; at 20 they save 2 to 20
+    # trial-epochs more, with the same picks
+    for recipe in recipes:
+        for energy, plain in (("energy_patience", "patience"), ("asha_energy", "asha")):
+            for k in stoppers.KS:
+                e, p = by[recipe, energy, k], by[recipe, plain, k]
+                assert [(x["trial_id"], x["epoch"]) for x in e["picks"]] == [(x["trial_id"], x["epoch"]) for x in p["picks"]]
+                assert e["trial_epochs"] == p["trial_epochs"] if k < 20 else p["trial_epochs"] - 20 <= e["trial_epochs"] <= p["trial_epochs"]
+    # "alarm, then patience" stops only the trials that alarmed (1 on rice, 5 on single_drop) and gives up nothing
+    assert [by[r, "alarm_patience", 2]["stopped"] for r in recipes] == [1, 0, 5, 0]
+    assert [by[r, "alarm_patience", 2]["trial_epochs"] for r in recipes] == [1899, 720, 2279, 720]
+    assert all(by[r, "alarm_patience", k]["val_regret_max"] == 0 for r in recipes for k in stoppers.KS)
+    # the full runs' picks and ASHA at grace 15 (the quickstart's first lr drop), PGD-20 on 2,500 test images
+    pgd = {r: stoppers.mean_accuracy(by[r, "none", 0]["picks"], "pgd")[0] for r in recipes}
+    assert [round(pgd[r], 4) for r in recipes] == [0.5918, 0.5580, 0.5934, 0.5750]
+    assert [by[r, "asha", 15]["trial_epochs"] for r in recipes] == [785, 525, 865, 540]
+    # the default patience is the one the pre-fixed validation criterion picks on these rows
+    from analysis.phases import STOP_PATIENCE
+
+    assert f"STOP_PATIENCE by its validation criterion (median trial gives up nothing, worst at most 0.01): {STOP_PATIENCE}" in kept_replay["text"]
+    # the offline onset against the validation robust-loss minimum: 5 trials overfit, all placed
+    onsets = kept_replay["onsets"]
+    errors = sorted(abs(o["onset"] - o["truth"]) for r in recipes for o in onsets[r] if o["truth"] is not None)
+    assert errors == [2, 2, 2, 6, 10]
+    assert sum(o["truth"] is None and o["onset"] is not None for r in recipes for o in onsets[r]) == 1
