@@ -421,9 +421,9 @@ def table(recipe: str, results: Sequence[dict[str, Any]], *, n: int) -> str:
     lines = [
         f"**{recipe}** (full run: {base['trial_epochs']} trial-epochs; its picks test {base_pgd:.4f} +- {base_se:.4f} under PGD-20, n = {n} each)",
         "",
-        "| rule | k | trial-epochs | saved | trials stopped | val acc given up, median / worst | picks' test PGD-20 (SE) | vs full run "
-        "| picks' AutoAttack (SE) | Spearman | picks (seed: trial@epoch) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| rule | k | trial-epochs | saved | trial-hours | trials stopped | val acc given up, median / worst | picks' test PGD-20 (SE) "
+        "| vs full run | picks' AutoAttack (SE) | Spearman | picks (seed: trial@epoch) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         pgd, se = mean_accuracy(r["picks"], "pgd")
@@ -431,7 +431,7 @@ def table(recipe: str, results: Sequence[dict[str, Any]], *, n: int) -> str:
         saved = 1 - r["trial_epochs"] / base["trial_epochs"]
         picks = ", ".join(f"{p['seed']}: {p['trial_id'][:8]}@{p['epoch']}" for p in r["picks"])
         aa_text = "-" if math.isnan(aa) else f"{aa:.4f} ({aa_se:.4f})"
-        lines.append(f"| {r['family']} | {r['k'] or '-'} | {r['trial_epochs']} | {saved:.0%} | {r['stopped']} | "
+        lines.append(f"| {r['family']} | {r['k'] or '-'} | {r['trial_epochs']} | {saved:.0%} | {r['seconds'] / 3600:.2f} | {r['stopped']} | "
                      f"{r['val_regret_median']:.4f} / {r['val_regret_max']:.4f} | {pgd:.4f} ({se:.4f}) | "
                      f"{pgd - base_pgd:+.4f} | {aa_text} | {r['spearman']:.2f} | {picks} |")
     return "\n".join(lines)
