@@ -250,6 +250,21 @@ class _Handle:
     trial_id: str  # all a Tune scheduler reads of a trial
 
 
+def first_drop(rows: Sequence[dict[str, Any]]) -> int | None:
+    """The epochs run before the lr first falls to half its peak, after the peak (the detector's
+    gate): ASHA's grace period "at the first lr drop", the rule the quickstart uses. For OneCycle and
+    cosine, the middle of the decay. None when the lr never falls that far."""
+    lrs = [r["lr"] for r in rows]
+    peak = int(np.argmax(lrs))
+    return next((i for i in range(peak, len(lrs)) if lrs[i] <= lrs[peak] / 2), None)
+
+
+def asha_graces(trials: Sequence[Trial]) -> tuple[int, ...]:
+    """ASHA's grace periods: :data:`KS` and the recipe's first lr drop, those a trial can pass."""
+    drop = first_drop(trials[0].rows)
+    return tuple(sorted(k for k in {*KS, drop} if k and k < trials[0].epochs))
+
+
 def replay(trials: Sequence[Trial], family: str, k: int) -> dict[str, int]:
     """Trial id -> its last epoch under family at k, for one replicate's trials (in start order)."""
     if family == "none":
@@ -365,9 +380,7 @@ def rule_rows(study_dir: str, trials: Sequence[Trial], accuracy: Callable[..., d
     full = {seed: replay(ts, "none", 0) for seed, ts in reps.items()}
     out = []
     for family in FAMILIES:
-        for k in (0,) if family == "none" else KS:
-            if family in ("asha", "asha_energy") and k >= trials[0].epochs:
-                continue
+        for k in (0,) if family == "none" else asha_graces(trials) if family in ("asha", "asha_energy") else KS:
             picks, rhos, trial_epochs, seconds, stopped, regrets = [], [], 0, 0.0, 0, []
             for seed, ts in reps.items():
                 stops = replay(ts, family, k)

@@ -192,6 +192,12 @@ def test_the_suites_kept_rows_replay_to_what_benchmarks_quotes(kept_replay: dict
     pgd = {r: stoppers.mean_accuracy(by[r, "none", 0]["picks"], "pgd")[0] for r in recipes}
     assert [round(pgd[r], 4) for r in recipes] == [0.5918, 0.5580, 0.5934, 0.5750]
     assert [by[r, "asha", 15]["trial_epochs"] for r in recipes] == [785, 525, 865, 540]
+    # ASHA at each recipe's first lr drop (OneCycle: the middle of its decay) keeps the full run's
+    # picks on the three piecewise recipes
+    drops = [stoppers.first_drop(stoppers.load_exported(str(KEPT / f"{r}.csv.gz"))[0].rows) for r in recipes]
+    assert drops == [40, 15, 40, 19]
+    assert [by[r, "asha", d]["trial_epochs"] for r, d in zip(recipes, drops, strict=True)] == [1360, 525, 1520, 599]
+    assert all(by[r, "asha", d]["picks"] == by[r, "none", 0]["picks"] for r, d in zip(recipes[:3], drops[:3], strict=True))
     # the default patience is the one the pre-fixed validation criterion picks on these rows
     from analysis.phases import STOP_PATIENCE
 
