@@ -14,7 +14,8 @@ a causal function of a trial's epoch rows (ASHA's of the rows of the trials befo
 rungs), so a trial stopped at epoch s has exactly the rows of the full run up to s: the replay
 runs the product's own code (``analysis.phases.OnlineDetector``, ``analysis.stopping.StopRule``,
 ``study.scheduler``'s ASHA classes) over them. Each training seed is one replicate study of the
-recipe's configurations. Per recipe, family and k it reports:
+recipe's configurations. ASHA runs at each k of :data:`KS` as its grace period and also at the
+recipe's first lr drop (:func:`first_drop`). Per recipe, family and k it reports:
 
 - trial-epochs (the sum of epochs run, both replicates) and the trials' summed seconds;
 - the validation robust accuracy each trial gave up by stopping (its full run's best minus its
