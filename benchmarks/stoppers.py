@@ -252,12 +252,15 @@ class _Handle:
 
 
 def first_drop(rows: Sequence[dict[str, Any]]) -> int | None:
-    """The epochs run before the lr first falls to half its peak, after the peak (the detector's
-    gate): ASHA's grace period "at the first lr drop", the rule the quickstart uses. For OneCycle and
-    cosine, the middle of the decay. None when the lr never falls that far."""
-    lrs = [r["lr"] for r in rows]
-    peak = int(np.argmax(lrs))
-    return next((i for i in range(peak, len(lrs)) if lrs[i] <= lrs[peak] / 2), None)
+    """The epochs run before the online detector's lr gate opens (the lr at half its peak so far):
+    ASHA's grace period "at the first lr drop", the rule the quickstart uses; for OneCycle and
+    cosine, the middle of the decay. None when the gate never opens."""
+    det = OnlineDetector()
+    for ran, row in enumerate(rows):
+        det.update({k: row.get(k) for k in DETECTOR_COLUMNS})
+        if det.gate_epoch is not None:
+            return ran
+    return None
 
 
 def asha_graces(trials: Sequence[Trial]) -> tuple[int, ...]:

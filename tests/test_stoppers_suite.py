@@ -159,13 +159,13 @@ def test_stop_patience_is_the_smallest_k_whose_validation_regret_meets_the_crite
 
 
 KEPT = ROOT / "tests" / "data" / "stoppers"  # the suite's four recipes, 96 trials (BENCHMARKS.md section 4.1)
+KEPT_RECIPES = ("rice", "two_drops", "single_drop", "onecycle")
 
 
 @pytest.fixture(scope="module")
 def kept_replay(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("kept")
-    recipes = ("rice", "two_drops", "single_drop", "onecycle")
-    stoppers.main(["replay", *(str(KEPT / f"{r}.csv.gz") for r in recipes), "--out", str(out), "--n", "2500",
+    stoppers.main(["replay", *(str(KEPT / f"{r}.csv.gz") for r in KEPT_RECIPES), "--out", str(out), "--n", "2500",
                    "--autoattack-n", "0", "--picks", str(KEPT / "picks.jsonl")])
     rows = [json.loads(line) for line in (out / "stoppers.jsonl").read_text().splitlines()]
     return {"by": {(r["recipe"], r["family"], r["k"]): r for r in rows}, "onsets": json.loads((out / "onsets.json").read_text()),
@@ -173,8 +173,7 @@ def kept_replay(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def test_the_suites_kept_rows_replay_to_what_benchmarks_quotes(kept_replay: dict[str, Any]) -> None:
-    by = kept_replay["by"]
-    recipes = ("rice", "two_drops", "single_drop", "onecycle")
+    by, recipes = kept_replay["by"], KEPT_RECIPES
     # the energy signal changed almost no stop: below k = 20 energy-informed patience stops where
     # plain patience does and ASHA's energy cut where ASHA does; at 20 they save 2 to 20
     # trial-epochs more, with the same picks
