@@ -1,10 +1,13 @@
 """The paper's comparison, reproduced with energyat's own commands: `make reproduce`.
 
     python examples/reproduce.py [--storage DIR] [--spec FILE] [--set KEY=VALUE ...]
+    python examples/reproduce.py --resume [--set ...]   # continue an interrupted one (same --set)
     python examples/reproduce.py --study DIR      # the tables of a study already run
 
-1. `energyat run examples/paper_fashion_cpu.yaml`: 5 arms (standard, sat, trades, WEAT_adv,
-   WEAT_nat) x 3 seeds on Fashion-MNIST (a previous study of the same name is moved aside);
+1. `energyat run examples/paper_fashion_cpu.yaml`: 7 arms (standard, sat, trades, WEAT_adv and
+   WEAT_nat, the WEATs also normalised) x 5 seeds on Fashion-MNIST (a previous study of the same
+   name is moved aside; with --resume it is continued by `energyat resume` instead), then the
+   same recipe at twice the epochs for TRADES and WEAT_adv, normalised and not (`<name>_x2`);
 2. `energyat sample DIR --trial ...`: SGLD samples from every trial, scored by the judge;
 3. `energyat report DIR`;
 4. DIR/report/reproduction.md: per arm, mean and 95% interval over seeds of clean, PGD and
@@ -73,11 +76,16 @@ def energyat(*args: str) -> None:
     subprocess.run([*ENERGYAT, *args], check=True, cwd=REPO)
 
 
-def run_study(storage: Path, spec: Path, overrides: Sequence[str]) -> Path:
+def run_study(storage: Path, spec: Path, overrides: Sequence[str], *, resume: bool = False) -> Path:
+    """`energyat run` of the spec into storage; with `resume`, a study already there is continued
+    (`energyat resume`: its unfinished trials, nothing else) instead of being moved aside."""
     # the spec and overrides checked as `energyat run` checks them, before anything is moved:
     # the study's folder is named by the validated name (a safe name, never `..`)
     cfg = load_spec(spec, overrides).trial
     study = storage / cfg.name
+    if resume and study.exists():
+        energyat("resume", str(study))
+        return study
     if study.exists():  # a new run starts afresh, as `make demo` does
         aside = study.with_name(f"{study.name}.{time.strftime('%Y%m%d-%H%M%S')}")
         study.rename(aside)
@@ -274,11 +282,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--spec", type=Path, default=SPEC, help="the study's spec (default: examples/paper_fashion_cpu.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a spec key, repeatable")
     parser.add_argument("--study", type=Path, default=None, help="a study already run: only sample, report and summarise it")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the studies an interrupted reproduction left (energyat resume), run those it did not reach")
     parser.add_argument("--sample-steps", type=int, default=None, metavar="N", help="SGLD steps per chain (default: energyat sample's, 50)")
     parser.add_argument("--sample-n", type=int, default=None, metavar="N", help="SGLD chains per class (default: energyat sample's, 8)")
     args = parser.parse_args(argv)
-    if args.study is not None and args.overrides:
-        parser.error("--set changes the study to run; with --study nothing is run")
+    if args.study is not None and (args.overrides or args.resume):
+        parser.error("--set and --resume are about the studies to run; with --study nothing is run")
     for flag, value in (("--sample-steps", args.sample_steps), ("--sample-n", args.sample_n)):
         if value is not None and value < 1:  # refused now, not after hours of training
             print(f"reproduce: {flag} {value}: give at least 1", file=sys.stderr)
@@ -309,7 +319,8 @@ def _reproduce(args: argparse.Namespace) -> int:
         studies = [args.study, *([sibling] if (sibling := args.study.with_name(f"{args.study.name}_x2")).is_dir() else [])]
     else:
         spec, storage = args.spec.resolve(), args.storage.resolve()
-        studies = [run_study(storage, spec, args.overrides), run_study(storage, spec, long_overrides(spec, args.overrides))]
+        studies = [run_study(storage, spec, args.overrides, resume=args.resume),
+                   run_study(storage, spec, long_overrides(spec, args.overrides), resume=args.resume)]
     for study in studies:
         trials = [r["trial_id"] for r in trial_rows(study)]
         if not trials:
@@ -320,7 +331,7 @@ def _reproduce(args: argparse.Namespace) -> int:
                 energyat("sample", str(study), "--init", init, *sgld, *[a for t in trials for a in ("--trial", t)])
         energyat("report", str(study))
     text = markdown(studies[0], long=studies[1] if len(studies) > 1 else None,
-                    seconds=None if args.study is not None else time.monotonic() - start)
+                    seconds=None if args.study is not None or args.resume else time.monotonic() - start)  # one session's wall is not the whole
     path = studies[0] / "report" / "reproduction.md"
     path.write_text(text + "\n")
     print(f"\n{text}\n\nreproduction: {path}")

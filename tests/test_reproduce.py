@@ -12,6 +12,7 @@ import gzip
 import importlib.util
 import math
 import re
+import shutil
 import struct
 from pathlib import Path
 
@@ -107,11 +108,30 @@ def test_the_reproduction_runs_end_to_end_and_its_tables_are_the_studys(tmp_path
         assert len(list((study / "samples").glob(f"*-{init}.npz"))) == 10
     assert "reproduction:" in capsys.readouterr().out
 
+    # a reproduction interrupted after its first study: --resume continues that one in place (it
+    # is finished: nothing is trained again) and runs the one it did not reach
+    shutil.rmtree(tmp_path / "studies" / "paper_fashion_cpu_x2")
+    ids = sorted(t[0] for t in trials)
+    assert reproduce.main(["--storage", str(tmp_path / "studies"), "--resume", "--set", f"dataset.root={tmp_path / 'data'}",
+                           *[a for item in TINY for a in ("--set", item)], "--sample-steps", "3", "--sample-n", "2"]) == 0
+    assert sorted(p.name for p in (tmp_path / "studies").iterdir()) == ["paper_fashion_cpu", "paper_fashion_cpu_x2"]  # nothing moved aside
+    for folder, expected in ((study, ids), (tmp_path / "studies" / "paper_fashion_cpu_x2", 6)):
+        con = open_tables(folder)
+        try:
+            found = sorted(r[0] for r in con.execute("select trial_id from trials").fetchall())
+        finally:
+            con.close()
+        assert found == expected if isinstance(expected, list) else len(found) == expected
+    resumed = (study / "report" / "reproduction.md").read_text()
+    assert "## At twice the epochs" in resumed and "Wall time" not in resumed  # one session's wall is not the reproduction's
+    assert "Wall time of the whole reproduction" in text
+
 
 def test_analysing_a_study_takes_no_overrides(tmp_path: Path) -> None:
-    with pytest.raises(SystemExit) as exc:
-        _script().main(["--study", str(tmp_path), "--set", "epochs=1"])
-    assert exc.value.code == 2
+    for extra in (["--set", "epochs=1"], ["--resume"]):
+        with pytest.raises(SystemExit) as exc:
+            _script().main(["--study", str(tmp_path), *extra])
+        assert exc.value.code == 2
 
 
 _TYPES = {"seed": int, "best_epoch": int, "best_val_robust_acc": float, "final_clean_acc": float, "final_pgd_acc": float,
