@@ -304,7 +304,11 @@ def pick_of(trials: Sequence[Trial], stops: dict[str, int]) -> Pick:
 
 class PickAccuracy:
     """Test accuracy of a trial's kept best checkpoint at an epoch, cached in a JSON-lines file so
-    that a replay run again (more families, more k) evaluates only new picks."""
+    that a replay run again (more families, more k) evaluates only new picks, and a larger
+    `--autoattack-n` only the images the cache has not attacked: AutoAttack on the first N is the
+    cached count on the first M plus AutoAttack on images [M, N) (each part seeded by the trial's
+    seed; the standard attacks judge every image on its own, so the sum is AutoAttack on N images,
+    though not bit for bit the single call's: the parts' batches draw their random starts afresh)."""
 
     def __init__(self, cache: Path, *, n: int, autoattack_n: int, frozen: bool = False) -> None:
         self.cache, self.n, self.autoattack_n, self.frozen = cache, n, autoattack_n, frozen
@@ -320,17 +324,29 @@ class PickAccuracy:
         if key not in self.known and self.frozen:
             raise SystemExit(f"{self.cache} has no evaluation of the pick {key}: replay the study itself to evaluate it")
         if key not in self.known:
-            entry = {"key": key, **evaluate_pick(study_dir, pick, n=self.n, autoattack_n=autoattack_n)}
+            prefix = key.rsplit("/", 1)[0] + "/"
+            smaller = [e for k, e in self.known.items() if k.startswith(prefix) and 0 < int(k.rsplit("/", 1)[1]) < autoattack_n]
+            if smaller:  # extend the largest AutoAttack sample already evaluated
+                base = max(smaller, key=lambda e: e["autoattack"]["n"])
+                done = base["autoattack"]
+                more = evaluate_pick(study_dir, pick, n=0, autoattack_n=autoattack_n, autoattack_start=done["n"])["autoattack"]
+                total, correct = done["n"] + more["n"], done["correct"] + more["correct"]
+                entry = {**base, "key": key, "autoattack": {"n": total, "correct": correct, "accuracy": correct / total,
+                                                            "seconds": round(done["seconds"] + more["seconds"], 1),
+                                                            "parts": [*done.get("parts", [done["n"]]), more["n"]]}}
+            else:
+                entry = {"key": key, **evaluate_pick(study_dir, pick, n=self.n, autoattack_n=autoattack_n)}
             self.known[key] = entry
             with self.cache.open("a") as f:
                 f.write(json.dumps(entry) + "\n")
         return self.known[key]
 
 
-def evaluate_pick(study_dir: str, pick: Pick, *, n: int, autoattack_n: int) -> dict[str, Any]:
-    """PGD-20 on the first n test images, AutoAttack on the first autoattack_n, fp32, from the
-    trial's kept checkpoint of that epoch (``best-e<epoch>.pt``), the attacks seeded by the
-    trial's seed as its own final evaluation is: a full run's pick gives its `final_pgd_acc`."""
+def evaluate_pick(study_dir: str, pick: Pick, *, n: int, autoattack_n: int, autoattack_start: int = 0) -> dict[str, Any]:
+    """PGD-20 on the first n test images (0: none), AutoAttack on the first autoattack_n (from
+    image autoattack_start), fp32, from the trial's kept checkpoint of that epoch
+    (``best-e<epoch>.pt``), the attacks seeded by the trial's seed as its own final evaluation
+    is: a full run's pick gives its `final_pgd_acc`."""
     import torch
 
     from trainables.data import load_dataset
@@ -340,8 +356,9 @@ def evaluate_pick(study_dir: str, pick: Pick, *, n: int, autoattack_n: int) -> d
     subject = trial_subject(study_dir, pick.trial_id, epoch=pick.epoch)
     data = load_dataset(subject.cfg.dataset)
     model = subject.model(data, torch.device("cpu"))
-    attacks = ["clean", "pgd"] + (["autoattack"] if autoattack_n else [])
-    results = evaluate(model, data, subject.cfg, attacks=attacks, n=n, autoattack_n=autoattack_n, pgd_steps=20, seed=subject.cfg.seed)
+    attacks = (["clean", "pgd"] if n else []) + (["autoattack"] if autoattack_n else [])
+    results = evaluate(model, data, subject.cfg, attacks=attacks, n=n, autoattack_n=autoattack_n, pgd_steps=20, seed=subject.cfg.seed,
+                       autoattack_start=autoattack_start)
     return {r.attack: {"n": r.n, "correct": r.correct, "accuracy": r.accuracy, "seconds": round(r.seconds, 1)} for r in results}
 
 

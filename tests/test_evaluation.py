@@ -95,6 +95,25 @@ def test_final_autoattack_is_the_original_called_directly_and_at_most_pgd(robust
     assert (row["final_n"], row["final_autoattack_n"]) == (64, AA_IMAGES)  # the row says how many images each number used
 
 
+def test_autoattack_from_a_later_image_is_the_original_on_those_images(robust: Path) -> None:
+    # the rest of a sample evaluated in parts (benchmarks/stoppers.py extends a cached count so)
+    from pyautoattack import AutoAttack
+
+    from analysis.errors import EnergyatError
+
+    cfg = parse_trial(ROBUST)
+    data = load_dataset(cfg.dataset)
+    model = _model(cfg, data, robust / "checkpoints/train/best.pt")
+    start, stop = AA_IMAGES // 2, AA_IMAGES
+    [part] = evaluate(model, data, cfg, attacks=("autoattack",), n=0, autoattack_n=stop, autoattack_start=start, pgd_steps=0, seed=cfg.seed)
+    x, y = to_float(data.test_x[start:stop]), data.test_y[start:stop]
+    _x_adv, y_adv = AutoAttack(model, norm="Linf", eps=cfg.attack.eps, version="standard", seed=cfg.seed, device="cpu").run_standard_evaluation(x, y)
+    assert (part.n, part.correct) == (stop - start, int((y_adv == y).sum()))
+    for bad in (stop, -1):
+        with pytest.raises(EnergyatError, match="give a start from 0 to"):
+            evaluate(model, data, cfg, attacks=("autoattack",), n=0, autoattack_n=stop, autoattack_start=bad, pgd_steps=0, seed=cfg.seed)
+
+
 def test_energyats_autoattack_is_configured_as_the_published_standard_version(trained_cnn: torch.nn.Module) -> None:
     # what the equality above cannot see (AutoAttack's outcome rarely depends on its seed): the
     # adversary energyat builds is the standard version at the trial's eps and seed, 100

@@ -74,6 +74,18 @@ def test_the_replay_reports_every_rule_and_evaluates_the_picks_from_their_checkp
         assert all(p["autoattack"]["n"] == 8 for p in r["picks"] if asked)
     assert all(r["trial_epochs"] <= none["trial_epochs"] for r in results)  # no rule runs longer than the full run
 
+    # a larger AutoAttack sample attacks only the images the cache has not: the first 8 are kept,
+    # images 8-11 are attacked now and the counts add up
+    _suite("replay", str(full), "--out", str(out), "--n", "120", "--autoattack-n", "12")
+    wider = next(json.loads(line) for line in (out / "stoppers.jsonl").read_text().splitlines() if json.loads(line)["family"] == "none")
+    for before, after in zip(none["picks"], wider["picks"], strict=True):
+        assert (after["trial_id"], after["epoch"], after["pgd"]) == (before["trial_id"], before["epoch"], before["pgd"])
+        pick = stoppers.Pick(after["trial_id"], after["epoch"], after["val"], after["config"])
+        rest = stoppers.evaluate_pick(str(full), pick, n=0, autoattack_n=12, autoattack_start=8)["autoattack"]
+        correct = before["autoattack"]["correct"] + rest["correct"]
+        assert {k: after["autoattack"][k] for k in ("n", "correct", "accuracy", "parts")} == {
+            "n": 12, "correct": correct, "accuracy": correct / 12, "parts": [8, 4]}
+
 
 def test_exported_rows_and_kept_evaluations_replay_to_the_same_tables(full: Path, tmp_path: Path) -> None:
     # what tests/data keeps of a suite run: the rows the replay reads and the picks' evaluations;

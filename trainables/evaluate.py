@@ -150,10 +150,13 @@ def evaluate(
     pgd_steps: int,
     seed: int,
     progress: StageCallback | None = None,
+    autoattack_start: int = 0,
 ) -> list[EvalResult]:
     """Accuracy of `model` on the first `n` test images (clean, PGD) and the first
     `autoattack_n` (AutoAttack); None takes the whole test set, 0 skips AutoAttack. `progress`
-    is told what runs and how far it is, per batch.
+    is told what runs and how far it is, per batch. `autoattack_start` > 0 runs AutoAttack on
+    test images [autoattack_start, autoattack_n) only: the rest of a sample whose first part was
+    evaluated before, so the two counts add up to AutoAttack on the first `autoattack_n`.
 
     Threat model from `cfg.attack` (eps, step, norm); `seed` seeds PGD's random starts and
     AutoAttack. All in fp32 and eval mode, whatever the model was trained in.
@@ -178,11 +181,14 @@ def evaluate(
             results.append(EvalResult("pgd", count, int(values["correct_adv"].sum()), pgd_steps, seconds))
     m = total if autoattack_n is None else min(autoattack_n, total)
     if "autoattack" in attacks and m > 0:
+        if not 0 <= autoattack_start < m:
+            raise EnergyatError(f"AutoAttack from test image {autoattack_start}: give a start from 0 to {m - 1} (it ends at image {m})")
         started = time.perf_counter()
         device = next(model.parameters()).device
-        x = to_float(data.test_x[:m].to(device))
-        correct = autoattack_correct(model, x, data.test_y[:m].to(device), norm=a.norm, eps=a.eps, seed=seed, progress=progress)
-        results.append(EvalResult("autoattack", m, int(correct.sum()), None, time.perf_counter() - started))
+        x = to_float(data.test_x[autoattack_start:m].to(device))
+        correct = autoattack_correct(model, x, data.test_y[autoattack_start:m].to(device), norm=a.norm, eps=a.eps, seed=seed,
+                                     progress=progress)
+        results.append(EvalResult("autoattack", m - autoattack_start, int(correct.sum()), None, time.perf_counter() - started))
     return results
 
 
