@@ -172,13 +172,14 @@ def test_stop_patience_is_the_smallest_k_whose_validation_regret_meets_the_crite
 
 KEPT = ROOT / "tests" / "data" / "stoppers"  # the suite's four recipes, 96 trials (BENCHMARKS.md section 4.1)
 KEPT_RECIPES = ("rice", "two_drops", "single_drop", "onecycle")
+FIRST_DROPS = {"rice": 40, "two_drops": 15, "single_drop": 40, "onecycle": 19}  # where each recipe's lr first falls to half its peak
 
 
 @pytest.fixture(scope="module")
 def kept_replay(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("kept")
     stoppers.main(["replay", *(str(KEPT / f"{r}.csv.gz") for r in KEPT_RECIPES), "--out", str(out), "--n", "2500",
-                   "--autoattack-n", "1000", "--picks", str(KEPT / "picks.jsonl")])
+                   "--autoattack-n", "1000", "--autoattack-for", "asha:15,asha:19,asha:40", "--picks", str(KEPT / "picks.jsonl")])
     rows = [json.loads(line) for line in (out / "stoppers.jsonl").read_text().splitlines()]
     return {"by": {(r["recipe"], r["family"], r["k"]): r for r in rows}, "onsets": json.loads((out / "onsets.json").read_text()),
             "text": (out / "stoppers.md").read_text()}
@@ -206,11 +207,14 @@ def test_the_suites_kept_rows_replay_to_what_benchmarks_quotes(kept_replay: dict
     aa = {r: stoppers.mean_accuracy(by[r, "none", 0]["picks"], "autoattack")[0] for r in recipes}
     assert [round(aa[r], 4) for r in recipes] == [0.5640, 0.5315, 0.5685, 0.5475]
     assert all(0.02 <= pgd[r] - aa[r] <= 0.03 for r in recipes)
+    # ASHA's picks under AutoAttack: at grace 15, and at the first drop (40, 15, 40, 19)
+    aa_asha = [round(stoppers.mean_accuracy(by[r, "asha", k]["picks"], "autoattack")[0], 4) for r in recipes for k in (15, FIRST_DROPS[r])]
+    assert aa_asha == [0.5625, 0.5640, 0.5315, 0.5315, 0.5625, 0.5685, 0.5475, 0.5420]
     assert [by[r, "asha", 15]["trial_epochs"] for r in recipes] == [785, 525, 865, 540]
     # ASHA at each recipe's first lr drop (OneCycle: the middle of its decay) keeps the full run's
     # picks on the three piecewise recipes
     drops = [stoppers.first_drop(stoppers.load_exported(str(KEPT / f"{r}.csv.gz"))[0].rows) for r in recipes]
-    assert drops == [40, 15, 40, 19]
+    assert drops == list(FIRST_DROPS.values())
     assert [by[r, "asha", d]["trial_epochs"] for r, d in zip(recipes, drops, strict=True)] == [1360, 525, 1520, 599]
     def models(row: dict[str, Any]) -> list[tuple[str, int]]:
         return [(x["trial_id"], x["epoch"]) for x in row["picks"]]
