@@ -185,6 +185,11 @@ def kept_replay(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             "text": (out / "stoppers.md").read_text()}
 
 
+def _models(row: dict[str, Any]) -> list[tuple[str, int]]:
+    """A rule's picks as the models they are (trial, epoch), whatever evaluations they carry."""
+    return [(x["trial_id"], x["epoch"]) for x in row["picks"]]
+
+
 def test_the_suites_kept_rows_replay_to_what_benchmarks_quotes(kept_replay: dict[str, Any]) -> None:
     by, recipes = kept_replay["by"], KEPT_RECIPES
     # the energy signal changed almost no stop: below k = 20 energy-informed patience stops where
@@ -194,7 +199,7 @@ def test_the_suites_kept_rows_replay_to_what_benchmarks_quotes(kept_replay: dict
         for energy, plain in (("energy_patience", "patience"), ("asha_energy", "asha")):
             for k in stoppers.KS:
                 e, p = by[recipe, energy, k], by[recipe, plain, k]
-                assert [(x["trial_id"], x["epoch"]) for x in e["picks"]] == [(x["trial_id"], x["epoch"]) for x in p["picks"]]
+                assert _models(e) == _models(p)
                 assert e["trial_epochs"] == p["trial_epochs"] if k < 20 else p["trial_epochs"] - 20 <= e["trial_epochs"] <= p["trial_epochs"]
     # "alarm, then patience" stops only the trials that alarmed (1 on rice, 5 on single_drop) and gives up nothing
     assert [by[r, "alarm_patience", 2]["stopped"] for r in recipes] == [1, 0, 5, 0]
@@ -216,11 +221,8 @@ def test_the_suites_kept_rows_replay_to_what_benchmarks_quotes(kept_replay: dict
     drops = [stoppers.first_drop(stoppers.load_exported(str(KEPT / f"{r}.csv.gz"))[0].rows) for r in recipes]
     assert drops == list(FIRST_DROPS.values())
     assert [by[r, "asha", d]["trial_epochs"] for r, d in zip(recipes, drops, strict=True)] == [1360, 525, 1520, 599]
-    def models(row: dict[str, Any]) -> list[tuple[str, int]]:
-        return [(x["trial_id"], x["epoch"]) for x in row["picks"]]
-
-    assert all(models(by[r, "asha", d]) == models(by[r, "none", 0]) for r, d in zip(recipes[:3], drops[:3], strict=True))
-    assert models(by["onecycle", "asha", drops[3]]) != models(by["onecycle", "none", 0])
+    assert all(_models(by[r, "asha", d]) == _models(by[r, "none", 0]) for r, d in zip(recipes[:3], drops[:3], strict=True))
+    assert _models(by["onecycle", "asha", drops[3]]) != _models(by["onecycle", "none", 0])
     # the default patience is the one the pre-fixed validation criterion picks on these rows
     from analysis.phases import STOP_PATIENCE
 
