@@ -16,10 +16,13 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from analysis.errors import EnergyatError
 from analysis.phases import STOP_PATIENCE
+
+if TYPE_CHECKING:
+    from study.recovery import Interrupted
 
 
 class _Parser(argparse.ArgumentParser):
@@ -135,9 +138,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from study.spec import load_spec
 
     study = load_spec(args.spec, args.set)
+    from study.recovery import Interrupted
     from study.runner import run_study  # imports ray: only once the spec is valid
 
-    study_dir, failed = run_study(study, address=args.address, storage=args.storage, name=args.name, dashboard_port=_dashboard(args))
+    try:
+        study_dir, failed = run_study(study, address=args.address, storage=args.storage, name=args.name, dashboard_port=_dashboard(args))
+    except Interrupted as stopped:
+        return _interrupted(stopped)
     return _finish(study_dir, failed)
 
 
@@ -164,8 +171,12 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from study.spec import load_study
 
     load_study(args.directory)  # a clear error before Ray starts
+    from study.recovery import Interrupted
     from study.runner import resume_study  # imports ray
-    study_dir, failed = resume_study(args.directory, address=args.address, retry_errored=args.retry_errored, dashboard_port=_dashboard(args))
+    try:
+        study_dir, failed = resume_study(args.directory, address=args.address, retry_errored=args.retry_errored, dashboard_port=_dashboard(args))
+    except Interrupted as stopped:
+        return _interrupted(stopped)
     return _finish(study_dir, failed)
 
 
@@ -183,6 +194,18 @@ def _finish(study_dir: str, failed: Sequence[Any]) -> int:
     sys.stderr.write(f"energyat: {len(failed)} trial{'s' if len(failed) > 1 else ''} failed: {named}; "
                      f"`energyat resume {study_dir} --retry-errored` runs {'them' if len(failed) > 1 else 'it'} again from epoch 0\n")
     return TRIALS_FAILED
+
+
+# The exit status of a study stopped with trials unfinished (SIGINT): the shell's 128 + SIGINT, so
+# that a script or make rule does not go on as if the study had finished.
+INTERRUPTED = 130
+
+
+def _interrupted(stopped: Interrupted) -> int:
+    """The status of the study as the interruption left it, then one line naming `energyat resume`."""
+    print(_status_text(stopped.study_dir))
+    sys.stderr.write(f"energyat: {stopped}\n")
+    return INTERRUPTED
 
 
 def _status_text(study_dir: str) -> str:
@@ -623,7 +646,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("energyat: interrupted; run the same command again to continue\n")
-        return 130
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

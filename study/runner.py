@@ -48,7 +48,7 @@ from study.journal import check_journal, journal_storage, reconcile_journals, up
 from study.layout import JOURNAL, journal_dir, journal_file, study_dir_for
 from study.live import Board
 from study.loggers import logger_callbacks
-from study.recovery import Failed, failed_trials, reconcile_lost_trials, set_aside_errored
+from study.recovery import Failed, failed_trials, raise_if_interrupted, reconcile_lost_trials, set_aside_errored
 from study.sampler import check_sampler_for
 from study.scheduler import build_scheduler, domain
 from study.scheduler_keys import STOPPING, check_scheduler_for, perturbation_interval, ranked_metric
@@ -61,7 +61,8 @@ from trainables.tune_adapter import energyat_trial
 def run_study(study: Study, *, address: str | None, storage: str | None, name: str | None,
               dashboard_port: int | None = None) -> tuple[str, list[Failed]]:
     """Launch a study; returns its directory (a local path or a URI) and the trials that failed
-    (their restarts spent). Validation happens before Ray starts."""
+    (their restarts spent), or raises :class:`study.recovery.Interrupted` when the fit was
+    stopped (SIGINT) with trials unfinished. Validation happens before Ray starts."""
     if name is not None:
         study = study.renamed(name)
     keys = study.keys
@@ -105,7 +106,8 @@ def run_study(study: Study, *, address: str | None, storage: str | None, name: s
         results = tuner.fit()
     if upload is not None:
         upload_journal(journal, study_dir)  # the final state; JournalUpload sent the ones before
-    compact_or_warn(study_dir, merge=True)  # the finished study: a part per table
+    compact_or_warn(study_dir, merge=True)  # its finished trials' rows: a part per table
+    raise_if_interrupted(results, study_dir)
     return study_dir, failed_trials(results, study_dir)
 
 
@@ -115,7 +117,8 @@ def resume_study(study_dir: str | Path, *, address: str | None, retry_errored: b
     that ended as ERROR stay so, unless `retry_errored`: then each starts again from epoch 0
     (a fresh second life: the rows of the failed one move to ``STUDY_DIR/retried/``, its Optuna
     trial stays FAIL and a new one with the same parameters receives its results). Returns the
-    study directory and the trials that failed."""
+    study directory and the trials that failed, or raises :class:`study.recovery.Interrupted`
+    as :func:`run_study` does."""
     check_dashboard(address, dashboard_port)
     loaded = load_study(study_dir)
     location = loaded.directory
@@ -140,6 +143,7 @@ def resume_study(study_dir: str | Path, *, address: str | None, retry_errored: b
     if remote:
         upload_journal(loaded.journal, location)
     compact_or_warn(location, merge=True)
+    raise_if_interrupted(results, location)
     return location, failed_trials(results, location)
 
 

@@ -183,3 +183,30 @@ def test_driver_killed_three_times_then_resumed_completes_every_trial_once(tmp_p
         assert f"trials {SAMPLES}/{SAMPLES} done, 0 running, {SAMPLES * EPOCHS} trial-epochs" in final.stderr, final.stderr[-2000:]
     _assert_complete(study_dir)
 
+
+
+def test_ctrl_c_exits_130_naming_resume_and_resume_completes_every_trial_once(tmp_path: Path) -> None:
+    # Ctrl-C: SIGINT to the driver's process group. Ray Tune saves the experiment and returns from
+    # fit() as if it had finished; the command must say so and exit non-zero, or a script goes on
+    # to what needs the study finished
+    storage = tmp_path / "studies"
+    study_dir = storage / "interrupted"
+    proc = subprocess.Popen(_study_args(storage, "interrupted"), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        _wait_for(lambda: study_dir.exists() and _epoch_files(study_dir) >= 2, proc, "2 epochs")
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err.decode()[-4000:]
+    last = err.decode().strip().splitlines()[-1]
+    unfinished = int(last.split(" was interrupted with ")[1].split()[0])
+    assert 1 <= unfinished <= SAMPLES
+    assert last == (f"energyat: {study_dir} was interrupted with {unfinished} trial{'s' if unfinished > 1 else ''} unfinished; "
+                    f"`energyat resume {study_dir}` continues it")
+    assert "RUNNING" in out.decode() or "PENDING" in out.decode()  # the status as the interruption left it
+    energyat("resume", str(study_dir))
+    _assert_complete(study_dir)
