@@ -3,6 +3,7 @@
     python benchmarks/stoppers.py train RECIPE [--storage runs/suite] [--set key=value ...]
     python benchmarks/stoppers.py replay STUDY [STUDY ...] [--out runs/suite/report] [--n 2500] [--autoattack-n 1000]
     python benchmarks/stoppers.py live LIVE_STUDY --full FULL_STUDY --rule FAMILY:K
+    python benchmarks/stoppers.py retrain STUDY|EXPORT [...] [--storage runs/suite] [--n 2500] [--autoattack-n 2500]
 
 `train` runs one recipe (:data:`RECIPES`) of the suite's base study (benchmarks/suite/stoppers.yaml):
 every configuration under each training seed, to its last epoch, no stopping, with every new best
@@ -607,6 +608,59 @@ def train(args: argparse.Namespace) -> None:
         raise SystemExit(f"trials failed: {failed}; `energyat resume {study_dir}` retries what can be retried")
 
 
+def retrain_command(args: argparse.Namespace) -> None:
+    """Each replicate's full-run pick trained again from its configuration and seed, to its last
+    epoch, and its best epoch by validation evaluated by the trial's own final evaluation: PGD-20
+    on the first `--n` test images, the original AutoAttack on the first `--autoattack-n`. One
+    study per recipe (`retrain-<recipe>` under --storage); one already there is resumed, so an
+    interrupted retrain continues where it stopped. For models that are gone (a study directory
+    lost), or to measure them on another machine: a retrained model is the same one only where
+    training is bit for bit the same (the same CPU's kernels and precision)."""
+    from study.runner import resume_study, run_study
+    from study.spec import load_spec
+
+    rows = []
+    for source in args.sources:
+        recipe = recipe_of(source)
+        if recipe not in RECIPES:
+            raise SystemExit(f"{source}: not a recipe's study or export (recipes: {', '.join(sorted(RECIPES))})")
+        picks = {seed: pick_of(ts, replay(ts, "none", 0)) for seed, ts in replicates(load_trials(source)).items()}
+        points = [{**json.loads(pick.config), "seed": seed} for seed, pick in picks.items()]
+        study_dir = Path(args.storage) / f"retrain-{recipe}"
+        if (study_dir / "spec.yaml").exists():
+            resume_study(study_dir, address=None)
+        else:
+            final = f"final_eval={{n: {args.n}, pgd_steps: 20, autoattack_n: {args.autoattack_n}}}"
+            study = load_spec(str(SUITE), [*RECIPES[recipe], f"points_to_evaluate={json.dumps(points)}", "sampler={name: random}",
+                                           f"samples={len(points)}", final, "keep_best_checkpoints=false", *args.overrides])
+            run_study(study, address=None, storage=args.storage, name=study_dir.name)
+        con = open_tables(str(study_dir))
+        keys = [*SEARCHED, "seed"]
+        cols = ", ".join(f'"{config_column(k)}"' for k in keys)
+        found = con.execute(f"select {cols}, trial_id, status, best_epoch, final_pgd_acc, final_n, final_autoattack_acc, "
+                            "final_autoattack_n, train_precision from trials").fetchall()
+        retrained = {(json.dumps(dict(zip(SEARCHED, r[:3], strict=True)), sort_keys=True), int(r[3])): r[4:] for r in found}
+        for seed, pick in picks.items():
+            trial_id, status, best, pgd, n, aa, aa_n, precision = retrained.get((pick.config, seed), (None,) * 8)
+            rows.append({"recipe": recipe, "seed": seed, "config": pick.config, "pick": f"{pick.trial_id}@{pick.epoch}",
+                         "trial_id": trial_id, "status": status, "best_epoch": best, "pgd": pgd, "n": n, "autoattack": aa,
+                         "autoattack_n": aa_n, "precision": precision})
+    lines = ["| recipe | seed | configuration | full run's pick | retrained: trial@best epoch | PGD-20 (n) | AutoAttack (n) | "
+             "its SE | training precision |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        def acc(value: float | None, n: int | None) -> str:
+            return "-" if value is None or value != value or not n else f"{value:.4f} ({n})"
+        se = "-" if r["autoattack"] is None or not r["autoattack_n"] else f"{binomial_se(r['autoattack'], r['autoattack_n']):.4f}"
+        lines.append(f"| {r['recipe']} | {r['seed']} | {r['config']} | {r['pick']} | {r['trial_id']}@{r['best_epoch']} ({r['status']}) | "
+                     f"{acc(r['pgd'], r['n'])} | {acc(r['autoattack'], r['autoattack_n'])} | {se} | {r['precision']} |")
+    header = (f"# {time.strftime('%Y-%m-%d %H:%M')} {os.cpu_count()} CPUs, git {git_sha()[:12]}, versions {versions()}\n"
+              f"# python benchmarks/stoppers.py retrain {' '.join(args.sources)} --n {args.n} --autoattack-n {args.autoattack_n}")
+    text = header + "\n\n" + "\n".join(lines) + "\n"
+    print(text)
+    (Path(args.storage) / "retrain.md").write_text(text)
+    (Path(args.storage) / "retrain.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 def study_key(source: str) -> str:
     """The study's name, from its directory or from the file `export` wrote of it."""
     name = Path(source).name
@@ -713,13 +767,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("studies", nargs="+")
     p.add_argument("--to", required=True)
     p.add_argument("--picks", default=None, help="the replay's picks.jsonl, whose entries for these studies are kept")
+    p = sub.add_parser("retrain", help="train each replicate's full-run pick again and evaluate it (PGD-20 and AutoAttack)")
+    p.add_argument("sources", nargs="+", help="recipes' full studies, or the files `export` wrote of them")
+    p.add_argument("--storage", default="runs/suite")
+    p.add_argument("--n", type=int, default=2500, help="test images for PGD-20")
+    p.add_argument("--autoattack-n", type=int, default=2500, help="test images for AutoAttack")
+    p.add_argument("--set", action="append", default=[], dest="overrides")
     p = sub.add_parser("live", help="a live study's stops against the replay of its rule")
     p.add_argument("live")
     p.add_argument("--full", required=True)
     p.add_argument("--rule", required=True, type=parse_rule, help="FAMILY:K, e.g. patience:6 or asha:4")
     args = parser.parse_args(argv)
     try:
-        {"train": train, "replay": replay_command, "export": export_command, "live": live_command}[args.command](args)
+        {"train": train, "replay": replay_command, "export": export_command, "retrain": retrain_command, "live": live_command}[args.command](args)
     except EnergyatError as exc:
         raise SystemExit(f"stoppers.py: {exc}") from None
 
