@@ -119,6 +119,24 @@ def test_a_live_study_with_a_stop_rule_stops_where_the_replay_does(full: Path, t
     assert "4 of 4 trials ran the same epochs live and in the replay" in text, text
 
 
+def test_retrain_trains_each_pick_again_into_the_same_model_and_evaluates_it(full: Path, tmp_path: Path) -> None:
+    # the same configuration and seed on the same CPU train bit for bit the same: each retrained
+    # pick has the full run's best epoch and final PGD accuracy, and its AutoAttack on the images asked
+    sets = [f"--set={s}" for s in TINY if not s.startswith(("samples=", "search=", "final_eval="))]
+    _suite("retrain", str(full), "--storage", str(tmp_path), "--n", "120", "--autoattack-n", "6", *sets, "--set=epochs=8")
+    rows = [json.loads(line) for line in (tmp_path / "retrain.jsonl").read_text().splitlines()]
+    con = open_tables(full)
+    for seed, row in zip((0, 1), rows, strict=True):
+        trial_id, epoch = row["pick"].split("@")
+        best_epoch, final_pgd = con.execute("select best_epoch, final_pgd_acc from trials where trial_id = $t", {"t": trial_id}).fetchone()
+        assert (row["seed"], row["status"], row["best_epoch"], int(epoch)) == (seed, "TERMINATED", best_epoch, best_epoch)
+        assert (row["pgd"], row["n"], row["autoattack_n"]) == (final_pgd, 120, 6) and 0 <= row["autoattack"] <= 1
+    assert (tmp_path / "retrain.md").read_text().count("| two_drops |") == 2
+    # run again, the retrain is resumed, not trained anew
+    _suite("retrain", str(full), "--storage", str(tmp_path), "--n", "120", "--autoattack-n", "6", *sets, "--set=epochs=8")
+    assert [json.loads(line) for line in (tmp_path / "retrain.jsonl").read_text().splitlines()] == rows
+
+
 def test_a_pick_at_an_epoch_without_a_kept_checkpoint_is_refused_in_one_line(full: Path) -> None:
     from analysis.errors import StoreError
     from trainables.subjects import trial_subject
