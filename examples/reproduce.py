@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import subprocess
 import sys
 import time
@@ -39,6 +40,7 @@ sys.path.insert(0, str(REPO))  # run as a script from a checkout: analysis/ is b
 from analysis.errors import EnergyatError  # noqa: E402
 from analysis.query import open_tables  # noqa: E402
 from analysis.seeds import FINAL_METRICS, arms, paired, seeds_needed, summarize  # noqa: E402
+from study.cli import INTERRUPTED  # noqa: E402
 from study.spec import load_spec  # noqa: E402
 
 SPEC = REPO / "examples" / "paper_fashion_cpu.yaml"
@@ -73,7 +75,17 @@ def energyat(*args: str) -> None:
     """One energyat command, as a user types it (its output goes to this terminal)."""
     shown = " ".join(["energyat", *args])
     print(f"\n$ {shown}", flush=True)
-    subprocess.run([*ENERGYAT, *args], check=True, cwd=REPO)
+    with subprocess.Popen([*ENERGYAT, *args], cwd=REPO) as proc:
+        # Ctrl-C reaches the command too (a terminal signals its whole process group): a study
+        # saves itself and exits 130. This script waits for that, as a shell does, instead of
+        # dying first and having the command killed in the middle of its save.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            code = proc.wait()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    if code:
+        raise subprocess.CalledProcessError(code, [*ENERGYAT, *args])
 
 
 def run_study(storage: Path, spec: Path, overrides: Sequence[str], *, resume: bool = False) -> Path:
@@ -299,6 +311,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"reproduce: {exc}", file=sys.stderr)
         return 2
     except subprocess.CalledProcessError as exc:  # the energyat command has said why
+        if exc.returncode == INTERRUPTED:  # Ctrl-C: energyat named its own resume; this whole script has one too
+            print("reproduce: interrupted; `python examples/reproduce.py --resume` with the same --set continues it", file=sys.stderr)
         return exc.returncode
 
 
