@@ -6,10 +6,11 @@
 
 1. `energyat run examples/paper_fashion_cpu.yaml`: 7 arms (standard, sat, trades, WEAT_adv and
    WEAT_nat, the WEATs also normalised) x 5 seeds on Fashion-MNIST (a previous study of the same
-   name is moved aside; with --resume it is continued by `energyat resume` instead), then the
-   same recipe at twice the epochs for TRADES and WEAT_adv, normalised and not (`<name>_x2`);
-2. `energyat sample DIR --trial ...`: SGLD samples from every trial, scored by the judge;
-3. `energyat report DIR`;
+   name is moved aside; with --resume it is continued by `energyat resume` instead);
+2. `energyat sample DIR --trial ...`: SGLD samples from every trial, scored by the judge, and
+   `energyat report DIR`;
+3. the same recipe at twice the epochs for TRADES and WEAT_adv, normalised and not (`<name>_x2`),
+   and its report;
 4. DIR/report/reproduction.md: per arm, mean and 95% interval over seeds of clean, PGD and
    AutoAttack accuracy beside the paper's CIFAR-10 numbers; the paired comparisons per seed with
    the seeds a paired t-test would need; the energy view of each arm; findings 1, 2, 3 and 5,
@@ -28,7 +29,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -329,18 +330,29 @@ def _reproduce(args: argparse.Namespace) -> int:
     start = time.monotonic()
     sgld = [*(["--steps", str(args.sample_steps)] if args.sample_steps is not None else []),
             *(["--n", str(args.sample_n)] if args.sample_n is not None else [])]
-    if args.study is not None:
-        studies = [args.study, *([sibling] if (sibling := args.study.with_name(f"{args.study.name}_x2")).is_dir() else [])]
-    else:
-        spec, storage = args.spec.resolve(), args.storage.resolve()
-        studies = [run_study(storage, spec, args.overrides, resume=args.resume),
-                   run_study(storage, spec, long_overrides(spec, args.overrides), resume=args.resume)]
-    for study in studies:
+
+    def in_turn() -> Iterator[Path]:
+        """The studies, each trained (or found) only when the one before is sampled and reported:
+        what needs a study's checkpoints is done before the next study's hours begin."""
+        if args.study is not None:
+            yield args.study
+            if (sibling := args.study.with_name(f"{args.study.name}_x2")).is_dir():
+                yield sibling
+        else:
+            spec, storage = args.spec.resolve(), args.storage.resolve()
+            long = long_overrides(spec, args.overrides)
+            load_spec(spec, long)  # the second study's spec checked before the first one's hours, too
+            yield run_study(storage, spec, args.overrides, resume=args.resume)
+            yield run_study(storage, spec, long, resume=args.resume)
+
+    studies: list[Path] = []
+    for study in in_turn():
+        studies.append(study)
         trials = [r["trial_id"] for r in trial_rows(study)]
         if not trials:
             print(f"reproduce: {study} has no finished trial: run it to the end first (`energyat resume {study}`)", file=sys.stderr)
             return 2
-        if study == studies[0]:  # finding 5 on the main study's arms
+        if len(studies) == 1:  # finding 5 on the main study's arms
             for init in INITS:
                 energyat("sample", str(study), "--init", init, *sgld, *[a for t in trials for a in ("--trial", t)])
         energyat("report", str(study))

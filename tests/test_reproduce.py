@@ -111,6 +111,9 @@ def test_the_reproduction_runs_end_to_end_and_its_tables_are_the_studys(tmp_path
     assert re.search(r"^\| \(the starts\) \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \|$", text, re.M)
     for init in ("pca", "noise", "gaussian"):
         assert len(list((study / "samples").glob(f"*-{init}.npz"))) == 10
+    # the first study was sampled before the second started: what needs its checkpoints comes first
+    sampled = max(p.stat().st_mtime for p in (study / "samples").glob("*.npz"))
+    assert (tmp_path / "studies" / "paper_fashion_cpu_x2" / "spec.yaml").stat().st_mtime > sampled
     assert "reproduction:" in capsys.readouterr().out
 
     # a reproduction interrupted after its first study: --resume continues that one in place (it
