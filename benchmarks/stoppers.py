@@ -45,6 +45,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -616,6 +617,7 @@ def retrain_command(args: argparse.Namespace) -> None:
     interrupted retrain continues where it stopped. For models that are gone (a study directory
     lost), or to measure them on another machine: a retrained model is the same one only where
     training is bit for bit the same (the same CPU's kernels and precision)."""
+    from study.recovery import Interrupted
     from study.runner import resume_study, run_study
     from study.spec import load_spec
 
@@ -627,13 +629,17 @@ def retrain_command(args: argparse.Namespace) -> None:
         picks = {seed: pick_of(ts, replay(ts, "none", 0)) for seed, ts in replicates(load_trials(source)).items()}
         points = [{**json.loads(pick.config), "seed": seed} for seed, pick in picks.items()]
         study_dir = Path(args.storage) / f"retrain-{recipe}"
-        if (study_dir / "spec.yaml").exists():
-            resume_study(study_dir, address=None)
-        else:
-            final = f"final_eval={{n: {args.n}, pgd_steps: 20, autoattack_n: {args.autoattack_n}}}"
-            study = load_spec(str(SUITE), [*RECIPES[recipe], f"points_to_evaluate={json.dumps(points)}", "sampler={name: random}",
-                                           f"samples={len(points)}", final, "keep_best_checkpoints=false", *args.overrides])
-            run_study(study, address=None, storage=args.storage, name=study_dir.name)
+        try:
+            if (study_dir / "spec.yaml").exists():
+                resume_study(study_dir, address=None)
+            else:
+                final = f"final_eval={{n: {args.n}, pgd_steps: 20, autoattack_n: {args.autoattack_n}}}"
+                study = load_spec(str(SUITE), [*RECIPES[recipe], f"points_to_evaluate={json.dumps(points)}", "sampler={name: random}",
+                                               f"samples={len(points)}", final, "keep_best_checkpoints=false", *args.overrides])
+                run_study(study, address=None, storage=args.storage, name=study_dir.name)
+        except Interrupted as stopped:  # Ctrl-C: the same command continues it
+            print(f"stoppers.py: {stopped}; or run this retrain again", file=sys.stderr)
+            raise SystemExit(130) from None
         con = open_tables(str(study_dir))
         keys = [*SEARCHED, "seed"]
         cols = ", ".join(f'"{config_column(k)}"' for k in keys)
@@ -647,9 +653,11 @@ def retrain_command(args: argparse.Namespace) -> None:
                          "autoattack_n": aa_n, "precision": precision})
     lines = ["| recipe | seed | configuration | full run's pick | retrained: trial@best epoch | PGD-20 (n) | AutoAttack (n) | "
              "its SE | training precision |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def acc(value: float | None, n: int | None) -> str:
+        return "-" if value is None or math.isnan(value) or not n else f"{value:.4f} ({n})"
+
     for r in rows:
-        def acc(value: float | None, n: int | None) -> str:
-            return "-" if value is None or value != value or not n else f"{value:.4f} ({n})"
         se = "-" if r["autoattack"] is None or not r["autoattack_n"] else f"{binomial_se(r['autoattack'], r['autoattack_n']):.4f}"
         lines.append(f"| {r['recipe']} | {r['seed']} | {r['config']} | {r['pick']} | {r['trial_id']}@{r['best_epoch']} ({r['status']}) | "
                      f"{acc(r['pgd'], r['n'])} | {acc(r['autoattack'], r['autoattack_n'])} | {se} | {r['precision']} |")
