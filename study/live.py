@@ -50,6 +50,7 @@ class TrialLine:
     alarm: bool = False
     stop: str = ""
     stage: str = ""  # what runs after the last epoch (the final evaluation), while it runs
+    stage_what: str = ""  # its part (PGD-20, each of AutoAttack's attacks): a new one is a line in a log
 
 
 class Board:
@@ -106,14 +107,14 @@ class Board:
         if line is None or line.state != "RUNNING":
             return
         text = stage.text()
-        if text.split(":", 2)[:2] != line.stage.split(":", 2)[:2]:
+        if stage.what != line.stage_what:
             self._event(f"trial {trial_id} ({line.method}) {text}")
-        line.stage = text
+        line.stage, line.stage_what = text, stage.what
         self._dirty = True
 
     def finished(self, trial_id: str, row: Mapping[str, Any] | None, *, error: str | None = None) -> None:
         line = self.trials.setdefault(trial_id, TrialLine(trial_id, "?"))
-        line.stage = ""
+        line.stage = line.stage_what = ""
         row = row or {}
         line.state = "ERROR" if error else "TERMINATED"
         line.stop = error or str(row.get("stop_reason") or "completed")

@@ -157,6 +157,14 @@ def test_the_live_view_shows_a_running_trials_final_evaluation_from_its_stage_fi
     view._polled = -1e9
     view.on_step_end(0, [])
     assert len(out.getvalue().splitlines()) == 3 and any("4,096/10,000" in line for line in board.table(10))
+    # each of AutoAttack's attacks is a new part: a line when it starts, none for its batches (an
+    # hour of Square on a CPU must not look like an hour of apgd-ce)
+    for attack, done in (("apgd-ce", 0), ("apgd-ce", 2), ("apgd-t", 0), ("square", 0), ("square", 1)):
+        write_stage(str(tmp_path), "a", Stage(f"AutoAttack on 1,000 test images: {attack} on the images still robust", done, 4, None))
+        view._polled = -1e9
+        view.on_step_end(0, [])
+    assert [line.split(": ", 2)[-1] for line in out.getvalue().splitlines()[3:]] == [
+        f"{attack} on the images still robust: 0/4" for attack in ("apgd-ce", "apgd-t", "square")]
     clear_stage(str(tmp_path), "a")
     board.finished("a", {"stop_reason": "completed"})
     assert not any("final evaluation" in line for line in board.table(10))
@@ -164,7 +172,7 @@ def test_the_live_view_shows_a_running_trials_final_evaluation_from_its_stage_fi
     (tmp_path / "stages" / "b").write_text(json.dumps({"what": "\x1b[2J" * 3, "done": 1, "total": 2, "eta_seconds": None}))
     view._polled = -1e9
     view.on_step_end(0, [])
-    assert len(out.getvalue().splitlines()) == 4  # only a's end
+    assert len(out.getvalue().splitlines()) == 7  # only a's end
 
 
 def _free_port() -> int:
