@@ -6,7 +6,7 @@
 - A trial Tune ended as ERROR, retried with `resume --retry-errored`, starts again from epoch 0
   under a new id: :func:`set_aside_errored` moves its first life to ``STUDY_DIR/retried/``.
 - :func:`failed_trials` lists the trials of a finished fit that failed, with their reasons.
-- :class:`Interrupted`: a fit that returned with trials neither finished nor failed.
+- :class:`Interrupted`: a fit that SIGINT stopped.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from typing import Any, NamedTuple
 import optuna
 from pyarrow.fs import FileSelector, FileSystem, FileType
 from ray.tune import ExperimentAnalysis
-from ray.tune.experiment import Trial
 
 from analysis.compaction import set_aside
 from analysis.errors import one_line
@@ -127,25 +126,13 @@ def set_aside_errored(location: str, tune_dir: str, storage_fs: FileSystem | Non
 
 
 class Interrupted(Exception):
-    """A Tune fit returned with trials still RUNNING or PENDING: on SIGINT, Ray Tune saves the
-    experiment and returns from `fit()` as if it had finished. Raised so that no caller takes the
-    study for done and goes on to what needs it finished; `energyat resume` continues it."""
+    """A Tune fit stopped by SIGINT (Ctrl-C): Ray Tune saves the experiment and returns from
+    `fit()` as if it had finished. Raised so that no caller takes the study for done and goes on
+    to what needs it finished; `energyat resume` continues it."""
 
-    def __init__(self, study_dir: str, unfinished: int) -> None:
+    def __init__(self, study_dir: str) -> None:
         self.study_dir = study_dir
-        self.unfinished = unfinished
-        super().__init__(f"{study_dir} was interrupted with {unfinished} trial{'s' if unfinished != 1 else ''} unfinished; "
-                         f"`energyat resume {study_dir}` continues it")
-
-
-def raise_if_interrupted(results: Any, study_dir: str) -> None:
-    """:class:`Interrupted` when the experiment as Tune saved it, the state a resume starts from,
-    holds a trial neither TERMINATED nor ERROR. The fit's own trial objects cannot tell: after
-    the last save Tune stops the running trials and marks them TERMINATED."""
-    saved = ExperimentAnalysis(results.experiment_path, storage_filesystem=results.filesystem).trials
-    unfinished = sum(t.status not in (Trial.TERMINATED, Trial.ERROR) for t in saved)
-    if unfinished:
-        raise Interrupted(study_dir, unfinished)
+        super().__init__(f"{study_dir} was interrupted before it finished; `energyat resume {study_dir}` continues it")
 
 
 class Failed(NamedTuple):

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import sys
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -48,7 +50,7 @@ from study.journal import check_journal, journal_storage, reconcile_journals, up
 from study.layout import JOURNAL, journal_dir, journal_file, study_dir_for
 from study.live import Board
 from study.loggers import logger_callbacks
-from study.recovery import Failed, failed_trials, raise_if_interrupted, reconcile_lost_trials, set_aside_errored
+from study.recovery import Failed, Interrupted, failed_trials, reconcile_lost_trials, set_aside_errored
 from study.sampler import check_sampler_for
 from study.scheduler import build_scheduler, domain
 from study.scheduler_keys import STOPPING, check_scheduler_for, perturbation_interval, ranked_metric
@@ -102,12 +104,14 @@ def run_study(study: Study, *, address: str | None, storage: str | None, name: s
     param_space = {d.key: domain(d) for d in study.search} if pbt else {}
     tuner = tune.Tuner(_trainable(study, study_dir), param_space=param_space, tune_config=tune_config,
                        run_config=_run_config(study, study_dir, study_name, upload))
-    with _tune_output_off():
+    with _tune_output_off(), _sigint_watch() as interrupted:
         results = tuner.fit()
+        stopped = interrupted()
     if upload is not None:
         upload_journal(journal, study_dir)  # the final state; JournalUpload sent the ones before
     compact_or_warn(study_dir, merge=True)  # its finished trials' rows: a part per table
-    raise_if_interrupted(results, study_dir)
+    if stopped:
+        raise Interrupted(study_dir)
     return study_dir, failed_trials(results, study_dir)
 
 
@@ -138,12 +142,14 @@ def resume_study(study_dir: str | Path, *, address: str | None, retry_errored: b
     # the trainable, a function, must be given again
     tuner = tune.Tuner.restore(tune_dir, trainable=_trainable(loaded.study, location), resume_unfinished=True, resume_errored=False,
                                restart_errored=retry_errored, storage_filesystem=storage_fs)
-    with _tune_output_off():
+    with _tune_output_off(), _sigint_watch() as interrupted:
         results = tuner.fit()
+        stopped = interrupted()
     if remote:
         upload_journal(loaded.journal, location)
     compact_or_warn(location, merge=True)
-    raise_if_interrupted(results, location)
+    if stopped:
+        raise Interrupted(location)
     return location, failed_trials(results, location)
 
 
@@ -233,6 +239,29 @@ def check_dashboard(address: str | None, dashboard_port: int | None) -> None:
         raise EnergyatError(f"--dashboard-port must be in 1024-65535, got {dashboard_port}")
     if importlib.util.find_spec("aiohttp") is None:  # Ray's dashboard server, in ray[default]
         raise EnergyatError("--dashboard needs Ray's dashboard packages: pip install 'energyat[dashboard]'")
+
+
+@contextmanager
+def _sigint_watch() -> Iterator[Callable[[], bool]]:
+    """Around a Tune fit: a function that says whether SIGINT stopped it.
+
+    Ray Tune gives no other sign: on the first SIGINT it saves the experiment, returns from
+    `fit()` as after a finished run, and puts back the SIGINT handler it found when the fit
+    began. The handler installed here (Python's own behaviour, KeyboardInterrupt) is therefore
+    back in place exactly when a SIGINT stopped the fit. Where Tune installs no handler (not the
+    main thread, or TUNE_DISABLE_SIGINT_HANDLER) nothing can be told, and the answer is False.
+    """
+    def default(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread() or os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") != "0":
+        yield lambda: False
+        return
+    previous = signal.signal(signal.SIGINT, default)
+    try:
+        yield lambda: signal.getsignal(signal.SIGINT) is default
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _init_ray(address: str | None, dashboard_port: int | None = None) -> None:

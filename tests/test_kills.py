@@ -203,10 +203,7 @@ def test_ctrl_c_exits_130_naming_resume_and_resume_completes_every_trial_once(tm
             proc.wait()
     assert proc.returncode == 130, err.decode()[-4000:]
     last = err.decode().strip().splitlines()[-1]
-    unfinished = int(last.split(" was interrupted with ")[1].split()[0])
-    assert 1 <= unfinished <= SAMPLES
-    assert last == (f"energyat: {study_dir} was interrupted with {unfinished} trial{'s' if unfinished > 1 else ''} unfinished; "
-                    f"`energyat resume {study_dir}` continues it")
+    assert last == f"energyat: {study_dir} was interrupted before it finished; `energyat resume {study_dir}` continues it"
     assert "RUNNING" in out.decode() or "PENDING" in out.decode()  # the status as the interruption left it
     energyat("resume", str(study_dir))
     _assert_complete(study_dir)
