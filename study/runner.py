@@ -63,8 +63,8 @@ from trainables.tune_adapter import energyat_trial
 def run_study(study: Study, *, address: str | None, storage: str | None, name: str | None,
               dashboard_port: int | None = None) -> tuple[str, list[Failed]]:
     """Launch a study; returns its directory (a local path or a URI) and the trials that failed
-    (their restarts spent), or raises :class:`study.recovery.Interrupted` when the fit was
-    stopped (SIGINT) with trials unfinished. Validation happens before Ray starts."""
+    (their restarts spent), or raises :class:`study.recovery.Interrupted` when SIGINT stopped
+    the fit. Validation happens before Ray starts."""
     if name is not None:
         study = study.renamed(name)
     keys = study.keys
