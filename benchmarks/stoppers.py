@@ -123,6 +123,15 @@ ROW_COLUMNS = ("epoch", "lr", "probe_train_dE", "probe_train_E", "probed", "val_
                "probe_seconds")  # what the replay reads of each epoch row, and all that `export` keeps
 
 
+# the `trials` columns of a configuration's searched keys and its seed, in that order
+CONFIG_COLUMNS = ", ".join(f'"{config_column(k)}"' for k in (*SEARCHED, "seed"))
+
+
+def configuration(values: Sequence[Any]) -> str:
+    """The searched keys' values (in SEARCHED's order) as a configuration: sorted JSON."""
+    return json.dumps(dict(zip(SEARCHED, values, strict=True)), sort_keys=True)
+
+
 def load_trials(source: str) -> list[Trial]:
     """A study's finished trials (a study directory, or a file `export` wrote) in the order the
     study started them (Optuna's trial number)."""
@@ -130,9 +139,7 @@ def load_trials(source: str) -> list[Trial]:
         return load_exported(source)
     study_dir = source
     con = open_tables(study_dir)
-    keys = [*SEARCHED, "seed"]
-    cols = ", ".join(f'"{config_column(k)}"' for k in keys)
-    done = con.execute(f"select trial_id, {cols} from trials where status = 'TERMINATED'").fetchall()
+    done = con.execute(f"select trial_id, {CONFIG_COLUMNS} from trials where status = 'TERMINATED'").fetchall()
     epochs = con.execute(f"select trial_id, {', '.join(ROW_COLUMNS)} from epochs order by trial_id, epoch").fetchall()
     by_trial: dict[str, list[dict[str, Any]]] = {}
     for trial_id, *values in epochs:
@@ -140,11 +147,10 @@ def load_trials(source: str) -> list[Trial]:
     order = _start_order(study_dir)
     trials = []
     for trial_id, *config in done:
-        values = dict(zip(keys, config, strict=True))
         rows = by_trial.get(trial_id, [])
         if [r["epoch"] for r in rows] != list(range(len(rows))):
             raise SystemExit(f"{study_dir}: trial {trial_id}'s epochs are not contiguous from 0")
-        trials.append(Trial(trial_id, json.dumps({k: values[k] for k in SEARCHED}, sort_keys=True), int(values["seed"]), rows))
+        trials.append(Trial(trial_id, configuration(config[:-1]), int(config[-1]), rows))
     return sorted(trials, key=lambda t: (order.get(t.trial_id, math.inf), t.trial_id))
 
 
@@ -640,12 +646,11 @@ def retrain_command(args: argparse.Namespace) -> None:
         except Interrupted as stopped:  # Ctrl-C: the same command continues it
             print(f"stoppers.py: {stopped}; or run this retrain again", file=sys.stderr)
             raise SystemExit(130) from None
-        con = open_tables(str(study_dir))
-        keys = [*SEARCHED, "seed"]
-        cols = ", ".join(f'"{config_column(k)}"' for k in keys)
-        found = con.execute(f"select {cols}, trial_id, status, best_epoch, final_pgd_acc, final_n, final_autoattack_acc, "
-                            "final_autoattack_n, train_precision from trials").fetchall()
-        retrained = {(json.dumps(dict(zip(SEARCHED, r[:3], strict=True)), sort_keys=True), int(r[3])): r[4:] for r in found}
+        found = open_tables(str(study_dir)).execute(
+            f"select {CONFIG_COLUMNS}, trial_id, status, best_epoch, final_pgd_acc, final_n, final_autoattack_acc, "
+            "final_autoattack_n, train_precision from trials").fetchall()
+        width = len(SEARCHED)
+        retrained = {(configuration(r[:width]), int(r[width])): r[width + 1:] for r in found}
         for seed, pick in picks.items():
             trial_id, status, best, pgd, n, aa, aa_n, precision = retrained.get((pick.config, seed), (None,) * 8)
             rows.append({"recipe": recipe, "seed": seed, "config": pick.config, "pick": f"{pick.trial_id}@{pick.epoch}",

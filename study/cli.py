@@ -196,7 +196,7 @@ def _finish(study_dir: str, failed: Sequence[Any]) -> int:
     return TRIALS_FAILED
 
 
-# The exit status of a study stopped with trials unfinished (SIGINT): the shell's 128 + SIGINT, so
+# The exit status of a study stopped by SIGINT (Ctrl-C) before it finished: the shell's 128 + SIGINT, so
 # that a script or make rule does not go on as if the study had finished.
 INTERRUPTED = 130
 

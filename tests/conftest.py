@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import sys
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -56,3 +61,23 @@ def trained_cnn(digits_batch: tuple[torch.Tensor, torch.Tensor]) -> torch.nn.Mod
 def energyat_cmd() -> list[str]:
     """The CLI as a subprocess, from this checkout's interpreter."""
     return [sys.executable, "-m", "study.cli"]
+
+
+def ctrl_c(command: Sequence[str], *, when: Callable[[], bool], what: str, timeout: float = 600) -> tuple[int, str, str]:
+    """Ctrl-C as a terminal sends it: SIGINT to the command's whole process group, once `when()`
+    holds. Returns its exit status, stdout and stderr; a command still running 300 s later is
+    killed (the test fails on its status)."""
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while not when():
+            assert proc.poll() is None, f"it ended before {what}"
+            assert time.monotonic() < deadline, f"no {what} within {timeout:.0f} s"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, out.decode(), err.decode()

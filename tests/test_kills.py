@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import duckdb
-from conftest import EXAMPLES, ROOT, energyat_cmd
+from conftest import EXAMPLES, ROOT, ctrl_c, energyat_cmd
 from test_study import assert_journal_matches_tune, assert_tables_consistent, energyat
 
 from analysis.errors import StoreError
@@ -191,19 +191,11 @@ def test_ctrl_c_exits_130_naming_resume_and_resume_completes_every_trial_once(tm
     # to what needs the study finished
     storage = tmp_path / "studies"
     study_dir = storage / "interrupted"
-    proc = subprocess.Popen(_study_args(storage, "interrupted"), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    try:
-        _wait_for(lambda: study_dir.exists() and _epoch_files(study_dir) >= 2, proc, "2 epochs")
-        os.killpg(proc.pid, signal.SIGINT)
-        out, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 130, err.decode()[-4000:]
-    last = err.decode().strip().splitlines()[-1]
+    code, out, err = ctrl_c(_study_args(storage, "interrupted"), when=lambda: study_dir.exists() and _epoch_files(study_dir) >= 2,
+                            what="2 epochs")
+    assert code == 130, err[-4000:]
+    last = err.strip().splitlines()[-1]
     assert last == f"energyat: {study_dir} was interrupted before it finished; `energyat resume {study_dir}` continues it"
-    assert "RUNNING" in out.decode() or "PENDING" in out.decode()  # the status as the interruption left it
+    assert "RUNNING" in out or "PENDING" in out  # the status as the interruption left it
     energyat("resume", str(study_dir))
     _assert_complete(study_dir)

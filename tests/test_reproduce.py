@@ -11,18 +11,15 @@ import csv
 import gzip
 import importlib.util
 import math
-import os
 import re
 import shutil
-import signal
 import struct
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ctrl_c
 from sklearn.datasets import load_digits
 
 from analysis.query import open_tables
@@ -140,23 +137,13 @@ def test_ctrl_c_in_the_first_study_stops_the_reproduction_there(tmp_path: Path) 
     # the script with it, naming its own --resume; the second study is never started
     _digits_as_fashion(tmp_path / "data")
     storage = tmp_path / "studies"
-    proc = subprocess.Popen([sys.executable, str(REPO / "examples" / "reproduce.py"), "--storage", str(storage), "--set",
-                             f"dataset.root={tmp_path / 'data'}", *[a for item in TINY for a in ("--set", item)]],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     epochs = storage / "paper_fashion_cpu" / "tables" / "epochs"
-    try:
-        deadline = time.monotonic() + 600
-        while not any(epochs.rglob("*.parquet")):  # a trial's epoch file, or the part its compaction wrote
-            assert proc.poll() is None and time.monotonic() < deadline, "no epoch written"
-            time.sleep(0.2)
-        os.killpg(proc.pid, signal.SIGINT)
-        _, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    lines = err.decode().strip().splitlines()
-    assert proc.returncode == 130, lines[-20:]
+    code, _, err = ctrl_c([sys.executable, str(REPO / "examples" / "reproduce.py"), "--storage", str(storage), "--set",
+                           f"dataset.root={tmp_path / 'data'}", *[a for item in TINY for a in ("--set", item)]],
+                          when=lambda: any(epochs.rglob("*.parquet")),  # a trial's epoch file, or the part its compaction wrote
+                          what="an epoch written")
+    lines = err.strip().splitlines()
+    assert code == 130, lines[-20:]
     assert lines[-1] == "reproduce: interrupted; `python examples/reproduce.py --resume` with the same --set continues it"
     assert "`energyat resume " in lines[-2] and " continues it" in lines[-2]
     assert sorted(p.name for p in storage.iterdir()) == ["paper_fashion_cpu"]
