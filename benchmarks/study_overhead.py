@@ -12,9 +12,11 @@
    were smaller than the run-to-run noise of trial starts).
 2. The study itself: `--study` run through ``study.runner.run_study`` one trial at a time
    (``max_concurrent=1``, so the accounting is plain), against the engine's own seconds in the
-   `trials` table. Overhead per trial = (study wall - sum of trial seconds) / trials: trial
-   actor start (a fresh process importing torch), Optuna's suggestion, Tune's bookkeeping and
-   checkpoint copies. Trials per hour is printed at the study's own `max_concurrent` too.
+   `trials` table. Overhead per trial = (study wall - sum of trial seconds) / trials: Optuna's
+   suggestion, Tune's bookkeeping and checkpoint copies, and for the first trial the worker's
+   start. Side by side in the same run, the reference: the same study with a fresh worker per
+   trial (Tune's default, `reuse_actors=False`), where each trial also pays a process start and
+   the import of torch. Trials per hour is printed at the study's own `max_concurrent` too.
 
 Prints one JSON line per measurement and a summary table.
 """
@@ -22,10 +24,13 @@ Prints one JSON line per measurement and a summary table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +39,7 @@ from ray import tune
 
 from analysis.query import open_tables
 from analysis.store import versions
+from study import runner
 from study.runner import _init_ray, run_study
 from study.spec import load_spec
 
@@ -66,6 +72,17 @@ def tune_alone(trials: int, reports: int, checkpoint_bytes: int, storage: Path) 
     return wall, per_report
 
 
+@contextmanager
+def fresh_workers() -> Iterator[None]:
+    """The reference: energyat's own Tune configuration but a new worker process for every trial."""
+    own = runner._tune_config
+    runner._tune_config = lambda *a, **k: dataclasses.replace(own(*a, **k), reuse_actors=False)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        runner._tune_config = own
+
+
 def study_wall(spec_path: str, overrides: list[str], storage: Path, name: str) -> tuple[float, int, float, int]:
     """(wall, trials, sum of trial seconds, trial-epochs) of one study run."""
     study = load_spec(spec_path, overrides)
@@ -96,8 +113,11 @@ def main() -> None:
         _, per_report = tune_alone(args.trials, args.reports, args.checkpoint_kb * 1024, Path(tmp))
         rows.append({"what": "tune_seconds_per_trial", "value": round(one / args.trials, 3), "trials": args.trials})
         rows.append({"what": "tune_seconds_per_report", "value": round(per_report, 4), "checkpoint_kb": args.checkpoint_kb})
-        serial = study_wall(args.study, [*args.set, "max_concurrent=1"], Path(tmp), "serial")
-        wall, n, seconds, epochs = serial
+        with fresh_workers():
+            wall, n, seconds, epochs = study_wall(args.study, [*args.set, "max_concurrent=1"], Path(tmp), "serial-fresh")
+        rows.append({"what": "study_overhead_seconds_per_trial_fresh_workers", "value": round((wall - seconds) / n, 2), "study": args.study,
+                     "trials": n, "wall": round(wall, 1), "trial_seconds": round(seconds, 1), "trial_epochs": epochs})
+        wall, n, seconds, epochs = study_wall(args.study, [*args.set, "max_concurrent=1"], Path(tmp), "serial")
         rows.append({"what": "study_overhead_seconds_per_trial", "value": round((wall - seconds) / n, 2), "study": args.study,
                      "trials": n, "wall": round(wall, 1), "trial_seconds": round(seconds, 1), "trial_epochs": epochs})
         wall, n, seconds, epochs = study_wall(args.study, args.set, Path(tmp), "concurrent")

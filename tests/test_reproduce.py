@@ -12,7 +12,6 @@ import gzip
 import importlib.util
 import math
 import re
-import shutil
 import struct
 import sys
 from pathlib import Path
@@ -57,12 +56,29 @@ TINY = ["epochs=1", "dataset.train_size=200", "dataset.val_size=100", "probe.tra
 # (the normalised WEAT arm runs in the study at twice the epochs: 5 arms x 2 seeds here, 3 x 2 there)
 
 
-def test_the_reproduction_runs_end_to_end_and_its_tables_are_the_studys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_reproduction_stopped_by_ctrl_c_resumes_to_the_end_and_its_tables_are_the_studys(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _digits_as_fashion(tmp_path / "data")
+    storage = tmp_path / "studies"
+    args = ["--storage", str(storage), "--set", f"dataset.root={tmp_path / 'data'}", *[a for item in TINY for a in ("--set", item)],
+            "--sample-steps", "3", "--sample-n", "2"]
+    # Ctrl-C to the script's process group while its first study trains (a session ending): energyat
+    # exits 130 and the script with it, naming its own --resume; the second study is never started
+    epochs = storage / "paper_fashion_cpu" / "tables" / "epochs"
+    code, _, err = ctrl_c([sys.executable, str(REPO / "examples" / "reproduce.py"), *args],
+                          when=lambda: any(epochs.rglob("*.parquet")),  # a trial's epoch file, or the part its compaction wrote
+                          what="an epoch written")
+    lines = err.strip().splitlines()
+    assert code == 130, lines[-20:]
+    assert lines[-1] == "reproduce: interrupted; `python examples/reproduce.py --resume` with the same --set continues it"
+    assert "`energyat resume " in lines[-2] and " continues it" in lines[-2]
+    assert sorted(p.name for p in storage.iterdir()) == ["paper_fashion_cpu"]
+
+    # --resume continues the first study in place and runs the one it did not reach
     reproduce = _script()
-    assert reproduce.main(["--storage", str(tmp_path / "studies"), "--set", f"dataset.root={tmp_path / 'data'}",
-                           *[a for item in TINY for a in ("--set", item)], "--sample-steps", "3", "--sample-n", "2"]) == 0
-    study = tmp_path / "studies" / "paper_fashion_cpu"
+    assert reproduce.main([*args, "--resume"]) == 0
+    assert sorted(p.name for p in storage.iterdir()) == ["paper_fashion_cpu", "paper_fashion_cpu_x2"]  # nothing moved aside
+    study = storage / "paper_fashion_cpu"
     text = (study / "report" / "reproduction.md").read_text()
     page = (study / "report" / "index.html").read_text()
     assert "Arms over seeds" in page and "<td>trades</td><td>0, 1</td>" in page
@@ -74,7 +90,7 @@ def test_the_reproduction_runs_end_to_end_and_its_tables_are_the_studys(tmp_path
                              "selected_by from trials order by method, weat_variant, seed").fetchall()
     finally:
         con.close()
-    # the grid ran every arm under both seeds, once: 5 arms x 2 seeds
+    # the grid ran every arm under both seeds, once, across the two sessions: 5 arms x 2 seeds
     arms = sorted((m, (v, n) if m == "weat" else None, s) for _, m, v, n, s, *_ in trials)
     assert arms == sorted((m, v, s) for m, v in (("standard", None), ("sat", None), ("trades", None), ("weat", ("adv", False)),
                                                  ("weat", ("nat", False))) for s in (0, 1))
@@ -96,7 +112,7 @@ def test_the_reproduction_runs_end_to_end_and_its_tables_are_the_studys(tmp_path
     assert len(re.findall(r"^\| WEAT_adv norm - WEAT_adv \| ", text, re.M)) == 3
     assert len(re.findall(r"^\| TRADES - SAT \| ", text, re.M)) == 3
     assert "## At twice the epochs (paper_fashion_cpu_x2: 2 epochs)" in text
-    long = open_tables(tmp_path / "studies" / "paper_fashion_cpu_x2").execute(
+    long = open_tables(storage / "paper_fashion_cpu_x2").execute(
         "select method, weat_variant, weat_normalize, seed, epochs_run from trials").fetchall()
     assert sorted((m, (v, n) if m == "weat" else None, s, e) for m, v, n, s, e in long) == sorted(
         (m, vn, s, 2) for m, vn in (("trades", None), ("weat", ("adv", False)), ("weat", ("adv", True))) for s in (0, 1))
@@ -110,43 +126,11 @@ def test_the_reproduction_runs_end_to_end_and_its_tables_are_the_studys(tmp_path
         assert len(list((study / "samples").glob(f"*-{init}.npz"))) == 10
     # the first study was sampled before the second started: what needs its checkpoints comes first
     sampled = max(p.stat().st_mtime for p in (study / "samples").glob("*.npz"))
-    assert (tmp_path / "studies" / "paper_fashion_cpu_x2" / "spec.yaml").stat().st_mtime > sampled
+    assert (storage / "paper_fashion_cpu_x2" / "spec.yaml").stat().st_mtime > sampled
     assert "reproduction:" in capsys.readouterr().out
-
-    # a reproduction interrupted after its first study: --resume continues that one in place (it
-    # is finished: nothing is trained again) and runs the one it did not reach
-    shutil.rmtree(tmp_path / "studies" / "paper_fashion_cpu_x2")
-    ids = sorted(t[0] for t in trials)
-    assert reproduce.main(["--storage", str(tmp_path / "studies"), "--resume", "--set", f"dataset.root={tmp_path / 'data'}",
-                           *[a for item in TINY for a in ("--set", item)], "--sample-steps", "3", "--sample-n", "2"]) == 0
-    assert sorted(p.name for p in (tmp_path / "studies").iterdir()) == ["paper_fashion_cpu", "paper_fashion_cpu_x2"]  # nothing moved aside
-    for folder, expected in ((study, ids), (tmp_path / "studies" / "paper_fashion_cpu_x2", 6)):
-        con = open_tables(folder)
-        try:
-            found = sorted(r[0] for r in con.execute("select trial_id from trials").fetchall())
-        finally:
-            con.close()
-        assert found == expected if isinstance(expected, list) else len(found) == expected
-    resumed = (study / "report" / "reproduction.md").read_text()
-    assert "## At twice the epochs" in resumed and "Wall time" not in resumed  # one session's wall is not the reproduction's
-    assert "Wall time of the whole reproduction" in text
-
-
-def test_ctrl_c_in_the_first_study_stops_the_reproduction_there(tmp_path: Path) -> None:
-    # Ctrl-C to the script's process group while its first study trains: energyat exits 130 and
-    # the script with it, naming its own --resume; the second study is never started
-    _digits_as_fashion(tmp_path / "data")
-    storage = tmp_path / "studies"
-    epochs = storage / "paper_fashion_cpu" / "tables" / "epochs"
-    code, _, err = ctrl_c([sys.executable, str(REPO / "examples" / "reproduce.py"), "--storage", str(storage), "--set",
-                           f"dataset.root={tmp_path / 'data'}", *[a for item in TINY for a in ("--set", item)]],
-                          when=lambda: any(epochs.rglob("*.parquet")),  # a trial's epoch file, or the part its compaction wrote
-                          what="an epoch written")
-    lines = err.strip().splitlines()
-    assert code == 130, lines[-20:]
-    assert lines[-1] == "reproduce: interrupted; `python examples/reproduce.py --resume` with the same --set continues it"
-    assert "`energyat resume " in lines[-2] and " continues it" in lines[-2]
-    assert sorted(p.name for p in storage.iterdir()) == ["paper_fashion_cpu"]
+    # one session's wall time is not the reproduction's: a resumed one states none
+    assert "Wall time" not in text
+    assert "Wall time of the whole reproduction: 2.0 min." in reproduce.markdown(study, long=None, seconds=120.0)
 
 
 def test_analysing_a_study_takes_no_overrides(tmp_path: Path) -> None:

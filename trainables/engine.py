@@ -84,6 +84,9 @@ from trainables.subjects import Subject
 # a caller (Ray Tune) that stops listening after it has seen everything.
 EpochCallback = Callable[[dict[str, Any], Path], "str | None"]
 
+# torch's thread count when this process started (a Ray worker: its CPUs), what `threads: null` means
+_PROCESS_THREADS = torch.get_num_threads()
+
 
 def select_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
@@ -441,8 +444,9 @@ def _configure_torch(cfg: TrialConfig, device: torch.device) -> None:
         # every training batch but the last has one shape: cuDNN may time its algorithms once and
         # keep the fastest (evaluations stay reproducible on the CPU; on a GPU they never were bit for bit)
         torch.backends.cudnn.benchmark = True
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
+    # None is the process's own default, set again: a worker that ran another trial (Ray Tune
+    # reuses workers) may have been left at that trial's count
+    torch.set_num_threads(cfg.threads if cfg.threads is not None else _PROCESS_THREADS)
     torch.manual_seed(cfg.seed)
 
 
