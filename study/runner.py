@@ -199,9 +199,10 @@ def _tune_config(study: Study, study_dir: str, study_name: str, journal: Path, u
         trial_dirname_creator=id_of,
         trial_name_creator=id_of,
         # a finished trial's worker takes the next trial instead of a new process starting and
-        # importing torch again: 8 one-epoch smoke trials took 57 s instead of 148 s. Safe because a
-        # trial keeps no state in its process: it seeds torch, sets its threads, and starts and
-        # stops its watchdog and scratch folder itself (tests/test_reuse.py)
+        # importing torch again (BENCHMARKS.md section 2: 2 s per trial beyond its training instead
+        # of 16 on the smoke study). Safe because a trial keeps no state in its process: it seeds
+        # torch, sets its threads, and starts and stops its watchdog and scratch folder itself
+        # (tests/test_reuse.py)
         reuse_actors=True,
     )
 
