@@ -589,7 +589,8 @@ STAGES = "stages"
 
 @dataclass(frozen=True)
 class Stage:
-    """A long stage's progress: `what` runs (e.g. "PGD-20 on 10,000 test images"), `done` of `total`."""
+    """A long stage's progress: `what` runs (e.g. "PGD-20 on 10,000 test images"), `done` of `total`
+    (0 of 0: begun, its size not known yet)."""
 
     what: str
     done: int
@@ -597,6 +598,8 @@ class Stage:
     eta_seconds: float | None
 
     def text(self) -> str:
+        if not self.total:  # started, its size not known yet
+            return f"final evaluation: {self.what}"
         eta = "" if self.eta_seconds is None else f", eta {self.eta_seconds:.0f} s"
         return f"final evaluation: {self.what}: {self.done:,}/{self.total:,}{eta}"
 

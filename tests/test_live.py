@@ -159,12 +159,13 @@ def test_the_live_view_shows_a_running_trials_final_evaluation_from_its_stage_fi
     assert len(out.getvalue().splitlines()) == 3 and any("4,096/10,000" in line for line in board.table(10))
     # each of AutoAttack's attacks is a new part: a line when it starts, none for its batches (an
     # hour of Square on a CPU must not look like an hour of apgd-ce)
-    for attack, done in (("apgd-ce", 0), ("apgd-ce", 2), ("apgd-t", 0), ("square", 0), ("square", 1)):
-        write_stage(str(tmp_path), "a", Stage(f"AutoAttack on 1,000 test images: {attack} on the images still robust", done, 4, None))
+    # (0 of 0 as an attack starts: its batches are counted from its first log line)
+    for attack, done, total in (("apgd-ce", 0, 0), ("apgd-ce", 2, 4), ("apgd-t", 0, 0), ("square", 0, 0), ("square", 1, 2)):
+        write_stage(str(tmp_path), "a", Stage(f"AutoAttack on 1,000 test images: {attack} on the images still robust", done, total, None))
         view._polled = -1e9
         view.on_step_end(0, [])
     assert [line.split(": ", 2)[-1] for line in out.getvalue().splitlines()[3:]] == [
-        f"{attack} on the images still robust: 0/4" for attack in ("apgd-ce", "apgd-t", "square")]
+        f"{attack} on the images still robust" for attack in ("apgd-ce", "apgd-t", "square")]
     clear_stage(str(tmp_path), "a")
     board.finished("a", {"stop_reason": "completed"})
     assert not any("final evaluation" in line for line in board.table(10))

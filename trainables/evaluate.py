@@ -83,8 +83,8 @@ class _AutoAttackProgress(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
         started, batch = self.START.match(message), self.LINE.match(message)
-        if started is not None:  # its batches are not counted yet: 0 of 1 until the first ends
-            self.progress(self._what(started["attack"]), 0, 1)
+        if started is not None:  # no count yet: how many batches it takes is logged with its first
+            self.progress(self._what(started["attack"]), 0, 0)
         elif batch is not None:
             self.progress(self._what(batch["attack"]), int(batch["done"]), int(batch["total"]))
 
