@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stoppers import RECIPES, SUITE  # noqa: E402  (a sibling file: the suite's base study and recipes)
+from stoppers import RECIPES, SUITE, interruptible  # noqa: E402  (a sibling file: the suite's base study and recipes)
 
 from analysis.errors import EnergyatError  # noqa: E402
 from analysis.query import open_tables  # noqa: E402
@@ -70,7 +70,8 @@ def train(args: argparse.Namespace) -> None:
     from study.spec import load_spec
 
     study = load_spec(str(SUITE), [*overrides(tuple(args.seeds)), *args.overrides])
-    study_dir, failed = run_study(study, address=None, storage=args.storage, name=None)
+    with interruptible("remedies.py"):
+        study_dir, failed = run_study(study, address=None, storage=args.storage, name=None)
     print(study_dir)
     if failed:
         raise SystemExit(f"trials failed: {failed}; `energyat resume {study_dir}` retries what can be retried")

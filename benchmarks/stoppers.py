@@ -48,7 +48,8 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -604,12 +605,26 @@ def pareto_figure(recipe: str, results: Sequence[dict[str, Any]], path: Path) ->
 # -- commands ------------------------------------------------------------------------------------------------------
 
 
+@contextmanager
+def interruptible(script: str, *, again: str = "") -> Iterator[None]:
+    """A study stopped by Ctrl-C: one line naming how to continue it and exit 130, as `energyat
+    run` does, not a traceback. `again`: another way to continue, said after `energyat resume`."""
+    from study.recovery import Interrupted
+
+    try:
+        yield
+    except Interrupted as stopped:
+        print(f"{script}: {stopped}{again}", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
 def train(args: argparse.Namespace) -> None:
     from study.runner import run_study
     from study.spec import load_spec
 
     study = load_spec(str(SUITE), [*RECIPES[args.recipe], *args.overrides])
-    study_dir, failed = run_study(study, address=None, storage=args.storage, name=f"stoppers-{args.recipe}")
+    with interruptible("stoppers.py"):
+        study_dir, failed = run_study(study, address=None, storage=args.storage, name=f"stoppers-{args.recipe}")
     print(study_dir)
     if failed:
         raise SystemExit(f"trials failed: {failed}; `energyat resume {study_dir}` retries what can be retried")
@@ -623,7 +638,6 @@ def retrain_command(args: argparse.Namespace) -> None:
     interrupted retrain continues where it stopped. For models that are gone (a study directory
     lost), or to measure them on another machine: a retrained model is the same one only where
     training is bit for bit the same (the same CPU's kernels and precision)."""
-    from study.recovery import Interrupted
     from study.runner import resume_study, run_study
     from study.spec import load_spec
 
@@ -635,7 +649,7 @@ def retrain_command(args: argparse.Namespace) -> None:
         picks = {seed: pick_of(ts, replay(ts, "none", 0)) for seed, ts in replicates(load_trials(source)).items()}
         points = [{**json.loads(pick.config), "seed": seed} for seed, pick in picks.items()]
         study_dir = Path(args.storage) / f"retrain-{recipe}"
-        try:
+        with interruptible("stoppers.py", again="; or run this retrain again"):
             if (study_dir / "spec.yaml").exists():
                 resume_study(study_dir, address=None)
             else:
@@ -643,9 +657,6 @@ def retrain_command(args: argparse.Namespace) -> None:
                 study = load_spec(str(SUITE), [*RECIPES[recipe], f"points_to_evaluate={json.dumps(points)}", "sampler={name: random}",
                                                f"samples={len(points)}", final, "keep_best_checkpoints=false", *args.overrides])
                 run_study(study, address=None, storage=args.storage, name=study_dir.name)
-        except Interrupted as stopped:  # Ctrl-C: the same command continues it
-            print(f"stoppers.py: {stopped}; or run this retrain again", file=sys.stderr)
-            raise SystemExit(130) from None
         found = open_tables(str(study_dir)).execute(
             f"select {CONFIG_COLUMNS}, trial_id, status, best_epoch, final_pgd_acc, final_n, final_autoattack_acc, "
             "final_autoattack_n, train_precision from trials").fetchall()

@@ -153,6 +153,20 @@ def _result(family: str, k: int, trial_epochs: int, pgd: float, regret: tuple[fl
             "stopped": stopped}
 
 
+def test_a_suite_study_stopped_by_ctrl_c_is_one_line_naming_how_to_continue_and_exit_130(capsys: pytest.CaptureFixture[str]) -> None:
+    # what `train`, `retrain` and remedies.py's `train` do with the Interrupted a study stopped by
+    # Ctrl-C raises (study.runner): `energyat run`'s line and status, no traceback
+    from study.recovery import Interrupted
+
+    with pytest.raises(SystemExit) as exc, stoppers.interruptible("stoppers.py", again="; or run this retrain again"):
+        raise Interrupted("runs/retrain-rice")
+    assert exc.value.code == 130
+    assert capsys.readouterr().err == ("stoppers.py: runs/retrain-rice was interrupted before it finished; "
+                                       "`energyat resume runs/retrain-rice` continues it; or run this retrain again\n")
+    with stoppers.interruptible("stoppers.py"):  # a study that ends is let through
+        pass
+
+
 def test_the_verdict_applies_the_goal_saved_within_one_se_and_not_dominated() -> None:
     # the full run's picks: 0.50 on 2 x 2,500 images, SE 0.0071
     results = [_result("none", 0, 100, 0.50), _result("patience", 2, 60, 0.49), _result("asha", 2, 40, 0.47),
