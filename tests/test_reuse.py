@@ -4,15 +4,15 @@ a trial must give the same rows in a worker another trial has used as in a fresh
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
-from conftest import EXAMPLES, ROOT, energyat_cmd
+from conftest import EXAMPLES
+from test_study import energyat
 
 from analysis.query import open_tables
 
-# everything a trial writes but its timings
-TIMINGS = {"study", "trial_id", "epoch_seconds", "probe_seconds", "images_per_second", "seconds", "final_seconds"}
+# what differs between two runs of one trial: its ids and its timings
+NOT_COMPARED = {"study", "trial_id", "epoch_seconds", "probe_seconds", "images_per_second", "seconds", "final_seconds"}
 
 
 def _study(storage: Path, points: list[dict[str, object]]) -> tuple[dict[str, list[tuple]], dict[str, set[int]]]:
@@ -20,15 +20,13 @@ def _study(storage: Path, points: list[dict[str, object]]) -> tuple[dict[str, li
     overrides = ["epochs=2", "dataset.train_size=200", "probe.train_size=32", "probe.test_size=32", "final_eval.n=64",
                  "max_concurrent=1", f"samples={len(points)}", "search={method: [sat, trades], seed: {choices: [0, 1]}}",
                  f"points_to_evaluate={json.dumps(points)}", f"storage={storage}"]
-    proc = subprocess.run([*energyat_cmd(), "run", str(EXAMPLES / "smoke.yaml"), *[a for o in overrides for a in ("--set", o)]],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    energyat("run", str(EXAMPLES / "smoke.yaml"), *[a for o in overrides for a in ("--set", o)])
     study = storage / "smoke"
     con = open_tables(study)
     rows: dict[str, list[tuple]] = {}
     methods = dict(con.execute("select trial_id, method from trials").fetchall())
     for table in ("epochs", "trials"):
-        columns = ", ".join(f'"{c}"' for (c, *_) in con.execute(f"describe {table}").fetchall() if c not in TIMINGS)
+        columns = ", ".join(f'"{c}"' for (c, *_) in con.execute(f"describe {table}").fetchall() if c not in NOT_COMPARED)
         for trial_id, method in methods.items():
             order = "order by epoch" if table == "epochs" else ""
             rows.setdefault(method, []).extend(
