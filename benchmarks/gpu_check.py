@@ -490,7 +490,7 @@ def main() -> None:
     only = [c for c in args.only.split(",") if c] if args.only else None
     unknown = sorted(set(only or []) - set(CHECKS))
     if unknown:
-        raise SystemExit(f"unknown checks {unknown}; choose from {', '.join(CHECKS)}")
+        parser.exit(2, f"gpu_check.py: unknown checks {unknown}; choose from {', '.join(CHECKS)}\n")
     if args.tiny:
         torch.set_num_threads(2)
     results = run(args.out, tiny=args.tiny, device_name="cpu" if args.tiny else args.device, only=only)

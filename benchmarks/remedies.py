@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stoppers import RECIPES, SUITE, interruptible  # noqa: E402  (a sibling file: the suite's base study and recipes)
+from stoppers import RECIPES, SUITE, bad_input_exits_2, interruptible  # noqa: E402  (a sibling file: the suite's base study and recipes)
 
 from analysis.errors import EnergyatError  # noqa: E402
 from analysis.query import open_tables  # noqa: E402
@@ -208,10 +208,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("study")
     p.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    try:
+    with bad_input_exits_2("remedies.py"):
         {"train": train, "evaluate": evaluate, "report": report}[args.command](args)
-    except EnergyatError as exc:
-        raise SystemExit(f"remedies.py: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -150,7 +150,7 @@ def load_trials(source: str) -> list[Trial]:
     for trial_id, *config in done:
         rows = by_trial.get(trial_id, [])
         if [r["epoch"] for r in rows] != list(range(len(rows))):
-            raise SystemExit(f"{study_dir}: trial {trial_id}'s epochs are not contiguous from 0")
+            raise EnergyatError(f"{study_dir}: trial {trial_id}'s epochs are not contiguous from 0")
         trials.append(Trial(trial_id, configuration(config[:-1]), int(config[-1]), rows))
     return sorted(trials, key=lambda t: (order.get(t.trial_id, math.inf), t.trial_id))
 
@@ -307,7 +307,7 @@ def pick_of(trials: Sequence[Trial], stops: dict[str, int]) -> Pick:
         if epoch is not None:
             scored.append((-best, t.config, Pick(t.trial_id, epoch, best, t.config)))
     if not scored:
-        raise SystemExit("no trial has a validation robust accuracy")
+        raise EnergyatError("no trial has a validation robust accuracy")
     return min(scored, key=lambda s: (s[0], s[1]))[2]
 
 
@@ -331,7 +331,7 @@ class PickAccuracy:
         autoattack_n = self.autoattack_n if autoattack else 0
         key = f"{study_key(study_dir)}/{pick.trial_id}/{pick.epoch}/{self.n}/{autoattack_n}"
         if key not in self.known and self.frozen:
-            raise SystemExit(f"{self.cache} has no evaluation of the pick {key}: replay the study itself to evaluate it")
+            raise EnergyatError(f"{self.cache} has no evaluation of the pick {key}: replay the study itself to evaluate it")
         if key not in self.known:
             prefix = key.rsplit("/", 1)[0] + "/"
             smaller = [e for k, e in self.known.items() if k.startswith(prefix) and 0 < int(k.rsplit("/", 1)[1]) < autoattack_n]
@@ -618,6 +618,16 @@ def interruptible(script: str, *, again: str = "") -> Iterator[None]:
         raise SystemExit(130) from None
 
 
+@contextmanager
+def bad_input_exits_2(script: str) -> Iterator[None]:
+    """Bad input as energyat's own commands report it: one line and exit 2, not a traceback."""
+    try:
+        yield
+    except EnergyatError as exc:
+        print(f"{script}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def train(args: argparse.Namespace) -> None:
     from study.runner import run_study
     from study.spec import load_spec
@@ -645,7 +655,7 @@ def retrain_command(args: argparse.Namespace) -> None:
     for source in args.sources:
         recipe = recipe_of(source)
         if recipe not in RECIPES:
-            raise SystemExit(f"{source}: not a recipe's study or export (recipes: {', '.join(sorted(RECIPES))})")
+            raise EnergyatError(f"{source}: not a recipe's study or export (recipes: {', '.join(sorted(RECIPES))})")
         picks = {seed: pick_of(ts, replay(ts, "none", 0)) for seed, ts in replicates(load_trials(source)).items()}
         points = [{**json.loads(pick.config), "seed": seed} for seed, pick in picks.items()]
         study_dir = Path(args.storage) / f"retrain-{recipe}"
@@ -711,7 +721,7 @@ def replay_command(args: argparse.Namespace) -> None:
         recipe = recipe_of(study_dir)
         trials = load_trials(study_dir)
         if not trials:
-            raise SystemExit(f"{study_dir}: no finished trial")
+            raise EnergyatError(f"{study_dir}: no finished trial")
         results = rule_rows(study_dir, trials, accuracy, autoattack_for=args.autoattack_for)
         sections.append(table(recipe, results, n=args.n))
         pareto_figure(recipe, results, out / f"pareto-{recipe}.png")
@@ -802,10 +812,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--full", required=True)
     p.add_argument("--rule", required=True, type=parse_rule, help="FAMILY:K, e.g. patience:6 or asha:4")
     args = parser.parse_args(argv)
-    try:
+    with bad_input_exits_2("stoppers.py"):
         {"train": train, "replay": replay_command, "export": export_command, "retrain": retrain_command, "live": live_command}[args.command](args)
-    except EnergyatError as exc:
-        raise SystemExit(f"stoppers.py: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -312,7 +312,7 @@ def main() -> None:
     methods = [m for m in args.methods.split(",") if m]
     bad = [c for c in cases if c not in CASES] + [m for m in methods if m not in reference_at.REFERENCE_METHODS]
     if bad:
-        raise SystemExit(f"unknown case or method {bad}; cases {sorted(CASES)}, methods {list(reference_at.REFERENCE_METHODS)}")
+        parser.exit(2, f"throughput.py: unknown case or method {bad}; cases {sorted(CASES)}, methods {list(reference_at.REFERENCE_METHODS)}\n")
     torch.set_num_threads(args.threads)
     device = select_device(args.device)
     print(f"# {time.strftime('%Y-%m-%d')} device {device_label(device)}, torch threads {args.threads}, "

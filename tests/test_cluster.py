@@ -232,9 +232,11 @@ def test_a_lost_node_s_trials_finish_on_the_other_node_from_their_checkpoints(cl
                                 cwd=tmp_path, stdout=out, stderr=out, env=_study_env(cluster, tmp_path), start_new_session=True)
     try:
         deadline = time.monotonic() + 600
-        while True:  # both trials running, each with an epoch reported and two still to run
+        while True:  # both trials running, each with an epoch reported, a checkpoint in the bucket and two epochs still to run
             done = [len(s3.files(f"studies/lost/tables/epochs/{t}")) for t in {f.split("/")[0] for f in s3.files("studies/lost/tables/epochs")}]
-            if len(done) == 2 and all(1 <= n <= LOST_EPOCHS - 2 for n in done) and len(s3.files("studies/lost/tables/trials")) == 2:
+            checkpointed = {f.split("/")[0] for f in s3.files("studies/lost/tune") if "/checkpoint_" in f}
+            if (len(done) == 2 and all(1 <= n <= LOST_EPOCHS - 2 for n in done) and len(s3.files("studies/lost/tables/trials")) == 2
+                    and len(checkpointed) == 2):
                 break
             assert proc.poll() is None, f"the study ended before the node could be lost:\n{log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, f"no moment to lose the node within 600 s: {done}"

@@ -18,7 +18,8 @@ from conftest import ROOT
 from analysis.query import open_tables
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import stoppers  # noqa: E402  (benchmarks/ is not a package)
+import remedies  # noqa: E402  (benchmarks/ is not a package)
+import stoppers  # noqa: E402
 
 TINY = [  # the suite's base study cut to digits, 4 trials (2 configurations x 2 seeds) of 8 epochs
     "dataset={name: digits, train_size: 300, val_size: 200}", "model=small_cnn", "batch_size=64",
@@ -264,3 +265,13 @@ def test_the_suites_kept_rows_replay_to_what_benchmarks_quotes(kept_replay: dict
     errors = sorted(abs(o["onset"] - o["truth"]) for r in recipes for o in onsets[r] if o["truth"] is not None)
     assert errors == [2, 2, 2, 6, 10]
     assert sum(o["truth"] is None and o["onset"] is not None for r in recipes for o in onsets[r]) == 1
+
+
+@pytest.mark.parametrize("script, argv", [(stoppers, ["retrain", "no/such/study"]), (remedies, ["report", "no/such/study"])])
+def test_a_suite_script_given_a_path_that_is_no_study_says_so_in_one_line_and_exits_2(
+        script: Any, argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        script.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no/such/study" in err, err

@@ -13,6 +13,7 @@ download unless ``dataset.download`` is true; missing files raise :class:`DataNo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import os
 import struct
@@ -20,11 +21,11 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision import datasets
 
 from analysis.errors import DataNotFoundError, SpecError, unknown_choice
 from trainables.config import NPZ_VAL_FRACTION, DatasetConfig
@@ -323,6 +324,8 @@ def _read_fashion_idx(files: dict[str, Path]) -> ImageData:
 
 
 def _torchvision_fashion(root: Path, *, download: bool) -> ImageData:
+    from torchvision import datasets  # see _present_only
+
     train = datasets.FashionMNIST(root, train=True, download=download)
     test = datasets.FashionMNIST(root, train=False, download=download)
     return _image_data(
@@ -369,33 +372,30 @@ def load_fashion_mnist(cfg: DatasetConfig) -> ImageData:
 # tar.gz, SVHN's .mat) against its official md5 before extracting or keeping it.
 
 
-class _CIFAR10(datasets.CIFAR10):
-    # batches.meta is read by _load_meta with its own md5; md5 None means "present" there.
-    meta = {**datasets.CIFAR10.meta, "md5": None}
+@functools.cache
+def _present_only(name: str) -> Any:
+    """torchvision's dataset class `name` (CIFAR10, CIFAR100, SVHN) checking only that its files
+    are present; see the comment above. torchvision is imported here, not with this module: its
+    import pulls in torch._dynamo (about 2 s), which every Ray worker and command would otherwise
+    pay for datasets most studies never read."""
+    from torchvision import datasets
 
-    def _check_integrity(self) -> bool:  # presence only; see the comment above
-        return all(
-            os.path.isfile(os.path.join(self.root, self.base_folder, name))
-            for name, _ in self.train_list + self.test_list
-        )
+    base = getattr(datasets, name)
+    if name == "SVHN":
+        def present(self: Any) -> bool:
+            return os.path.isfile(os.path.join(self.root, self.filename))
 
+        return type("_SVHN", (base,), {"_check_integrity": present})
 
-class _CIFAR100(datasets.CIFAR100):
-    meta = {**datasets.CIFAR100.meta, "md5": None}  # as in _CIFAR10
+    def every_batch_present(self: Any) -> bool:
+        return all(os.path.isfile(os.path.join(self.root, self.base_folder, file)) for file, _ in self.train_list + self.test_list)
 
-    def _check_integrity(self) -> bool:  # presence only; see the comment above
-        return all(
-            os.path.isfile(os.path.join(self.root, self.base_folder, name))
-            for name, _ in self.train_list + self.test_list
-        )
-
-
-class _SVHN(datasets.SVHN):
-    def _check_integrity(self) -> bool:  # presence only; see the comment above
-        return os.path.isfile(os.path.join(self.root, self.filename))
+    # batches.meta is read by _load_meta with its own md5; md5 None means "present" there
+    return type(f"_{name}", (base,), {"_check_integrity": every_batch_present, "meta": {**base.meta, "md5": None}})
 
 
-def _load_cifar(cfg: DatasetConfig, cls: type[datasets.CIFAR10], *, num_classes: int) -> ImageData:
+def _load_cifar(cfg: DatasetConfig, name: str, *, num_classes: int) -> ImageData:
+    cls = _present_only(name)
     root = _root(cfg)
     if not cfg.download:
         files = [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
@@ -403,7 +403,7 @@ def _load_cifar(cfg: DatasetConfig, cls: type[datasets.CIFAR10], *, num_classes:
     train = cls(root, train=True, download=cfg.download)
     test = cls(root, train=False, download=cfg.download)
 
-    def nchw(ds: datasets.CIFAR10) -> torch.Tensor:
+    def nchw(ds: Any) -> torch.Tensor:
         return torch.from_numpy(ds.data).permute(0, 3, 1, 2)  # torchvision keeps NHWC
 
     data = _image_data(
@@ -416,12 +416,12 @@ def _load_cifar(cfg: DatasetConfig, cls: type[datasets.CIFAR10], *, num_classes:
 
 def load_cifar10(cfg: DatasetConfig) -> ImageData:
     """CIFAR-10 from torchvision's ``<root>/cifar-10-batches-py``."""
-    return _load_cifar(cfg, _CIFAR10, num_classes=10)
+    return _load_cifar(cfg, "CIFAR10", num_classes=10)
 
 
 def load_cifar100(cfg: DatasetConfig) -> ImageData:
     """CIFAR-100 (fine labels) from torchvision's ``<root>/cifar-100-python``."""
-    return _load_cifar(cfg, _CIFAR100, num_classes=100)
+    return _load_cifar(cfg, "CIFAR100", num_classes=100)
 
 
 def load_svhn(cfg: DatasetConfig) -> ImageData:
@@ -429,8 +429,9 @@ def load_svhn(cfg: DatasetConfig) -> ImageData:
     root = _root(cfg)
     if not cfg.download:
         _require("svhn", root, root, ["train_32x32.mat", "test_32x32.mat"])
-    train = _SVHN(root, split="train", download=cfg.download)
-    test = _SVHN(root, split="test", download=cfg.download)
+    svhn = _present_only("SVHN")
+    train = svhn(root, split="train", download=cfg.download)
+    test = svhn(root, split="test", download=cfg.download)
     # torchvision already maps 10 -> 0 and transposes (H, W, C, N) to NCHW.
     data = _image_data(train.data, train.labels, test.data, test.labels, num_classes=10, crop_pad=4, flip=False)
     _check_labels("svhn", data)
