@@ -168,3 +168,17 @@ def test_autoattacks_batch_lines_become_progress() -> None:
         handler.emit(logging.LogRecord("auto-attack", logging.DEBUG, __file__, 0, message, None, None))
     what = "AutoAttack on 1,000 test images: apgd-t on the images still robust"
     assert calls == [(what, 0, 0), (what, 3, 4)]
+
+
+def test_threads_null_sets_the_processs_own_count_again_after_a_trial_that_set_another() -> None:
+    # a reused Ray worker runs trial after trial in one process: null must not inherit the last trial's count
+    from trainables import engine
+
+    before = torch.get_num_threads()
+    try:
+        engine._configure_torch(parse_trial({**TINY, "threads": engine._PROCESS_THREADS + 1}), torch.device("cpu"))
+        assert torch.get_num_threads() == engine._PROCESS_THREADS + 1
+        engine._configure_torch(parse_trial({**TINY, "threads": None}), torch.device("cpu"))
+        assert torch.get_num_threads() == engine._PROCESS_THREADS
+    finally:
+        torch.set_num_threads(before)
