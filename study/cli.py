@@ -138,14 +138,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from study.spec import load_spec
 
     study = load_spec(args.spec, args.set)
-    from study.recovery import Interrupted
     from study.runner import run_study  # imports ray: only once the spec is valid
 
-    try:
-        study_dir, failed = run_study(study, address=args.address, storage=args.storage, name=args.name, dashboard_port=_dashboard(args))
-    except Interrupted as stopped:
-        return _interrupted(stopped)
-    return _finish(study_dir, failed)
+    port = _dashboard(args)
+    return _finish(lambda: run_study(study, address=args.address, storage=args.storage, name=args.name, dashboard_port=port))
 
 
 DASHBOARD_PORT = 8265  # Ray's own default
@@ -171,21 +167,25 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from study.spec import load_study
 
     load_study(args.directory)  # a clear error before Ray starts
-    from study.recovery import Interrupted
     from study.runner import resume_study  # imports ray
-    try:
-        study_dir, failed = resume_study(args.directory, address=args.address, retry_errored=args.retry_errored, dashboard_port=_dashboard(args))
-    except Interrupted as stopped:
-        return _interrupted(stopped)
-    return _finish(study_dir, failed)
+
+    port = _dashboard(args)
+    return _finish(lambda: resume_study(args.directory, address=args.address, retry_errored=args.retry_errored, dashboard_port=port))
 
 
 # The exit status of a study with failed trials: not 2, which means bad input and nothing done.
 TRIALS_FAILED = 1
 
 
-def _finish(study_dir: str, failed: Sequence[Any]) -> int:
-    """The study's status; with failed trials, one line naming them on stderr and exit 1."""
+def _finish(fit: Callable[[], tuple[str, Sequence[Any]]]) -> int:
+    """A study's run or resume, then its status; with failed trials, one line naming them on
+    stderr and exit 1; stopped by SIGINT, one line naming `energyat resume` and exit 130."""
+    from study.recovery import Interrupted
+
+    try:
+        study_dir, failed = fit()
+    except Interrupted as stopped:
+        return _interrupted(stopped)
     print(_status_text(study_dir))
     print(f"study: {study_dir}  (energyat status|query|phases|report {study_dir})")
     if not failed:

@@ -104,15 +104,7 @@ def run_study(study: Study, *, address: str | None, storage: str | None, name: s
     param_space = {d.key: domain(d) for d in study.search} if pbt else {}
     tuner = tune.Tuner(_trainable(study, study_dir), param_space=param_space, tune_config=tune_config,
                        run_config=_run_config(study, study_dir, study_name, upload))
-    with _tune_output_off(), _sigint_watch() as interrupted:
-        results = tuner.fit()
-        stopped = interrupted()
-    if upload is not None:
-        upload_journal(journal, study_dir)  # the final state; JournalUpload sent the ones before
-    compact_or_warn(study_dir, merge=True)  # its finished trials' rows: a part per table
-    if stopped:
-        raise Interrupted(study_dir)
-    return study_dir, failed_trials(results, study_dir)
+    return _fit(tuner, study_dir, upload=journal if upload is not None else None)
 
 
 def resume_study(study_dir: str | Path, *, address: str | None, retry_errored: bool = False,
@@ -142,15 +134,22 @@ def resume_study(study_dir: str | Path, *, address: str | None, retry_errored: b
     # the trainable, a function, must be given again
     tuner = tune.Tuner.restore(tune_dir, trainable=_trainable(loaded.study, location), resume_unfinished=True, resume_errored=False,
                                restart_errored=retry_errored, storage_filesystem=storage_fs)
+    return _fit(tuner, location, upload=loaded.journal if remote else None)
+
+
+def _fit(tuner: tune.Tuner, study_dir: str, *, upload: Path | None) -> tuple[str, list[Failed]]:
+    """A run's or a resume's fit and what follows it: the journal `upload` sent to a remote study
+    (its final state; JournalUpload sent the ones before), the finished trials' rows compacted to a
+    part per table, and :class:`Interrupted` when SIGINT stopped the fit."""
     with _tune_output_off(), _sigint_watch() as interrupted:
         results = tuner.fit()
         stopped = interrupted()
-    if remote:
-        upload_journal(loaded.journal, location)
-    compact_or_warn(location, merge=True)
+    if upload is not None:
+        upload_journal(upload, study_dir)
+    compact_or_warn(study_dir, merge=True)
     if stopped:
-        raise Interrupted(location)
-    return location, failed_trials(results, location)
+        raise Interrupted(study_dir)
+    return study_dir, failed_trials(results, study_dir)
 
 
 def _trainable(study: Study, study_dir: str) -> Any:

@@ -51,7 +51,8 @@ def _script():
 
 
 TINY = ["epochs=1", "dataset.train_size=200", "dataset.val_size=100", "probe.train_size=32", "probe.test_size=32", "probe.every=1",
-        "final_eval.n=64", "final_eval.autoattack_n=4", "attack.eps=0.3", "attack.steps=2", "attack.step=0.2", "eval_attack.steps=2", "final_eval.pgd_steps=2",
+        "final_eval.n=64", "final_eval.autoattack_n=4", "attack.eps=0.3", "attack.steps=2", "attack.step=0.2", "eval_attack.steps=2",
+        "final_eval.pgd_steps=2",
         "search={method: [standard, sat, trades, weat], weat.variant: [adv, nat], seed: {choices: [0, 1]}}", "samples=10"]
 # (the normalised WEAT arm runs in the study at twice the epochs: 5 arms x 2 seeds here, 3 x 2 there)
 # eps 0.3: no image of these tiny models survives AutoAttack's first attack, so the other three (tens
