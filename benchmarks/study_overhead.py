@@ -1,6 +1,6 @@
 """What Ray Tune costs a study: per trial start, per report, and trials per hour.
 
-    python benchmarks/study_overhead.py [--trials 6] [--reports 20] [--checkpoint-kb 1100]
+    python benchmarks/study_overhead.py [--trials 6] [--reports 20] [--checkpoint-kb 1100] [--import-repeats 5]
         [--study examples/smoke.yaml] [--set key=value ...]
 
 1. Tune alone, measured against itself: function trainables that do nothing but report, with a
@@ -10,7 +10,11 @@
    trainable itself spends in
    `tune.report(..., checkpoint=...)`, timed inside it (wall-clock differences between runs
    were smaller than the run-to-run noise of trial starts).
-2. The study itself: `--study` run through ``study.runner.run_study`` one trial at a time
+2. A new worker's imports: a fresh Python process importing what a Tune worker imports before
+   its first trial (`trainables.tune_adapter`), median of `--import-repeats`, against the
+   reference of the same import with torchvision imported first (energyat imports it only to read
+   a torchvision dataset; its import pulls in torch._dynamo). The two alternate, under the same load.
+3. The study itself: `--study` run through ``study.runner.run_study`` one trial at a time
    (``max_concurrent=1``, so the accounting is plain), against the engine's own seconds in the
    `trials` table. Overhead per trial = (study wall - sum of trial seconds) / trials: Optuna's
    suggestion, Tune's bookkeeping and checkpoint copies, and for the first trial the worker's
@@ -27,6 +31,9 @@ import argparse
 import dataclasses
 import json
 import os
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -42,6 +49,8 @@ from analysis.store import versions
 from study import runner
 from study.runner import _init_ray, run_study
 from study.spec import load_spec
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _noop_trainable(config: dict[str, Any]) -> None:
@@ -83,6 +92,14 @@ def fresh_workers() -> Iterator[None]:
         runner._tune_config = own
 
 
+def import_seconds(*, eager_torchvision: bool) -> float:
+    """Wall seconds of a new Python process importing trainables.tune_adapter."""
+    code = ("import torchvision; " if eager_torchvision else "") + "import trainables.tune_adapter"
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+    return time.perf_counter() - t0
+
+
 def study_wall(spec_path: str, overrides: list[str], storage: Path, name: str) -> tuple[float, int, float, int]:
     """(wall, trials, sum of trial seconds, trial-epochs) of one study run."""
     study = load_spec(spec_path, overrides)
@@ -100,6 +117,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=6, help="no-op trials per Tune-alone run")
     parser.add_argument("--reports", type=int, default=20, help="reports per no-op trial in the many-reports run")
     parser.add_argument("--checkpoint-kb", type=int, default=1100)
+    parser.add_argument("--import-repeats", type=int, default=5, help="new processes per arm of the import measurement")
     parser.add_argument("--study", default="examples/smoke.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key of --study")
     args = parser.parse_args()
@@ -113,6 +131,12 @@ def main() -> None:
         _, per_report = tune_alone(args.trials, args.reports, args.checkpoint_kb * 1024, Path(tmp))
         rows.append({"what": "tune_seconds_per_trial", "value": round(one / args.trials, 3), "trials": args.trials})
         rows.append({"what": "tune_seconds_per_report", "value": round(per_report, 4), "checkpoint_kb": args.checkpoint_kb})
+        lazy, eager = [], []
+        for _ in range(args.import_repeats):  # alternating, so that both arms see the same load
+            lazy.append(import_seconds(eager_torchvision=False))
+            eager.append(import_seconds(eager_torchvision=True))
+        rows.append({"what": "worker_import_seconds_torchvision_eager", "value": round(statistics.median(eager), 2), "runs": len(eager)})
+        rows.append({"what": "worker_import_seconds", "value": round(statistics.median(lazy), 2), "runs": len(lazy)})
         with fresh_workers():
             wall, n, seconds, epochs = study_wall(args.study, [*args.set, "max_concurrent=1"], Path(tmp), "serial-fresh")
         rows.append({"what": "study_overhead_seconds_per_trial_fresh_workers", "value": round((wall - seconds) / n, 2), "study": args.study,
