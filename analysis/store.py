@@ -396,6 +396,22 @@ def write_atomic(fs: pafs.FileSystem, path: str, table: pa.Table, *, row_group_s
         pq.write_table(table, path, filesystem=fs, row_group_size=row_group_size)
 
 
+def remove_stale_temporaries(root: str | os.PathLike[str]) -> int:
+    """Delete the temporary files that writers killed mid-write left under ROOT/tables; how many.
+
+    Call it only while no trial of the study runs (a fit has returned): a live writer's temporary
+    file is one not yet renamed. :func:`write_atomic` removes its own path's stale ones, but a
+    file that is never written again (its trial finished before the kill, or was compacted since)
+    keeps them. An object store has none: each write is one PUT."""
+    if is_uri(root):
+        return 0
+    tables = Path(root).expanduser() / "tables"
+    stale = [p for p in tables.rglob(".*.tmp") if p.is_file()] if tables.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
+
+
 def _with_metadata(table: pa.Table, provenance: Mapping[str, Any]) -> pa.Table:
     meta = dict(table.schema.metadata or {})
     meta[b"schema_version"] = str(SCHEMA_VERSION).encode()

@@ -44,7 +44,7 @@ import study as study_package
 import trainables
 from analysis.errors import EnergyatError, StoreError, one_line
 from analysis.schema import SCHEMA_VERSION
-from analysis.store import SHIPPED_SHA, filesystem, git_sha, is_uri, join, open_storage
+from analysis.store import SHIPPED_SHA, filesystem, git_sha, is_uri, join, open_storage, remove_stale_temporaries
 from study.callbacks import Compaction, JournalUpload, LiveView, OptunaRecord, TrialErrors, compact_or_warn, id_of
 from study.journal import check_journal, journal_storage, reconcile_journals, upload_journal
 from study.layout import JOURNAL, journal_dir, journal_file, study_dir_for
@@ -146,6 +146,7 @@ def _fit(tuner: tune.Tuner, study_dir: str, *, upload: Path | None) -> tuple[str
         stopped = interrupted()
     if upload is not None:
         upload_journal(upload, study_dir)
+    remove_stale_temporaries(study_dir)  # no trial runs now: what a killed writer left is garbage
     compact_or_warn(study_dir, merge=True)
     if stopped:
         raise Interrupted(study_dir)

@@ -13,7 +13,7 @@ import pytest
 from analysis.errors import QueryError, StoreError
 from analysis.query import open_tables, run_query
 from analysis.schema import EPOCHS
-from analysis.store import write_epoch_rows, write_trial_row
+from analysis.store import remove_stale_temporaries, write_epoch_rows, write_trial_row
 
 
 def _row(trial: str, epoch: int, loss: float) -> dict[str, list[object]]:
@@ -43,6 +43,21 @@ def test_rewriting_an_epoch_removes_the_temporary_file_of_a_killed_writer(tmp_pa
     write_epoch_rows(str(tmp_path), table="epochs", trial_id="a", epoch=3, columns=_row("a", 3, 2.0), provenance={})
     assert sorted(p.name for p in folder.iterdir()) == [other.name, "epoch-0003.parquet"]
     assert open_tables(tmp_path).execute("select train_loss from epochs").fetchall() == [(2.0,)]
+
+
+def test_stale_temporaries_of_a_file_never_written_again_are_removed_once_no_trial_runs(tmp_path: Path) -> None:
+    # a trials row whose write a SIGKILL cut short, of a trial that then finished without rewriting
+    # that file: only the sweep after the fit (study.runner._fit) removes it
+    write_epoch_rows(str(tmp_path), table="epochs", trial_id="a", epoch=0, columns=_row("a", 0, 1.0), provenance={})
+    tables = tmp_path / "tables"
+    stale = [tables / "trials" / ".trial=a.parquet.0123456789abcdef.tmp", tables / "epochs" / "trial=a" / ".epoch-0001.parquet.feed.tmp"]
+    for path in stale:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"PAR1 half a file")
+    assert remove_stale_temporaries(tmp_path) == 2
+    assert [p.name for p in tables.rglob("*") if p.is_file()] == ["epoch-0000.parquet"]
+    assert open_tables(tmp_path).execute("select train_loss from epochs").fetchall() == [(1.0,)]
+    assert remove_stale_temporaries(tmp_path / "not-a-study") == 0
 
 
 def test_a_column_outside_the_schema_is_refused(tmp_path: Path) -> None:
