@@ -394,8 +394,8 @@ def _present_only(name: str) -> Any:
     return type(f"_{name}", (base,), {"_check_integrity": every_batch_present, "meta": {**base.meta, "md5": None}})
 
 
-def _load_cifar(cfg: DatasetConfig, name: str, *, num_classes: int) -> ImageData:
-    cls = _present_only(name)
+def _load_cifar(cfg: DatasetConfig, torchvision_class: str, *, num_classes: int) -> ImageData:
+    cls = _present_only(torchvision_class)
     root = _root(cfg)
     if not cfg.download:
         files = [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
