@@ -76,7 +76,7 @@ def test_every_reliability_guarantee_names_tests_that_exist() -> None:
 # not in it (these names are spelled in pieces so that this file does not mention them itself)
 _OUTSIDE = ("PAPER" + ".md", "DESIGN" + ".md", ".." + "/shared")
 _LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
-_PATH = re.compile(r"(?<![\w/.])((?:docs|tests|examples|benchmarks|analysis|study|trainables)/[\w./-]+\.(?:md|py|yaml|png|csv))")
+_PATH = re.compile(r"(?<![\w/.])((?:docs|tests|examples|benchmarks|analysis|study|trainables)/[\w./-]+\.(?:md|py|yaml|png|csv(?:\.gz)?))")
 
 
 def _help_texts() -> str:
