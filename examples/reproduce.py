@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))  # run as a script from a checkout: analysis/ is b
 
 from analysis.errors import EnergyatError  # noqa: E402
 from analysis.query import open_tables  # noqa: E402
-from analysis.seeds import FINAL_METRICS, arms, paired, seeds_needed, summarize  # noqa: E402
+from analysis.seeds import FINAL_METRICS, arms, interval, paired, seeds_needed, summarize  # noqa: E402
 from study.cli import INTERRUPTED  # noqa: E402
 from study.spec import load_spec  # noqa: E402
 
@@ -67,10 +67,10 @@ QUERIES = {
         "from epochs e join trials t using (trial_id) where t.method = 'standard' and e.epoch = t.epochs_run - 1 order by t.seed"
     ),
     "finding23": (
-        "select t.method, t.weat_variant, e.epoch, round(e.lr, 4) as lr, round(avg(e.probe_train_dE), 3) as dE, "
+        "select t.method, t.weat_variant, t.weat_normalize, e.epoch, round(e.lr, 4) as lr, round(avg(e.probe_train_dE), 3) as dE, "
         "round(min(e.probe_train_dE), 3) as dE_min, round(max(e.probe_train_dE), 3) as dE_max "
         "from epochs e join trials t using (trial_id) where e.probed and t.method in ('sat', 'trades', 'weat') "
-        "group by all order by t.method, t.weat_variant, e.epoch"
+        "group by all order by t.method, t.weat_variant, t.weat_normalize, e.epoch"
     ),
 }
 
@@ -216,6 +216,50 @@ def name_of(arm: str) -> str:
     return f"WEAT_{variant}" + (" norm" if norm else "")
 
 
+def divergence_size(by_arm: Mapping[str, tuple[str, list[Any]]], dE_last: Mapping[str, float | None]) -> list[str]:
+    """How far SAT's dE drifted against each other AT arm's, as a size that depends on no chosen
+    start epoch: per seed, SAT's |dE| at the last probe over the other arm's, then the mean and
+    95% t interval of those ratios over seeds."""
+    if "SAT" not in by_arm:
+        return []
+    sat = {m["seed"]: d for m in by_arm["SAT"][1] if (d := dE_last.get(m["trial_id"])) is not None}
+    body = []
+    for arm, (_label, members) in by_arm.items():
+        if arm in ("standard", "SAT"):
+            continue
+        ratios = {m["seed"]: abs(sat[m["seed"]]) / abs(d) for m in members
+                  if m["seed"] in sat and (d := dE_last.get(m["trial_id"])) is not None and d != 0.0}
+        if ratios:
+            size = interval(list(ratios.values()))
+            spread = f"{size.mean:.1f} [{size.low:.1f}, {size.high:.1f}]" if size.n > 1 else f"{size.mean:.1f}"
+            body.append([f"SAT / {arm}", ", ".join(f"s{seed} {r:.1f}" for seed, r in ratios.items()), spread])
+    if not body:
+        return []
+    return (["The size of the drift, defined so that it depends on no chosen start epoch: SAT's |dE| at the last probe over "
+             "each other AT arm's on the same seed; mean [95% t interval] over seeds.", ""]
+            + table(["ratio", "per seed", "mean [95%]"], body) + [""])
+
+
+def dE_by_epoch(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The finding-2/3 query's rows as one table: a row per probed epoch (with its lr), a column
+    per arm in the paper's order, each cell the mean dE over seeds (min, max)."""
+    order = {name: i for i, name in enumerate(ORDER)}
+    arms_seen = sorted({_arm_of_row(r) for r in rows}, key=lambda a: order.get(a, len(order)))
+    cells: dict[int, dict[str, str]] = {}
+    lr: dict[int, Any] = {}
+    for r in rows:
+        cells.setdefault(r["epoch"], {})[_arm_of_row(r)] = f"{r['dE']:.3f} ({r['dE_min']:.3f}, {r['dE_max']:.3f})"
+        lr.setdefault(r["epoch"], r["lr"])
+    return table(["epoch", "lr", *arms_seen], [[e, lr[e], *(cells[e].get(a, "-") for a in arms_seen)] for e in sorted(cells)])
+
+
+def _arm_of_row(row: Mapping[str, Any]) -> str:
+    """The paper's name of a query row's arm, from its method and WEAT settings."""
+    if row["method"] != "weat":
+        return str(row["method"]).upper()
+    return f"WEAT_{row['weat_variant']}" + (" norm" if row["weat_normalize"] else "")
+
+
 def arms_in_order(rows: Sequence[dict[str, Any]]) -> dict[str, tuple[str, list[Any]]]:
     """analysis.seeds.arms by their paper names (each with its label), in the paper's order."""
     named = {name_of(label): (label, members) for label, members in arms(rows).items()}
@@ -253,6 +297,7 @@ def markdown(study: Path, *, long: Path | None, seconds: float | None) -> str:
             body.append([arm, m["seed"], m["trial_id"], _num(fl.get("dE_first")), _num(fl.get("dE_last")),
                          _num(m.get("best_epoch")), _num(m.get("alarm_epoch")), _num(m.get("phase3_start"))])
     out += table(["arm", "seed", "trial", "dE first probe", "dE last probe", "best epoch", "alarm", "onset"], body) + [""]
+    out += divergence_size(by_arm, {t: fl["dE_last"] for t, fl in first_last.items()})
 
     out += ["## Finding 1: untargeted attacks lower E(x*), targeted ones raise it (standard model)", "",
             f"    energyat query {study} \"{QUERIES['finding1']}\"", ""]
@@ -263,9 +308,7 @@ def markdown(study: Path, *, long: Path | None, seconds: float | None) -> str:
     out += ["## Findings 2 and 3: dE per probe, mean over seeds (min, max)", "",
             f"    energyat query {study} \"{QUERIES['finding23']}\"", ""]
     f23 = query(study, QUERIES["finding23"])
-    out += table(["method", "weat_variant", "epoch", "lr", "dE mean", "dE min", "dE max"],
-                 [[r["method"], r["weat_variant"] if r["method"] == "weat" else "", r["epoch"], r["lr"], r["dE"], r["dE_min"], r["dE_max"]]
-                  for r in f23]) + [""]
+    out += dE_by_epoch(f23) + [""]
     return "\n".join(out + finding5(study, by_arm))
 
 

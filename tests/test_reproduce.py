@@ -121,7 +121,16 @@ def test_the_reproduction_stopped_by_ctrl_c_resumes_to_the_end_and_its_tables_ar
         (m, vn, s, 2) for m, vn in (("trades", None), ("weat", ("adv", False)), ("weat", ("adv", True))) for s in (0, 1))
     # the findings' tables have rows: the standard model's energies, dE per probe, the judge per start
     assert len(re.findall(r"^\| [01] \| 0 \| -?[0-9.]+ \| -?[0-9.]+ \| -?[0-9.]+ \|$", text, re.M)) == 2
-    assert re.search(r"^\| sat \|  \| 0 \|", text, re.M) and re.search(r"^\| weat \| nat \| 0 \|", text, re.M)
+    assert re.search(r"^\| epoch \| lr \| SAT \| TRADES \| WEAT_adv \| WEAT_nat \|$", text, re.M)
+    assert re.search(r"^\| 0 \| [0-9.]+ \| -?[0-9.]+ \(-?[0-9.]+, -?[0-9.]+\) \|", text, re.M)
+    # the drift's size: SAT's |dE| at the last probe over TRADES', seed by seed, from the tables
+    last = dict(open_tables(study).execute(
+        "select t.method || t.seed, arg_max(e.probe_train_dE, e.epoch) from epochs e join trials t using (trial_id) "
+        "where e.probed and t.method in ('sat', 'trades') group by all").fetchall())
+    ratio = re.search(r"^\| SAT / TRADES \| s0 ([0-9.]+), s1 ([0-9.]+) \|", text, re.M)
+    assert ratio, text
+    for seed in (0, 1):
+        assert float(ratio.group(seed + 1)) == pytest.approx(abs(last[f"sat{seed}"]) / abs(last[f"trades{seed}"]), abs=0.051)
     judged = re.search(r"^\| WEAT_adv \| ([0-9.]+) \[[0-9., ]+\] \| ([0-9.]+) \[[0-9., ]+\] \| ([0-9.]+) \[", text, re.M)
     assert judged and all(0 <= float(a) <= 1 for a in judged.groups()), text
     assert re.search(r"^\| \(the starts\) \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \|$", text, re.M)
