@@ -218,8 +218,8 @@ def name_of(arm: str) -> str:
 
 def divergence_size(by_arm: Mapping[str, tuple[str, list[Any]]], dE_last: Mapping[str, float | None]) -> list[str]:
     """How far SAT's dE drifted against each other AT arm's, as a size that depends on no chosen
-    start epoch: per seed, SAT's |dE| at the last probe over the other arm's, then the mean and
-    95% t interval of those ratios over seeds."""
+    start epoch: per seed, SAT's |dE| at the last probe over the other arm's, then the geometric
+    mean and 95% t interval of those ratios over seeds (a mean and interval of their logs)."""
     if "SAT" not in by_arm:
         return []
     sat = {m["seed"]: d for m in by_arm["SAT"][1] if (d := dE_last.get(m["trial_id"])) is not None}
@@ -229,15 +229,16 @@ def divergence_size(by_arm: Mapping[str, tuple[str, list[Any]]], dE_last: Mappin
             continue
         ratios = {m["seed"]: abs(sat[m["seed"]]) / abs(d) for m in members
                   if m["seed"] in sat and (d := dE_last.get(m["trial_id"])) is not None and d != 0.0}
-        if ratios:
-            size = interval(list(ratios.values()))
-            spread = f"{size.mean:.1f} [{size.low:.1f}, {size.high:.1f}]" if size.n > 1 else f"{size.mean:.1f}"
+        if ratios:  # a ratio's spread is multiplicative: the interval is taken on its log
+            size = interval([math.log(r) for r in ratios.values()])
+            spread = (f"{math.exp(size.mean):.1f} [{math.exp(size.low):.1f}, {math.exp(size.high):.1f}]" if size.n > 1
+                      else f"{math.exp(size.mean):.1f}")
             body.append([f"SAT / {arm}", ", ".join(f"s{seed} {r:.1f}" for seed, r in ratios.items()), spread])
     if not body:
         return []
     return (["The size of the drift, defined so that it depends on no chosen start epoch: SAT's |dE| at the last probe over "
-             "each other AT arm's on the same seed; mean [95% t interval] over seeds.", ""]
-            + table(["ratio", "per seed", "mean [95%]"], body) + [""])
+             "each other AT arm's on the same seed; geometric mean [95% t interval of the log] over seeds.", ""]
+            + table(["ratio", "per seed", "geometric mean [95%]"], body) + [""])
 
 
 def dE_by_epoch(rows: Sequence[Mapping[str, Any]]) -> list[str]:
