@@ -153,7 +153,7 @@ def test_analysing_a_study_takes_no_overrides(tmp_path: Path) -> None:
 
 
 _TYPES = {"seed": int, "best_epoch": int, "best_val_robust_acc": float, "final_clean_acc": float, "final_pgd_acc": float,
-          "final_autoattack_acc": float}
+          "final_autoattack_acc": float, "final_n": int, "final_autoattack_n": int}
 
 
 def test_docs_reproduction_quotes_the_measured_runs_tables() -> None:
@@ -161,9 +161,9 @@ def test_docs_reproduction_quotes_the_measured_runs_tables() -> None:
     from the measured run's `trials` rows (kept in tests/data/reproduction/trials.csv)."""
     with open(REPO / "tests" / "data" / "reproduction" / "trials.csv", newline="") as f:
         rows = [{k: _TYPES.get(k, str)(v) for k, v in r.items()} for r in csv.DictReader(f)]
-    assert len(rows) == 15 and {r["seed"] for r in rows} == {0, 1, 2}
+    assert len(rows) == 25 and {r["seed"] for r in rows} == {0, 1, 2, 3, 4}
     table = [line for line in _script().comparison(rows) if line.startswith("| ")]
-    assert len(table) == 1 + 5 + 1 + 9  # a header and 5 arms, a header and 9 comparisons
+    assert len(table) == 1 + 5 + 1 + 12  # a header and 5 arms, a header and 4 comparisons x 3 metrics
     doc = (REPO / "docs" / "reproduction.md").read_text()
     missing = [line for line in table if line not in doc.splitlines()]
     assert not missing, missing
