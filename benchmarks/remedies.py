@@ -155,6 +155,18 @@ def records(study: str) -> list[dict[str, Any]]:
     return out
 
 
+def _is_record(record: Any) -> bool:
+    """The shape `records` gives, down to the numbers: what `report` does arithmetic on."""
+    def number(x: Any) -> bool:
+        return isinstance(x, int | float) and not isinstance(x, bool)
+
+    if not isinstance(record, dict) or set(record) != set(RECORD) or not all(isinstance(record[k], t) for k, t in RECORD.items()):
+        return False
+    return (all(set(record[side]) == set(MEASURES) and all(v is None or number(v) for v in record[side].values()) for side in ("best", "last"))
+            and all(v is None or isinstance(v, int) for v in record["n"].values())
+            and all(isinstance(p, list) and len(p) == 2 and all(number(x) for x in p) for p in record["dE"]))
+
+
 def load(source: str) -> list[dict[str, Any]]:
     """The records of a study directory, or of a `.jsonl` file `export` wrote (checked: it is read
     back from disk, not trusted)."""
@@ -170,7 +182,7 @@ def load(source: str) -> list[dict[str, Any]]:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise EnergyatError(f"{source}:{number}: not a JSON record ({exc.msg})") from None
-        if not isinstance(record, dict) or set(record) != set(RECORD) or not all(isinstance(record[k], t) for k, t in RECORD.items()):
+        if not _is_record(record):
             raise EnergyatError(f"{source}:{number}: not a record `remedies.py export` writes (keys {', '.join(RECORD)})")
         out.append(record)
     return out
@@ -269,12 +281,13 @@ def _figure(curves: dict[str, dict[int, float]], path: Path, *, title: str) -> N
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for arm in sorted(curves, key=lambda a: list(ARMS).index(a) if a in ARMS else len(ARMS)):
         ax.plot(list(curves[arm]), list(curves[arm].values()), label=arm)
     ax.axhline(0.0, color="grey", lw=0.5)
-    ax.xaxis.get_major_locator().set_params(integer=True)  # epochs
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs
     ax.set_xlabel("epoch")
     ax.set_ylabel("training probe dE = E(x) - E(x*), mean over seeds")
     ax.set_title(f"{title}: delta energy per arm")

@@ -93,7 +93,10 @@ def test_the_report_refuses_a_seed_twice_and_kept_records_that_are_not_records(s
             remedies.main(["report", *sources, "--out", str(tmp_path / "r")])
         assert exc.value.code == 2 and "twice" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
-    for text in ("not json\n", '{"study": "x"}\n', good.replace('"seed": 0', '"seed": "0"'), json.dumps([1, 2]) + "\n"):
+    first = json.loads(good.splitlines()[0])
+    for text in ("not json\n", '{"study": "x"}\n', good.replace('"seed": 0', '"seed": "0"'), json.dumps([1, 2]) + "\n",
+                 json.dumps(first | {"best": {**first["best"], "test PGD-20": "0.5"}}) + "\n",  # a number that is not one
+                 json.dumps(first | {"dE": [[0, "x"]]}) + "\n"):
         bad.write_text(text)
         with pytest.raises(SystemExit) as exc:
             remedies.main(["report", str(bad), "--out", str(tmp_path / "r")])
